@@ -1,0 +1,134 @@
+"""The ``egress-sidecar`` command. It parses arguments and calls into the service; nothing more.
+
+Exit codes: 0 success; 1 a check failed or the service stopped on an error; 2 bad configuration
+(the message names the setting and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from sidecar import __version__
+from sidecar.config import ConfigError, Settings, load_settings, unknown_settings
+from sidecar.logs import setup_logging
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+log = logging.getLogger("egress_sidecar")
+
+ENV_HELP = """\
+configuration (environment variables):
+  QUOTAGUARDSTATIC_URL    http://USER:PASS@HOST:9293 (unset: direct mode, no static IP)
+  SIDECAR_LISTEN          proxy address (default 127.0.0.1:3128)
+  SIDECAR_ADMIN_LISTEN    admin address: /metrics /healthz /readyz /status /ca.pem (default 0.0.0.0:9464)
+  SIDECAR_PAIR            explicit members HOST:PORT,HOST:PORT (default: the upstream's A/AAAA records)
+  SIDECAR_TOKEN_HOSTS     intercepted host patterns (default: login/test.salesforce.com,
+                          *.my.salesforce.com, *.sandbox.my.salesforce.com, *.my.site.com)
+  SIDECAR_ROUTE           token | salesforce | all (default token)
+  SIDECAR_ALLOWLIST       the Refresh Token IP Allowlist: IPs, CIDRs, START-END ranges
+  SIDECAR_GUARD           observe | enforce (default: enforce when an allowlist is set)
+  SIDECAR_EGRESS_IPS      pin member egress IPs MEMBER=IP,...
+  SIDECAR_ECHO_URL        IP echo probed through each member (default http://ip.quotaguard.com/)
+  SIDECAR_PROBE_INTERVAL  seconds between probes (default 60); SIDECAR_PROBE_SAMPLES (default 3)
+  SIDECAR_CONFDIR         CA and state directory (default ~/.egress-sidecar)
+  SIDECAR_CA_CERT/KEY     use this CA instead of generating one
+  SIDECAR_UPSTREAM_CA     extra CA bundle for verifying intercepted servers
+  SIDECAR_CONNECT_TIMEOUT connect deadline in seconds (default 5)
+  SIDECAR_PROXY_AUTH      user:pass required from proxy clients (default: loopback clients only)
+  SIDECAR_LOG_FORMAT      json | text (default json); SIDECAR_LOG_LEVEL (default INFO)
+See README.md for details.
+"""
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    for name in unknown_settings():
+        print(f"egress-sidecar: warning: {name} is not a setting of egress-sidecar (ignored)", file=sys.stderr)
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings()
+    setup_logging(settings.log_format, settings.log_level_number)
+    from sidecar.service import Sidecar
+
+    sidecar = Sidecar(settings)
+    return asyncio.run(serve(sidecar))
+
+
+async def serve(sidecar: object) -> int:
+    from sidecar.service import Sidecar
+
+    assert isinstance(sidecar, Sidecar)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sidecar.shutdown)
+    await sidecar.run()
+    return EXIT_OK if sidecar.proxy_address is not None else EXIT_FAIL
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from sidecar.preflight import run_check
+
+    settings = _settings()
+    setup_logging(settings.log_format, logging.ERROR if not args.verbose else logging.INFO)
+    report = asyncio.run(run_check(settings))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.as_text())
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egress-sidecar",
+        description="Forward-proxy sidecar that sends Salesforce token calls through an allowlisted "
+        "QuotaGuard Static IP. Point the app's HTTPS_PROXY at it and trust its CA.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"egress-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run the sidecar (the default command)",
+        description="Run the proxy and the admin server until SIGTERM/SIGINT. Configured by environment.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser(
+        "check",
+        help="preflight: probe each pair member's egress IP and check it against the allowlist",
+        description="Validate the configuration, resolve the pair, probe every member's egress IP through "
+        "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST. Exit 0 when every observed egress IP is "
+        "allowlisted and every member is reachable and stable; 1 otherwise; 2 on bad configuration. "
+        "Usable as a deploy gate.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("-v", "--verbose", action="store_true", help="log probe details to stderr")
+    check.set_defaults(func=cmd_check)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        args = parser.parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"egress-sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

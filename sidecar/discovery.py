@@ -1,0 +1,253 @@
+"""Egress discovery: learn which static IP each pair member leaves from, by asking an IP echo.
+
+Each probe round sends ``SIDECAR_PROBE_SAMPLES`` requests to ``SIDECAR_ECHO_URL`` through every member,
+each on a new connection (QuotaGuard may balance per connection). A round whose samples agree sets
+the member's egress IP (and a different one than before is an *egress change*: logged and counted);
+samples that disagree make the member *unstable*, and its egress is not claimed. A member that
+answers no sample is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from sidecar.config import Settings, Upstream
+from sidecar.guard import Guard
+from sidecar.logs import event
+from sidecar.metrics import EGRESS_UNKNOWN, Metrics
+from sidecar.pair import Member, Pair
+
+log = logging.getLogger("egress_sidecar.discovery")
+MAX_RESPONSE = 64 * 1024
+
+
+class ProbeError(Exception):
+    """A probe through a member failed; the message is safe to show (no credentials)."""
+
+
+def parse_echo_body(body: bytes) -> str:
+    """The IP in an echo answer: ``{"ip": "A.B.C.D"}`` JSON or a bare IP. Raises ProbeError."""
+    text = body.decode("utf-8", errors="replace").strip()
+    candidate = text
+    if text.startswith("{"):
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise ProbeError("echo answer is not valid JSON") from None
+        candidate = data.get("ip") if isinstance(data, dict) else None
+        if not isinstance(candidate, str):
+            raise ProbeError('echo JSON has no "ip" string')
+    try:
+        return str(ipaddress.ip_address(candidate.strip()))
+    except ValueError:
+        raise ProbeError(f"echo answer is not an IP address: {text[:60]!r}") from None
+
+
+@dataclass(frozen=True)
+class EchoTarget:
+    scheme: str
+    host: str
+    port: int
+    path: str
+
+    @classmethod
+    def from_url(cls, url: str) -> EchoTarget:
+        p = urlsplit(url)
+        port = p.port or (443 if p.scheme == "https" else 80)
+        return cls(p.scheme, p.hostname or "", port, (p.path or "/") + (f"?{p.query}" if p.query else ""))
+
+
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    if len(head) > MAX_RESPONSE:
+        raise ProbeError("response head too large")
+    lines = head.decode("latin-1").split("\r\n")
+    try:
+        status = int(lines[0].split(" ", 2)[1])
+    except (IndexError, ValueError):
+        raise ProbeError(f"not an HTTP response: {lines[0][:60]!r}") from None
+    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
+    if "content-length" in headers:
+        body = await reader.readexactly(min(int(headers["content-length"]), MAX_RESPONSE))
+    else:
+        body = await reader.read(MAX_RESPONSE)
+    return status, body
+
+
+async def fetch_via_member(
+    member: Member,
+    upstream: Upstream,
+    target: EchoTarget,
+    *,
+    timeout: float,
+    ssl_context: ssl.SSLContext | None = None,
+) -> bytes:
+    """GET the echo URL through one member, on a new connection. Raises ProbeError."""
+    auth = upstream.proxy_authorization.decode()
+    host_hdr = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(*member.address.address)
+            try:
+                if target.scheme == "https":
+                    writer.write(
+                        f"CONNECT {target.host}:{target.port} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
+                        f"Proxy-Authorization: {auth}\r\n\r\n".encode()
+                    )
+                    status, _ = await _read_connect(reader)
+                    if status != 200:
+                        raise ProbeError(_proxy_status(status))
+                    await writer.start_tls(ssl_context or ssl.create_default_context(), server_hostname=target.host)
+                    request = f"GET {target.path} HTTP/1.1\r\nHost: {host_hdr}\r\n"
+                else:
+                    url = f"http://{host_hdr}{target.path}"
+                    request = f"GET {url} HTTP/1.1\r\nHost: {host_hdr}\r\nProxy-Authorization: {auth}\r\n"
+                writer.write((request + "Accept: application/json\r\nConnection: close\r\n\r\n").encode())
+                await writer.drain()
+                status, body = await _read_response(reader)
+            finally:
+                writer.close()
+    except TimeoutError:
+        raise ProbeError(f"timed out after {timeout:g}s") from None
+    except ConnectionRefusedError:
+        raise ProbeError("connection refused") from None
+    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError) as exc:
+        raise ProbeError(f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"[:200]) from None
+    if status in (407, 403, 502, 503):
+        raise ProbeError(_proxy_status(status))
+    if status != 200:
+        raise ProbeError(f"echo answered HTTP {status}")
+    return body
+
+
+async def _read_connect(reader: asyncio.StreamReader) -> tuple[int, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    try:
+        return int(head.split(b" ", 2)[1]), head
+    except (IndexError, ValueError):
+        raise ProbeError("proxy did not answer the CONNECT with HTTP") from None
+
+
+def _proxy_status(status: int) -> str:
+    if status == 407:
+        return "proxy refused the credentials (407): check USER:PASS in QUOTAGUARDSTATIC_URL"
+    return f"proxy answered HTTP {status}"
+
+
+class Prober:
+    def __init__(self, pair: Pair, guard: Guard, metrics: Metrics, settings: Settings) -> None:
+        self.pair = pair
+        self.guard = guard
+        self.metrics = metrics
+        self.target = EchoTarget.from_url(settings.echo_url)
+        self.samples = settings.probe_samples
+        self.interval = settings.probe_interval
+        self.timeout = settings.connect_timeout
+        self.ssl_context: ssl.SSLContext | None = None
+        if settings.upstream_ca is not None and self.target.scheme == "https":
+            self.ssl_context = ssl.create_default_context(cafile=str(settings.upstream_ca.expanduser()))
+        self.rounds = 0
+        self._member_up_ip: dict[str, str] = {}
+        self._allowlisted_ips: set[str] = set()
+
+    async def run(self) -> None:
+        if self.pair.direct:
+            return
+        while True:
+            await self.probe_all()
+            await asyncio.sleep(self.interval)
+
+    async def probe_all(self) -> None:
+        await asyncio.gather(*(self.probe_member(m) for m in self.pair.members))
+        self.rounds += 1
+        self.update_metrics()
+
+    async def probe_member(self, member: Member) -> None:
+        assert self.pair.upstream is not None
+        seen: list[str] = []
+        error: str | None = None
+        for _ in range(self.samples):
+            try:
+                body = await fetch_via_member(
+                    member, self.pair.upstream, self.target, timeout=self.timeout, ssl_context=self.ssl_context
+                )
+                seen.append(parse_echo_body(body))
+            except ProbeError as exc:
+                error = str(exc)
+        self.apply_round(member, seen, error)
+
+    def apply_round(self, member: Member, seen: list[str], error: str | None, now: float | None = None) -> None:
+        """Fold one round's samples into the member's state (pure; tested without sockets)."""
+        member.last_probe = time.time() if now is None else now
+        member.last_error = error
+        was_up = member.up
+        if not seen:
+            member.up = False
+            if was_up is not False:
+                event(log, logging.WARNING, f"pair member {member.label} is down: {error}", member=member.label)
+            return
+        member.up = True
+        if was_up is False:
+            event(log, logging.INFO, f"pair member {member.label} is up again", member=member.label)
+        before = member.samples[-1] if member.samples and member.stable else None
+        if len(set(seen)) == 1:
+            new = seen[0]
+            if before is not None and new != before:
+                self.metrics.egress_changes.labels(member.label).inc()
+                event(
+                    log,
+                    logging.WARNING,
+                    f"egress IP of pair member {member.label} changed from {before} to {new}",
+                    member=member.label,
+                    old_egress_ip=before,
+                    egress_ip=new,
+                    allowlisted=self.guard.is_allowlisted(new),
+                )
+                member.samples.clear()
+            elif before is None and not member.samples:
+                event(log, logging.INFO, f"pair member {member.label} leaves from {new}", member=member.label,
+                      egress_ip=new, allowlisted=self.guard.is_allowlisted(new))
+            member.samples.extend(seen)
+        else:
+            member.samples.extend(seen)
+            event(
+                log,
+                logging.WARNING,
+                f"pair member {member.label} is unstable: one round saw {', '.join(sorted(set(seen)))}; "
+                "its egress IP is not claimed",
+                member=member.label,
+            )
+        if member.pinned_ip and member.stable and member.samples[-1] != member.pinned_ip:
+            event(
+                log,
+                logging.WARNING,
+                f"SIDECAR_EGRESS_IPS pins {member.label} to {member.pinned_ip}, but the echo sees "
+                f"{member.samples[-1]}; fix the pin or check the echo URL",
+                member=member.label,
+            )
+
+    def update_metrics(self) -> None:
+        """Gauges follow the pair; series of IPs no longer observed are removed, not left stale."""
+        for m in self.pair.members:
+            ip = m.egress_ip or EGRESS_UNKNOWN
+            old = self._member_up_ip.get(m.label)
+            if old is not None and old != ip:
+                self.metrics.member_up.remove(m.label, old)
+            self._member_up_ip[m.label] = ip
+            self.metrics.member_up.labels(m.label, ip).set(1 if m.up else 0)
+        if self.guard.allowlist:
+            ips = self.pair.egress_ips()
+            for gone in self._allowlisted_ips - set(ips):
+                self.metrics.egress_allowlisted.remove(gone)
+            self._allowlisted_ips = set(ips)
+            for ip in ips:
+                self.metrics.egress_allowlisted.labels(ip).set(1 if self.guard.allowlist.contains(ip) else 0)
+            covered = sum(1 for ip in ips if self.guard.allowlist.contains(ip))
+            self.metrics.allowlist_coverage.set(covered / len(ips) if ips else 0)

@@ -1,0 +1,78 @@
+"""Logging: one line per event, JSON (default) or text, with secrets scrubbed as a last defence.
+
+The code never logs a secret on purpose; the scrubber replaces any known secret (the proxy password,
+its Basic credential, the client proxy password) that reaches a handler anyway, e.g. inside an
+exception text from a library.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+EVENT_FIELDS = "fields"  # `logger.info(msg, extra={"fields": {...}})` puts structured fields on a line
+
+
+class SecretScrubber(logging.Filter):
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def add(self, *secrets: str | None) -> None:
+        self.secrets.update(s for s in secrets if s and len(s) >= 3)
+
+    def scrub(self, text: str) -> str:
+        for s in self.secrets:
+            if s in text:
+                text = text.replace(s, "***")
+        return text
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self, fmt: str, scrubber: SecretScrubber) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.scrubber = scrubber
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = dict(getattr(record, EVENT_FIELDS, {}) or {})
+        msg = record.getMessage()
+        if record.exc_info and record.levelno >= logging.ERROR:
+            msg = f"{msg}: {record.exc_info[1]!r}"
+        if self.fmt == "json":
+            line = {
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                + f".{int(record.msecs):03d}Z",
+                "level": record.levelname.lower(),
+                "logger": record.name,
+                "msg": msg,
+                **fields,
+            }
+            out = json.dumps(line, default=str, separators=(",", ":"))
+        else:
+            extra = " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
+            out = f"{stamp} {record.levelname:<7} {msg}" + (f" {extra}" if extra else "")
+        return self.scrubber.scrub(out)
+
+
+SCRUBBER = SecretScrubber()
+
+
+def setup_logging(fmt: str = "json", level: int = logging.INFO, stream: TextIO | None = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(_Formatter(fmt, SCRUBBER))
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(level)
+    # mitmproxy is chatty at INFO (every client connect); keep its warnings and errors.
+    logging.getLogger("mitmproxy").setLevel(max(level, logging.WARNING))
+
+
+def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
+    logger.log(level, msg, extra={EVENT_FIELDS: fields})

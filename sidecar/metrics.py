@@ -1,0 +1,127 @@
+"""Every Prometheus metric the sidecar exports is defined here, and only here.
+
+Label values come from small fixed sets or from the pair itself (a handful of member addresses and
+their static IPs): never a raw host, path, token or customer org.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+# `*_created` series double the output and no alert or dashboard here uses them.
+disable_created_metrics()
+
+NS = "egress_sidecar"
+
+GRANT_TYPES = ("refresh_token", "authorization_code", "jwt_bearer", "client_credentials", "password", "other")
+OUTCOMES = (
+    "success",
+    "ip_restricted",
+    "invalid_grant",
+    "client_error",
+    "server_error",
+    "upstream_error",
+    "blocked",
+)
+# member label for calls that did not go through a pair member.
+MEMBER_DIRECT = "direct"
+MEMBER_NONE = "none"
+EGRESS_UNKNOWN = "unknown"
+EGRESS_NONE = "none"
+FAILURE_REASONS = ("refused", "unreachable", "timeout", "proxy_error", "auth_failed", "reset")
+
+
+class Metrics:
+    """One registry per running sidecar (the demo runs two in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.token_requests = Counter(
+            f"{NS}_token_requests_total",
+            "Salesforce token calls by grant type, pair member, egress IP and outcome.",
+            ("grant_type", "member", "egress_ip", "outcome"),
+            registry=r,
+        )
+        self.token_duration = Histogram(
+            f"{NS}_token_request_duration_seconds",
+            "Time from the token request's first byte to the response's last byte, per member.",
+            ("member", "egress_ip"),
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
+            registry=r,
+        )
+        self.tunnels = Counter(
+            f"{NS}_tunnels_total",
+            "CONNECT tunnels relayed without interception, by route (pair or direct).",
+            ("route",),
+            registry=r,
+        )
+        self.intercepted = Counter(
+            f"{NS}_intercepted_connections_total",
+            "Client connections to token hosts whose TLS the sidecar intercepted.",
+            registry=r,
+        )
+        self.egress_allowlisted = Gauge(
+            f"{NS}_egress_ip_allowlisted",
+            "1 if this observed egress IP is on the configured allowlist, else 0.",
+            ("egress_ip",),
+            registry=r,
+        )
+        self.member_up = Gauge(
+            f"{NS}_pair_member_up",
+            "1 if the pair member answered its last probe, else 0.",
+            ("member", "egress_ip"),
+            registry=r,
+        )
+        self.egress_changes = Counter(
+            f"{NS}_egress_ip_changes_total",
+            "Times a pair member's observed egress IP changed.",
+            ("member",),
+            registry=r,
+        )
+        self.allowlist_coverage = Gauge(
+            f"{NS}_allowlist_coverage_ratio",
+            "Share of observed egress IPs that are on the allowlist (0..1).",
+            registry=r,
+        )
+        self.member_failures = Counter(
+            f"{NS}_member_failures_total",
+            "Failures to open a connection through a pair member, by reason.",
+            ("member", "reason"),
+            registry=r,
+        )
+        self.failovers = Counter(
+            f"{NS}_failovers_total",
+            "Token calls moved to another member before any byte of them was sent.",
+            registry=r,
+        )
+        self.rotations = Counter(
+            f"{NS}_refresh_token_rotations_total",
+            "Successful refresh_token redemptions, by whether a new refresh token came back.",
+            ("rotated",),
+            registry=r,
+        )
+        self.reuse = Counter(
+            f"{NS}_refresh_token_reuse_total",
+            "Redemptions of a refresh token that had already been rotated away (app did not persist).",
+            registry=r,
+        )
+        self.grants_idle = Gauge(
+            f"{NS}_grants_idle",
+            "Tracked grants whose last redemption is older than the window.",
+            ("window",),
+            registry=r,
+        )
+        self.grants_tracked = Gauge(f"{NS}_grants_tracked", "Grants (rotation chains) tracked.", registry=r)
+        self.guard_enforcing = Gauge(
+            f"{NS}_guard_enforcing", "1 when the allowlist guard enforces, 0 when it observes.", registry=r
+        )
+        self.direct_mode = Gauge(
+            f"{NS}_direct_mode",
+            "1 when no QuotaGuard upstream is configured (token calls leave from this host's IP).",
+            registry=r,
+        )
+        self.ready = Gauge(f"{NS}_ready", "1 once the proxy listens and can route token calls.", registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

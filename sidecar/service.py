@@ -1,0 +1,248 @@
+"""The running sidecar: builds mitmproxy with our addons, the admin server and the egress prober,
+and owns their lifecycle. The CLI only parses arguments and calls into this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from mitmproxy import exceptions as mitm_exceptions
+from mitmproxy import options
+from mitmproxy.addons import core, disable_h2c, next_layer, proxyauth, proxyserver, tlsconfig
+from mitmproxy.master import Master
+
+from addons.client_access import ClientAccess
+from addons.intercept import SelectiveIntercept
+from addons.token_route import TokenRoute
+from sidecar import __version__
+from sidecar.admin import AdminServer
+from sidecar.ca import client_env, export_ca, install_given_ca, prepare_confdir, upstream_trust
+from sidecar.config import ConfigError, HostPort, Settings
+from sidecar.discovery import Prober
+from sidecar.guard import Guard
+from sidecar.hosts import TokenHosts
+from sidecar.logs import SCRUBBER, event
+from sidecar.metrics import Metrics
+from sidecar.pair import Pair, build_pair
+from sidecar.record import Recorder
+from sidecar.status import build_status, render_page
+
+log = logging.getLogger("egress_sidecar")
+# Token bodies are a few hundred bytes; anything larger than this is streamed by mitmproxy itself.
+STREAM_LARGE_BODIES = "64k"
+
+
+def check_bindable(setting: str, hp: HostPort) -> None:
+    """Fail at start with the setting's name when its address cannot be bound."""
+    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(hp.address)
+        except OSError as exc:
+            raise ConfigError(
+                f"{setting}: cannot listen on {hp} ({exc.strerror or exc}). "
+                "Pick a free port or stop what is using it."
+            ) from None
+
+
+class Sidecar:
+    """One sidecar instance. ``run()`` serves until ``shutdown()``; safe to build in tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.confdir = prepare_confdir(settings.confdir_path)
+        self.metrics = Metrics()
+        self.pair: Pair = build_pair(settings)
+        self.guard = Guard(self.pair, settings.allowlist_ranges, settings.guard_mode)
+        self.recorder = Recorder(self.metrics)
+        self.hosts = TokenHosts(settings.token_hosts)
+        self.prober = Prober(self.pair, self.guard, self.metrics, settings)
+        self.started = time.time()
+        self.proxy_address: tuple[str, int] | None = None
+        self.admin: AdminServer | None = None
+        self.master: Master | None = None
+        self._listening = threading.Event()
+        self._stopped = False
+        upstream = settings.upstream
+        if upstream is not None:
+            SCRUBBER.add(upstream.password.get_secret_value(), upstream.proxy_authorization.decode()[6:])
+        if settings.proxy_auth is not None:
+            SCRUBBER.add(settings.proxy_auth.get_secret_value().partition(":")[2])
+        self.metrics.direct_mode.set(1 if self.pair.direct else 0)
+        self.metrics.guard_enforcing.set(1 if self.guard.mode == "enforce" else 0)
+        self.token_route = TokenRoute(self.pair, self.guard, self.hosts, self.recorder, settings.route)
+
+    # -- what the admin server reads ----------------------------------------------------------
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def is_ready(self) -> tuple[bool, str]:
+        if not self._listening.is_set():
+            return False, "proxy not listening yet"
+        if not self.guard.ready():
+            return False, self.guard.explain_block()
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        return build_status(self)
+
+    def ca_path(self) -> Path | None:
+        return self.confdir / "ca.pem"
+
+    @property
+    def proxy_url(self) -> str:
+        host, port = self.proxy_address or self.settings.listen_address.address
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return f"http://{HostPort(host, port)}"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _build_master(self) -> Master:
+        s = self.settings
+        listen = s.listen_address
+        opts = options.Options(listen_host=listen.host, listen_port=listen.port, confdir=str(self.confdir))
+        master = Master(opts)
+        master.addons.add(
+            core.Core(),
+            proxyserver.Proxyserver(),
+            next_layer.NextLayer(),
+            tlsconfig.TlsConfig(),
+            proxyauth.ProxyAuth(),
+            disable_h2c.DisableH2C(),
+            ClientAccess(require_auth=s.proxy_auth is not None),
+            SelectiveIntercept(self.metrics, self._passthrough_member),
+            self.token_route,
+            _Lifecycle(self),
+        )
+        trust = upstream_trust(s, self.confdir)
+        try:
+            master.options.update(
+                mode=["regular"],
+                connection_strategy="lazy",
+                allow_hosts=self.hosts.mitmproxy_allow_hosts(),
+                stream_large_bodies=STREAM_LARGE_BODIES,
+                http2=False,
+                http3=False,
+                ssl_verify_upstream_trusted_ca=str(trust) if trust else None,
+                proxyauth=s.proxy_auth.get_secret_value() if s.proxy_auth else None,
+            )
+        except mitm_exceptions.OptionsError as exc:
+            raise ConfigError(f"mitmproxy rejected the configuration: {exc}") from None
+        return master
+
+    def _passthrough_member(self):  # type: ignore[no-untyped-def]
+        if self.pair.direct or self.settings.route != "all":
+            return None
+        return self.guard.choose("other").member
+
+    def prepare(self) -> None:
+        """Everything that can fail on configuration, before anything listens."""
+        s = self.settings
+        check_bindable("SIDECAR_LISTEN", s.listen_address)
+        if s.ca_cert is not None and s.ca_key is not None:
+            install_given_ca(s.ca_cert.expanduser(), s.ca_key.expanduser(), self.confdir)
+
+    async def run(self) -> None:
+        self.prepare()
+        admin = self.settings.admin_address
+        try:
+            self.admin = AdminServer(admin.host, admin.port, self, render_page)
+        except OSError as exc:
+            raise ConfigError(
+                f"SIDECAR_ADMIN_LISTEN: cannot listen on {admin} ({exc.strerror or exc}). Pick a free port."
+            ) from None
+        self.master = self._build_master()
+        self.admin.start()
+        self._announce_mode()
+        self.prober.update_metrics()
+        probe_task = asyncio.create_task(self.prober.run(), name="egress-prober")
+        try:
+            await self.master.run()
+        finally:
+            probe_task.cancel()
+            await asyncio.gather(probe_task, return_exceptions=True)
+            self.admin.stop()
+            self._listening.clear()
+            self.metrics.ready.set(0)
+
+    def shutdown(self) -> None:
+        """Thread-safe: ask a running sidecar to stop."""
+        self._stopped = True
+        if self.master is not None:
+            self.master.shutdown()
+
+    def on_listening(self, address: tuple[str, int]) -> None:
+        # mitmproxy creates (or loads) its CA in TlsConfig's `running` hook, which has run by now.
+        export_ca(self.confdir)
+        self.proxy_address = address
+        self._listening.set()
+        self.metrics.ready.set(1)
+        env = client_env(self.confdir, self.proxy_url)
+        event(
+            log,
+            logging.INFO,
+            f"egress-sidecar {__version__} listening on {HostPort(*address)}; admin on "
+            f"{HostPort(*self.admin.address) if self.admin else '?'}",
+            proxy=self.proxy_url,
+            admin=f"http://{HostPort(*self.admin.address)}" if self.admin else None,
+        )
+        event(
+            log,
+            logging.INFO,
+            "app environment: " + " ".join(f"{k}={v}" for k, v in env.items()),
+        )
+
+    def wait_listening(self, timeout: float) -> bool:
+        return self._listening.wait(timeout)
+
+    def _announce_mode(self) -> None:
+        s = self.settings
+        if self.pair.direct:
+            event(
+                log,
+                logging.WARNING,
+                "DIRECT MODE: QUOTAGUARDSTATIC_URL is not set, so token calls leave from this host's own "
+                "(rotating) IP and no static IP is in use. Token calls are still detected, measured and logged.",
+                mode="direct",
+            )
+        else:
+            assert s.upstream is not None
+            event(
+                log,
+                logging.INFO,
+                f"pair: {', '.join(m.label for m in self.pair.members)} via {s.upstream.redacted()}; "
+                f"route={s.route} guard={self.guard.mode}",
+                members=[m.label for m in self.pair.members],
+            )
+            if len(self.pair.members) == 1:
+                event(
+                    log,
+                    logging.WARNING,
+                    "the QuotaGuard host resolves to a single address; both static IPs may still be used "
+                    "behind it. Set SIDECAR_PAIR to the members if you know them.",
+                )
+
+
+class _Lifecycle:
+    """Tells the service when mitmproxy really listens (its ``running`` hook)."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    def running(self) -> None:
+        from mitmproxy import ctx
+
+        ps = ctx.master.addons.get("proxyserver")
+        addrs = ps.listen_addrs() if ps else []
+        if not addrs:
+            log.error("the proxy server did not start (see the error above); shutting down")
+            ctx.master.shutdown()
+            return
+        host, port = addrs[0][:2]
+        self.sidecar.on_listening((str(host), int(port)))

@@ -1,0 +1,167 @@
+"""What a token call is, and how its request and response are classified. Pure code, no I/O.
+
+A token call is ``POST /services/oauth2/token`` on an intercepted Salesforce host. Its grant type and
+its outcome are reduced to small fixed sets, so they can be metric labels and log fields without
+ever carrying a token, a secret or a customer's identity.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import parse_qs
+
+TOKEN_PATH = "/services/oauth2/token"
+
+GrantType = Literal["refresh_token", "authorization_code", "jwt_bearer", "client_credentials", "password", "other"]
+Outcome = Literal[
+    "success", "ip_restricted", "invalid_grant", "client_error", "server_error", "upstream_error", "blocked"
+]
+
+# Grants that Salesforce checks against the Refresh Token IP Allowlist.
+ALLOWLISTED_GRANTS: frozenset[str] = frozenset({"refresh_token", "authorization_code"})
+
+_GRANTS: dict[str, GrantType] = {
+    "refresh_token": "refresh_token",
+    "authorization_code": "authorization_code",
+    "urn:ietf:params:oauth:grant-type:jwt-bearer": "jwt_bearer",
+    "client_credentials": "client_credentials",
+    "password": "password",
+}
+# Salesforce error codes we pass through to logs; anything else is reported as "other".
+KNOWN_ERRORS = frozenset(
+    {
+        "invalid_grant",
+        "invalid_client_id",
+        "invalid_client_credentials",
+        "invalid_client",
+        "invalid_request",
+        "unsupported_grant_type",
+        "invalid_scope",
+        "inactive_user",
+        "inactive_org",
+        "rate_limit_exceeded",
+        "unsupported_response_type",
+        "invalid_app_access",
+        "server_error",
+    }
+)
+_IP_RESTRICTED = re.compile(r"ip\s+restricted", re.IGNORECASE)
+
+
+def is_token_request(method: str, path: str) -> bool:
+    """True for the token endpoint; the query string and a trailing slash do not matter."""
+    return method.upper() == "POST" and path.split("?", 1)[0].rstrip("/") == TOKEN_PATH
+
+
+def grant_type(content_type: str | None, body: bytes) -> GrantType:
+    """The grant type of a token request body, reduced to the fixed set. Never raises."""
+    if content_type and "application/x-www-form-urlencoded" not in content_type.lower():
+        return "other"
+    try:
+        fields = parse_qs(body.decode("utf-8", errors="strict"), keep_blank_values=True, max_num_fields=100)
+    except (UnicodeDecodeError, ValueError):
+        return "other"
+    values = fields.get("grant_type", [])
+    if len(values) != 1:  # absent or duplicated: not something we can trust
+        return "other"
+    return _GRANTS.get(values[0].strip(), "other")
+
+
+@dataclass(frozen=True)
+class Classified:
+    outcome: Outcome
+    error_code: str | None = None
+
+
+def classify_response(status: int, body: bytes) -> Classified:
+    """Reduce a token endpoint response to an outcome. Never raises, whatever the body holds."""
+    error, description = _error_fields(body) if status >= 400 else (None, None)
+    code = (error if error in KNOWN_ERRORS else "other") if error else None
+    if 200 <= status < 300:
+        return Classified("success")
+    if status >= 500:
+        return Classified("server_error", code)
+    if error == "invalid_grant":
+        if description and _IP_RESTRICTED.search(description):
+            return Classified("ip_restricted", code)
+        return Classified("invalid_grant", code)
+    return Classified("client_error", code)
+
+
+def _error_fields(body: bytes) -> tuple[str | None, str | None]:
+    try:
+        data = json.loads(body[:65536])
+    except (ValueError, UnicodeDecodeError):
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    error, description = data.get("error"), data.get("error_description")
+    return (
+        error if isinstance(error, str) else None,
+        description if isinstance(description, str) else None,
+    )
+
+
+def response_has_refresh_token(body: bytes) -> bool:
+    """Whether a successful token response carried a (rotated) refresh token."""
+    try:
+        data = json.loads(body[:1_048_576])
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(data, dict) and isinstance(data.get("refresh_token"), str) and bool(data["refresh_token"])
+
+
+def host_class(host: str) -> str:
+    """A bounded name for the kind of Salesforce host (for logs; never the host itself)."""
+    host = host.lower().rstrip(".")
+    if host == "login.salesforce.com":
+        return "login"
+    if host == "test.salesforce.com":
+        return "test"
+    if host.endswith(".sandbox.my.salesforce.com"):
+        return "sandbox_my_domain"
+    if host.endswith(".my.salesforce.com"):
+        return "my_domain"
+    if host.endswith(".my.site.com"):
+        return "experience_cloud"
+    return "custom"
+
+
+@dataclass
+class TokenCall:
+    """One token call, produced once and used twice: the canonical log line and the metrics."""
+
+    started: float
+    host_class: str
+    grant_type: GrantType
+    member: str = "direct"
+    egress_ip: str = "unknown"
+    route: str = "direct"
+    guard: str = "allow"
+    outcome: Outcome | None = None
+    status: int | None = None
+    error_code: str | None = None
+    duration: float | None = None
+    detail: str | None = None
+    attempts: list[str] = field(default_factory=list)
+
+    def log_fields(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "event": "token_call",
+            "host_class": self.host_class,
+            "grant_type": self.grant_type,
+            "route": self.route,
+            "member": self.member,
+            "egress_ip": self.egress_ip,
+            "guard": self.guard,
+            "outcome": self.outcome,
+            "status": self.status,
+            "sf_error": self.error_code,
+            "duration_ms": None if self.duration is None else round(self.duration * 1000, 2),
+        }
+        if self.detail:
+            out["detail"] = self.detail
+        return out
