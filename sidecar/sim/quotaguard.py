@@ -1,0 +1,318 @@
+"""A fake QuotaGuard Static proxy pair: HTTP forward proxies with Basic auth and a fixed egress IP.
+
+Why: QuotaGuard gives each account two proxies whose traffic leaves from two static IPs. A member
+here binds every upstream connection to its own egress address (127.0.0.2, 127.0.0.3, ... on Linux
+loopback), so the fake Salesforce sees a different TCP source per member, just as the real
+allowlist does. Targets are resolved through a `routes` table (there is no DNS here), and only
+loopback targets are ever connected to: a workplace safety rule, enforced with 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import hmac
+import ipaddress
+from collections.abc import Iterator, Mapping
+from typing import Any, Self
+from urllib.parse import quote, urlsplit
+
+from ._server import (
+    BadRequest,
+    HttpRequest,
+    ThreadedServer,
+    close_writer,
+    read_request,
+    render_response,
+    send,
+)
+
+Address = tuple[str, int]
+_HOP_HEADERS = frozenset({
+    "proxy-authorization", "proxy-connection", "connection", "keep-alive", "te", "trailer",
+    "transfer-encoding", "upgrade", "content-length",
+})
+CHUNK = 64 * 1024
+
+
+def _check_loopback(ip: str) -> None:
+    if not ipaddress.ip_address(ip).is_loopback:
+        raise ValueError(f"{ip} is not a loopback address")
+
+
+def _split_authority(authority: str, default_port: int) -> Address:
+    if authority.startswith("["):
+        host, _, rest = authority[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+    elif authority.count(":") == 1:
+        host, _, port_s = authority.partition(":")
+    else:
+        host, port_s = authority, ""
+    try:
+        port = int(port_s) if port_s else default_port
+    except ValueError:
+        raise BadRequest(400, f"bad authority {authority!r}") from None
+    if not host or not 0 < port < 65536:
+        raise BadRequest(400, f"bad authority {authority!r}")
+    return host.lower(), port
+
+
+class FakeQuotaGuardMember(ThreadedServer):
+    """One QuotaGuard Static proxy node (CONNECT + absolute-form HTTP, Basic proxy auth)."""
+
+    def __init__(
+        self,
+        host: str,
+        *,
+        port: int = 0,
+        egress_ip: str | None = None,
+        username: str = "qgUser",
+        password: str = "qgPass",
+        routes: Mapping[Address, Address] | None = None,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = 60.0,
+    ) -> None:
+        super().__init__(host, port)
+        self.egress_ip = egress_ip or host
+        self.username, self.password = username, password
+        self.connect_timeout, self.idle_timeout = connect_timeout, idle_timeout
+        self.refuse_connect_status: int | None = None  # answer every CONNECT with this status
+        self.connect_delay: float = 0.0  # seconds to stall before answering a CONNECT (slow member)
+        self._routes: dict[Address, Address] = {}
+        for requested, actual in (routes or {}).items():
+            self.set_route(requested, actual)
+        self._connects = self._forwards = self._auth_failures = self._bytes = 0
+        self._seen_targets: list[Address] = []
+
+    # ---- runtime knobs & counters (thread-safe) ----------------------------------------------
+    @property
+    def egress_ip(self) -> str:
+        return self._egress_ip
+
+    @egress_ip.setter
+    def egress_ip(self, ip: str) -> None:
+        _check_loopback(ip)
+        self._egress_ip = ip  # new upstream connections use it
+
+    def set_route(self, requested: Address, actual: Address | None) -> None:
+        """Map a requested (host, port) to a loopback (ip, port); None removes the route."""
+        key = (requested[0].lower(), requested[1])
+        if actual is not None:
+            _check_loopback(actual[0])
+        with self._lock:
+            if actual is None:
+                self._routes.pop(key, None)
+            else:
+                self._routes[key] = (actual[0], actual[1])
+
+    @property
+    def routes(self) -> dict[Address, Address]:
+        with self._lock:
+            return dict(self._routes)
+
+    @property
+    def url(self) -> str:
+        host, port = self.address
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{quote(self.username, safe='')}:{quote(self.password, safe='')}@{host}:{port}"
+
+    @property
+    def connects(self) -> int:
+        with self._lock:
+            return self._connects
+
+    @property
+    def forwards(self) -> int:
+        with self._lock:
+            return self._forwards
+
+    @property
+    def auth_failures(self) -> int:
+        with self._lock:
+            return self._auth_failures
+
+    @property
+    def bytes_relayed(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    @property
+    def seen_targets(self) -> list[Address]:
+        with self._lock:
+            return list(self._seen_targets)
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._connects = self._forwards = self._auth_failures = self._bytes = 0
+            self._seen_targets.clear()
+
+    # ---- proxy -------------------------------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while (req := await read_request(reader, self.read_timeout)) is not None:
+            if not self._authorized(req):
+                with self._lock:
+                    self._auth_failures += 1
+                headers = {"Proxy-Authenticate": 'Basic realm="QuotaGuard"', "Content-Type": "text/plain"}
+                await send(writer, render_response(407, b"Proxy Authentication Required\n", headers,
+                                                   keep_alive=req.keep_alive))
+                if req.keep_alive:
+                    continue
+                return
+            if req.method == "CONNECT":
+                target = _split_authority(req.target, 443)
+            elif req.target.lower().startswith("http://"):
+                url = urlsplit(req.target)
+                target = _split_authority(url.netloc.rpartition("@")[2], 80)
+            else:
+                raise BadRequest(400, "expected CONNECT or an absolute-form http:// request")
+            with self._lock:
+                self._seen_targets.append(target)
+            if req.method == "CONNECT" and self.refuse_connect_status is not None:
+                await send(writer, render_response(self.refuse_connect_status, b"", keep_alive=False))
+                return
+            if req.method == "CONNECT" and self.connect_delay > 0:
+                await asyncio.sleep(min(self.connect_delay, 60.0))
+            resolved = self._resolve(*target)
+            if resolved is None:
+                await send(writer, self._plain(403, "target not allowed (loopback only)"))
+                return
+            try:
+                up_reader, up_writer = await asyncio.wait_for(self._open(*resolved), self.connect_timeout)
+            except (OSError, TimeoutError) as e:
+                await send(writer, self._plain(502, f"cannot connect to {target[0]}:{target[1]}: {e!r}"))
+                return
+            self.track(up_writer)
+            try:
+                if req.method == "CONNECT":
+                    with self._lock:
+                        self._connects += 1
+                    await send(writer, b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    await self._relay(reader, writer, up_reader, up_writer)
+                else:
+                    with self._lock:
+                        self._forwards += 1
+                    await send(up_writer, self._origin_form(req))
+                    await self._pipe(up_reader, writer)
+            finally:
+                await close_writer(up_writer)
+                self.untrack(up_writer)
+            return  # one tunnel / forwarded request per client connection
+
+    @staticmethod
+    def _plain(status: int, text: str) -> bytes:
+        return render_response(status, text.encode() + b"\n", {"Content-Type": "text/plain"}, keep_alive=False)
+
+    def _authorized(self, req: HttpRequest) -> bool:
+        scheme, _, cred = (req.header("proxy-authorization") or "").partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, sep, password = base64.b64decode(cred.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        return bool(sep) and hmac.compare_digest(user.encode(), self.username.encode()) and \
+            hmac.compare_digest(password.encode(), self.password.encode())
+
+    def _resolve(self, host: str, port: int) -> Address | None:
+        with self._lock:
+            routed = self._routes.get((host, port))
+        ip, real_port = routed or ("127.0.0.1" if host == "localhost" else host, port)
+        try:
+            return (ip, real_port) if ipaddress.ip_address(ip).is_loopback else None
+        except ValueError:  # an unrouted hostname: no DNS, and never leave loopback
+            return None
+
+    async def _open(self, ip: str, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        egress = self.egress_ip
+        if ipaddress.ip_address(egress).version != ipaddress.ip_address(ip).version:
+            raise OSError(f"egress {egress} cannot reach {ip} (address family)")
+        return await asyncio.open_connection(ip, port, local_addr=(egress, 0))
+
+    @staticmethod
+    def _origin_form(req: HttpRequest) -> bytes:
+        url = urlsplit(req.target)
+        path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+        headers = [(k, v) for k, v in req.headers if k.lower() not in _HOP_HEADERS]
+        if not any(k.lower() == "host" for k, _ in headers):
+            headers.insert(0, ("Host", url.netloc.rpartition("@")[2]))
+        if req.body or req.header("content-length") or req.header("transfer-encoding"):
+            headers.append(("Content-Length", str(len(req.body))))
+        headers.append(("Connection", "close"))
+        head = f"{req.method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
+        return (head + "\r\n").encode("latin-1") + req.body
+
+    async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        while data := await asyncio.wait_for(src.read(CHUNK), self.idle_timeout):
+            dst.write(data)
+            await asyncio.wait_for(dst.drain(), self.idle_timeout)
+            with self._lock:
+                self._bytes += len(data)
+
+    async def _relay(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
+                     u_reader: asyncio.StreamReader, u_writer: asyncio.StreamWriter) -> None:
+        """Copy both ways in chunks until either side closes, errors or idles out."""
+        tasks = [asyncio.create_task(self._pipe(c_reader, u_writer)),
+                 asyncio.create_task(self._pipe(u_reader, c_writer))]
+        try:
+            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            with contextlib.suppress(Exception):
+                await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class FakeQuotaGuardPair:
+    """The two proxies of one QuotaGuard Static account; kwargs go to every member."""
+
+    def __init__(self, hosts: tuple[str, ...] = ("127.0.0.2", "127.0.0.3"), **kwargs: Any) -> None:
+        self.members = tuple(FakeQuotaGuardMember(h, **kwargs) for h in hosts)
+
+    def url_for(self, i: int) -> str:
+        return self.members[i].url
+
+    @property
+    def urls(self) -> list[str]:
+        return [m.url for m in self.members]
+
+    def set_route(self, requested: Address, actual: Address | None) -> None:
+        for member in self.members:
+            member.set_route(requested, actual)
+
+    def start(self) -> Self:
+        started: list[FakeQuotaGuardMember] = []
+        try:
+            for member in self.members:
+                started.append(member.start())
+        except BaseException:
+            for member in started:
+                member.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        errors = []
+        for member in self.members:
+            try:
+                member.stop()
+            except RuntimeError as e:
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def __iter__(self) -> Iterator[FakeQuotaGuardMember]:
+        return iter(self.members)
+
+    def __getitem__(self, i: int) -> FakeQuotaGuardMember:
+        return self.members[i]
+
+    def __len__(self) -> int:
+        return len(self.members)

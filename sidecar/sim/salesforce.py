@@ -1,0 +1,300 @@
+"""A fake Salesforce token endpoint that enforces the Refresh Token IP Allowlist and rotation.
+
+Why: the sidecar exists because Salesforce rejects refresh-token and web-server-flow calls whose
+TCP source address is not allowlisted, and rotates refresh tokens on every redemption. Tests and
+the demo need a server that does exactly that, judged on the real peer address (never a header),
+with the exact error bodies (REFERENCE.md), the same token shapes, and fault knobs for chaos tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import ipaddress
+import json
+import secrets
+import string
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
+
+from ._server import HttpRequest, ThreadedServer, read_request, render_response, send
+from .certs import server_context
+
+REFRESH = "refresh_token"
+AUTH_CODE = "authorization_code"
+JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
+CLIENT_CREDENTIALS = "client_credentials"
+PASSWORD = "password"
+GRANT_TYPES = frozenset({REFRESH, AUTH_CODE, JWT_BEARER, CLIENT_CREDENTIALS, PASSWORD})
+ALLOWLISTED_GRANTS = frozenset({REFRESH, AUTH_CODE})  # only these flows are subject to the allowlist
+FAIL_MODES = (None, "garbage", "close_early", "slow", "500")
+TOKEN_PATH = "/services/oauth2/token"
+JSON_TYPE = "application/json;charset=UTF-8"
+_TOKEN_CHARS = string.ascii_letters + string.digits + "._"
+_ID_CHARS = string.ascii_letters + string.digits
+
+
+def error_body(error: str, description: str) -> bytes:
+    """Compact JSON, byte-identical to what Salesforce sends."""
+    return json.dumps({"error": error, "error_description": description}, separators=(",", ":")).encode()
+
+
+IP_RESTRICTED_BODY = error_body("invalid_grant", "ip restricted by app developer")
+EXPIRED_TOKEN_BODY = error_body("invalid_grant", "expired access/refresh token")
+INVALID_CLIENT_ID_BODY = error_body("invalid_client_id", "client identifier invalid")
+INVALID_CLIENT_BODY = error_body("invalid_client", "invalid client credentials")
+UNSUPPORTED_GRANT_BODY = error_body("unsupported_grant_type", "grant type not supported")
+
+
+def _rand(n: int, alphabet: str = _TOKEN_CHARS) -> str:
+    return "".join(secrets.choice(alphabet) for _ in range(n))
+
+
+def _parse_allow_entry(entry: str) -> tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]:
+    """'1.2.3.4', 'start-end' (Salesforce's range form) or a CIDR network -> (first, last)."""
+    entry = entry.strip()
+    if "-" in entry:
+        lo, hi = (ipaddress.ip_address(p.strip()) for p in entry.split("-", 1))
+    elif "/" in entry:
+        net = ipaddress.ip_network(entry, strict=False)
+        lo, hi = net[0], net[-1]
+    else:
+        lo = hi = ipaddress.ip_address(entry)
+    if lo.version != hi.version or lo > hi:  # type: ignore[operator]
+        raise ValueError(f"bad allowlist range {entry!r}")
+    return lo, hi
+
+
+@dataclass(frozen=True, slots=True)
+class SeenRequest:
+    source_ip: str
+    source_port: int
+    method: str
+    path: str
+    grant_type: str | None
+    status: int | None  # None when no response was sent (fault modes)
+    headers: dict[str, str]  # lowercase names
+    body: bytes
+    at: float = field(default_factory=time.time)
+
+
+class FakeSalesforce(ThreadedServer):
+    """TLS HTTP/1.1 server for POST /services/oauth2/token (plus GET /services/data/)."""
+
+    def __init__(
+        self,
+        certfile: str | Path,
+        keyfile: str | Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        allowlist: Iterable[str] = ("127.0.0.2",),
+        client_id: str = "3MVG9demo",
+        client_secret: str = "demo-consumer-secret",
+        enforce_allowlist: bool = True,
+        rotate: bool = True,
+        require_secret: bool = True,
+        instance_url: str | None = None,
+        users: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(host, port, ssl_context=server_context(certfile, keyfile))
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.enforce_allowlist = enforce_allowlist
+        self.rotate = rotate
+        self.require_secret = require_secret  # False: refresh/auth-code may omit the secret
+        self.instance_url = instance_url  # None: https://<Host header>
+        self.users = dict(users or {"demo@example.com": "demo-password"})
+        self.org_id = "00D" + _rand(15, _ID_CHARS)
+        self.user_id = "005" + _rand(15, _ID_CHARS)
+        self.slow_seconds = 3.0  # for fail_mode "slow"; capped at 30 s
+        self._fail_mode: str | None = None
+        self._allow: tuple[str, ...] = ()
+        self._ranges: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]] = []
+        self.set_allowlist(allowlist)
+        self._refresh_tokens: set[str] = set()
+        self._auth_codes: set[str] = set()
+        self._seen: list[SeenRequest] = []
+
+    # ---- runtime knobs & state (thread-safe) -------------------------------------------------
+    @property
+    def fail_mode(self) -> str | None:
+        return self._fail_mode
+
+    @fail_mode.setter
+    def fail_mode(self, mode: str | None) -> None:
+        if mode not in FAIL_MODES:
+            raise ValueError(f"fail_mode must be one of {FAIL_MODES}")
+        self._fail_mode = mode
+
+    @property
+    def allowlist(self) -> tuple[str, ...]:
+        return self._allow
+
+    def set_allowlist(self, entries: Iterable[str]) -> None:
+        entries = tuple(entries)
+        ranges = [_parse_allow_entry(e) for e in entries]
+        with self._lock:
+            self._allow, self._ranges = entries, ranges
+
+    def ip_allowed(self, ip: str) -> bool:
+        addr = ipaddress.ip_address(ip)
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+            addr = addr.ipv4_mapped
+        with self._lock:
+            return any(lo.version == addr.version and lo <= addr <= hi for lo, hi in self._ranges)  # type: ignore[operator]
+
+    def issue_refresh_token(self) -> str:
+        token = "5Aep861" + _rand(80)
+        with self._lock:
+            self._refresh_tokens.add(token)
+        return token
+
+    def issue_auth_code(self) -> str:
+        code = "aPrx" + _rand(60, _ID_CHARS) + "=="
+        with self._lock:
+            self._auth_codes.add(code)
+        return code
+
+    def refresh_token_valid(self, token: str) -> bool:
+        with self._lock:
+            return token in self._refresh_tokens
+
+    @property
+    def seen(self) -> list[SeenRequest]:
+        with self._lock:
+            return list(self._seen)
+
+    def reset_seen(self) -> None:
+        with self._lock:
+            self._seen.clear()
+
+    # ---- HTTP --------------------------------------------------------------------------------
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        ip, port = writer.get_extra_info("peername")[:2]
+        while (req := await read_request(reader, self.read_timeout)) is not None:
+            mode = self._fail_mode
+            if mode == "garbage":
+                self._record(req, ip, port, None, None)
+                await send(writer, b"\x00\x15\x03garbage, not HTTP\r\n\r\n")
+                return
+            if mode == "close_early":
+                self._record(req, ip, port, None, None)
+                return
+            if mode == "slow":
+                await asyncio.sleep(min(max(self.slow_seconds, 0.0), 30.0))
+            path = urlsplit(req.target).path
+            if mode == "500":
+                status, body, grant = 500, error_body("server_error", "internal server error"), None
+            elif path == TOKEN_PATH:
+                status, body, grant = self._token(req, ip)
+            elif path in ("/services/data", "/services/data/") and req.method == "GET":
+                status, body, grant = 200, self._versions(), None
+            else:
+                body = b'[{"errorCode":"NOT_FOUND","message":"The requested resource does not exist"}]'
+                status, grant = 404, None
+            self._record(req, ip, port, grant, status)
+            headers = {"Content-Type": JSON_TYPE, "Cache-Control": "no-cache,must-revalidate,max-age=0,no-store,private"}
+            await send(writer, render_response(status, body, headers, keep_alive=req.keep_alive))
+            if not req.keep_alive:
+                return
+
+    def _record(self, req: HttpRequest, ip: str, port: int, grant: str | None, status: int | None) -> None:
+        rec = SeenRequest(ip, port, req.method, req.target, grant, status, req.header_map, req.body)
+        with self._lock:
+            self._seen.append(rec)
+
+    @staticmethod
+    def _versions() -> bytes:
+        versions = [("Spring '25", "63.0"), ("Summer '25", "64.0"), ("Winter '26", "65.0")]
+        return json.dumps([{"label": lb, "url": f"/services/data/v{v}", "version": v} for lb, v in versions]).encode()
+
+    def _token(self, req: HttpRequest, ip: str) -> tuple[int, bytes, str | None]:
+        if req.method != "POST":
+            return 400, error_body("invalid_request", "must use HTTP POST"), None
+        form = dict(parse_qsl(urlsplit(req.target).query, keep_blank_values=True))
+        ctype = (req.header("content-type") or "").split(";")[0].strip().lower()
+        if req.body:
+            if ctype != "application/x-www-form-urlencoded":
+                return 400, error_body("invalid_request", "invalid content type"), None
+            try:
+                form.update(parse_qsl(req.body.decode("utf-8"), keep_blank_values=True, strict_parsing=True))
+            except (UnicodeDecodeError, ValueError):
+                return 400, error_body("invalid_request", "malformed form body"), None
+        grant = form.get("grant_type")
+        if grant not in GRANT_TYPES:
+            return 400, UNSUPPORTED_GRANT_BODY, grant
+        if grant == JWT_BEARER:
+            return (*self._jwt_grant(form.get("assertion", "")), grant)
+        client_id, secret = form.get("client_id"), form.get("client_secret")
+        auth = req.header("authorization") or ""
+        if auth[:6].lower() == "basic ":
+            try:
+                client_id, _, secret = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
+                client_id, secret = unquote_plus(client_id), unquote_plus(secret)
+            except (binascii.Error, UnicodeDecodeError):
+                return 400, INVALID_CLIENT_BODY, grant
+        if client_id != self.client_id:
+            return 400, INVALID_CLIENT_ID_BODY, grant
+        secret_optional = not self.require_secret and grant in ALLOWLISTED_GRANTS and not secret
+        if not secret_optional and not hmac.compare_digest((secret or "").encode(), self.client_secret.encode()):
+            return 400, INVALID_CLIENT_BODY, grant
+        # Allowlist before touching the token, so a blocked call never consumes/rotates it.
+        if grant in ALLOWLISTED_GRANTS and self.enforce_allowlist and not self.ip_allowed(ip):
+            return 400, IP_RESTRICTED_BODY, grant
+        host = req.header("host") or f"{self.host}:{self._port}"
+        if grant == REFRESH:
+            old = form.get("refresh_token", "")
+            with self._lock:
+                if old not in self._refresh_tokens:
+                    return 400, EXPIRED_TOKEN_BODY, grant
+                if self.rotate:
+                    self._refresh_tokens.discard(old)
+            new = self.issue_refresh_token() if self.rotate else None
+            return 200, self._token_response(host, new, "refresh_token api"), grant
+        if grant == AUTH_CODE:
+            with self._lock:
+                code = form.get("code", "")
+                if code not in self._auth_codes:
+                    return 400, error_body("invalid_grant", "invalid authorization code"), grant
+                self._auth_codes.discard(code)
+            return 200, self._token_response(host, self.issue_refresh_token(), "refresh_token api"), grant
+        if grant == PASSWORD and self.users.get(form.get("username", "")) != form.get("password"):
+            return 400, error_body("invalid_grant", "authentication failure"), grant
+        return 200, self._token_response(host, None, "api"), grant
+
+    def _jwt_grant(self, assertion: str) -> tuple[int, bytes]:
+        """Checks shape and `iss` only; the signature is not verified (no app certificate here)."""
+        try:
+            payload = assertion.split(".")[1]
+            claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+            iss = claims["iss"]
+        except (IndexError, ValueError, KeyError, TypeError, binascii.Error):
+            return 400, error_body("invalid_grant", "invalid assertion")
+        if iss != self.client_id:
+            return 400, INVALID_CLIENT_ID_BODY
+        return 200, self._token_response(None, None, "api")
+
+    def _token_response(self, host: str | None, refresh_token: str | None, scope: str) -> bytes:
+        identity = f"https://login.salesforce.com/id/{self.org_id}/{self.user_id}"
+        issued_at = str(int(time.time() * 1000))
+        # Salesforce's signature: base64(HMAC-SHA256(client_secret, id + issued_at)).
+        mac = hmac.new(self.client_secret.encode(), (identity + issued_at).encode(), hashlib.sha256)
+        out = {
+            "access_token": f"{self.org_id[:15]}!AQ{_rand(4, _ID_CHARS)}{_rand(105)}",
+            "signature": base64.b64encode(mac.digest()).decode(),
+            "scope": scope,
+            "instance_url": self.instance_url or f"https://{host or f'{self.host}:{self._port}'}",
+            "id": identity,
+            "token_type": "Bearer",
+            "issued_at": issued_at,
+        }
+        if refresh_token:
+            out["refresh_token"] = refresh_token
+        return json.dumps(out, separators=(",", ":")).encode()
