@@ -1,0 +1,258 @@
+"""End-to-end harness: the real sidecar as a subprocess, in front of the simulated pair and Salesforce.
+
+Everything listens on loopback. Each pair member has its own address (127.0.0.2, 127.0.0.3, ...) and
+connects out from it, so the fake Salesforce sees a different source IP per member, as in production.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+
+from sidecar.sim.echo import FakeIPEcho
+from sidecar.sim.quotaguard import FakeQuotaGuardPair
+from sidecar.sim.salesforce import FakeSalesforce
+
+SF_HOST = "login.salesforce.com"
+ECHO_HOST = "ip.quotaguard.com"
+TOKEN_URL = f"https://{SF_HOST}/services/oauth2/token"
+CLIENT_ID = "3MVG9demo"
+CLIENT_SECRET = "demo-consumer-secret-0123456789"
+PROXY_USER, PROXY_PASS = "qgUser", "qgPass-s3cret-XYZ"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class World:
+    """The simulated outside world: Salesforce, the IP echo and the QuotaGuard pair."""
+
+    salesforce: FakeSalesforce
+    echo: FakeIPEcho
+    pair: FakeQuotaGuardPair
+
+    @property
+    def members(self) -> list[str]:
+        return [f"{m.address[0]}:{m.address[1]}" for m in self.pair.members]
+
+    @property
+    def upstream_url(self) -> str:
+        host, port = self.pair.members[0].address
+        return f"http://{PROXY_USER}:{PROXY_PASS}@{host}:{port}"
+
+    def pair_env(self) -> dict[str, str]:
+        return {
+            "QUOTAGUARDSTATIC_URL": self.upstream_url,
+            "SIDECAR_PAIR": ",".join(self.members),
+            "SIDECAR_ECHO_URL": f"http://{ECHO_HOST}/",
+        }
+
+
+def start_world(cert: tuple[Path, Path], allowlist: tuple[str, ...], n_members: int = 2) -> World:
+    sf = FakeSalesforce(*cert, allowlist=allowlist, client_id=CLIENT_ID, client_secret=CLIENT_SECRET).start()
+    echo = FakeIPEcho().start()
+    hosts = tuple(f"127.0.0.{i + 2}" for i in range(n_members))
+    pair = FakeQuotaGuardPair(
+        hosts,
+        username=PROXY_USER,
+        password=PROXY_PASS,
+        routes={(SF_HOST, 443): sf.address, (ECHO_HOST, 80): echo.address},
+    )
+    try:
+        pair.start()
+    except BaseException:
+        sf.stop()
+        echo.stop()
+        raise
+    return World(sf, echo, pair)
+
+
+def stop_world(world: World) -> None:
+    world.pair.stop()
+    world.echo.stop()
+    world.salesforce.stop()
+
+
+@dataclass
+class SidecarProcess:
+    env: dict[str, str]
+    confdir: Path
+    log_path: Path
+    proxy_port: int
+    admin_port: int
+    proc: subprocess.Popen[bytes] | None = None
+    _log: Any = field(default=None, repr=False)
+
+    @property
+    def proxy_url(self) -> str:
+        return f"http://127.0.0.1:{self.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.admin_port}"
+
+    @property
+    def ca_bundle(self) -> Path:
+        return self.confdir / "ca-bundle.pem"
+
+    def start(self, wait_ready: bool = True, timeout: float = 20.0) -> SidecarProcess:
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "run"],
+            env=self.env,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        deadline = time.monotonic() + timeout
+        path = "/readyz" if wait_ready else "/healthz"
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n{self.log_text()}")
+            try:
+                with urllib.request.urlopen(self.admin_url + path, timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"sidecar not ready within {timeout}s:\n{self.log_text()}")
+
+    def stop(self) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        if self._log:
+            self._log.close()
+        return self.proc.returncode
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_events(self, kind: str = "token_call") -> list[dict[str, Any]]:
+        out = []
+        for line in self.log_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if rec.get("event") == kind:
+                out.append(rec)
+        return out
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as resp:
+            return resp.read().decode()
+
+    def status(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.admin_url + "/status", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    def session(self) -> requests.Session:
+        """A requests session configured exactly as HTTPS_PROXY + REQUESTS_CA_BUNDLE would."""
+        s = requests.Session()
+        s.trust_env = False  # the test machine's own proxy settings must not interfere
+        s.proxies = {"https": self.proxy_url, "http": self.proxy_url}
+        s.verify = str(self.ca_bundle)
+        return s
+
+    def client_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.lower().endswith("_proxy")}
+        env.update(
+            HTTPS_PROXY=self.proxy_url,
+            https_proxy=self.proxy_url,
+            NO_PROXY="",
+            REQUESTS_CA_BUNDLE=str(self.ca_bundle),
+            SSL_CERT_FILE=str(self.ca_bundle),
+            CURL_CA_BUNDLE=str(self.ca_bundle),
+            NODE_EXTRA_CA_CERTS=str(self.confdir / "ca.pem"),
+        )
+        return env
+
+
+def sidecar_env(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("SIDECAR_") or k == "QUOTAGUARDSTATIC_URL")}
+    env = {k: v for k, v in env.items() if not k.lower().endswith("_proxy")}
+    env.update(
+        SIDECAR_CONFDIR=str(tmp / "confdir"),
+        SIDECAR_UPSTREAM_CA=str(upstream_ca),
+        SIDECAR_LOG_FORMAT="json",
+        SIDECAR_PROBE_INTERVAL="1",
+        SIDECAR_CONNECT_TIMEOUT="3",
+        PYTHONPATH=str(ROOT),
+    )
+    env.update(extra)
+    return env
+
+
+def make_sidecar(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> SidecarProcess:
+    proxy_port, admin_port = free_port(), free_port()
+    env = sidecar_env(tmp, upstream_ca, extra)
+    env.setdefault("SIDECAR_LISTEN", f"127.0.0.1:{proxy_port}")
+    env.setdefault("SIDECAR_ADMIN_LISTEN", f"127.0.0.1:{admin_port}")
+    return SidecarProcess(env=env, confdir=tmp / "confdir", log_path=tmp / "sidecar.log",
+                          proxy_port=proxy_port, admin_port=admin_port)
+
+
+def redeem(session: requests.Session, refresh_token: str, url: str = TOKEN_URL) -> requests.Response:
+    return session.post(
+        url,
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": refresh_token,
+            "client_id": CLIENT_ID,
+            "client_secret": CLIENT_SECRET,
+        },
+        timeout=15,
+    )
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                total += sample.value
+    return total
+
+
+def wait_until(predicate: Any, timeout: float = 10.0, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def iter_written_files(root: Path) -> Iterator[Path]:
+    for p in root.rglob("*"):
+        if p.is_file():
+            yield p

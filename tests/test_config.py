@@ -1,0 +1,132 @@
+"""Settings: defaults, parsing, and that every bad value fails with a message naming the variable."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.config import ConfigError, HostPort, Settings, env_name, load_settings, parse_host_port, unknown_settings
+from sidecar.hosts import TokenHosts
+
+
+def test_defaults() -> None:
+    s = load_settings({})
+    assert s.listen_address == HostPort("127.0.0.1", 3128)
+    assert s.admin_address == HostPort("0.0.0.0", 9464)
+    assert s.upstream is None
+    assert s.route == "token"
+    assert s.guard_mode == "observe"
+    assert s.log_format == "json"
+    assert "*.my.salesforce.com" in s.token_hosts
+
+
+def test_environment_is_not_read_implicitly(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SIDECAR_ROUTE", "all")
+    assert load_settings({}).route == "token"
+    assert load_settings().route == "all"
+
+
+def test_upstream_and_pair() -> None:
+    s = load_settings(
+        {
+            "QUOTAGUARDSTATIC_URL": "http://us%40er:p%3Ass@proxy.example:9293",
+            "SIDECAR_PAIR": "10.0.0.5:9293, 10.0.0.6:9293",
+            "SIDECAR_EGRESS_IPS": "10.0.0.5:9293=52.1.2.3",
+        }
+    )
+    up = s.upstream
+    assert up is not None and (up.host, up.port, up.username) == ("proxy.example", 9293, "us@er")
+    assert up.password.get_secret_value() == "p:ss"
+    assert "p:ss" not in up.redacted() and "p%3Ass" not in repr(s)
+    assert s.pair_members == [HostPort("10.0.0.5", 9293), HostPort("10.0.0.6", 9293)]
+    assert s.pinned_egress == {HostPort("10.0.0.5", 9293): "52.1.2.3"}
+
+
+def test_guard_defaults_to_enforce_with_allowlist() -> None:
+    assert load_settings({"SIDECAR_ALLOWLIST": "52.1.2.3"}).guard_mode == "enforce"
+    assert load_settings({"SIDECAR_ALLOWLIST": "52.1.2.3", "SIDECAR_GUARD": "observe"}).guard_mode == "observe"
+
+
+@pytest.mark.parametrize(
+    ("env", "name", "fragment"),
+    [
+        ({"SIDECAR_LISTEN": "nonsense"}, "SIDECAR_LISTEN", "HOST:PORT"),
+        ({"SIDECAR_LISTEN": "127.0.0.1:99999"}, "SIDECAR_LISTEN", "out of range"),
+        ({"SIDECAR_ADMIN_LISTEN": "x:y"}, "SIDECAR_ADMIN_LISTEN", "HOST:PORT"),
+        ({"SIDECAR_ROUTE": "everything"}, "SIDECAR_ROUTE", "token, salesforce, all"),
+        ({"SIDECAR_GUARD": "strict"}, "SIDECAR_GUARD", "observe or enforce"),
+        ({"SIDECAR_GUARD": "enforce"}, "SIDECAR_GUARD", "SIDECAR_ALLOWLIST"),
+        ({"SIDECAR_LOG_FORMAT": "xml"}, "SIDECAR_LOG_FORMAT", "json or text"),
+        ({"SIDECAR_PROBE_INTERVAL": "0"}, "SIDECAR_PROBE_INTERVAL", "greater than or equal"),
+        ({"SIDECAR_CONNECT_TIMEOUT": "soon"}, "SIDECAR_CONNECT_TIMEOUT", "number"),
+        ({"SIDECAR_PAIR": "10.0.0.5"}, "SIDECAR_PAIR", "HOST:PORT"),
+        ({"SIDECAR_EGRESS_IPS": "10.0.0.5:1"}, "SIDECAR_EGRESS_IPS", "MEMBER=IP"),
+        ({"SIDECAR_TOKEN_HOSTS": "https://login.salesforce.com/"}, "SIDECAR_TOKEN_HOSTS", "host name"),
+        ({"SIDECAR_ALLOWLIST": "1.2.3.400"}, "SIDECAR_ALLOWLIST", "1.2.3.400"),
+        ({"SIDECAR_CA_CERT": "/nonexistent.pem"}, "SIDECAR_CA_CERT", "readable file"),
+        ({"QUOTAGUARDSTATIC_URL": "socks5://u:p@h:1080"}, "QUOTAGUARDSTATIC_URL", "http://USER:PASS@HOST"),
+        ({"QUOTAGUARDSTATIC_URL": "http://proxy.example:9293"}, "QUOTAGUARDSTATIC_URL", "USER:PASS"),
+        ({"SIDECAR_PROXY_AUTH": "nocolon"}, "SIDECAR_PROXY_AUTH", "user:password"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], name: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings(env)
+    message = str(info.value)
+    assert message.startswith(name), message
+    assert fragment in message, message
+
+
+def test_secret_values_never_in_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"QUOTAGUARDSTATIC_URL": "ftp://user:hunter2secret@h:1"})
+    assert "hunter2secret" not in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_settings({"SIDECAR_PROXY_AUTH": "hunter2secret"})
+    assert "hunter2secret" not in str(info.value)
+
+
+def test_unknown_variables_are_reported_not_fatal() -> None:
+    env = {"SIDECAR_LISTN": "127.0.0.1:1", "SIDECAR_ROUTE": "all"}
+    assert unknown_settings(env) == ["SIDECAR_LISTN"]
+    assert load_settings(env).route == "all"
+
+
+def test_every_field_has_an_env_name() -> None:
+    names = {env_name(f) for f in Settings.model_fields}
+    assert "QUOTAGUARDSTATIC_URL" in names and "SIDECAR_LISTEN" in names and len(names) == len(Settings.model_fields)
+
+
+def test_host_port_forms() -> None:
+    assert parse_host_port("[::1]:3128") == HostPort("::1", 3128)
+    assert str(HostPort("::1", 3128)) == "[::1]:3128"
+    assert parse_host_port("proxy", default_port=9293) == HostPort("proxy", 9293)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=40))
+def test_config_values_fail_only_with_config_error(value: str) -> None:
+    for key in ("SIDECAR_LISTEN", "SIDECAR_PAIR", "QUOTAGUARDSTATIC_URL", "SIDECAR_EGRESS_IPS", "SIDECAR_TOKEN_HOSTS"):
+        try:
+            load_settings({key: value})
+        except ConfigError as exc:
+            assert key in str(exc)
+
+
+def test_token_host_patterns() -> None:
+    hosts = TokenHosts(load_settings({}).token_hosts)
+    assert hosts.matches("login.salesforce.com")
+    assert hosts.matches("LOGIN.salesforce.com.")
+    assert hosts.matches("acme.my.salesforce.com")
+    assert hosts.matches("acme--uat.sandbox.my.salesforce.com")
+    assert hosts.matches("acme.my.site.com")
+    assert not hosts.matches("evil-login.salesforce.com")
+    assert not hosts.matches("my.salesforce.com")
+    assert not hosts.matches("acme.my.salesforce.com.evil.com")
+    assert not hosts.matches("example.com")
+    import re
+
+    (rex,) = hosts.mitmproxy_allow_hosts()
+    assert re.search(rex, "acme.my.salesforce.com:443", re.I)
+    assert not re.search(rex, "api.github.com:443", re.I)
