@@ -1,0 +1,156 @@
+"""The allowlist guard and egress discovery end to end, plus the `check` preflight."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+from sidecar.sim.certs import TestCA
+from tests.harness import ROOT, SidecarProcess, World, metric_value, redeem, sidecar_env, wait_until
+
+TOKENS = "egress_sidecar_token_requests_total"
+
+
+def discovered(sc: SidecarProcess) -> bool:
+    return all(m["egress_ip"] for m in sc.status()["pair"])
+
+
+def test_discovery_finds_both_egress_ips(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2", "SIDECAR_GUARD": "observe"})
+    assert wait_until(lambda: discovered(sc), timeout=10)
+    pair = {m["member"]: m for m in sc.status()["pair"]}
+    a, b = world.members
+    assert (pair[a]["egress_ip"], pair[a]["stable"], pair[a]["allowlisted"]) == ("127.0.0.2", True, True)
+    assert (pair[b]["egress_ip"], pair[b]["stable"], pair[b]["allowlisted"]) == ("127.0.0.3", True, False)
+    text = sc.metrics()
+    assert metric_value(text, "egress_sidecar_egress_ip_allowlisted", egress_ip="127.0.0.2") == 1
+    assert metric_value(text, "egress_sidecar_egress_ip_allowlisted", egress_ip="127.0.0.3") == 0
+    assert metric_value(text, "egress_sidecar_allowlist_coverage_ratio") == 0.5
+    assert metric_value(text, "egress_sidecar_pair_member_up", member=b, egress_ip="127.0.0.3") == 1
+    assert sc.status()["missing_from_allowlist"] == ["127.0.0.3"]
+    assert world.echo.hits and {h.source_ip for h in world.echo.hits} == {"127.0.0.2", "127.0.0.3"}
+
+
+def test_enforce_100_refreshes_all_succeed_through_allowlisted_member(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})  # enforce by default
+    assert sc.status()["guard"] == "enforce" and sc.status()["ready"]
+    token = world.salesforce.issue_refresh_token()
+    world.salesforce.reset_seen()
+    with sc.session() as s:
+        for _ in range(100):
+            resp = redeem(s, token)
+            assert resp.status_code == 200, resp.text
+            token = resp.json()["refresh_token"]
+    sources = Counter(r.source_ip for r in world.salesforce.seen if r.path == "/services/oauth2/token")
+    assert sources == {"127.0.0.2": 100}
+    assert metric_value(sc.metrics(), TOKENS, egress_ip="127.0.0.2", outcome="success") == 100
+    assert metric_value(sc.metrics(), TOKENS, outcome="ip_restricted") == 0
+
+
+def test_enforce_with_nothing_allowlisted_answers_503_and_sends_nothing(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "198.51.100.7"}, wait_ready=False)
+    assert wait_until(lambda: discovered(sc), timeout=10)
+    world.salesforce.reset_seen()
+    with sc.session() as s:
+        resp = redeem(s, world.salesforce.issue_refresh_token())
+        # Grants outside the allowlist's scope are still routed.
+        cc = s.post("https://login.salesforce.com/services/oauth2/token",
+                    data={"grant_type": "client_credentials", "client_id": "3MVG9demo"}, timeout=10)
+    assert resp.status_code == 503
+    body = resp.json()
+    assert body["error"] == "egress_not_allowlisted" and body["sent_to_salesforce"] is False
+    assert body["missing_from_allowlist"] == ["127.0.0.2", "127.0.0.3"]
+    assert "127.0.0.2, 127.0.0.3" in body["error_description"]
+    assert [r.grant_type for r in world.salesforce.seen] == ["client_credentials"]
+    assert cc.status_code != 503
+    assert metric_value(sc.metrics(), TOKENS, outcome="blocked", member="none") == 1
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(sc.admin_url + "/readyz", timeout=5)
+        raise AssertionError("/readyz must not be ready while enforcing with no allowlisted member")
+    except urllib.error.HTTPError as exc:
+        assert exc.code == 503
+
+
+def test_observe_metrics_show_the_per_ip_split(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2", "SIDECAR_GUARD": "observe"})
+    assert wait_until(lambda: discovered(sc), timeout=10)
+    with sc.session() as s:
+        for _ in range(8):
+            redeem(s, world.salesforce.issue_refresh_token())
+    text = sc.metrics()
+    assert metric_value(text, TOKENS, egress_ip="127.0.0.2", outcome="success") == 4
+    assert metric_value(text, TOKENS, egress_ip="127.0.0.3", outcome="ip_restricted") == 4
+    warned = [json.loads(line) for line in sc.log_text().splitlines() if "not on SIDECAR_ALLOWLIST" in line]
+    assert len(warned) == 4 and all(w["egress_ip"] == "127.0.0.3" for w in warned)
+
+
+def test_egress_change_is_detected_and_the_guard_follows(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.4"])
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2,127.0.0.4"}, wait_ready=False)
+    assert wait_until(lambda: discovered(sc), timeout=10)
+    a, b = world.members
+    # Member a's egress moves from an allowlisted IP to one that is not; member b's moves onto the allowlist.
+    world.pair.members[0].egress_ip = "127.0.0.5"
+    world.pair.members[1].egress_ip = "127.0.0.4"
+    assert wait_until(lambda: {m["member"]: m["egress_ip"] for m in sc.status()["pair"]} == {a: "127.0.0.5", b: "127.0.0.4"}, timeout=15)
+    text = sc.metrics()
+    assert metric_value(text, "egress_sidecar_egress_ip_changes_total", member=a) == 1
+    assert metric_value(text, "egress_sidecar_egress_ip_changes_total", member=b) == 1
+    assert "changed from 127.0.0.2 to 127.0.0.5" in sc.log_text()
+    world.salesforce.reset_seen()
+    token = world.salesforce.issue_refresh_token()
+    with sc.session() as s:
+        for _ in range(6):
+            resp = redeem(s, token)
+            assert resp.status_code == 200, resp.text
+            token = resp.json()["refresh_token"]
+    assert {r.source_ip for r in world.salesforce.seen} == {"127.0.0.4"}
+
+
+def run_check(tmp_path: Path, test_ca: TestCA, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    full = sidecar_env(tmp_path, test_ca.ca_path, env)
+    return subprocess.run([sys.executable, "-m", "sidecar", "check", *args], env=full, capture_output=True,
+                          text=True, timeout=60, cwd=ROOT)
+
+
+def test_check_exit_codes(world: World, tmp_path: Path, test_ca: TestCA) -> None:
+    partial = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})
+    assert partial.returncode == 1, partial.stdout + partial.stderr
+    assert "Egress IP 127.0.0.3 is not on the allowlist" in partial.stdout
+    assert "about half of refresh token redemptions will fail" in partial.stdout
+    lines = partial.stdout.splitlines()
+    assert lines[0].split() == ["MEMBER", "EGRESS", "IP", "STABLE", "ALLOWLISTED", "REACHABLE"]
+    row_b = next(line for line in lines if line.startswith(world.members[1]))
+    assert row_b.split()[1:] == ["127.0.0.3", "yes", "no", "yes"]
+
+    both = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2-127.0.0.3"}, "--json")
+    assert both.returncode == 0, both.stdout + both.stderr
+    report = json.loads(both.stdout)
+    assert report["ok"] is True and {r["egress_ip"] for r in report["pair"]} == {"127.0.0.2", "127.0.0.3"}
+
+    malformed = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2/33"})
+    assert malformed.returncode == 2 and "SIDECAR_ALLOWLIST" in malformed.stderr
+    too_many = ",".join(f"10.0.{i // 250}.{i % 250}" for i in range(257))
+    over = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": too_many})
+    assert over.returncode == 2 and "256" in over.stderr and "1 too many" in over.stderr
+
+
+def test_check_reports_unreachable_member(world: World, tmp_path: Path, test_ca: TestCA) -> None:
+    world.pair.members[1].stop()
+    out = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2-127.0.0.3",
+                                        "SIDECAR_PROBE_SAMPLES": "2"})
+    assert out.returncode == 1
+    assert f"Pair member {world.members[1]} is unreachable (connection refused)" in out.stdout
