@@ -86,6 +86,15 @@ def cmd_check(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAIL
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.demo import run_demo
+
+    phases = run_demo(calls=args.calls)
+    observe, enforce = phases
+    ok = enforce.total.get("success", 0) == args.calls and observe.total.get("ip_restricted", 0) > 0
+    return EXIT_OK if ok else EXIT_FAIL
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egress-sidecar",
@@ -117,6 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("-v", "--verbose", action="store_true", help="log probe details to stderr")
     check.set_defaults(func=cmd_check)
+    demo = sub.add_parser(
+        "demo",
+        help="show the partial-allowlist failure and the fix on loopback, no credentials needed",
+        description="Start a simulated QuotaGuard pair (127.0.0.2, 127.0.0.3), a simulated Salesforce that "
+        "allowlists only 127.0.0.2, and the sidecar, all on loopback in this process; redeem refresh tokens "
+        "with the guard observing, then enforcing; print a report. Ends by itself; exit 0 when the "
+        "demo showed what it should.",
+    )
+    demo.add_argument("--calls", type=int, default=20, metavar="N",
+                      help="refresh token redemptions per phase (default 20)")
+    demo.set_defaults(func=cmd_demo)
     return parser
 
 
