@@ -23,6 +23,7 @@ from sidecar.guard import Guard
 from sidecar.logs import event
 from sidecar.metrics import EGRESS_UNKNOWN, Metrics
 from sidecar.pair import Member, Pair
+from sidecar.tokencall import ALLOWLISTED_GRANTS
 
 log = logging.getLogger("egress_sidecar.discovery")
 MAX_RESPONSE = 64 * 1024
@@ -234,8 +235,17 @@ class Prober:
             )
 
     def update_metrics(self) -> None:
-        """Gauges follow the pair; series of IPs no longer observed are removed, not left stale."""
+        """Gauges follow the pair; series of IPs no longer observed are removed, not left stale.
+
+        Counter series a partial-allowlist alert compares are created at 0 as soon as a member's egress
+        is known: ``increase()`` cannot see a series' first step, so the first failure would be lost.
+        """
         for m in self.pair.members:
+            self.metrics.egress_changes.labels(m.label)
+            if m.egress_ip:
+                for grant in ALLOWLISTED_GRANTS:
+                    for outcome in ("success", "ip_restricted"):
+                        self.metrics.token_requests.labels(grant, m.label, m.egress_ip, outcome)
             ip = m.egress_ip or EGRESS_UNKNOWN
             old = self._member_up_ip.get(m.label)
             if old is not None and old != ip:
