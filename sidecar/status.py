@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from sidecar import __version__
 from sidecar.guard import Guard
+from sidecar.metrics import OUTCOMES
 from sidecar.pair import Pair
 
 if TYPE_CHECKING:
@@ -126,47 +127,150 @@ def build_status(sidecar: Sidecar) -> dict[str, Any]:
 
 
 _COLORS = {"ok": "#1b7f3a", "warning": "#a86500", "critical": "#b00020"}
+_TINTS = {"ok": "#eaf6ee", "warning": "#fff4e0", "critical": "#fdecee"}
+_HEADLINES = {
+    "ok": "OK: every egress IP is allowlisted and up",
+    "warning": "Warning: check the pair",
+    "critical": "Critical: action needed",
+}
+_FAILED = frozenset(OUTCOMES) - {"success"}
+_RECENT_ROWS = 10
 
 
 def _yes_no(value: object) -> str:
     return {True: "yes", False: "NO", None: "?"}.get(value, str(value))  # type: ignore[call-overload]
 
 
+def _state_cell(column: str, value: object) -> str:
+    """A yes/NO/? cell; NO is styled so it stands out in the table."""
+    kind = "bad" if value is False else "good" if value is True else "unknown"
+    return f"<td class='{column} {kind}'>{_yes_no(value)}</td>"
+
+
+def _age(seconds: object) -> str:
+    return "never" if seconds is None else f"{seconds:.0f} s ago" if isinstance(seconds, int | float) else "?"
+
+
+def _outcome_columns(by_ip: dict[str, dict[str, int]]) -> list[str]:
+    """success and ip_restricted always (the classic split), then any other outcome seen, in metric order."""
+    seen = {k for counts in by_ip.values() for k in counts}
+    order = list(OUTCOMES) + sorted(seen - set(OUTCOMES))
+    return [k for k in order if k in ("success", "ip_restricted") or k in seen]
+
+
+def _egress_label(ip: str) -> str:
+    return {"none": "none (blocked, not sent)", "unknown": "unknown (not probed yet)"}.get(ip, ip)
+
+
 def render_page(status: dict[str, Any]) -> str:
-    """A self-contained HTML page (no external assets) for the admin port's ``/``."""
+    """A self-contained HTML page (no script, no external assets) for the admin port's ``/``.
+
+    Read top to bottom: the verdict (what to do), the pair (which IP is not allowlisted or down), the
+    outcome counts per egress IP since start (the ~50/50 split of the classic failure), recent calls.
+    """
     e = html.escape
     v = status["verdict"]
+    allowlisted_by_ip = {r["egress_ip"]: r["allowlisted"] for r in status["pair"] if r["egress_ip"]}
     rows = "".join(
-        f"<tr class='member' data-member='{e(r['member'])}' data-egress='{e(str(r['egress_ip']))}'>"
-        f"<td>{e(r['member'])}</td><td>{e(str(r['egress_ip'] or 'unknown'))}</td>"
-        f"<td class='up'>{_yes_no(r['up'])}</td><td class='stable'>{_yes_no(r['stable'])}</td>"
-        f"<td class='allowlisted'>{_yes_no(r['allowlisted'])}</td></tr>"
+        f"<tr class='member{' flagged' if r['allowlisted'] is False or r['up'] is False else ''}'"
+        f" data-member='{e(r['member'])}' data-egress='{e(r['egress_ip'] or 'unknown')}'>"
+        f"<td>{e(r['member'])}</td><td class='ip'>{e(str(r['egress_ip'] or 'unknown'))}</td>"
+        + _state_cell("allowlisted", r["allowlisted"])
+        + _state_cell("up", r["up"])
+        + _state_cell("stable", r["stable"])
+        + f"<td class='probe'>{e(_age(r.get('last_probe_age_seconds')))}</td>"
+        f"<td class='error'>{e(r.get('last_error') or '')}</td></tr>"
         for r in status["pair"]
     )
-    outcome_rows = "".join(
-        f"<tr class='outcomes' data-egress='{e(ip)}'><td>{e(ip)}</td>"
-        + "".join(f"<td>{e(k)}: {n}</td>" for k, n in sorted(counts.items()))
+    by_ip: dict[str, dict[str, int]] = status["outcomes_by_egress_ip"]
+    columns = _outcome_columns(by_ip)
+    outcome_head = (
+        "<tr><th>egress IP</th><th>allowlisted</th><th>calls</th><th>failed</th>"
+        + "".join(f"<th>{e(k)}</th>" for k in columns)
         + "</tr>"
-        for ip, counts in sorted(status["outcomes_by_egress_ip"].items())
+    )
+
+    def outcome_row(ip: str, counts: dict[str, int]) -> str:
+        total = sum(counts.values())
+        failed = sum(n for k, n in counts.items() if k in _FAILED)
+        share = f"{100 * failed / total:.0f} %" if total else "-"
+        cells = "".join(
+            f"<td class='n{' bad' if k in _FAILED and counts.get(k) else ''}{' zero' if not counts.get(k) else ''}'"
+            f" data-outcome='{e(k)}'>{counts.get(k, 0)}</td>"
+            for k in columns
+        )
+        listed = allowlisted_by_ip.get(ip)
+        return (
+            f"<tr class='outcomes{' flagged' if failed else ''}' data-egress='{e(ip)}'>"
+            f"<td class='ip'>{e(_egress_label(ip))}</td>"
+            + (_state_cell("allowlisted", listed) if ip in allowlisted_by_ip else "<td class='allowlisted'>-</td>")
+            + f"<td class='n total'>{total}</td><td class='n share{' bad' if failed else ''}'>{share}</td>{cells}</tr>"
+        )
+
+    outcome_rows = "".join(outcome_row(ip, counts) for ip, counts in sorted(by_ip.items()))
+    restricted = sorted(ip for ip, counts in by_ip.items() if counts.get("ip_restricted"))
+    hint = (
+        f"<p class='hint' id='outcomes-hint'>{e(', '.join(restricted))} failed with ip_restricted: Salesforce refused "
+        "the egress IP. One IP failing while the other succeeds means it is missing from the External Client "
+        "App's Refresh Token IP Allowlist.</p>"
+        if restricted
+        else ""
+    )
+    recent = list(reversed(status.get("recent") or []))[:_RECENT_ROWS]
+    recent_rows = "".join(
+        f"<tr class='call'><td>{e(str(c.get('grant_type')))}</td><td>{e(str(c.get('member')))}</td>"
+        f"<td class='ip'>{e(str(c.get('egress_ip')))}</td>"
+        f"<td class='{'good' if c.get('outcome') == 'success' else 'bad'}'>{e(str(c.get('outcome')))}</td>"
+        f"<td class='n'>{e(str(c.get('status') if c.get('status') is not None else '-'))}</td>"
+        f"<td class='n'>{e(str(c.get('duration_ms') if c.get('duration_ms') is not None else '-'))}</td></tr>"
+        for c in recent
     )
     verdict_lines = "".join(f"<li>{e(line)}</li>" for line in v["lines"])
+    color, tint = _COLORS[v["level"]], _TINTS[v["level"]]
     return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>egress-sidecar status</title>
+<html lang="en"><head><meta charset="utf-8"><title>egress-sidecar: {e(v['level'])}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
 <meta http-equiv="refresh" content="10">
 <style>
-body{{font-family:system-ui,sans-serif;margin:2em;max-width:60em;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .7em;text-align:left}}
-.verdict{{border-left:.4em solid {_COLORS[v['level']]};padding:.5em 1em;background:#f6f6f6}}
+body{{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:68em;color:#222;line-height:1.4}}
+h1{{margin:0 0 .2em;font-size:1.6em}}h2{{font-size:1.15em;margin:1.4em 0 .3em}}
+.meta{{color:#555;margin:0 0 1em}}.meta b{{color:#222}}
+table{{border-collapse:collapse;margin:.4em 0}}
+td,th{{border:1px solid #ccc;padding:.35em .8em;text-align:left}}th{{background:#f2f2f2;font-weight:600}}
+td.n{{text-align:right;font-variant-numeric:tabular-nums}}td.ip{{font-family:ui-monospace,monospace}}
+td.good{{color:#1b7f3a}}td.bad{{color:#b00020;font-weight:700;background:#fdecee}}
+td.unknown{{color:#a86500}}td.zero{{color:#999}}td.error{{color:#b00020}}
+tr.flagged td:first-child{{box-shadow:inset .3em 0 0 #b00020}}
+.verdict{{border:1px solid {color};border-left:.5em solid {color};background:{tint};padding:.6em 1.2em;border-radius:.2em}}
+.verdict h2{{margin:.1em 0 .2em;color:{color};font-size:1.3em}}.verdict ul{{margin:.2em 0;padding-left:1.2em}}
+.verdict li{{font-size:1.1em;margin:.25em 0}}
+.hint{{color:#555;font-size:.9em;margin:.2em 0}}
+code{{background:#f2f2f2;padding:.1em .3em}}
 </style></head><body>
 <h1>egress-sidecar</h1>
-<p>Mode: <b id="mode">{e(status['mode'])}</b> · guard: <b id="guard">{e(status['guard'])}</b> ·
-route: {e(status['route'])} · ready: <b id="ready">{_yes_no(status['ready'])}</b> · version {e(status['version'])}</p>
-<div class="verdict" id="verdict" data-level="{e(v['level'])}"><b>Verdict: {e(v['level'])}</b><ul>{verdict_lines}</ul></div>
+<p class="meta">Mode: <b id="mode">{e(status['mode'])}</b> · guard: <b id="guard">{e(status['guard'])}</b> ·
+route: <b>{e(status['route'])}</b> · ready: <b id="ready">{_yes_no(status['ready'])}</b> ·
+up {e(_uptime(status.get('uptime_seconds')))} · version {e(status['version'])}</p>
+<div class="verdict" id="verdict" data-level="{e(v['level'])}"><h2>{e(_HEADLINES[v['level']])}</h2>
+<ul>{verdict_lines}</ul></div>
 <h2>Pair</h2>
-<table id="pair"><tr><th>member</th><th>egress IP</th><th>up</th><th>stable</th><th>allowlisted</th></tr>{rows}</table>
+<table id="pair"><tr><th>member</th><th>egress IP</th><th>allowlisted</th><th>up</th><th>stable</th>
+<th>last probe</th><th>last error</th></tr>{rows}</table>
 <h2>Token call outcomes by egress IP (since start)</h2>
-<table id="outcomes">{outcome_rows or '<tr><td>no token calls yet</td></tr>'}</table>
+<table id="outcomes">{outcome_head + outcome_rows if outcome_rows else '<tr><td>no token calls yet</td></tr>'}</table>
+{hint}
+<h2>Recent token calls (newest first)</h2>
+<table id="recent">{'<tr><th>grant type</th><th>member</th><th>egress IP</th><th>outcome</th><th>status</th><th>ms</th></tr>' + recent_rows if recent_rows else '<tr><td>none yet</td></tr>'}</table>
 <p>Allowlist: <code id="allowlist">{e(status['allowlist'] or 'not configured')}</code></p>
-<p><a href="/metrics">/metrics</a> · <a href="/status">/status</a> · <a href="/ca.pem">/ca.pem</a></p>
+<p><a href="/metrics">/metrics</a> · <a href="/status">/status</a> · <a href="/ca.pem">/ca.pem</a> · refreshes every 10 s</p>
 </body></html>
 """
+
+
+def _uptime(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    s = int(seconds)
+    return f"{s // 86400}d {s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 \
+        else f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"
