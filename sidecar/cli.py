@@ -95,6 +95,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return EXIT_OK if ok else EXIT_FAIL
 
 
+def cmd_grants(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sidecar.grants import format_report, grants_report
+
+    confdir = Path(args.confdir).expanduser() if args.confdir else _settings().confdir_path
+    try:
+        report = grants_report(confdir)
+    except FileNotFoundError:
+        print(f"egress-sidecar: no grants file in {confdir} (the sidecar creates grants.sqlite3 there when it "
+              "starts); is SIDECAR_CONFDIR the sidecar's?", file=sys.stderr)
+        return EXIT_FAIL
+    except ValueError as exc:
+        print(f"egress-sidecar: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egress-sidecar",
@@ -126,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("-v", "--verbose", action="store_true", help="log probe details to stderr")
     check.set_defaults(func=cmd_check)
+    grants = sub.add_parser(
+        "grants",
+        help="list the refresh token grants the sidecar tracks (rotation, reuse, idle time)",
+        description="List the grants (refresh token rotation chains) recorded in SIDECAR_CONFDIR/grants.sqlite3: "
+        "grant id (a keyed-hash prefix, never a token), last redemption, idle age, rotations, reuses and state, "
+        "most idle first. Salesforce expires a refresh token unused for 30 days.",
+    )
+    grants.add_argument("--json", action="store_true", help="print the grants as JSON")
+    grants.add_argument("--confdir", help="the sidecar's confdir (default: SIDECAR_CONFDIR)")
+    grants.set_defaults(func=cmd_grants)
     demo = sub.add_parser(
         "demo",
         help="show the partial-allowlist failure and the fix on loopback, no credentials needed",

@@ -113,6 +113,11 @@ class Metrics:
             registry=r,
         )
         self.grants_tracked = Gauge(f"{NS}_grants_tracked", "Grants (rotation chains) tracked.", registry=r)
+        self.grant_writes_dropped = Counter(
+            f"{NS}_grant_store_writes_dropped_total",
+            "Grant changes not written to grants.sqlite3 (writer queue full or SQLite error); a restart may forget them.",
+            registry=r,
+        )
         self.guard_enforcing = Gauge(
             f"{NS}_guard_enforcing", "1 when the allowlist guard enforces, 0 when it observes.", registry=r
         )

@@ -25,6 +25,7 @@ from sidecar.admin import AdminServer
 from sidecar.ca import client_env, export_ca, install_given_ca, prepare_confdir, upstream_trust
 from sidecar.config import ConfigError, HostPort, Settings
 from sidecar.discovery import Prober
+from sidecar.grants import GrantTracker
 from sidecar.guard import Guard
 from sidecar.hosts import TokenHosts
 from sidecar.logs import SCRUBBER, event
@@ -77,7 +78,11 @@ class Sidecar:
             SCRUBBER.add(settings.proxy_auth.get_secret_value().partition(":")[2])
         self.metrics.direct_mode.set(1 if self.pair.direct else 0)
         self.metrics.guard_enforcing.set(1 if self.guard.mode == "enforce" else 0)
-        self.token_route = TokenRoute(self.pair, self.guard, self.hosts, self.recorder, settings.route)
+        # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
+        self.grants = GrantTracker(self.metrics)
+        self.token_route = TokenRoute(
+            self.pair, self.guard, self.hosts, self.recorder, settings.route, on_call=self.grants.on_call
+        )
 
     # -- what the admin server reads ----------------------------------------------------------
     def metrics_text(self) -> bytes:
@@ -150,6 +155,7 @@ class Sidecar:
 
     async def run(self) -> None:
         self.prepare()
+        self.grants.open_confdir(self.confdir)  # loads grants.sqlite3, starts its writer thread
         admin = self.settings.admin_address
         try:
             self.admin = AdminServer(admin.host, admin.port, self, render_page)
@@ -168,6 +174,7 @@ class Sidecar:
             probe_task.cancel()
             await asyncio.gather(probe_task, return_exceptions=True)
             self.admin.stop()
+            await asyncio.to_thread(self.grants.close)  # writes what is queued (bounded)
             self._listening.clear()
             self.metrics.ready.set(0)
 
