@@ -1,8 +1,9 @@
 """Detect token calls on intercepted connections, route them through the pair, and record them.
 
 The flow of one token call: ``requestheaders`` (detect; keep the small body buffered) → ``request``
-(grant type; the guard chooses a member or blocks) → mitmproxy sends it via that member →
-``response``/``error`` (classify) → one :class:`~sidecar.tokencall.TokenCall` to the recorder.
+(grant type; the guard chooses a member or blocks; :mod:`sidecar.upstream` sends it through that
+member, failing over while nothing has been sent) → ``response`` (classify) → one
+:class:`~sidecar.tokencall.TokenCall` to the recorder.
 
 Every other request on an intercepted connection gets its route set explicitly too (direct, or the
 pair with ``SIDECAR_ROUTE=salesforce|all``), because flows on one client connection share a server
@@ -23,10 +24,15 @@ from mitmproxy import connection, http
 from sidecar.guard import Decision, Guard
 from sidecar.hosts import TokenHosts
 from sidecar.logs import event
-from sidecar.metrics import EGRESS_NONE, EGRESS_UNKNOWN, MEMBER_DIRECT, MEMBER_NONE
+from sidecar.metrics import EGRESS_NONE, EGRESS_UNKNOWN, MEMBER_DIRECT, MEMBER_NONE, Metrics
 from sidecar.pair import Member, Pair
 from sidecar.record import Recorder
 from sidecar.tokencall import TokenCall, classify_response, grant_type, host_class, is_token_request
+from sidecar.upstream import SendResult, TokenSender
+
+MAX_TOKEN_REQUEST_BYTES = 64 * 1024  # a token request is a few hundred bytes of form fields
+# Beyond this declared size the connection is closed at once instead of reading the body to answer 413.
+MAX_TOKEN_REQUEST_READ = 1024 * 1024
 
 log = logging.getLogger("egress_sidecar.route")
 CALL = "egress_sidecar.call"  # flow.metadata key of the TokenCall
@@ -52,6 +58,8 @@ class TokenRoute:
         hosts: TokenHosts,
         recorder: Recorder,
         route_mode: str,
+        sender: TokenSender,
+        metrics: Metrics,
         on_call: Callable[[TokenCall, http.HTTPFlow], None] | None = None,
     ) -> None:
         self.pair = pair
@@ -59,10 +67,14 @@ class TokenRoute:
         self.hosts = hosts
         self.recorder = recorder
         self.route_mode = route_mode
+        self.sender = sender
+        self.metrics = metrics
         self.on_call = on_call  # extra observers (refresh token hygiene)
 
     # -- detect -------------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:  # answered already (over capacity)
+            return
         req = flow.request
         on_token_host = req.scheme == "https" and self.hosts.matches(req.pretty_host)
         if on_token_host and is_token_request(req.method, req.path):
@@ -70,6 +82,16 @@ class TokenRoute:
                 started=req.timestamp_start, host_class=host_class(req.pretty_host), grant_type="other"
             )
             req.stream = False  # small, and the grant type is needed before routing
+            declared = req.headers.get("content-length", "")
+            if declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_READ:
+                event(log, logging.WARNING, f"closed a client sending a {declared}-byte token request",
+                      limit=MAX_TOKEN_REQUEST_BYTES)
+                flow.metadata.pop(CALL, None)
+                flow.kill()
+                return
+            if declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_BYTES:
+                self._refuse(flow, 413, "token_request_too_large",
+                             f"token request body of {declared} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
             return
         route_to(flow, self._other_member(on_token_host))
         req.stream = True
@@ -78,17 +100,19 @@ class TokenRoute:
         if CALL not in flow.metadata and flow.response is not None:
             flow.response.stream = True
 
-    # -- route --------------------------------------------------------------------------------
-    def request(self, flow: http.HTTPFlow) -> None:
+    # -- route and send -----------------------------------------------------------------------
+    async def request(self, flow: http.HTTPFlow) -> None:
         call: TokenCall | None = flow.metadata.get(CALL)
         if call is None or flow.response is not None:
             return
         req = flow.request
-        call.grant_type = grant_type(req.headers.get("content-type"), req.raw_content or b"")
+        body = req.raw_content or b""
+        if len(body) > MAX_TOKEN_REQUEST_BYTES:
+            self._refuse(flow, 413, "token_request_too_large",
+                         f"token request body of {len(body)} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
+            return
+        call.grant_type = grant_type(req.headers.get("content-type"), body)
         decision = self.guard.choose(call.grant_type)
-        self._apply(flow, call, decision)
-
-    def _apply(self, flow: http.HTTPFlow, call: TokenCall, decision: Decision) -> None:
         call.guard = decision.verdict
         if decision.blocked:
             call.route, call.member, call.egress_ip = "blocked", MEMBER_NONE, EGRESS_NONE
@@ -96,14 +120,65 @@ class TokenRoute:
             call.detail = decision.reason
             flow.response = blocked_response(self.guard, decision.reason or "")
             return
-        member = decision.member
-        route_to(flow, member)
+        self._describe_route(call, decision.member)
+        self._warn_if_not_allowlisted(call, decision)
+        grant = call.grant_type
+
+        def next_member(tried: list[Member]) -> Member | None:
+            return self.guard.choose(grant, exclude=tuple(tried)).member
+
+        result = await self.sender.send(req, decision.member, next_member)
+        self._after_send(flow, call, decision, result)
+
+    def _describe_route(self, call: TokenCall, member: Member | None) -> None:
         if member is None:
             call.route, call.member, call.egress_ip = "direct", MEMBER_DIRECT, EGRESS_UNKNOWN
         else:
             call.route, call.member = "pair", member.label
             call.egress_ip = member.egress_ip or EGRESS_UNKNOWN
-            call.attempts.append(member.label)
+
+    def _after_send(self, flow: http.HTTPFlow, call: TokenCall, decision: Decision, result: SendResult) -> None:
+        call.attempts = [a.member.label if a.member else MEMBER_DIRECT for a in result.attempts]
+        if len(result.attempts) > 1:
+            self.metrics.failovers.inc(len(result.attempts) - 1)
+            self._describe_route(call, result.member)
+            if result.member is not None:
+                call.guard = self.guard.verdict_for(result.member, call.grant_type)
+        if result.response is not None:
+            flow.response = result.response
+            return
+        call.outcome = "upstream_error"
+        call.detail = result.detail
+        if result.sent:
+            self._refuse(
+                flow, 502, "upstream_failed_after_send",
+                f"the token request was sent ({_via(call)}) but no complete answer came back: {result.detail}. "
+                "It was not retried, because Salesforce rotates refresh tokens and the request may have been "
+                "processed; if it was a refresh, the app's stored refresh token may now be stale.",
+                sent="unknown", outcome_set=True,
+            )
+        else:
+            tried = ", ".join(call.attempts)
+            self._refuse(
+                flow, 502, "upstream_unreachable",
+                f"no byte of the token request was sent (tried {tried}): {result.detail}. It is safe to retry.",
+                sent=False, outcome_set=True,
+            )
+
+    def _refuse(self, flow: http.HTTPFlow, status: int, error: str, description: str,
+                sent: bool | str = False, outcome_set: bool = False) -> None:
+        call: TokenCall | None = flow.metadata.get(CALL)
+        if call is not None and not outcome_set:
+            call.outcome, call.detail = "client_error", description
+            call.local = True
+        elif call is not None:
+            call.local = True
+        body = {"error": error, "error_description": "egress-sidecar: " + description, "sent_to_salesforce": sent}
+        flow.response = http.Response.make(
+            status, json.dumps(body).encode(), {"Content-Type": "application/json", "X-Egress-Sidecar": error}
+        )
+
+    def _warn_if_not_allowlisted(self, call: TokenCall, decision: Decision) -> None:
         if decision.verdict == "not_allowlisted":
             event(
                 log,
@@ -133,8 +208,8 @@ class TokenRoute:
         if call is None or flow.response is None:
             return
         resp = flow.response
-        if call.outcome != "blocked":
-            classified = classify_response(resp.status_code, resp.raw_content or b"")
+        if call.outcome != "blocked" and not call.local:
+            classified = classify_response(resp.status_code, resp.get_content(strict=False) or b"")
             call.outcome, call.error_code = classified.outcome, classified.error_code
         call.status = resp.status_code
         call.duration = max(0.0, (resp.timestamp_end or time.time()) - call.started)
@@ -153,6 +228,10 @@ class TokenRoute:
         self.recorder.record(call)
         if self.on_call is not None:
             self.on_call(call, flow)
+
+
+def _via(call: TokenCall) -> str:
+    return f"via pair member {call.member}" if call.route == "pair" else "direct"
 
 
 def _safe_error(flow: http.HTTPFlow) -> str:

@@ -166,6 +166,13 @@ class Settings(BaseSettings):
     ca_cert: Path | None = Field(None, description="Use this CA certificate (PEM) instead of generating one.")
     ca_key: Path | None = Field(None, description="The private key (PEM) of SIDECAR_CA_CERT.")
     connect_timeout: float = Field(5.0, gt=0, le=120, description="Connect deadline in seconds.")
+    response_timeout: float = Field(
+        30.0, gt=0, le=600, description="Deadline in seconds for Salesforce's answer to a sent token call."
+    )
+    max_connections: int = Field(
+        1000, ge=1, le=100_000, description="Concurrent client connections served; beyond it new requests get 503."
+    )
+    idle_timeout: int = Field(300, ge=1, le=86400, description="Seconds before an idle client connection closes.")
     proxy_auth: SecretStr | None = Field(
         None, description="Require Basic proxy auth user:pass from clients."
     )

@@ -197,6 +197,9 @@ class Prober:
         member.up = True
         if was_up is False:
             event(log, logging.INFO, f"pair member {member.label} is up again", member=member.label)
+        if member.readmit():
+            event(log, logging.INFO, f"pair member {member.label} answered its probe: re-admitted after ejection",
+                  member=member.label)
         before = member.samples[-1] if member.samples and member.stable else None
         if len(set(seen)) == 1:
             new = seen[0]

@@ -58,9 +58,9 @@ class Guard:
         if not candidates:
             return Decision(None, "blocked", self.explain_block())
         member = candidates[next(self._turn) % len(candidates)]
-        return Decision(member, self._verdict(member, grant_type))
+        return Decision(member, self.verdict_for(member, grant_type))
 
-    def _verdict(self, member: Member, grant_type: str) -> Verdict:
+    def verdict_for(self, member: Member, grant_type: str) -> Verdict:
         if not self.allowlist or grant_type not in ALLOWLISTED_GRANTS:
             return "allow"
         state = self.is_allowlisted(member.egress_ip)

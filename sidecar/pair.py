@@ -16,6 +16,11 @@ from dataclasses import dataclass, field
 from sidecar.config import ConfigError, HostPort, Settings, Upstream
 
 SAMPLE_HISTORY = 12
+# Passive health (like Squid's connect-fail-limit and Envoy's outlier detection): after this many
+# consecutive connect failures a member is ejected, for a time that doubles with each ejection.
+EJECT_AFTER_FAILURES = 2
+EJECT_BASE_SECONDS = 5.0
+EJECT_MAX_SECONDS = 300.0
 
 
 @dataclass
@@ -30,6 +35,7 @@ class Member:
     last_error: str | None = None
     ejected_until: float = 0.0
     consecutive_failures: int = 0
+    ejections: int = 0
 
     @property
     def label(self) -> str:
@@ -54,6 +60,32 @@ class Member:
     @property
     def observed_ips(self) -> list[str]:
         return sorted(set(self.samples) | ({self.pinned_ip} if self.pinned_ip else set()))
+
+    def record_connect_failure(self, now: float | None = None) -> float | None:
+        """Count a failed connect; returns the ejection's length when this failure ejects the member."""
+        now = time.monotonic() if now is None else now
+        self.consecutive_failures += 1
+        if self.consecutive_failures < EJECT_AFTER_FAILURES or now < self.ejected_until:
+            return None
+        length = min(EJECT_BASE_SECONDS * 2**self.ejections, EJECT_MAX_SECONDS)
+        self.ejections += 1
+        self.ejected_until = now + length
+        return length
+
+    def record_connect_success(self) -> None:
+        self.consecutive_failures = 0
+        self.ejections = 0
+
+    def readmit(self) -> bool:
+        """A successful probe brings an ejected member back; True if it was ejected."""
+        was = self.ejected_until > time.monotonic()
+        self.ejected_until = 0.0
+        self.consecutive_failures = 0
+        return was
+
+    @property
+    def ejected(self) -> bool:
+        return time.monotonic() < self.ejected_until
 
     def available(self, now: float | None = None) -> bool:
         """Not known to be down and not ejected by passive health checks."""

@@ -7,11 +7,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+import certifi
 from mitmproxy import exceptions as mitm_exceptions
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyauth, proxyserver, tlsconfig
@@ -30,13 +32,12 @@ from sidecar.guard import Guard
 from sidecar.hosts import TokenHosts
 from sidecar.logs import SCRUBBER, event
 from sidecar.metrics import Metrics
-from sidecar.pair import Pair, build_pair
+from sidecar.pair import Member, Pair, build_pair
 from sidecar.record import Recorder
 from sidecar.status import build_status, render_page
+from sidecar.upstream import ConnectFailure, TokenSender, UpstreamPool
 
 log = logging.getLogger("egress_sidecar")
-# Token bodies are a few hundred bytes; anything larger than this is streamed by mitmproxy itself.
-STREAM_LARGE_BODIES = "64k"
 
 
 def check_bindable(setting: str, hp: HostPort) -> None:
@@ -80,9 +81,32 @@ class Sidecar:
         self.metrics.guard_enforcing.set(1 if self.guard.mode == "enforce" else 0)
         # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
         self.grants = GrantTracker(self.metrics)
+        self.upstream_trust = upstream_trust(settings, self.confdir)
+        self.pool = UpstreamPool(settings.upstream, self._upstream_ssl_context(), settings.connect_timeout)
+        sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
         self.token_route = TokenRoute(
-            self.pair, self.guard, self.hosts, self.recorder, settings.route, on_call=self.grants.on_call
+            self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
+            on_call=self.grants.on_call,
         )
+
+    def _upstream_ssl_context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=str(self.upstream_trust) if self.upstream_trust else certifi.where())
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+    def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
+        self.metrics.member_failures.labels(member.label, failure.reason).inc()
+        ejected_for = member.record_connect_failure()
+        event(log, logging.WARNING, f"pair member {member.label}: {failure.detail}", member=member.label,
+              reason=failure.reason)
+        if ejected_for is not None:
+            event(log, logging.WARNING,
+                  f"pair member {member.label} ejected for {ejected_for:g}s after "
+                  f"{member.consecutive_failures} consecutive connect failures; a successful probe re-admits it",
+                  member=member.label)
+
+    def _member_ok(self, member: Member) -> None:
+        member.record_connect_success()
 
     # -- what the admin server reads ----------------------------------------------------------
     def metrics_text(self) -> bytes:
@@ -120,19 +144,23 @@ class Sidecar:
             tlsconfig.TlsConfig(),
             proxyauth.ProxyAuth(),
             disable_h2c.DisableH2C(),
-            ClientAccess(require_auth=s.proxy_auth is not None),
+            ClientAccess(require_auth=s.proxy_auth is not None, max_connections=s.max_connections),
             SelectiveIntercept(self.metrics, self._passthrough_member),
             self.token_route,
             _Lifecycle(self),
         )
-        trust = upstream_trust(s, self.confdir)
+        trust = self.upstream_trust
         try:
             master.options.update(
                 mode=["regular"],
                 connection_strategy="lazy",
                 allow_hosts=self.hosts.mitmproxy_allow_hosts(),
-                stream_large_bodies=STREAM_LARGE_BODIES,
+                # No size-based streaming: every non-token flow is streamed explicitly by TokenRoute, and
+                # mitmproxy switching a large *token* request to streaming would send it on its own
+                # connection, bypassing the guard and the sender.
+                stream_large_bodies=None,
                 http2=False,
+                tcp_timeout=s.idle_timeout,
                 http3=False,
                 ssl_verify_upstream_trusted_ca=str(trust) if trust else None,
                 proxyauth=s.proxy_auth.get_secret_value() if s.proxy_auth else None,
@@ -173,6 +201,7 @@ class Sidecar:
         finally:
             probe_task.cancel()
             await asyncio.gather(probe_task, return_exceptions=True)
+            self.pool.close_all()
             self.admin.stop()
             await asyncio.to_thread(self.grants.close)  # writes what is queued (bounded)
             self._listening.clear()

@@ -147,6 +147,7 @@ class TokenCall:
     duration: float | None = None
     detail: str | None = None
     attempts: list[str] = field(default_factory=list)
+    local: bool = False  # the sidecar answered the app itself (blocked, refused, upstream failure)
 
     def log_fields(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -162,6 +163,8 @@ class TokenCall:
             "sf_error": self.error_code,
             "duration_ms": None if self.duration is None else round(self.duration * 1000, 2),
         }
+        if len(self.attempts) > 1:
+            out["attempts"] = self.attempts
         if self.detail:
             out["detail"] = self.detail
         return out

@@ -1,0 +1,269 @@
+"""Faults and bad input: failover before any byte is sent, a clear 502 after, bounded inputs, and the
+sidecar keeps serving through all of it. Every loop is bounded in count and time."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import requests
+
+from tests.harness import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    TOKEN_URL,
+    SidecarProcess,
+    World,
+    metric_value,
+    redeem,
+    wait_until,
+)
+
+BOTH = ["127.0.0.2", "127.0.0.3"]
+
+
+def both_allowlisted(world: World) -> dict[str, str]:
+    world.salesforce.set_allowlist(BOTH)
+    return {**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH)}
+
+
+def test_refused_member_fails_over_and_is_ejected(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc({**both_allowlisted(world), "SIDECAR_PROBE_INTERVAL": "30"})
+    world.pair.members[1].stop()
+    token = world.salesforce.issue_refresh_token()
+    with sc.session() as s:
+        for _ in range(8):
+            resp = redeem(s, token)
+            assert resp.status_code == 200, resp.text
+            token = resp.json()["refresh_token"]
+    text = sc.metrics()
+    dead = world.members[1]
+    assert metric_value(text, "egress_sidecar_member_failures_total", member=dead, reason="refused") == 2
+    assert metric_value(text, "egress_sidecar_failovers_total") == 2
+    assert f"pair member {dead} ejected for 5s" in sc.log_text()
+    assert {r.source_ip for r in world.salesforce.seen} == {"127.0.0.2"}
+    moved = [c for c in sc.log_events() if "attempts" in c]
+    assert len(moved) == 2 and all(c["attempts"] == [dead, world.members[0]] for c in moved)
+
+
+def test_connect_error_and_slow_member_fail_over(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc({**both_allowlisted(world), "SIDECAR_CONNECT_TIMEOUT": "0.5", "SIDECAR_PROBE_INTERVAL": "30"})
+    a, b = world.pair.members
+    b.refuse_connect_status = 503
+    with sc.session() as s:
+        assert [redeem(s, world.salesforce.issue_refresh_token()).status_code for _ in range(2)] == [200, 200]
+        b.refuse_connect_status = None
+        a.connect_delay = 3.0  # accepts TCP, stalls the CONNECT answer past the deadline
+        a.restart()  # drops the sidecar's kept-alive connection to a, so the next call must dial it
+        started = time.monotonic()
+        assert [redeem(s, world.salesforce.issue_refresh_token()).status_code for _ in range(2)] == [200, 200]
+        assert time.monotonic() - started < 2.9  # the deadline cut the stalled attempt short
+    text = sc.metrics()
+    assert metric_value(text, "egress_sidecar_member_failures_total", member=world.members[1], reason="proxy_error") >= 1
+    assert metric_value(text, "egress_sidecar_member_failures_total", member=world.members[0], reason="timeout") >= 1
+
+
+def test_failure_after_send_is_a_clear_502_and_never_retried(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc(both_allowlisted(world))
+    for mode in ("close_early", "garbage"):
+        world.salesforce.reset_seen()
+        world.salesforce.fail_mode = mode
+        with sc.session() as s:
+            resp = redeem(s, world.salesforce.issue_refresh_token())
+        assert resp.status_code == 502
+        body = resp.json()
+        assert body["error"] == "upstream_failed_after_send" and body["sent_to_salesforce"] == "unknown"
+        assert "not retried" in body["error_description"]
+        assert len([r for r in world.salesforce.seen if r.path == "/services/oauth2/token"]) == 1
+    world.salesforce.fail_mode = None
+    with sc.session() as s:
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200  # still serving
+    assert metric_value(sc.metrics(), "egress_sidecar_token_requests_total", outcome="upstream_error") == 2
+    assert metric_value(sc.metrics(), "egress_sidecar_failovers_total") == 0
+
+
+def test_no_member_reachable_is_a_502_that_says_nothing_was_sent(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_PROBE_INTERVAL": "30"})
+    world.pair.stop()
+    with sc.session() as s:
+        resp = redeem(s, "5Aep861_not_a_real_token")
+    assert resp.status_code == 502
+    body = resp.json()
+    assert body["error"] == "upstream_unreachable" and body["sent_to_salesforce"] is False
+    assert "safe to retry" in body["error_description"]
+
+
+def test_bad_token_bodies_are_handled(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc(both_allowlisted(world))
+    with sc.session() as s:
+        as_json = s.post(TOKEN_URL, json={"grant_type": "refresh_token"}, timeout=10)
+        assert as_json.status_code == 400  # forwarded; Salesforce's own answer
+        dup = s.post(TOKEN_URL, data="grant_type=refresh_token&grant_type=password", timeout=10,
+                     headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert dup.status_code == 400
+        bad_utf8 = s.post(TOKEN_URL, data=b"grant_type=\xff\xfe&refresh_token=\xc3\x28", timeout=10,
+                          headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert bad_utf8.status_code == 400
+        huge = s.post(TOKEN_URL, data={"grant_type": "refresh_token", "refresh_token": "x" * 100_000}, timeout=10)
+        assert huge.status_code == 413 and huge.json()["error"] == "token_request_too_large"
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+    grants = Counter(c["grant_type"] for c in sc.log_events())
+    assert grants["other"] >= 3 and grants["refresh_token"] >= 1
+    assert not [r for r in world.salesforce.seen if len(r.body) > 90_000]  # the huge one never left
+
+
+def test_garbage_and_vanishing_clients_do_not_hurt(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc(both_allowlisted(world))
+    # Not HTTP at all.
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+        c.sendall(b"\x16\x03\x01garbage\r\n\r\n")
+        c.settimeout(5)
+        try:
+            answer = c.recv(4096)
+        except OSError:
+            answer = b""
+        assert not answer or answer.startswith(b"HTTP/1.1 400")
+    # A CONNECT to a token host followed by garbage instead of a TLS ClientHello.
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+        c.sendall(b"CONNECT login.salesforce.com:443 HTTP/1.1\r\nHost: login.salesforce.com:443\r\n\r\n")
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        c.sendall(b"this is not TLS\r\n" * 10)
+        c.settimeout(5)
+        try:
+            c.recv(4096)
+        except OSError:
+            pass
+    # A client that vanishes halfway through a token request body.
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+        c.sendall(b"CONNECT login.salesforce.com:443 HTTP/1.1\r\nHost: login.salesforce.com:443\r\n\r\n")
+        c.recv(4096)
+        import ssl
+
+        ctx = ssl.create_default_context(cafile=str(sc.ca_bundle))
+        with ctx.wrap_socket(c, server_hostname="login.salesforce.com") as tls:
+            tls.sendall(b"POST /services/oauth2/token HTTP/1.1\r\nHost: login.salesforce.com\r\n"
+                        b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 500\r\n\r\ngrant_type=ref")
+    with sc.session() as s:
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+    assert sc.proc is not None and sc.proc.poll() is None
+
+
+def test_proxy_auth_required_when_configured(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc({**both_allowlisted(world), "SIDECAR_PROXY_AUTH": "app:pr0xy-s3cret-pw"})
+    with sc.session() as s:
+        try:
+            s.post(TOKEN_URL, data={"grant_type": "refresh_token"}, timeout=10)
+            raise AssertionError("a client without proxy credentials must be refused")
+        except requests.exceptions.ProxyError as exc:
+            assert "407" in str(exc)
+        s.proxies = {"https": f"http://app:pr0xy-s3cret-pw@127.0.0.1:{sc.proxy_port}"}
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+    assert "pr0xy-s3cret-pw" not in sc.log_text() + sc.metrics()
+
+
+def test_non_loopback_client_is_refused() -> None:
+    from mitmproxy import connection
+
+    from addons.client_access import ClientAccess, is_loopback
+
+    assert is_loopback("127.0.0.9") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
+    assert not is_loopback("192.0.2.10") and not is_loopback("2001:db8::1") and not is_loopback("nonsense")
+    remote = connection.Client(peername=("192.0.2.10", 40000), sockname=("0.0.0.0", 3128), timestamp_start=time.time())
+    ClientAccess(require_auth=False).client_connected(remote)
+    assert remote.error and "SIDECAR_PROXY_AUTH" in remote.error
+    local = connection.Client(peername=("127.0.0.1", 40000), sockname=("127.0.0.1", 3128), timestamp_start=time.time())
+    ClientAccess(require_auth=False).client_connected(local)
+    assert local.error is None
+    authed = connection.Client(peername=("192.0.2.10", 40000), sockname=("0.0.0.0", 3128), timestamp_start=time.time())
+    ClientAccess(require_auth=True).client_connected(authed)
+    assert authed.error is None
+
+
+def test_chaos_member_killed_and_restarted(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    """Steady traffic from 4 clients while member B dies and comes back. No call may fail because of the
+    sidecar, except calls already sent through B when it died (each answered with the clear 502)."""
+    sc = make_sidecar_proc(both_allowlisted(world))
+    world.salesforce.enforce_allowlist = True
+    results: list[tuple[int, dict[str, object] | None]] = []
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client() -> None:
+        with sc.session() as s:
+            for _ in range(400):  # bounded count; also bounded by time through `stop`
+                if stop.is_set():
+                    return
+                try:
+                    resp = redeem(s, world.salesforce.issue_refresh_token())
+                    body = resp.json() if resp.status_code != 200 else None
+                    with lock:
+                        results.append((resp.status_code, body))
+                except requests.RequestException as exc:
+                    with lock:
+                        results.append((0, {"error": repr(exc)}))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.0)
+        world.pair.members[1].stop()
+        time.sleep(2.0)
+        dead = world.members[1]
+        ejected = wait_until(lambda: f"pair member {dead} ejected" in sc.log_text(), timeout=5)
+        world.pair.members[1].start()
+        readmitted = wait_until(lambda: "re-admitted" in sc.log_text(), timeout=10)
+        before = len(world.salesforce.seen)
+        back = wait_until(lambda: any(r.source_ip == "127.0.0.3" for r in world.salesforce.seen[before:]), timeout=10)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)
+    assert ejected and readmitted and back
+    failures = [(code, body) for code, body in results if code != 200]
+    assert len(results) > 50
+    for code, body in failures:
+        assert code == 502 and body is not None, (code, body)
+        assert body["error"] == "upstream_failed_after_send", body
+        assert dead in str(body["error_description"]), body
+    text = sc.metrics()
+    assert metric_value(text, "egress_sidecar_member_failures_total", member=dead) >= 2
+    assert metric_value(text, "egress_sidecar_pair_member_up", member=dead) == 1  # back up after the probe
+    print(f"chaos: {len(results)} calls, {len(failures)} failed after send through the dead member",
+          json.dumps(Counter(c for c, _ in results)))
+
+
+def test_connection_cap_and_idle_timeout(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc({**both_allowlisted(world), "SIDECAR_MAX_CONNECTIONS": "3", "SIDECAR_IDLE_TIMEOUT": "2"})
+    held = [socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) for _ in range(3)]
+    try:
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as extra:
+            extra.sendall(b"CONNECT login.salesforce.com:443 HTTP/1.1\r\nHost: login.salesforce.com:443\r\n\r\n")
+            answer = b""
+            for _ in range(20):  # bounded: head and body may arrive in separate segments
+                chunk = extra.recv(4096)
+                answer += chunk
+                if not chunk or answer.endswith(b"}"):
+                    break
+        assert answer.startswith(b"HTTP/1.1 503") and b"SIDECAR_MAX_CONNECTIONS" in answer
+        # Idle clients are closed after SIDECAR_IDLE_TIMEOUT; the slots free up.
+        for c in held:
+            c.settimeout(10)
+            assert c.recv(1) == b""
+    finally:
+        for c in held:
+            c.close()
+    assert wait_until(lambda: _redeem_ok(sc, world), timeout=10)
+
+
+def _redeem_ok(sc: SidecarProcess, world: World) -> bool:
+    with sc.session() as s:
+        return redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
