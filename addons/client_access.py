@@ -1,16 +1,18 @@
-"""Not an open proxy: without SIDECAR_PROXY_AUTH only loopback clients are served.
+"""Who may use the proxy, and how many at once.
 
-The sidecar runs next to its app (same pod, dyno or host), so the app connects over loopback. A
-client from anywhere else is refused at connect time unless proxy authentication is required
-(mitmproxy's ``proxyauth`` then asks every client for the credentials).
+Not an open proxy: the sidecar runs next to its app (same pod, dyno or host), so the app connects over
+loopback; a client from anywhere else is refused at connect time unless proxy authentication is
+required (mitmproxy's ``proxyauth`` then asks every client for the credentials). Beyond
+SIDECAR_MAX_CONNECTIONS concurrent client connections, new requests get a clear 503.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
 
-from mitmproxy import connection
+from mitmproxy import connection, http
 
 from sidecar.logs import event
 
@@ -27,10 +29,31 @@ def is_loopback(host: str) -> bool:
 
 
 class ClientAccess:
-    def __init__(self, require_auth: bool) -> None:
+    def __init__(self, require_auth: bool, max_connections: int = 1000) -> None:
         self.require_auth = require_auth
+        self.max_connections = max_connections
+        self.active = 0
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self.active -= 1
+
+    def _over_capacity(self, flow: http.HTTPFlow) -> None:
+        if self.active <= self.max_connections or flow.response is not None:
+            return
+        body = {"error": "too_many_connections",
+                "error_description": f"egress-sidecar serves at most {self.max_connections} concurrent client "
+                "connections (SIDECAR_MAX_CONNECTIONS); retry shortly or raise the limit"}
+        flow.response = http.Response.make(
+            503, json.dumps(body).encode(), {"Content-Type": "application/json", "Retry-After": "1"})
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        self._over_capacity(flow)
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        self._over_capacity(flow)
 
     def client_connected(self, client: connection.Client) -> None:
+        self.active += 1
         if self.require_auth or is_loopback(str(client.peername[0])):
             return
         client.error = "refused: not a loopback client and SIDECAR_PROXY_AUTH is not set"
