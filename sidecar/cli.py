@@ -40,6 +40,9 @@ configuration (environment variables):
   SIDECAR_CA_CERT/KEY     use this CA instead of generating one
   SIDECAR_UPSTREAM_CA     extra CA bundle for verifying intercepted servers
   SIDECAR_CONNECT_TIMEOUT connect deadline in seconds (default 5)
+  SIDECAR_RESPONSE_TIMEOUT  deadline for Salesforce's answer in seconds (default 30)
+  SIDECAR_MAX_CONNECTIONS concurrent client connections (default 1000)
+  SIDECAR_IDLE_TIMEOUT    idle client connection timeout in seconds (default 300)
   SIDECAR_PROXY_AUTH      user:pass required from proxy clients (default: loopback clients only)
   SIDECAR_LOG_FORMAT      json | text (default json); SIDECAR_LOG_LEVEL (default INFO)
 See README.md for details.
@@ -114,6 +117,22 @@ def cmd_grants(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("egress-sidecar exec: give the command to run, e.g. egress-sidecar exec -- gunicorn app:app",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    settings = _settings()
+    setup_logging(settings.log_format, settings.log_level_number)
+    from sidecar.service import Sidecar
+    from sidecar.wrap import run_wrapped
+
+    return asyncio.run(run_wrapped(Sidecar(settings), argv))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="egress-sidecar",
@@ -155,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     grants.add_argument("--json", action="store_true", help="print the grants as JSON")
     grants.add_argument("--confdir", help="the sidecar's confdir (default: SIDECAR_CONFDIR)")
     grants.set_defaults(func=cmd_grants)
+    wrap = sub.add_parser(
+        "exec",
+        help="run COMMAND with the sidecar beside it (Heroku-style wrapper)",
+        description="Start the sidecar, wait until it is ready, then run COMMAND with HTTPS_PROXY, HTTP_PROXY, "
+        "NO_PROXY (loopback), REQUESTS_CA_BUNDLE, SSL_CERT_FILE, CURL_CA_BUNDLE and NODE_EXTRA_CA_CERTS set "
+        "for it. SIGTERM and SIGINT are forwarded to COMMAND; the exit status is COMMAND's (127 when it is "
+        "not found). Procfile: web: egress-sidecar exec -- gunicorn app:app",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    wrap.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]", help="the command to run")
+    wrap.set_defaults(func=cmd_exec)
     demo = sub.add_parser(
         "demo",
         help="show the partial-allowlist failure and the fix on loopback, no credentials needed",

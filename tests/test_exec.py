@@ -1,0 +1,89 @@
+"""`egress-sidecar exec -- COMMAND`: the Heroku-style wrapper, with a real child and real signals."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from sidecar.sim.certs import TestCA
+from tests.harness import CLIENT_SECRET, ROOT, TOKEN_URL, World, free_port, sidecar_env
+
+CHILD_TOKEN_CALL = f"""
+import os, sys, requests
+assert os.environ["HTTPS_PROXY"].startswith("http://127.0.0.1:")
+for name in ("REQUESTS_CA_BUNDLE", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS"):
+    assert os.path.exists(os.environ[name]), name
+assert "127.0.0.1" in os.environ["NO_PROXY"]
+r = requests.post({TOKEN_URL!r}, data={{"grant_type": "refresh_token", "refresh_token": sys.argv[1],
+                  "client_id": "3MVG9demo", "client_secret": {CLIENT_SECRET!r}}}, timeout=10)
+print("status", r.status_code, flush=True)
+sys.exit(7)
+"""
+
+CHILD_WAITS_FOR_TERM = """
+import signal, sys, time
+def bye(signum, frame):
+    print("got", signum, flush=True)
+    sys.exit(42)
+signal.signal(signal.SIGTERM, bye)
+print("ready", flush=True)
+for _ in range(300):
+    time.sleep(0.1)
+sys.exit(3)
+"""
+
+
+def wrapper_env(world: World, tmp_path: Path, test_ca: TestCA) -> dict[str, str]:
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    return sidecar_env(tmp_path, test_ca.ca_path, {
+        **world.pair_env(),
+        "SIDECAR_LISTEN": f"127.0.0.1:{free_port()}",
+        "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}",
+    })
+
+
+def test_exec_runs_child_through_sidecar_and_returns_its_code(world: World, tmp_path: Path, test_ca: TestCA) -> None:
+    token = world.salesforce.issue_refresh_token()
+    out = subprocess.run(
+        [sys.executable, "-m", "sidecar", "exec", "--", sys.executable, "-c", CHILD_TOKEN_CALL, token],
+        env=wrapper_env(world, tmp_path, test_ca), capture_output=True, text=True, timeout=60, cwd=ROOT,
+    )
+    assert out.returncode == 7, out.stdout + out.stderr
+    assert "status 200" in out.stdout
+    assert [r.source_ip for r in world.salesforce.seen] in (["127.0.0.2"], ["127.0.0.3"])
+    assert '"event":"token_call"' in out.stderr
+
+
+def test_exec_forwards_sigterm(world: World, tmp_path: Path, test_ca: TestCA) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sidecar", "exec", "--", sys.executable, "-c", CHILD_WAITS_FOR_TERM],
+        env=wrapper_env(world, tmp_path, test_ca), stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=ROOT,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        line = ""
+        while time.monotonic() < deadline and "ready" not in line:
+            line = proc.stdout.readline()
+        assert "ready" in line
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 42
+        assert f"got {int(signal.SIGTERM)}" in proc.stdout.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=5)
+
+
+def test_exec_missing_command(tmp_path: Path, test_ca: TestCA) -> None:
+    env = sidecar_env(tmp_path, test_ca.ca_path, {"SIDECAR_LISTEN": f"127.0.0.1:{free_port()}",
+                                                  "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{free_port()}"})
+    out = subprocess.run([sys.executable, "-m", "sidecar", "exec", "--", "no-such-command-xyz"], env=env,
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 127 and "command not found: no-such-command-xyz" in out.stderr
+    none = subprocess.run([sys.executable, "-m", "sidecar", "exec"], env=env, capture_output=True, text=True,
+                          timeout=30, cwd=ROOT)
+    assert none.returncode == 2 and "give the command" in none.stderr
