@@ -37,7 +37,7 @@ configuration (environment variables):
   SIDECAR_ECHO_URL        IP echo probed through each member (default http://ip.quotaguard.com/)
   SIDECAR_PROBE_INTERVAL  seconds between probes (default 60); SIDECAR_PROBE_SAMPLES (default 3)
   SIDECAR_CONFDIR         CA and state directory (default ~/.egress-sidecar)
-  SIDECAR_CA_CERT/KEY     use this CA instead of generating one
+  SIDECAR_CA_CERT, SIDECAR_CA_KEY  use this CA (PEM cert and key) instead of generating one
   SIDECAR_UPSTREAM_CA     extra CA bundle for verifying intercepted servers
   SIDECAR_CONNECT_TIMEOUT connect deadline in seconds (default 5)
   SIDECAR_RESPONSE_TIMEOUT  deadline for Salesforce's answer in seconds (default 30)
@@ -212,3 +212,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `egress-sidecar grants | head`: the reader left, nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
