@@ -256,3 +256,52 @@ def test_listen_port_in_use_names_the_setting(tmp_path: Path, test_ca: TestCA) -
         env = sidecar_env(tmp_path, test_ca.ca_path, {"SIDECAR_LISTEN": f"127.0.0.1:{busy.getsockname()[1]}"})
         out = subprocess.run([sys.executable, "-m", "sidecar"], env=env, capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert out.returncode == 2 and "SIDECAR_LISTEN" in out.stderr and "Traceback" not in out.stderr
+
+
+NODE_CLIENT = r"""
+// A real Node client, no packages: CONNECT through HTTPS_PROXY, then TLS trusting NODE_EXTRA_CA_CERTS.
+const http = require('http'), tls = require('tls');
+const proxy = new URL(process.env.HTTPS_PROXY);
+const body = new URLSearchParams({grant_type: 'refresh_token', refresh_token: process.argv[1],
+  client_id: '3MVG9demo', client_secret: process.argv[2]}).toString();
+const req = http.request({host: proxy.hostname, port: proxy.port, method: 'CONNECT', path: 'login.salesforce.com:443'});
+req.setTimeout(10000, () => { console.error('timeout'); process.exit(3); });
+req.on('connect', (res, socket) => {
+  if (res.statusCode !== 200) { console.error('CONNECT', res.statusCode); process.exit(2); }
+  const s = tls.connect({socket, servername: 'login.salesforce.com'}, () => {
+    s.write('POST /services/oauth2/token HTTP/1.1\r\nHost: login.salesforce.com\r\nConnection: close\r\n' +
+            'Content-Type: application/x-www-form-urlencoded\r\nContent-Length: ' + Buffer.byteLength(body) + '\r\n\r\n' + body);
+  });
+  let data = '';
+  s.on('data', d => data += d);
+  s.on('end', () => { console.log(data.split('\r\n')[0]); process.exit(0); });
+  s.on('error', e => { console.error(e.message); process.exit(4); });
+});
+req.end();
+"""
+
+
+def test_node_client_trusts_extra_ca(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    if shutil.which("node") is None:
+        pytest.fail("node is required (CI installs nodejs)")
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sc = make_sidecar_proc(world.pair_env())
+    out = subprocess.run(["node", "-e", NODE_CLIENT, world.salesforce.issue_refresh_token(), CLIENT_SECRET],
+                         env=sc.client_env(), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "HTTP/1.1 200 OK"
+    assert sc.log_events()[0]["outcome"] == "success"
+
+
+def test_httpx_client_via_environment(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sc = make_sidecar_proc(world.pair_env())
+    app = (
+        "import httpx,sys\n"
+        f"r = httpx.post({TOKEN_URL!r}, data={{'grant_type':'refresh_token','refresh_token':sys.argv[1],"
+        f"'client_id':'3MVG9demo','client_secret':{CLIENT_SECRET!r}}}, timeout=10)\n"
+        "print(r.status_code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", app, world.salesforce.issue_refresh_token()], env=sc.client_env(),
+                         capture_output=True, text=True, timeout=30)
+    assert out.stdout.strip() == "200", out.stderr

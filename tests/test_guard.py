@@ -153,3 +153,26 @@ def test_verdict_names_the_missing_ip() -> None:
     assert "52.0.0.2 is not on the allowlist: about half of refresh token redemptions will fail" in v.text
     ok = verdict(pair, Guard(pair, parse_allowlist("52.0.0.0/30"), "observe"))
     assert ok.level == "ok" and "52.0.0.1, 52.0.0.2" in ok.text
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_echo_parser_fails_only_with_probe_error(content: bytes) -> None:
+    try:
+        ip = parse_echo_body(content)
+    except ProbeError:
+        return
+    import ipaddress
+
+    assert str(ipaddress.ip_address(ip)) == ip
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.ip_addresses())
+def test_echo_parser_round_trips_any_ip(addr: object) -> None:
+    assert parse_echo_body(f'{{"ip": "{addr}"}}'.encode()) == str(addr)
+    assert parse_echo_body(f"{addr}\n".encode()) == str(addr)
