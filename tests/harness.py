@@ -231,6 +231,17 @@ def redeem(session: requests.Session, refresh_token: str, url: str = TOKEN_URL) 
     )
 
 
+def redeem_chain(sc: SidecarProcess, salesforce: FakeSalesforce, n: int) -> None:
+    """``n`` consecutive refreshes of one grant through the sidecar, saving each rotated token first as a
+    correct app does; every one must succeed."""
+    token = salesforce.issue_refresh_token()
+    with sc.session() as s:
+        for _ in range(n):
+            resp = redeem(s, token)
+            assert resp.status_code == 200, resp.text
+            token = resp.json()["refresh_token"]
+
+
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of ``name`` whose labels include ``labels`` (0 when none)."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -26,6 +26,7 @@ from tests.harness import (
     iter_written_files,
     metric_value,
     redeem,
+    redeem_chain,
     sidecar_env,
 )
 
@@ -35,12 +36,7 @@ TOKENS_METRIC = "egress_sidecar_token_requests_total"
 def test_token_calls_alternate_between_members(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
     world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
     sc = make_sidecar_proc(world.pair_env())
-    token = world.salesforce.issue_refresh_token()
-    with sc.session() as s:
-        for _ in range(6):
-            resp = redeem(s, token)
-            assert resp.status_code == 200, resp.text
-            token = resp.json()["refresh_token"]
+    redeem_chain(sc, world.salesforce, 6)
     sources = Counter(r.source_ip for r in world.salesforce.seen if r.path == "/services/oauth2/token")
     assert sources == {"127.0.0.2": 3, "127.0.0.3": 3}
     calls = sc.log_events()

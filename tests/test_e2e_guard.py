@@ -10,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.sim.certs import TestCA
-from tests.harness import ROOT, SidecarProcess, World, metric_value, redeem, sidecar_env, wait_until
+from tests.harness import ROOT, SidecarProcess, World, metric_value, redeem, redeem_chain, sidecar_env, wait_until
 
 TOKENS = "egress_sidecar_token_requests_total"
 
@@ -111,12 +111,7 @@ def test_egress_change_is_detected_and_the_guard_follows(
     assert metric_value(text, "egress_sidecar_egress_ip_changes_total", member=b) == 1
     assert "changed from 127.0.0.2 to 127.0.0.5" in sc.log_text()
     world.salesforce.reset_seen()
-    token = world.salesforce.issue_refresh_token()
-    with sc.session() as s:
-        for _ in range(6):
-            resp = redeem(s, token)
-            assert resp.status_code == 200, resp.text
-            token = resp.json()["refresh_token"]
+    redeem_chain(sc, world.salesforce, 6)
     assert {r.source_ip for r in world.salesforce.seen} == {"127.0.0.4"}
 
 
