@@ -24,13 +24,23 @@ from sidecar.logs import event
 from sidecar.metrics import EGRESS_UNKNOWN, Metrics
 from sidecar.pair import Member, Pair
 from sidecar.tokencall import ALLOWLISTED_GRANTS
+from sidecar.upstream import describe_error
 
 log = logging.getLogger("egress_sidecar.discovery")
 MAX_RESPONSE = 64 * 1024
 
 
 class ProbeError(Exception):
-    """A probe through a member failed; the message is safe to show (no credentials)."""
+    """A probe through a member failed; the message is safe to show (no credentials).
+
+    ``member_down`` says the member itself failed (unreachable, or it refused our credentials), as
+    opposed to the echo service behind it: an echo outage must not take a working member out of
+    routing, or a third-party IP echo could stop every token refresh.
+    """
+
+    def __init__(self, message: str, member_down: bool = False) -> None:
+        super().__init__(message)
+        self.member_down = member_down
 
 
 def parse_echo_body(body: bytes) -> str:
@@ -93,9 +103,17 @@ async def fetch_via_member(
     """GET the echo URL through one member, on a new connection. Raises ProbeError."""
     auth = upstream.proxy_authorization.decode()
     host_hdr = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
     try:
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout_at(deadline):
             reader, writer = await asyncio.open_connection(*member.address.address)
+    except TimeoutError:
+        raise ProbeError(f"cannot connect to the member: timed out after {timeout:g}s", member_down=True) from None
+    except OSError as exc:
+        raise ProbeError(f"cannot connect to the member: {describe_error(exc)}", member_down=True) from None
+    try:
+        async with asyncio.timeout_at(deadline):
             try:
                 if target.scheme == "https":
                     writer.write(
@@ -104,7 +122,7 @@ async def fetch_via_member(
                     )
                     status, _ = await _read_connect(reader)
                     if status != 200:
-                        raise ProbeError(_proxy_status(status))
+                        raise ProbeError(_proxy_status(status), member_down=status == 407)
                     await writer.start_tls(ssl_context or ssl.create_default_context(), server_hostname=target.host)
                     request = f"GET {target.path} HTTP/1.1\r\nHost: {host_hdr}\r\n"
                 else:
@@ -116,12 +134,12 @@ async def fetch_via_member(
             finally:
                 writer.close()
     except TimeoutError:
-        raise ProbeError(f"timed out after {timeout:g}s") from None
-    except ConnectionRefusedError:
-        raise ProbeError("connection refused") from None
+        raise ProbeError(f"echo did not answer within {timeout:g}s") from None
     except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError) as exc:
-        raise ProbeError(f"{type(exc).__name__}: {getattr(exc, 'strerror', None) or exc}"[:200]) from None
-    if status in (407, 403, 502, 503):
+        raise ProbeError(f"echo request failed: {describe_error(exc)}") from None
+    if status == 407:
+        raise ProbeError(_proxy_status(status), member_down=True)
+    if status in (403, 502, 503):
         raise ProbeError(_proxy_status(status))
     if status != 200:
         raise ProbeError(f"echo answered HTTP {status}")
@@ -173,7 +191,7 @@ class Prober:
     async def probe_member(self, member: Member) -> None:
         assert self.pair.upstream is not None
         seen: list[str] = []
-        error: str | None = None
+        error: ProbeError | None = None
         for _ in range(self.samples):
             try:
                 body = await fetch_via_member(
@@ -181,14 +199,24 @@ class Prober:
                 )
                 seen.append(parse_echo_body(body))
             except ProbeError as exc:
-                error = str(exc)
-        self.apply_round(member, seen, error)
+                error = exc
+        self.apply_round(member, seen, str(error) if error else None, member_down=bool(error and error.member_down))
 
-    def apply_round(self, member: Member, seen: list[str], error: str | None, now: float | None = None) -> None:
-        """Fold one round's samples into the member's state (pure; tested without sockets)."""
+    def apply_round(
+        self, member: Member, seen: list[str], error: str | None, *, member_down: bool = True, now: float | None = None
+    ) -> None:
+        """Fold one round's samples into the member's state (pure; tested without sockets).
+
+        A round with no sample marks the member down only when the member itself failed; when only the
+        echo behind it failed, the member keeps its state and its last verified egress IP.
+        """
         member.last_probe = time.time() if now is None else now
         member.last_error = error
         was_up = member.up
+        if not seen and not member_down:
+            event(log, logging.WARNING, f"probe through pair member {member.label} reached the member but not the "
+                  f"IP echo ({error}); keeping its last known state", member=member.label)
+            return
         if not seen:
             member.up = False
             if was_up is not False:

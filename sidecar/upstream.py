@@ -123,7 +123,7 @@ class UpstreamPool:
                 reader, writer = await asyncio.open_connection(*target, limit=MAX_HEAD_BYTES)
         except (OSError, TimeoutError) as exc:
             reason = _classify_oserror(exc)
-            raise ConnectFailure(reason, f"cannot connect to {where}: {_describe(exc)}") from None
+            raise ConnectFailure(reason, f"cannot connect to {where}: {describe_error(exc)}") from None
         try:
             async with asyncio.timeout(self.connect_timeout):
                 if member is not None:
@@ -140,7 +140,7 @@ class UpstreamPool:
         except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
             writer.close()
             reason = "timeout" if isinstance(exc, TimeoutError) else "reset"
-            raise ConnectFailure(reason, f"setting up the connection via {where} failed: {_describe(exc)}") from None
+            raise ConnectFailure(reason, f"setting up the connection via {where} failed: {describe_error(exc)}") from None
         return _Conn(key, reader, writer)
 
     async def _connect_tunnel(
@@ -166,9 +166,12 @@ class UpstreamPool:
             raise ConnectFailure("proxy_error", f"pair member {member.label} answered the CONNECT with {status}")
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
+    """A short, credential-free description of a network error."""
     if isinstance(exc, TimeoutError):
         return "timed out"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return text[:200]
 
@@ -320,7 +323,7 @@ class TokenSender:
                 conn.close()
                 what = "no response within the deadline" if isinstance(exc, TimeoutError) else (
                     "the connection closed before a complete response" if isinstance(
-                        exc, (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)) else _describe(exc))
+                        exc, (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)) else describe_error(exc))
                 via = f"via pair member {member.label}" if member else "direct"
                 extra = " (on a reused keep-alive connection)" if reused else ""
                 return SendResult(None, member, attempts, sent=True, detail=f"{what} {via}{extra}")

@@ -148,4 +148,4 @@ def test_check_reports_unreachable_member(world: World, tmp_path: Path, test_ca:
     out = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2-127.0.0.3",
                                         "SIDECAR_PROBE_SAMPLES": "2"})
     assert out.returncode == 1
-    assert f"Pair member {world.members[1]} is unreachable (connection refused)" in out.stdout
+    assert f"Pair member {world.members[1]} is unreachable (cannot connect to the member: connection refused)" in out.stdout

@@ -176,3 +176,14 @@ def test_echo_parser_fails_only_with_probe_error(content: bytes) -> None:
 def test_echo_parser_round_trips_any_ip(addr: object) -> None:
     assert parse_echo_body(f'{{"ip": "{addr}"}}'.encode()) == str(addr)
     assert parse_echo_body(f"{addr}\n".encode()) == str(addr)
+
+
+def test_echo_outage_does_not_take_a_member_down() -> None:
+    pair = make_pair("52.0.0.1")
+    prober, _, guard = prober_for(pair, "52.0.0.1")
+    m = pair.members[0]
+    prober.apply_round(m, [], "echo answered HTTP 502", member_down=False)
+    assert m.up is True and m.egress_ip == "52.0.0.1" and m.last_error == "echo answered HTTP 502"
+    assert guard.ready() and guard.choose("refresh_token").member is m
+    prober.apply_round(m, [], "cannot connect to the member: connection refused", member_down=True)
+    assert m.up is False and not guard.ready()
