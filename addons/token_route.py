@@ -5,6 +5,9 @@ The flow of one token call: ``requestheaders`` (detect; keep the small body buff
 member, failing over while nothing has been sent) → ``response`` (classify) → one
 :class:`~sidecar.tokencall.TokenCall` to the recorder.
 
+A detected token call always ends with a response set by this addon: mitmproxy never gets to send it
+on its own connection (which would bypass the guard, and could send a refresh a second time).
+
 Every other request on an intercepted connection gets its route set explicitly too (direct, or the
 pair with ``SIDECAR_ROUTE=salesforce|all``), because flows on one client connection share a server
 connection object: a route left in place would leak onto the next request. Non-token bodies are
@@ -13,14 +16,14 @@ streamed, never held whole.
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
 
 from mitmproxy import connection, http
 
+from sidecar import responses
 from sidecar.guard import Decision, Guard
 from sidecar.hosts import TokenHosts
 from sidecar.logs import event
@@ -30,16 +33,15 @@ from sidecar.record import Recorder
 from sidecar.tokencall import TokenCall, classify_response, grant_type, host_class, is_token_request
 from sidecar.upstream import SendResult, TokenSender
 
+log = logging.getLogger("egress_sidecar.route")
+CALL = "egress_sidecar.call"  # flow.metadata key of the TokenCall
 MAX_TOKEN_REQUEST_BYTES = 64 * 1024  # a token request is a few hundred bytes of form fields
 # Beyond this declared size the connection is closed at once instead of reading the body to answer 413.
 MAX_TOKEN_REQUEST_READ = 1024 * 1024
 
-log = logging.getLogger("egress_sidecar.route")
-CALL = "egress_sidecar.call"  # flow.metadata key of the TokenCall
-
 
 def route_to(flow: http.HTTPFlow, member: Member | None) -> None:
-    """Send this flow through ``member`` (None: direct).
+    """Send this (non-token) flow through ``member`` (None: direct).
 
     ``via`` cannot change on an open connection, so the flow gets a fresh server spec; mitmproxy then
     takes a pooled connection with the same (address, TLS, via) or opens one, so keep-alive
@@ -76,25 +78,35 @@ class TokenRoute:
         if flow.response is not None:  # answered already (over capacity)
             return
         req = flow.request
-        on_token_host = req.scheme == "https" and self.hosts.matches(req.pretty_host)
+        # Where the bytes really go (the CONNECT target / SNI), not what the Host header claims.
+        on_token_host = self.hosts.matches(req.host)
         if on_token_host and is_token_request(req.method, req.path):
-            flow.metadata[CALL] = TokenCall(
-                started=req.timestamp_start, host_class=host_class(req.pretty_host), grant_type="other"
-            )
+            call = TokenCall(started=req.timestamp_start, host_class=host_class(req.host), grant_type="other")
+            flow.metadata[CALL] = call
             req.stream = False  # small, and the grant type is needed before routing
-            declared = req.headers.get("content-length", "")
-            if declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_READ:
-                event(log, logging.WARNING, f"closed a client sending a {declared}-byte token request",
-                      limit=MAX_TOKEN_REQUEST_BYTES)
-                flow.metadata.pop(CALL, None)
-                flow.kill()
-                return
-            if declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_BYTES:
-                self._refuse(flow, 413, "token_request_too_large",
-                             f"token request body of {declared} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
+            self._check_request_head(flow, call)
             return
-        route_to(flow, self._other_member(on_token_host))
+        route_to(flow, self.other_member(on_token_host))
         req.stream = True
+
+    def _check_request_head(self, flow: http.HTTPFlow, call: TokenCall) -> None:
+        req = flow.request
+        declared = req.headers.get("content-length", "")
+        if req.scheme != "https":
+            self._answer(flow, call, 400, "token_call_not_https",
+                         "token calls must use https://; this one was not sent anywhere")
+        elif declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_READ:
+            event(log, logging.WARNING, f"closed a client sending a {declared}-byte token request",
+                  limit=MAX_TOKEN_REQUEST_BYTES)
+            flow.metadata.pop(CALL, None)
+            flow.kill()
+        elif declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_BYTES:
+            self._answer(flow, call, 413, "token_request_too_large",
+                         f"token request body of {declared} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
+        elif not declared.isdigit() and "chunked" in req.headers.get("transfer-encoding", "").lower():
+            # The size of a chunked body is only known once it has all been read into memory.
+            self._answer(flow, call, 411, "token_request_length_required",
+                         "send token requests with a Content-Length (not chunked)")
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if CALL not in flow.metadata and flow.response is not None:
@@ -105,20 +117,37 @@ class TokenRoute:
         call: TokenCall | None = flow.metadata.get(CALL)
         if call is None or flow.response is not None:
             return
+        call.in_flight = True
+        try:
+            await self._route_and_send(flow, call)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never let mitmproxy forward a token call on its own
+            event(log, logging.ERROR, f"token call failed inside the sidecar ({type(exc).__name__})")
+            if flow.response is None:
+                call.outcome = "upstream_error"
+                flow.response = responses.failed_after_send(_via(call), "an internal error in the sidecar")
+                call.local = True
+        finally:
+            call.in_flight = False
+        if call.client_gone:  # the app left while we waited: mitmproxy will not call `response`
+            self.response(flow)
+
+    async def _route_and_send(self, flow: http.HTTPFlow, call: TokenCall) -> None:
         req = flow.request
         body = req.raw_content or b""
         if len(body) > MAX_TOKEN_REQUEST_BYTES:
-            self._refuse(flow, 413, "token_request_too_large",
+            self._answer(flow, call, 413, "token_request_too_large",
                          f"token request body of {len(body)} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
             return
-        call.grant_type = grant_type(req.headers.get("content-type"), body)
+        call.grant_type = grant_type(req.headers.get("content-type"), req.get_content(strict=False) or b"",
+                                     req.path.partition("?")[2])
         decision = self.guard.choose(call.grant_type)
         call.guard = decision.verdict
         if decision.blocked:
             call.route, call.member, call.egress_ip = "blocked", MEMBER_NONE, EGRESS_NONE
-            call.outcome = "blocked"
-            call.detail = decision.reason
-            flow.response = blocked_response(self.guard, decision.reason or "")
+            call.outcome, call.detail, call.local = "blocked", decision.reason, True
+            flow.response = responses.blocked(self.guard, decision.reason or "")
             return
         self._describe_route(call, decision.member)
         self._warn_if_not_allowlisted(call, decision)
@@ -128,7 +157,7 @@ class TokenRoute:
             return self.guard.choose(grant, exclude=tuple(tried)).member
 
         result = await self.sender.send(req, decision.member, next_member)
-        self._after_send(flow, call, decision, result)
+        self._after_send(flow, call, result)
 
     def _describe_route(self, call: TokenCall, member: Member | None) -> None:
         if member is None:
@@ -137,7 +166,7 @@ class TokenRoute:
             call.route, call.member = "pair", member.label
             call.egress_ip = member.egress_ip or EGRESS_UNKNOWN
 
-    def _after_send(self, flow: http.HTTPFlow, call: TokenCall, decision: Decision, result: SendResult) -> None:
+    def _after_send(self, flow: http.HTTPFlow, call: TokenCall, result: SendResult) -> None:
         call.attempts = [a.member.label if a.member else MEMBER_DIRECT for a in result.attempts]
         if len(result.attempts) > 1:
             self.metrics.failovers.inc(len(result.attempts) - 1)
@@ -147,36 +176,17 @@ class TokenRoute:
         if result.response is not None:
             flow.response = result.response
             return
-        call.outcome = "upstream_error"
-        call.detail = result.detail
+        call.outcome, call.detail, call.local = "upstream_error", result.detail, True
         if result.sent:
-            self._refuse(
-                flow, 502, "upstream_failed_after_send",
-                f"the token request was sent ({_via(call)}) but no complete answer came back: {result.detail}. "
-                "It was not retried, because Salesforce rotates refresh tokens and the request may have been "
-                "processed; if it was a refresh, the app's stored refresh token may now be stale.",
-                sent="unknown", outcome_set=True,
-            )
+            flow.response = responses.failed_after_send(_via(call), result.detail or "")
         else:
-            tried = ", ".join(call.attempts)
-            self._refuse(
-                flow, 502, "upstream_unreachable",
-                f"no byte of the token request was sent (tried {tried}): {result.detail}. It is safe to retry.",
-                sent=False, outcome_set=True,
-            )
+            flow.response = responses.unreachable(call.attempts, result.detail or "")
 
-    def _refuse(self, flow: http.HTTPFlow, status: int, error: str, description: str,
-                sent: bool | str = False, outcome_set: bool = False) -> None:
-        call: TokenCall | None = flow.metadata.get(CALL)
-        if call is not None and not outcome_set:
-            call.outcome, call.detail = "client_error", description
-            call.local = True
-        elif call is not None:
-            call.local = True
-        body = {"error": error, "error_description": "egress-sidecar: " + description, "sent_to_salesforce": sent}
-        flow.response = http.Response.make(
-            status, json.dumps(body).encode(), {"Content-Type": "application/json", "X-Egress-Sidecar": error}
-        )
+    def _answer(self, flow: http.HTTPFlow, call: TokenCall, status: int, error: str, description: str) -> None:
+        """Refuse a malformed token call without sending it anywhere."""
+        call.route, call.member, call.egress_ip = "refused", MEMBER_NONE, EGRESS_NONE
+        call.outcome, call.detail, call.local = "client_error", description, True
+        flow.response = responses.local_answer(status, error, description)
 
     def _warn_if_not_allowlisted(self, call: TokenCall, decision: Decision) -> None:
         if decision.verdict == "not_allowlisted":
@@ -189,7 +199,8 @@ class TokenRoute:
                 egress_ip=call.egress_ip,
             )
 
-    def _other_member(self, on_token_host: bool) -> Member | None:
+    def other_member(self, on_token_host: bool) -> Member | None:
+        """The route of anything that is not a token call: direct unless SIDECAR_ROUTE says otherwise."""
         if self.pair.direct:
             return None
         if self.route_mode == "all" or (self.route_mode == "salesforce" and on_token_host):
@@ -208,7 +219,7 @@ class TokenRoute:
         if call is None or flow.response is None:
             return
         resp = flow.response
-        if call.outcome != "blocked" and not call.local:
+        if not call.local:
             classified = classify_response(resp.status_code, resp.get_content(strict=False) or b"")
             call.outcome, call.error_code = classified.outcome, classified.error_code
         call.status = resp.status_code
@@ -216,47 +227,31 @@ class TokenRoute:
         self._finish(call, flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        call: TokenCall | None = flow.metadata.pop(CALL, None)
+        call: TokenCall | None = flow.metadata.get(CALL)
         if call is None:
             return
-        call.outcome = "upstream_error"
-        call.detail = _safe_error(flow)
+        if call.in_flight:  # the client left mid-call; the call itself goes on and is recorded by `request`
+            call.client_gone = True
+            return
+        if flow.response is not None:
+            # The call completed (Salesforce answered, or we did) but the app left before the answer
+            # reached it; record what really happened, or a rotation would go unseen.
+            self.response(flow)
+            return
+        flow.metadata.pop(CALL, None)
+        call.outcome = call.outcome or "upstream_error"
+        call.detail = (flow.error.msg if flow.error else "no response")[:300]
         call.duration = max(0.0, time.time() - call.started)
         self._finish(call, flow)
 
     def _finish(self, call: TokenCall, flow: http.HTTPFlow) -> None:
-        self.recorder.record(call)
-        if self.on_call is not None:
-            self.on_call(call, flow)
+        try:
+            self.recorder.record(call)
+            if self.on_call is not None:
+                self.on_call(call, flow)
+        except Exception as exc:  # noqa: BLE001 - recording must never break the proxy
+            event(log, logging.ERROR, f"recording a token call failed ({type(exc).__name__})")
 
 
 def _via(call: TokenCall) -> str:
     return f"via pair member {call.member}" if call.route == "pair" else "direct"
-
-
-def _safe_error(flow: http.HTTPFlow) -> str:
-    msg = flow.error.msg if flow.error else "no response"
-    return msg[:300]
-
-
-def blocked_response(guard: Guard, reason: str) -> http.Response:
-    body: dict[str, Any] = {
-        "error": "egress_not_allowlisted",
-        "error_description": "egress-sidecar refused to send this token call: " + reason,
-        "missing_from_allowlist": guard.missing_ips(),
-        "pair": [
-            {
-                "member": m.label,
-                "egress_ip": m.egress_ip,
-                "allowlisted": guard.is_allowlisted(m.egress_ip),
-                "up": m.up,
-            }
-            for m in guard.pair.members
-        ],
-        "sent_to_salesforce": False,
-    }
-    return http.Response.make(
-        503,
-        json.dumps(body, indent=None).encode(),
-        {"Content-Type": "application/json", "X-Egress-Sidecar": "blocked", "Retry-After": "30"},
-    )

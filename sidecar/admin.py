@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -30,6 +31,7 @@ def _make_handler(source: AdminSource, page: Callable[[dict[str, Any]], str]) ->
     class Handler(BaseHTTPRequestHandler):
         server_version = "egress-sidecar"
         protocol_version = "HTTP/1.1"
+        timeout = 10  # seconds: a silent or slow client does not hold a thread for ever
 
         def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
             log.debug("admin %s", format % args)
@@ -90,13 +92,21 @@ def _make_handler(source: AdminSource, page: Callable[[dict[str, Any]], str]) ->
 ENDPOINTS = ["/", "/metrics", "/healthz", "/readyz", "/status", "/ca.pem"]
 
 
+class _Server(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+
+class _Server6(_Server):
+    address_family = socket.AF_INET6
+
+
 class AdminServer:
     def __init__(
         self, host: str, port: int, source: AdminSource, page: Callable[[dict[str, Any]], str]
     ) -> None:
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.httpd = ThreadingHTTPServer((host, port), _make_handler(source, page))
-        self.httpd.daemon_threads = True
+        server_class = _Server6 if ":" in host else _Server
+        self.httpd = server_class((host, port), _make_handler(source, page))
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="admin", daemon=True)
 
     @property

@@ -234,8 +234,10 @@ class Settings(BaseSettings):
         if not value:
             raise ValueError("is empty; list at least one host pattern")
         for item in value:
-            if not re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9*.-]*[A-Za-z0-9])?", item):
-                raise ValueError(f"{item!r} is not a host name or pattern like *.my.salesforce.com")
+            if not re.fullmatch(r"(\*\.)?[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", item):
+                raise ValueError(
+                    f"{item!r} is not a host name or pattern like *.my.salesforce.com ('*.' may only lead)"
+                )
         return value
 
     @field_validator("egress_ips")
@@ -305,7 +307,8 @@ class Settings(BaseSettings):
     def guard_mode(self) -> Literal["observe", "enforce"]:
         if self.guard is not None:
             return self.guard
-        return "enforce" if self.allowlist_ranges else "observe"
+        # Direct mode has no member to choose, so there is nothing to enforce with.
+        return "enforce" if self.allowlist_ranges and self.upstream is not None else "observe"
 
     @property
     def confdir_path(self) -> Path:
@@ -394,6 +397,11 @@ def _check_files(settings: Settings) -> None:
     if (settings.ca_cert is None) != (settings.ca_key is None):
         raise ConfigError(
             "SIDECAR_CA_CERT and SIDECAR_CA_KEY go together: set both (the CA certificate and its key) or neither."
+        )
+    if settings.guard == "enforce" and settings.upstream is None:
+        raise ConfigError(
+            "SIDECAR_GUARD=enforce needs QUOTAGUARDSTATIC_URL: without the pair there is no allowlisted egress to "
+            "choose, so nothing can be enforced. Set the upstream, or use SIDECAR_GUARD=observe."
         )
     if settings.guard == "enforce" and not settings.allowlist_ranges:
         raise ConfigError(

@@ -24,10 +24,9 @@ from sidecar.logs import event
 from sidecar.metrics import EGRESS_UNKNOWN, Metrics
 from sidecar.pair import Member, Pair
 from sidecar.tokencall import ALLOWLISTED_GRANTS
-from sidecar.upstream import describe_error
+from sidecar.upstream import SendFailure, describe_error, read_response
 
 log = logging.getLogger("egress_sidecar.discovery")
-MAX_RESPONSE = 64 * 1024
 
 
 class ProbeError(Exception):
@@ -76,20 +75,11 @@ class EchoTarget:
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    if len(head) > MAX_RESPONSE:
-        raise ProbeError("response head too large")
-    lines = head.decode("latin-1").split("\r\n")
     try:
-        status = int(lines[0].split(" ", 2)[1])
-    except (IndexError, ValueError):
-        raise ProbeError(f"not an HTTP response: {lines[0][:60]!r}") from None
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:] if line)}
-    if "content-length" in headers:
-        body = await reader.readexactly(min(int(headers["content-length"]), MAX_RESPONSE))
-    else:
-        body = await reader.read(MAX_RESPONSE)
-    return status, body
+        response, _ = await read_response(reader)  # the same parser as token calls, same caps
+    except SendFailure as exc:
+        raise ProbeError(f"echo answer unreadable: {exc}") from None
+    return response.status_code, response.raw_content or b""
 
 
 async def fetch_via_member(
@@ -180,7 +170,11 @@ class Prober:
         if self.pair.direct:
             return
         while True:
-            await self.probe_all()
+            try:
+                await self.probe_all()
+            except Exception as exc:  # noqa: BLE001 - a bad round must not end discovery for good
+                event(log, logging.ERROR, f"egress probe round failed ({type(exc).__name__}: {exc}); retrying "
+                      f"in {self.interval:g}s")
             await asyncio.sleep(self.interval)
 
     async def probe_all(self) -> None:

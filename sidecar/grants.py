@@ -28,7 +28,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import parse_qs
 
 from sidecar.grantstore import (
     DB_FILE,
@@ -44,7 +43,7 @@ from sidecar.grantstore import (
 )
 from sidecar.logs import SCRUBBER, event
 from sidecar.metrics import Metrics
-from sidecar.tokencall import TokenCall
+from sidecar.tokencall import TokenCall, issued_refresh_token, request_fields, single_field
 
 log = logging.getLogger("egress_sidecar.grants")
 
@@ -156,7 +155,9 @@ class GrantTracker:
         try:
             presented = None
             if call.grant_type == "refresh_token":
-                presented = form_value(_content(flow.request), "refresh_token")
+                req = flow.request
+                fields = request_fields(req.headers.get("content-type"), _content(req), req.path.partition("?")[2])
+                presented = single_field(fields, "refresh_token")
             issued = None
             if call.outcome == "success" and flow.response is not None:
                 issued = issued_refresh_token(_content(flow.response))
@@ -368,26 +369,6 @@ def _content(message: Any) -> bytes:
     except Exception:  # noqa: BLE001
         content = raw
     return content[:MAX_BODY] if content else b""
-
-
-def form_value(body: bytes, name: str) -> str | None:
-    """The single value of ``name`` in a form body; None if absent, duplicated, empty or unparsable."""
-    try:
-        fields = parse_qs(body.decode("utf-8"), keep_blank_values=True, max_num_fields=100)
-    except (UnicodeDecodeError, ValueError):
-        return None
-    values = fields.get(name, [])
-    return values[0] if len(values) == 1 and values[0] else None
-
-
-def issued_refresh_token(body: bytes) -> str | None:
-    """The refresh token in a token response, if there is one (same rule as ``response_has_refresh_token``)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
-        return None
-    token = data.get("refresh_token") if isinstance(data, dict) else None
-    return token if isinstance(token, str) and token else None
 
 
 # -- words --------------------------------------------------------------------------------------

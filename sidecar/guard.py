@@ -1,9 +1,10 @@
 """The allowlist guard: which pair member a token call may leave through.
 
 ``observe`` routes as QuotaGuard's own balancer would (round-robin over the members that are up) and
-only reports calls that leave from an IP that is not allowlisted. ``enforce`` sends a call that is
-subject to the Refresh Token IP Allowlist only through members whose *verified* egress IP is on the
-allowlist, and refuses the call (nothing is sent to Salesforce) when there is none.
+only reports calls that leave from an IP that is not allowlisted. ``enforce`` sends a call that may be
+subject to the Refresh Token IP Allowlist (every grant but the ones known to be exempt) only through
+members whose *verified* egress IP is on the allowlist, and refuses the call (nothing is sent to
+Salesforce) when there is none.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Literal
 
 from sidecar.allowlist import Allowlist
 from sidecar.pair import Member, Pair
-from sidecar.tokencall import ALLOWLISTED_GRANTS
+from sidecar.tokencall import subject_to_allowlist
 
 Verdict = Literal["allow", "unverified", "not_allowlisted", "blocked", "direct"]
 
@@ -47,7 +48,7 @@ class Guard:
 
     def eligible(self, grant_type: str, now: float | None = None) -> list[Member]:
         members = [m for m in self.pair.members if m.available(now)]
-        if self.mode == "enforce" and grant_type in ALLOWLISTED_GRANTS:
+        if self.mode == "enforce" and subject_to_allowlist(grant_type):
             return [m for m in members if self.is_allowlisted(m.egress_ip)]
         return members or list(self.pair.members)  # all down: try anyway rather than fail closed
 
@@ -61,7 +62,7 @@ class Guard:
         return Decision(member, self.verdict_for(member, grant_type))
 
     def verdict_for(self, member: Member, grant_type: str) -> Verdict:
-        if not self.allowlist or grant_type not in ALLOWLISTED_GRANTS:
+        if not self.allowlist or not subject_to_allowlist(grant_type):
             return "allow"
         state = self.is_allowlisted(member.egress_ip)
         if state is None:
@@ -92,7 +93,9 @@ class Guard:
         return "no pair member with an allowlisted egress IP is available: " + ("; ".join(parts) or "unknown")
 
     def ready(self) -> bool:
-        """Enforce mode is only ready when a refresh token could be redeemed right now."""
+        """Enforce mode is only ready while some member that answers its probes has an allowlisted
+        egress IP. Passive ejection (a few failed connects) is left out on purpose: it heals in seconds
+        and must not flap the pod's readiness."""
         if self.mode != "enforce" or self.pair.direct:
             return True
-        return bool(self.eligible("refresh_token"))
+        return any(m.up is not False and self.is_allowlisted(m.egress_ip) for m in self.pair.members)

@@ -71,7 +71,6 @@ class Sidecar:
         self.admin: AdminServer | None = None
         self.master: Master | None = None
         self._listening = threading.Event()
-        self._stopped = False
         upstream = settings.upstream
         if upstream is not None:
             SCRUBBER.add(upstream.password.get_secret_value(), upstream.proxy_authorization.decode()[6:])
@@ -96,7 +95,7 @@ class Sidecar:
 
     def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
         self.metrics.member_failures.labels(member.label, failure.reason).inc()
-        ejected_for = member.record_connect_failure()
+        ejected_for = member.record_connect_failure() if failure.ejects else None
         event(log, logging.WARNING, f"pair member {member.label}: {failure.detail}", member=member.label,
               reason=failure.reason)
         if ejected_for is not None:
@@ -169,10 +168,9 @@ class Sidecar:
             raise ConfigError(f"mitmproxy rejected the configuration: {exc}") from None
         return master
 
-    def _passthrough_member(self):  # type: ignore[no-untyped-def]
-        if self.pair.direct or self.settings.route != "all":
-            return None
-        return self.guard.choose("other").member
+    def _passthrough_member(self) -> Member | None:
+        """Route of a tunnel relayed without interception (never a token host)."""
+        return self.token_route.other_member(on_token_host=False)
 
     def prepare(self) -> None:
         """Everything that can fail on configuration, before anything listens."""
@@ -209,7 +207,6 @@ class Sidecar:
 
     def shutdown(self) -> None:
         """Thread-safe: ask a running sidecar to stop."""
-        self._stopped = True
         if self.master is not None:
             self.master.shutdown()
 

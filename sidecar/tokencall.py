@@ -22,6 +22,13 @@ Outcome = Literal[
 
 # Grants that Salesforce checks against the Refresh Token IP Allowlist.
 ALLOWLISTED_GRANTS: frozenset[str] = frozenset({"refresh_token", "authorization_code"})
+# Grants known NOT to be checked. Anything else (including a grant type we could not read) is treated
+# as subject to the allowlist: routing it through an allowlisted member costs nothing.
+EXEMPT_GRANTS: frozenset[str] = frozenset({"jwt_bearer", "client_credentials", "password"})
+
+
+def subject_to_allowlist(grant: str) -> bool:
+    return grant not in EXEMPT_GRANTS
 
 _GRANTS: dict[str, GrantType] = {
     "refresh_token": "refresh_token",
@@ -56,18 +63,36 @@ def is_token_request(method: str, path: str) -> bool:
     return method.upper() == "POST" and path.split("?", 1)[0].rstrip("/") == TOKEN_PATH
 
 
-def grant_type(content_type: str | None, body: bytes) -> GrantType:
-    """The grant type of a token request body, reduced to the fixed set. Never raises."""
-    if content_type and "application/x-www-form-urlencoded" not in content_type.lower():
-        return "other"
-    try:
-        fields = parse_qs(body.decode("utf-8", errors="strict"), keep_blank_values=True, max_num_fields=100)
-    except (UnicodeDecodeError, ValueError):
-        return "other"
-    values = fields.get("grant_type", [])
-    if len(values) != 1:  # absent or duplicated: not something we can trust
-        return "other"
-    return _GRANTS.get(values[0].strip(), "other")
+def request_fields(content_type: str | None, body: bytes, query: str = "") -> dict[str, list[str]]:
+    """The parameters of a token request, from the query string and a form body together, as Salesforce
+    reads them. A body that is not form-encoded contributes nothing. Never raises."""
+    fields: dict[str, list[str]] = {}
+    sources = [query]
+    if not content_type or "application/x-www-form-urlencoded" in content_type.lower():
+        try:
+            sources.append(body.decode("utf-8", errors="strict"))
+        except UnicodeDecodeError:
+            pass
+    for source in sources:
+        try:
+            parsed = parse_qs(source, keep_blank_values=True, max_num_fields=100)
+        except ValueError:
+            continue
+        for name, values in parsed.items():
+            fields.setdefault(name, []).extend(values)
+    return fields
+
+
+def single_field(fields: dict[str, list[str]], name: str) -> str | None:
+    """The value of a parameter given exactly once and not empty; None when absent or ambiguous."""
+    values = fields.get(name, [])
+    return values[0] if len(values) == 1 and values[0] else None
+
+
+def grant_type(content_type: str | None, body: bytes, query: str = "") -> GrantType:
+    """The grant type of a token request, reduced to the fixed set. Absent or ambiguous is ``other``."""
+    value = single_field(request_fields(content_type, body, query), "grant_type")
+    return _GRANTS.get(value.strip(), "other") if value else "other"
 
 
 @dataclass(frozen=True)
@@ -105,13 +130,14 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None]:
     )
 
 
-def response_has_refresh_token(body: bytes) -> bool:
-    """Whether a successful token response carried a (rotated) refresh token."""
+def issued_refresh_token(body: bytes) -> str | None:
+    """The refresh token in a successful token response (rotated or newly issued), if there is one."""
     try:
         data = json.loads(body[:1_048_576])
     except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(data, dict) and isinstance(data.get("refresh_token"), str) and bool(data["refresh_token"])
+        return None
+    token = data.get("refresh_token") if isinstance(data, dict) else None
+    return token if isinstance(token, str) and token else None
 
 
 def host_class(host: str) -> str:
@@ -148,6 +174,8 @@ class TokenCall:
     detail: str | None = None
     attempts: list[str] = field(default_factory=list)
     local: bool = False  # the sidecar answered the app itself (blocked, refused, upstream failure)
+    in_flight: bool = False  # being routed and sent (the client may leave meanwhile)
+    client_gone: bool = False
 
     def log_fields(self) -> dict[str, object]:
         out: dict[str, object] = {

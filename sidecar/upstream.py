@@ -31,20 +31,21 @@ MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is ~2 KB; 1 MiB is generous
 MAX_HEAD_BYTES = 64 * 1024
 POOL_IDLE_SECONDS = 20.0  # below common server keep-alive timeouts, so we rarely write into a closed socket
 POOL_MAX_PER_KEY = 16
-HOP_BY_HOP = frozenset(
-    {"connection", "proxy-connection", "proxy-authorization", "keep-alive", "transfer-encoding", "te", "upgrade",
-     "trailer", "proxy-authenticate"}
+HOP_BY_HOP_BYTES = frozenset(
+    {b"connection", b"proxy-connection", b"proxy-authorization", b"keep-alive", b"transfer-encoding", b"te",
+     b"upgrade", b"trailer", b"proxy-authenticate"}
 )
 
 
 class ConnectFailure(Exception):
     """The connection could not be set up; no byte of the request was sent."""
 
-    def __init__(self, reason: str, detail: str, member_fault: bool = True) -> None:
+    def __init__(self, reason: str, detail: str, member_fault: bool = True, ejects: bool = True) -> None:
         super().__init__(detail)
         self.reason = reason  # one of metrics.FAILURE_REASONS, or "tls"
         self.detail = detail
-        self.member_fault = member_fault
+        self.member_fault = member_fault  # another member might do better: fail over
+        self.ejects = ejects  # evidence the member itself is broken (not the target behind it)
 
 
 class SendFailure(Exception):
@@ -118,14 +119,16 @@ class UpstreamPool:
     async def _open(self, member: Member | None, host: str, port: int, key: tuple[str | None, str, int]) -> _Conn:
         target = member.address.address if member else (host, port)
         where = f"pair member {member.label}" if member else f"{host}:{port}"
+        # One deadline for the whole set-up: TCP, the member's CONNECT answer and the TLS handshake.
+        deadline = asyncio.get_running_loop().time() + self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 reader, writer = await asyncio.open_connection(*target, limit=MAX_HEAD_BYTES)
         except (OSError, TimeoutError) as exc:
             reason = _classify_oserror(exc)
             raise ConnectFailure(reason, f"cannot connect to {where}: {describe_error(exc)}") from None
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout_at(deadline):
                 if member is not None:
                     await self._connect_tunnel(reader, writer, member, host, port)
                 await writer.start_tls(self.ssl_context, server_hostname=host)
@@ -137,7 +140,7 @@ class UpstreamPool:
             raise ConnectFailure(
                 "tls", f"TLS verification of {host} failed ({exc.verify_message}); set SIDECAR_UPSTREAM_CA "
                 "if a corporate CA re-signs it", member_fault=False) from None
-        except (OSError, TimeoutError, asyncio.IncompleteReadError, ssl.SSLError) as exc:
+        except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError) as exc:
             writer.close()
             reason = "timeout" if isinstance(exc, TimeoutError) else "reset"
             raise ConnectFailure(reason, f"setting up the connection via {where} failed: {describe_error(exc)}") from None
@@ -163,7 +166,12 @@ class UpstreamPool:
                 f"pair member {member.label} refused the proxy credentials (407): check QUOTAGUARDSTATIC_URL",
             )
         if not 200 <= status < 300:
-            raise ConnectFailure("proxy_error", f"pair member {member.label} answered the CONNECT with {status}")
+            # Often about the target (a mistyped My Domain, an origin the member cannot reach), not the
+            # member: try another member, but do not eject this one for it (Squid does not blame a parent
+            # for an origin's errors either).
+            raise ConnectFailure(
+                "proxy_error", f"pair member {member.label} answered the CONNECT with {status}", ejects=False
+            )
 
 
 def describe_error(exc: BaseException) -> str:
@@ -176,65 +184,97 @@ def describe_error(exc: BaseException) -> str:
     return text[:200]
 
 
+def _connection_tokens(headers: http.Headers) -> set[bytes]:
+    return {t.strip().lower() for v in headers.get_all("connection") for t in v.encode("latin-1").split(b",")}
+
+
 def assemble_request(req: http.Request) -> bytes:
-    """The request as HTTP/1.1 origin-form bytes, hop-by-hop headers dropped, exact Content-Length."""
+    """The request as HTTP/1.1 origin-form bytes, hop-by-hop headers dropped, exact Content-Length.
+
+    Built from the raw bytes mitmproxy parsed, never re-encoded text, so any target the client sent is
+    passed on as it was.
+    """
     body = req.raw_content or b""
-    lines = [f"{req.method} {req.path} HTTP/1.1"]
-    has_host = False
-    for name, value in req.headers.fields:
-        lname = name.decode("latin-1").lower()
-        if lname in HOP_BY_HOP or lname == "content-length":
-            continue
-        has_host = has_host or lname == "host"
-        lines.append(f"{name.decode('latin-1')}: {value.decode('latin-1')}")
-    if not has_host:
-        lines.insert(1, f"Host: {req.host_header or req.pretty_host}")
-    lines.append(f"Content-Length: {len(body)}")
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+    drop = HOP_BY_HOP_BYTES | _connection_tokens(req.headers) | {b"content-length"}
+    out = [req.data.method + b" " + req.data.path + b" HTTP/1.1"]
+    if not any(name.lower() == b"host" for name, _ in req.headers.fields):
+        out.append(b"Host: " + (req.host_header or req.pretty_host).encode("idna"))
+    out += [name + b": " + value for name, value in req.headers.fields if name.lower() not in drop]
+    out.append(b"Content-Length: " + str(len(body)).encode())
+    return b"\r\n".join(out) + b"\r\n\r\n" + body
 
 
-async def read_response(reader: asyncio.StreamReader) -> tuple[http.Response, bool]:
-    """Read one HTTP/1.1 response; returns it and whether the connection may be reused."""
-    head = await reader.readuntil(b"\r\n\r\n")
+def _parse_head(head: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
     lines = head[:-4].split(b"\r\n")
     try:
         version, status_s, *reason = lines[0].split(b" ", 2)
         status = int(status_s)
     except ValueError:
-        raise SendFailure(f"Salesforce answered with something that is not HTTP: {lines[0][:60]!r}") from None
+        raise SendFailure(f"the server answered with something that is not HTTP: {lines[0][:60]!r}") from None
+    if not version.startswith(b"HTTP/1.") or not 100 <= status <= 599:
+        raise SendFailure(f"the server answered with something that is not HTTP/1.x: {lines[0][:60]!r}")
     headers: list[tuple[bytes, bytes]] = []
     for line in lines[1:]:
         name, sep, value = line.partition(b":")
-        if not sep:
-            raise SendFailure("malformed response header from Salesforce")
+        if not sep or not name.strip():
+            raise SendFailure("malformed response header from the server")
         headers.append((name.strip(), value.strip()))
-    hmap = {k.lower(): v for k, v in headers}
-    keep = hmap.get(b"connection", b"").lower() != b"close" and version == b"HTTP/1.1"
-    if status in (204, 304) or 100 <= status < 200:
-        body = b""
-    elif b"chunked" in hmap.get(b"transfer-encoding", b"").lower():
-        body = await _read_chunked(reader)
-    elif b"content-length" in hmap:
-        length = int(hmap[b"content-length"])
-        if length > MAX_RESPONSE_BYTES:
-            raise SendFailure(f"token response too large ({length} bytes > {MAX_RESPONSE_BYTES})")
-        body = await reader.readexactly(length)
+    return version, status, reason[0] if reason else b"", headers
+
+
+def _content_length(value: bytes) -> int:
+    if not value.isdigit():  # rejects "1, 1", "-5", "12x": ambiguous lengths are not guessed at
+        raise SendFailure(f"invalid Content-Length from the server: {value[:40]!r}")
+    length = int(value)
+    if length > MAX_RESPONSE_BYTES:
+        raise SendFailure(f"response too large ({length} bytes > {MAX_RESPONSE_BYTES})")
+    return length
+
+
+async def read_response(reader: asyncio.StreamReader) -> tuple[http.Response, bool]:
+    """Read one final HTTP/1.1 response (1xx interim answers are skipped); returns it and whether the
+    connection may be reused. Raises SendFailure for anything malformed or over the caps."""
+    for _ in range(10):  # bounded: at most this many interim 1xx answers
+        head = await reader.readuntil(b"\r\n\r\n")
+        version, status, reason, headers = _parse_head(head)
+        if status == 101:
+            raise SendFailure("the server switched protocols (101) on a token call")
+        if status >= 200:
+            break
     else:
-        body = await reader.read(MAX_RESPONSE_BYTES + 1)
-        keep = False
+        raise SendFailure("too many interim (1xx) answers")
+    hmap: dict[bytes, list[bytes]] = {}
+    for k, v in headers:
+        hmap.setdefault(k.lower(), []).append(v)
+    connection = {t.strip().lower() for v in hmap.get(b"connection", []) for t in v.split(b",")}
+    keep = b"close" not in connection and version == b"HTTP/1.1"
+    chunked = any(b"chunked" in v.lower() for v in hmap.get(b"transfer-encoding", []))
+    lengths = set(hmap.get(b"content-length", []))
+    if status in (204, 304):
+        body = b""
+    elif chunked:
+        body = await _read_chunked(reader)
+    elif lengths:
+        if len(lengths) != 1:
+            raise SendFailure("conflicting Content-Length headers from the server")
+        body = await reader.readexactly(_content_length(lengths.pop()))
+    else:  # delimited by the server closing the connection
+        body = bytearray()
+        while len(body) <= MAX_RESPONSE_BYTES:
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            body += chunk
         if len(body) > MAX_RESPONSE_BYTES:
-            raise SendFailure("token response too large")
-    kept = [(k, v) for k, v in headers if k.lower() not in (b"transfer-encoding", b"content-length", b"connection")]
+            raise SendFailure("response too large")
+        body, keep = bytes(body), False
+    drop = HOP_BY_HOP_BYTES | connection | {b"content-length"}
+    kept = [(k, v) for k, v in headers if k.lower() not in drop]
     kept.append((b"Content-Length", str(len(body)).encode()))
+    now = time.time()
     resp = http.Response(
-        http_version=b"HTTP/1.1",
-        status_code=status,
-        reason=reason[0] if reason else b"",
-        headers=http.Headers(kept),
-        content=body,
-        trailers=None,
-        timestamp_start=time.time(),
-        timestamp_end=time.time(),
+        http_version=b"HTTP/1.1", status_code=status, reason=reason, headers=http.Headers(kept),
+        content=body, trailers=None, timestamp_start=now, timestamp_end=now,
     )
     return resp, keep
 
@@ -243,19 +283,32 @@ async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     body = bytearray()
     for _ in range(100_000):  # bounded: at most this many chunks
         size_line = await reader.readuntil(b"\r\n")
+        size_s = size_line.split(b";", 1)[0].strip()
         try:
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
+            size = int(size_s, 16)
         except ValueError:
-            raise SendFailure("malformed chunked encoding from Salesforce") from None
+            size = -1
+        if size < 0 or not size_s:
+            raise SendFailure("malformed chunked encoding from the server")
         if size == 0:
             while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
                 pass
             return bytes(body)
         if len(body) + size > MAX_RESPONSE_BYTES:
-            raise SendFailure("token response too large")
+            raise SendFailure("response too large")
         body += await reader.readexactly(size)
         await reader.readexactly(2)
-    raise SendFailure("too many chunks in the token response")
+    raise SendFailure("too many chunks in the response")
+
+
+def _after_send(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError):
+        return "no response within the deadline"
+    if isinstance(exc, (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)):
+        return "the connection closed before a complete response"
+    if isinstance(exc, (OSError, ssl.SSLError, asyncio.LimitOverrunError)):
+        return describe_error(exc)
+    return f"unexpected {type(exc).__name__} while reading the response"
 
 
 @dataclass
@@ -311,24 +364,22 @@ class TokenSender:
                 continue
             if member is not None:
                 self.on_connect_success(member)
-            try:
-                conn.writer.write(raw)  # from here on, the request may reach Salesforce
-                await conn.writer.drain()
+            released = False
+            try:  # from the first write on, the request may reach Salesforce: never retried
                 async with asyncio.timeout(self.response_timeout):
+                    conn.writer.write(raw)
+                    await conn.writer.drain()
                     response, keep = await read_response(conn.reader)
+                if keep:
+                    self.pool.release(conn)
+                    released = True
+                return SendResult(response, member, attempts, sent=True)
             except SendFailure as exc:
-                conn.close()
                 return SendResult(None, member, attempts, sent=True, detail=str(exc))
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError) as exc:
-                conn.close()
-                what = "no response within the deadline" if isinstance(exc, TimeoutError) else (
-                    "the connection closed before a complete response" if isinstance(
-                        exc, (asyncio.IncompleteReadError, ConnectionResetError, BrokenPipeError)) else describe_error(exc))
+            except Exception as exc:  # noqa: BLE001 - whatever broke, the bytes may have left
                 via = f"via pair member {member.label}" if member else "direct"
                 extra = " (on a reused keep-alive connection)" if reused else ""
-                return SendResult(None, member, attempts, sent=True, detail=f"{what} {via}{extra}")
-            if keep:
-                self.pool.release(conn)
-            else:
-                conn.close()
-            return SendResult(response, member, attempts, sent=True)
+                return SendResult(None, member, attempts, sent=True, detail=f"{_after_send(exc)} {via}{extra}")
+            finally:
+                if not released:
+                    conn.close()

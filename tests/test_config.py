@@ -44,8 +44,10 @@ def test_upstream_and_pair() -> None:
 
 
 def test_guard_defaults_to_enforce_with_allowlist() -> None:
-    assert load_settings({"SIDECAR_ALLOWLIST": "52.1.2.3"}).guard_mode == "enforce"
-    assert load_settings({"SIDECAR_ALLOWLIST": "52.1.2.3", "SIDECAR_GUARD": "observe"}).guard_mode == "observe"
+    pair = {"QUOTAGUARDSTATIC_URL": "http://u:p@h:9293"}
+    assert load_settings({**pair, "SIDECAR_ALLOWLIST": "52.1.2.3"}).guard_mode == "enforce"
+    assert load_settings({**pair, "SIDECAR_ALLOWLIST": "52.1.2.3", "SIDECAR_GUARD": "observe"}).guard_mode == "observe"
+    assert load_settings({"SIDECAR_ALLOWLIST": "52.1.2.3"}).guard_mode == "observe"  # direct mode: nothing to enforce
 
 
 @pytest.mark.parametrize(
@@ -56,7 +58,9 @@ def test_guard_defaults_to_enforce_with_allowlist() -> None:
         ({"SIDECAR_ADMIN_LISTEN": "x:y"}, "SIDECAR_ADMIN_LISTEN", "HOST:PORT"),
         ({"SIDECAR_ROUTE": "everything"}, "SIDECAR_ROUTE", "token, salesforce, all"),
         ({"SIDECAR_GUARD": "strict"}, "SIDECAR_GUARD", "observe or enforce"),
-        ({"SIDECAR_GUARD": "enforce"}, "SIDECAR_GUARD", "SIDECAR_ALLOWLIST"),
+        ({"SIDECAR_GUARD": "enforce", "QUOTAGUARDSTATIC_URL": "http://u:p@h:9293"}, "SIDECAR_GUARD", "SIDECAR_ALLOWLIST"),
+        ({"SIDECAR_GUARD": "enforce", "SIDECAR_ALLOWLIST": "1.2.3.4"}, "SIDECAR_GUARD", "QUOTAGUARDSTATIC_URL"),
+        ({"SIDECAR_TOKEN_HOSTS": "login*.salesforce.com"}, "SIDECAR_TOKEN_HOSTS", "may only lead"),
         ({"SIDECAR_LOG_FORMAT": "xml"}, "SIDECAR_LOG_FORMAT", "json or text"),
         ({"SIDECAR_PROBE_INTERVAL": "0"}, "SIDECAR_PROBE_INTERVAL", "greater than or equal"),
         ({"SIDECAR_CONNECT_TIMEOUT": "soon"}, "SIDECAR_CONNECT_TIMEOUT", "number"),

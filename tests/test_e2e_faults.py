@@ -264,3 +264,58 @@ def test_connection_cap_and_idle_timeout(world: World, make_sidecar_proc: Callab
 def _redeem_ok(sc: SidecarProcess, world: World) -> bool:
     with sc.session() as s:
         return redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+
+
+def test_target_errors_fail_over_without_ejecting_the_member(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """A mistyped My Domain makes the members answer the CONNECT with an error; that is not the
+    members' fault, so they must stay in service for everyone else's refreshes."""
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2", "SIDECAR_PROBE_INTERVAL": "30"})
+    with sc.session() as s:
+        for _ in range(3):
+            bad = s.post("https://typo-org.my.salesforce.com/services/oauth2/token",
+                         data={"grant_type": "refresh_token", "refresh_token": "x"}, timeout=10)
+            assert bad.status_code == 502 and bad.json()["error"] == "upstream_unreachable"
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+    assert "ejected" not in sc.log_text()
+    assert metric_value(sc.metrics(), "egress_sidecar_member_failures_total", reason="proxy_error") == 3
+
+
+def test_client_leaving_mid_call_does_not_lose_the_record(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    import ssl as ssl_mod
+
+    sc = make_sidecar_proc(both_allowlisted(world))
+    world.salesforce.slow_seconds = 1.0
+    world.salesforce.fail_mode = "slow"
+    token = world.salesforce.issue_refresh_token()
+    body = f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}".encode()
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+        c.sendall(b"CONNECT login.salesforce.com:443 HTTP/1.1\r\nHost: login.salesforce.com:443\r\n\r\n")
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        tls = ssl_mod.create_default_context(cafile=str(sc.ca_bundle)).wrap_socket(c, server_hostname="login.salesforce.com")
+        tls.sendall(b"POST /services/oauth2/token HTTP/1.1\r\nHost: login.salesforce.com\r\n"
+                    b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        time.sleep(0.3)
+        tls.close()  # the app gives up while Salesforce is still answering
+    assert wait_until(lambda: len(sc.log_events()) == 1, timeout=10)
+    (call,) = sc.log_events()
+    assert call["outcome"] == "success" and call["status"] == 200
+    assert metric_value(sc.metrics(), "egress_sidecar_refresh_token_rotations_total", rotated="true") == 1
+
+
+def test_malformed_token_calls_are_refused_locally(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc({**both_allowlisted(world), "SIDECAR_ROUTE": "salesforce"})
+    with sc.session() as s:
+        chunked = s.post(TOKEN_URL, data=iter([b"grant_type=refresh_token", b"&refresh_token=x"]), timeout=10,
+                         headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert chunked.status_code == 411 and chunked.json()["error"] == "token_request_length_required"
+        plain = s.post("http://login.salesforce.com/services/oauth2/token", data={"grant_type": "refresh_token"},
+                       timeout=10)
+        assert plain.status_code == 400 and plain.json()["error"] == "token_call_not_https"
+    assert not [r for r in world.salesforce.seen if r.path.startswith("/services/oauth2/token")]
+    calls = sc.log_events()
+    assert [c["route"] for c in calls] == ["refused", "refused"]
+    assert metric_value(sc.metrics(), "egress_sidecar_token_requests_total", member="none", outcome="client_error") == 2

@@ -10,7 +10,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.sim.certs import TestCA
-from tests.harness import ROOT, SidecarProcess, World, metric_value, redeem, redeem_chain, sidecar_env, wait_until
+from tests.harness import (
+    CLIENT_SECRET,
+    ROOT,
+    SidecarProcess,
+    World,
+    metric_value,
+    redeem,
+    redeem_chain,
+    sidecar_env,
+    wait_until,
+)
 
 TOKENS = "egress_sidecar_token_requests_total"
 
@@ -149,3 +159,32 @@ def test_check_reports_unreachable_member(world: World, tmp_path: Path, test_ca:
                                         "SIDECAR_PROBE_SAMPLES": "2"})
     assert out.returncode == 1
     assert f"Pair member {world.members[1]} is unreachable (cannot connect to the member: connection refused)" in out.stdout
+
+
+def test_enforce_reads_the_grant_from_the_query_string_too(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})
+    with sc.session() as s:
+        for _ in range(4):
+            token = world.salesforce.issue_refresh_token()
+            resp = s.post(f"https://login.salesforce.com/services/oauth2/token?grant_type=refresh_token&"
+                          f"refresh_token={token}&client_id=3MVG9demo&client_secret={CLIENT_SECRET}", timeout=10)
+            assert resp.status_code == 200, resp.text
+        # A grant type the sidecar cannot read is routed as if it were subject to the allowlist.
+        for _ in range(4):
+            s.post("https://login.salesforce.com/services/oauth2/token", data=b"grant_type=refresh_token&grant_type=x",
+                   headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=10)
+    assert {r.source_ip for r in world.salesforce.seen} == {"127.0.0.2"}
+    assert Counter(c["grant_type"] for c in sc.log_events()) == {"refresh_token": 4, "other": 4}
+
+
+def test_direct_mode_with_an_allowlist_observes_and_explicit_enforce_is_refused(tmp_path: Path, test_ca: TestCA) -> None:
+    from sidecar.config import ConfigError, load_settings
+
+    assert load_settings({"SIDECAR_ALLOWLIST": "52.1.2.3"}).guard_mode == "observe"
+    try:
+        load_settings({"SIDECAR_ALLOWLIST": "52.1.2.3", "SIDECAR_GUARD": "enforce"})
+        raise AssertionError("enforce without a pair must be refused")
+    except ConfigError as exc:
+        assert str(exc).startswith("SIDECAR_GUARD=enforce needs QUOTAGUARDSTATIC_URL")

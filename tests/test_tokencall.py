@@ -13,7 +13,9 @@ from sidecar.tokencall import (
     grant_type,
     host_class,
     is_token_request,
-    response_has_refresh_token,
+    issued_refresh_token,
+    request_fields,
+    subject_to_allowlist,
 )
 
 FORM = "application/x-www-form-urlencoded"
@@ -104,10 +106,25 @@ def test_grant_type_never_raises(text: str, ctype: str | None) -> None:
 
 
 def test_rotation_detection() -> None:
-    assert response_has_refresh_token(b'{"access_token":"a","refresh_token":"r"}')
-    assert not response_has_refresh_token(b'{"access_token":"a"}')
-    assert not response_has_refresh_token(b'{"refresh_token":""}')
-    assert not response_has_refresh_token(b"garbage")
+    assert issued_refresh_token(b'{"access_token":"a","refresh_token":"r"}') == "r"
+    assert issued_refresh_token(b'{"access_token":"a"}') is None
+    assert issued_refresh_token(b'{"refresh_token":""}') is None
+    assert issued_refresh_token(b"garbage") is None
+
+
+def test_grant_type_from_query_string_too() -> None:
+    # Salesforce reads token parameters from the query string as well as the body.
+    assert grant_type(FORM, b"", "grant_type=refresh_token&refresh_token=x") == "refresh_token"
+    assert grant_type(None, b"refresh_token=x", "grant_type=authorization_code") == "authorization_code"
+    # The same parameter in both places is ambiguous, and so not trusted.
+    assert grant_type(FORM, b"grant_type=password", "grant_type=refresh_token") == "other"
+    assert request_fields("application/json", b"grant_type=x", "a=1") == {"a": ["1"]}
+
+
+def test_unknown_grants_are_treated_as_subject_to_the_allowlist() -> None:
+    assert subject_to_allowlist("refresh_token") and subject_to_allowlist("authorization_code")
+    assert subject_to_allowlist("other")
+    assert not subject_to_allowlist("jwt_bearer") and not subject_to_allowlist("client_credentials")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,53 @@
+"""The answers the sidecar gives the app itself, instead of Salesforce's: what went wrong, whether
+anything reached Salesforce, and what to do. JSON like Salesforce's own errors, plus
+``sent_to_salesforce`` (true / false / "unknown") so an app can tell a safe retry from a risky one."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from mitmproxy import http
+
+from sidecar.guard import Guard
+
+
+def local_answer(status: int, error: str, description: str, sent: bool | str = False,
+                 extra: dict[str, Any] | None = None) -> http.Response:
+    body: dict[str, Any] = {"error": error, "error_description": "egress-sidecar: " + description, **(extra or {}),
+                            "sent_to_salesforce": sent}
+    headers = {"Content-Type": "application/json", "X-Egress-Sidecar": error}
+    if status in (503,):
+        headers["Retry-After"] = "30"
+    return http.Response.make(status, json.dumps(body).encode(), headers)
+
+
+def blocked(guard: Guard, reason: str) -> http.Response:
+    return local_answer(
+        503, "egress_not_allowlisted", "refused to send this token call: " + reason,
+        extra={
+            "missing_from_allowlist": guard.missing_ips(),
+            "pair": [
+                {"member": m.label, "egress_ip": m.egress_ip, "allowlisted": guard.is_allowlisted(m.egress_ip),
+                 "up": m.up}
+                for m in guard.pair.members
+            ],
+        },
+    )
+
+
+def failed_after_send(via: str, detail: str) -> http.Response:
+    return local_answer(
+        502, "upstream_failed_after_send",
+        f"the token request was sent ({via}) but no complete answer came back: {detail}. It was not retried, "
+        "because Salesforce rotates refresh tokens and the request may have been processed; if it was a "
+        "refresh, the app's stored refresh token may now be stale.",
+        sent="unknown",
+    )
+
+
+def unreachable(tried: list[str], detail: str) -> http.Response:
+    return local_answer(
+        502, "upstream_unreachable",
+        f"no byte of the token request was sent (tried {', '.join(tried)}): {detail}. It is safe to retry.",
+    )
