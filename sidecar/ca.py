@@ -8,6 +8,7 @@ REQUESTS_CA_BUNDLE, SSL_CERT_FILE, CURL_CA_BUNDLE).
 from __future__ import annotations
 
 import os
+import ssl
 from pathlib import Path
 
 import certifi
@@ -92,6 +93,16 @@ def upstream_trust(settings: Settings, confdir: Path) -> Path | None:
     path = confdir / UPSTREAM_TRUST
     _write(path, roots.rstrip(b"\n") + b"\n" + extra)
     return path
+
+
+def trust_context(settings: Settings) -> ssl.SSLContext:
+    """TLS client context for servers the sidecar itself talks to (Salesforce, an https echo): the
+    public roots plus SIDECAR_UPSTREAM_CA, if set. HTTP/1.1 only."""
+    ctx = ssl.create_default_context(cafile=certifi.where())
+    if settings.upstream_ca is not None:
+        ctx.load_verify_locations(cafile=str(settings.upstream_ca.expanduser()))
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
 
 
 def client_env(confdir: Path, proxy_url: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from sidecar.ca import trust_context
 from sidecar.config import Settings, Upstream
 from sidecar.guard import Guard
 from sidecar.logs import event
@@ -159,9 +160,7 @@ class Prober:
         self.samples = settings.probe_samples
         self.interval = settings.probe_interval
         self.timeout = settings.connect_timeout
-        self.ssl_context: ssl.SSLContext | None = None
-        if settings.upstream_ca is not None and self.target.scheme == "https":
-            self.ssl_context = ssl.create_default_context(cafile=str(settings.upstream_ca.expanduser()))
+        self.ssl_context = trust_context(settings) if self.target.scheme == "https" else None
         self.rounds = 0
         self._member_up_ip: dict[str, str] = {}
         self._allowlisted_ips: set[str] = set()

@@ -92,7 +92,7 @@ class Metrics:
         )
         self.failovers = Counter(
             f"{NS}_failovers_total",
-            "Token calls moved to another member before any byte of them was sent.",
+            "Moves of a token call to another member (before any byte of it was sent).",
             registry=r,
         )
         self.rotations = Counter(
@@ -126,7 +126,7 @@ class Metrics:
             "1 when no QuotaGuard upstream is configured (token calls leave from this host's IP).",
             registry=r,
         )
-        self.ready = Gauge(f"{NS}_ready", "1 once the proxy listens and can route token calls.", registry=r)
+        self.ready = Gauge(f"{NS}_ready", "1 once the proxy listens (see /readyz for whether a refresh could be routed).", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,13 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import ssl
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import certifi
 from mitmproxy import exceptions as mitm_exceptions
 from mitmproxy import options
 from mitmproxy.addons import core, disable_h2c, next_layer, proxyauth, proxyserver, tlsconfig
@@ -24,7 +22,7 @@ from addons.intercept import SelectiveIntercept
 from addons.token_route import TokenRoute
 from sidecar import __version__
 from sidecar.admin import AdminServer
-from sidecar.ca import client_env, export_ca, install_given_ca, prepare_confdir, upstream_trust
+from sidecar.ca import client_env, export_ca, install_given_ca, prepare_confdir, trust_context, upstream_trust
 from sidecar.config import ConfigError, HostPort, Settings
 from sidecar.discovery import Prober
 from sidecar.grants import GrantTracker
@@ -81,17 +79,12 @@ class Sidecar:
         # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
         self.grants = GrantTracker(self.metrics)
         self.upstream_trust = upstream_trust(settings, self.confdir)
-        self.pool = UpstreamPool(settings.upstream, self._upstream_ssl_context(), settings.connect_timeout)
+        self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout)
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
         self.token_route = TokenRoute(
             self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
             on_call=self.grants.on_call,
         )
-
-    def _upstream_ssl_context(self) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(cafile=str(self.upstream_trust) if self.upstream_trust else certifi.where())
-        ctx.set_alpn_protocols(["http/1.1"])
-        return ctx
 
     def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
         self.metrics.member_failures.labels(member.label, failure.reason).inc()

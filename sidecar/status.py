@@ -40,6 +40,7 @@ def member_rows(pair: Pair, guard: Guard) -> list[dict[str, Any]]:
             "pinned": m.pinned_ip is not None,
             "stable": m.stable,
             "up": m.up,
+            "ejected": m.ejected,
             "allowlisted": guard.is_allowlisted(m.egress_ip),
             "last_probe_age_seconds": None if m.last_probe is None else round(now - m.last_probe, 1),
             "last_error": m.last_error,
