@@ -1,0 +1,230 @@
+"""Summarise a profile of the sidecar's token path: where the time of one token call goes.
+
+Two sources give the same :class:`Profile`:
+
+- **py-spy** (preferred, when installed): wall-clock stack samples of every thread of the running
+  sidecar, taken from outside with little overhead. Samples of the event loop's thread waiting in
+  ``epoll`` are idle; the others are split into *stages* of a token call by the frames on the stack
+  (our hooks, the sender, mitmproxy's hook dispatch, its TLS, its HTTP layers, socket writes).
+  Other threads (the refresh token writer) are reported apart.
+- **cProfile** (fallback, standard library): deterministic, but slower, and since Python 3.12 it
+  sees every thread's calls on one stack, so a busy second thread blurs the attribution. Own time
+  is grouped by where the code lives.
+"""
+
+from __future__ import annotations
+
+import pstats
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Profile:
+    tool: str
+    calls: int  # token calls in the profiled window
+    busy_ms: float  # the event loop thread's busy time per call (under the profiler)
+    stages: list[tuple[str, float]]  # (stage or group, ms per call), largest first
+    top: list[tuple[str, float, str]]  # (function or line, ms per call, extra)
+    key: list[tuple[str, float]]  # (our function, inclusive ms per call)
+    threads: list[tuple[str, float]] = field(default_factory=list)  # other threads' busy ms per call
+    samples: int = 0
+    caveat: str = ""
+    window_s: float = 0.0
+    rate: int = 0
+
+
+# ---- py-spy --------------------------------------------------------------------------------------
+
+IDLE_LEAVES = ("EpollSelector.select ", "_PollLikeSelector.select ", "Condition.wait ", "Event.wait ",
+               "Thread._wait_for_tstate_lock ", "BaseSelector.select ", "select (selectors.py")
+SEND_LEAVES = ("_SelectorSocketTransport.write ", "_SelectorTransport.write ", "socket.send")
+# (stage, frame markers): the first stage with a marker anywhere on the stack wins.
+STAGES: list[tuple[str, tuple[str, ...]]] = [
+    ("refresh token tracking on the event loop (`GrantTracker.on_call`)", ("GrantTracker.",)),
+    ("metrics and the JSON log line (`Recorder.record`)", ("Recorder.record ",)),
+    ("response hook: classify the answer (`TokenRoute.response`)", ("TokenRoute.response ", "TokenRoute._finish ")),
+    ("sending through the member (`sidecar/upstream.py`: pool, TLS, write, read, parse)",
+     ("TokenSender.", "UpstreamPool.", "read_response ", "assemble_request ")),
+    ("request hooks: detect, grant type, guard (`TokenRoute.requestheaders/request`)", ("TokenRoute.",)),
+    ("other sidecar addons and code (`addons/`, `sidecar/`)", ("(addons/", "(sidecar/")),
+    ("mitmproxy: client-side TLS (pyOpenSSL, certificates)", ("layers/tls.py", "(OpenSSL/", "tlsconfig.py",
+                                                           "mitmproxy/certs.py")),
+    ("mitmproxy: dispatching hooks to the addons (`AddonManager`)", ("AddonManager.",)),
+    ("mitmproxy: proxy layers (HTTP/1 parsing and serialising, events, flow model)", ("(mitmproxy/",)),
+]
+OTHER_STAGE = "asyncio event loop and the rest"
+SEND_STAGE = ("socket `send()` to the client or the member (mostly waiting: the woken peer often runs on this CPU "
+              "before the sidecar gets it back)")
+KEY_MARKERS = [
+    ("`TokenRoute.requestheaders` (detect)", "TokenRoute.requestheaders "),
+    ("`TokenRoute.request` (grant type, guard, send)", "TokenRoute.request "),
+    ("`TokenSender.send` (pool, write, read)", "TokenSender.send "),
+    ("`read_response` (parse Salesforce's answer)", "read_response "),
+    ("`TokenRoute.response` (classify, record, observers)", "TokenRoute.response "),
+    ("`Recorder.record` (metrics + log line)", "Recorder.record "),
+    ("`logs.event` (one JSON log line)", "event (sidecar/logs.py"),
+    ("`GrantTracker.on_call` (rotation tracking)", "GrantTracker.on_call "),
+    ("`AddonManager.trigger_event` (hook dispatch, any addon)", "AddonManager.trigger_event "),
+]
+
+
+def _is_idle(leaf: str) -> bool:
+    return leaf.startswith(IDLE_LEAVES) or "time.sleep" in leaf
+
+
+LOOP_FRAMES = ("Handle._run ", "BaseEventLoop._run_once ")
+
+
+def _stage(frames: list[str]) -> str:
+    if frames and frames[-1].startswith(SEND_LEAVES):
+        return SEND_STAGE
+    # Only what the event loop runs: the frames below it (the CLI, asyncio.run) are on every stack.
+    loop = [i for i, f in enumerate(frames) if f.startswith(LOOP_FRAMES)]
+    frames = frames[loop[-1] + 1:] if loop else frames
+    for stage, markers in STAGES:
+        if any(m in f for f in frames for m in markers):
+            return stage
+    return OTHER_STAGE
+
+
+def from_pyspy(path: Path, calls: int, window_s: float, rate: int, top_n: int = 12) -> Profile:
+    """Read py-spy's ``--format raw --threads`` output (``thread (TID): NAME;frame;...;leaf COUNT``)."""
+    main_total = idle = 0
+    stages: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    key: Counter[str] = Counter()
+    threads: Counter[str] = Counter()
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, count = line.rstrip().rpartition(" ")
+        if not stack or not count.isdigit():
+            continue
+        n = int(count)
+        frames = stack.split(";")
+        thread, frames = frames[0], frames[1:]
+        leaf = frames[-1] if frames else ""
+        if not thread.endswith("MainThread"):
+            if frames and not _is_idle(leaf):
+                threads[thread.partition(": ")[2] or thread] += n
+            continue
+        main_total += n
+        if not frames or _is_idle(leaf):
+            idle += n
+            continue
+        stages[_stage(frames)] += n
+        leaves[leaf] += n
+        for label, marker in KEY_MARKERS:
+            if any(marker in f for f in frames):
+                key[label] += n
+    busy = main_total - idle
+    # Every sample of the event loop's thread stands for an equal slice of the window.
+    ms = window_s * 1e3 / main_total / max(1, calls) if main_total else 0.0
+    return Profile(
+        tool="py-spy",
+        calls=calls,
+        busy_ms=busy * ms,
+        stages=[(s, c * ms) for s, c in stages.most_common()],
+        top=[(leaf, c * ms, f"{c / busy:.0%}" if busy else "") for leaf, c in leaves.most_common(top_n)],
+        key=[(label, key[label] * ms) for label, _m in KEY_MARKERS if key[label]],
+        threads=[(t, c * ms) for t, c in threads.most_common()],
+        samples=main_total,
+        window_s=window_s,
+        rate=rate,
+    )
+
+
+# ---- cProfile (fallback) -------------------------------------------------------------------------
+
+OWN = (f"{ROOT / 'sidecar'}/", f"{ROOT / 'addons'}/")
+_OWN_GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("sidecar: logging (JSON log line)", ("logs.py",)),
+    ("sidecar: refresh token tracking (grants, sqlite)", ("grants.py", "grantstore.py")),
+    ("sidecar: metrics", ("metrics.py",)),
+]
+_FILE_GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("sidecar: logging (JSON log line)", ("/logging/",)),
+    ("sidecar: refresh token tracking (grants, sqlite)", ("/sqlite3/",)),
+    ("sidecar: metrics", ("/prometheus_client/",)),
+    ("TLS (ssl, pyOpenSSL, cryptography)", ("/ssl.py", "/OpenSSL/", "/cryptography/")),
+    ("mitmproxy: proxy layers", ("/mitmproxy/proxy/",)),
+    ("mitmproxy: hook dispatch and options", ("/mitmproxy/addons/", "/mitmproxy/addonmanager.py",
+                                              "/mitmproxy/hooks.py", "/mitmproxy/optmanager.py")),
+    ("mitmproxy: flow and HTTP model, utils", ("/mitmproxy/",)),
+    ("asyncio", ("/asyncio/",)),
+]
+_BUILTIN_GROUPS: list[tuple[str, tuple[str, ...]]] = [
+    ("idle", ("select.epoll", "_thread.lock", "_thread.RLock", "select.select", "select.poll")),
+    ("TLS (ssl, pyOpenSSL, cryptography)", ("_ssl.", "_openssl", "_rust")),
+    ("socket send/recv syscalls", ("_socket.socket",)),
+    ("sidecar: refresh token tracking (grants, sqlite)", ("sqlite3",)),
+]
+CPROFILE_KEYS = [
+    ("`TokenRoute.request` (grant type, guard, send)", "addons/token_route.py", "request"),
+    ("`TokenSender.send` (pool, write, read)", "sidecar/upstream.py", "send"),
+    ("`TokenRoute.response` (classify, record, observers)", "addons/token_route.py", "response"),
+    ("`Recorder.record` (metrics + log line)", "sidecar/record.py", "record"),
+    ("`GrantTracker.on_call` (rotation tracking)", "sidecar/grants.py", "on_call"),
+    ("`AddonManager.trigger_event` (hook dispatch, any addon)", "mitmproxy/addonmanager.py", "trigger_event"),
+]
+
+
+def _group(filename: str, func: str) -> str:
+    if filename == "~" or filename.startswith("<"):
+        for group, needles in _BUILTIN_GROUPS:
+            if any(n in func for n in needles):
+                return group
+        return "builtins"
+    if filename.startswith(OWN):
+        name = Path(filename).name
+        for group, names in _OWN_GROUPS:
+            if name in names:
+                return group
+        return "sidecar: token path (addons/, sidecar/)"
+    for group, needles in _FILE_GROUPS:
+        if any(n in filename for n in needles):
+            return group
+    return "other standard library"
+
+
+def _label(filename: str, line: int, func: str) -> str:
+    if filename == "~":
+        return func
+    parts = Path(filename).parts
+    for anchor in ("mitmproxy", "sidecar", "addons", "asyncio", "OpenSSL", "logging"):
+        if anchor in parts:
+            i = len(parts) - 1 - parts[::-1].index(anchor)
+            return f"{'/'.join(parts[i:])}:{line} {func}"
+    return f"{Path(filename).name}:{line} {func}"
+
+
+def from_cprofile(path: Path, calls: int, top_n: int = 12) -> Profile:
+    raw = pstats.Stats(str(path)).stats  # type: ignore[attr-defined]
+    groups: Counter[str] = Counter()
+    rows = []
+    for (filename, line, func), (_cc, nc, tt, ct, _callers) in raw.items():
+        g = _group(filename, func)
+        groups[g] += tt
+        if g != "idle":
+            rows.append((_label(filename, line, func), nc, tt, ct))
+    busy = sum(v for g, v in groups.items() if g != "idle")
+    per = 1e3 / max(1, calls)
+    rows.sort(key=lambda r: -r[2])
+    key = []
+    for label, suffix, name in CPROFILE_KEYS:
+        ct = sum(v[3] for (fn, _ln, f), v in raw.items() if f == name and fn.endswith("/" + suffix))
+        if ct:
+            key.append((label, ct * per))
+    return Profile(
+        tool="cProfile",
+        calls=calls,
+        busy_ms=busy * per,
+        stages=[(g, v * per) for g, v in groups.most_common() if g != "idle"],
+        top=[(f"{name}", tt * per, f"{nc / max(1, calls):.1f} calls/token call") for name, nc, tt, _ct in rows[:top_n]],
+        key=key,
+        caveat="Own time by where the code lives. Since Python 3.12 cProfile "
+        "records every thread's calls on one stack, so the refresh token writer thread blurs the attribution; "
+        "read it as a rough guide.",
+    )

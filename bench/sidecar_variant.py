@@ -1,0 +1,66 @@
+"""``python -m bench.sidecar_variant run``: the real sidecar, instrumented for the profile and ablation runs.
+
+- ``BENCH_PROFILE_PREFIX`` set: SIGUSR1 starts a fresh cProfile, SIGUSR2 stops it and writes
+  ``PREFIX-N.prof`` (then an empty ``PREFIX-N.done``, so the bench knows the write finished). The
+  window lets the bench profile only the token calls it sends, not the start or the probes.
+- ``BENCH_DISABLE=grants``: refresh token tracking (``GrantTracker.on_call``) does nothing, to
+  measure what it costs per call. Anything else is the unmodified ``sidecar.cli.main``.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import os
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+
+def install_profiler(prefix: str) -> None:
+    state: dict[str, object] = {"prof": None, "n": 0}
+
+    def start(_sig: int, _frame: FrameType | None) -> None:
+        if state["prof"] is None:
+            prof = cProfile.Profile()
+            state["prof"] = prof
+            prof.enable()
+
+    def stop(_sig: int, _frame: FrameType | None) -> None:
+        prof = state["prof"]
+        if not isinstance(prof, cProfile.Profile):
+            return
+        prof.disable()
+        state["prof"] = None
+        n = int(str(state["n"]))
+        state["n"] = n + 1
+        out = Path(f"{prefix}-{n}.prof")
+        prof.dump_stats(out)
+        out.with_suffix(".done").touch()
+
+    signal.signal(signal.SIGUSR1, start)
+    signal.signal(signal.SIGUSR2, stop)
+
+
+def disable(parts: set[str]) -> None:
+    if "grants" in parts:
+        from sidecar.grants import GrantTracker
+
+        def on_call(self: object, call: object, flow: object) -> None:
+            return None
+
+        GrantTracker.on_call = on_call  # type: ignore[method-assign]
+
+
+def main() -> int:
+    prefix = os.environ.pop("BENCH_PROFILE_PREFIX", "")
+    if prefix:
+        install_profiler(prefix)
+    disable({p.strip() for p in os.environ.pop("BENCH_DISABLE", "").split(",") if p.strip()})
+    from sidecar.cli import main as sidecar_main
+
+    return sidecar_main(sys.argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
