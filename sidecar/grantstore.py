@@ -40,6 +40,7 @@ HASH_BYTES = 16  # HMAC-SHA256 truncated to 128 bits (RFC 2104 section 5): half 
 GRANT_ID_HEX = 12  # shown grant id: the first 12 hex digits of the chain's first token hash
 SCHEMA_VERSION = "1"
 QUEUE_SIZE = 10_000  # pending changes; beyond this a change is dropped and counted
+COMMIT_WINDOW_SECONDS = 0.05
 BATCH = 500  # changes per transaction
 _KEY_CHECK = b"egress-sidecar grants.key check"
 
@@ -267,9 +268,15 @@ class GrantStore:
             stop = False
             while not stop:
                 batch = [self._queue.get()]
-                while len(batch) < BATCH:
+                # Gather for a moment before committing: under steady traffic one transaction then
+                # covers many token calls, and the writer takes the GIL from the proxy far less often.
+                window_ends = time.monotonic() + COMMIT_WINDOW_SECONDS
+                while len(batch) < BATCH and batch[-1] is not _STOP and not isinstance(batch[-1], threading.Event):
+                    remaining = window_ends - time.monotonic()
+                    if remaining <= 0:
+                        break
                     try:
-                        batch.append(self._queue.get_nowait())
+                        batch.append(self._queue.get(timeout=remaining))
                     except queue.Empty:
                         break
                 changes = [c for c in batch if isinstance(c, Change)]
