@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 import requests
 
 from sidecar.sim.echo import FakeIPEcho
@@ -32,6 +34,26 @@ CLIENT_ID = "3MVG9demo"
 CLIENT_SECRET = "demo-consumer-secret-0123456789"
 PROXY_USER, PROXY_PASS = "qgUser", "qgPass-s3cret-XYZ"
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def find_tool(names: tuple[str, ...], env_var: str) -> str | None:
+    """A tool's path: ``$env_var`` if set (and a file), else the first of ``names`` on PATH."""
+    explicit = os.environ.get(env_var)
+    if explicit:
+        return explicit if Path(explicit).is_file() else None
+    return next((p for p in map(shutil.which, names) if p), None)
+
+
+def require_tool(names: tuple[str, ...], env_var: str, install_hint: str) -> str:
+    """The tool's path, or skip the calling test on a developer machine and fail it in CI (CI must
+    install every real part the tests use)."""
+    path = find_tool(names, env_var)
+    if path:
+        return path
+    message = f"{names[0]} not found on PATH (or ${env_var}): {install_hint}"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(f"CI is set but {message}", pytrace=False)
+    pytest.skip(message)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

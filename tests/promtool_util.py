@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
-from pathlib import Path
 
-import pytest
+from tests.harness import find_tool, require_tool
 
 # The metrics contract: every series name the sidecar exports and that rules and dashboards may use
 # (histogram series as their base name). Written out here, not imported from sidecar.metrics, so a
@@ -85,21 +83,12 @@ class PromtoolError(RuntimeError):
 
 def promtool_path() -> str | None:
     """The promtool binary: $PROMTOOL if set, else the one on PATH, else None."""
-    explicit = os.environ.get("PROMTOOL")
-    if explicit:
-        return explicit if Path(explicit).is_file() else None
-    return shutil.which("promtool")
+    return find_tool(("promtool",), "PROMTOOL")
 
 
 def require_promtool() -> str:
     """The promtool binary, or skip (developer machine) / fail (CI) the calling test."""
-    path = promtool_path()
-    if path:
-        return path
-    message = f"promtool not found on PATH (or $PROMTOOL): {INSTALL_HINT}"
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"CI is set but {message}", pytrace=False)
-    pytest.skip(message)
+    return require_tool(("promtool",), "PROMTOOL", INSTALL_HINT)
 
 
 def run_promtool(*args: str | os.PathLike[str], stdin: str | None = None,

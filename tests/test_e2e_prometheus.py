@@ -13,9 +13,7 @@ Without `prometheus` the test is skipped on a developer's machine and FAILS unde
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -29,7 +27,16 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.harness import ROOT, SidecarProcess, World, free_port, metric_value, redeem, wait_until
+from tests.harness import (
+    ROOT,
+    SidecarProcess,
+    World,
+    free_port,
+    metric_value,
+    redeem,
+    require_tool,
+    wait_until,
+)
 from tests.promtool_util import promtool_check_metrics
 
 RULES = ROOT / "deploy" / "prometheus" / "egress-sidecar.rules.yml"
@@ -57,17 +64,7 @@ SCENARIO_DEADLINE_S = 60.0
 
 def require_prometheus() -> str:
     """The prometheus binary ($PROMETHEUS or PATH), or skip (developer machine) / fail (CI)."""
-    explicit = os.environ.get("PROMETHEUS")
-    if explicit:
-        path = explicit if Path(explicit).is_file() else None
-    else:
-        path = shutil.which("prometheus")
-    if path:
-        return path
-    message = f"prometheus not found on PATH (or $PROMETHEUS): {INSTALL_HINT}"
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"CI is set but {message}", pytrace=False)
-    pytest.skip(message)
+    return require_tool(("prometheus",), "PROMETHEUS", INSTALL_HINT)
 
 
 _DURATION_RE = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")

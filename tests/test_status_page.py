@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import struct
 import subprocess
@@ -30,7 +29,7 @@ from urllib.parse import urljoin, urlsplit
 
 import pytest
 
-from tests.harness import SidecarProcess, World, redeem, wait_until
+from tests.harness import SidecarProcess, World, redeem, require_tool, wait_until
 
 GOOD_IP, BAD_IP = "127.0.0.2", "127.0.0.3"
 CALLS = 5  # odd, so the two IPs get different counts and a swapped row shows
@@ -53,17 +52,7 @@ CHROMIUM_FLAGS = (
 
 def require_chromium() -> str:
     """The chromium binary ($CHROMIUM or PATH), or skip (developer machine) / fail (CI)."""
-    explicit = os.environ.get("CHROMIUM")
-    if explicit:
-        path = explicit if Path(explicit).is_file() else None
-    else:
-        path = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
-    if path:
-        return path
-    message = f"chromium not found on PATH (or $CHROMIUM): {INSTALL_HINT}"
-    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
-        pytest.fail(f"CI is set but {message}", pytrace=False)
-    pytest.skip(message)
+    return require_tool(("chromium", "chromium-browser", "google-chrome"), "CHROMIUM", INSTALL_HINT)
 
 
 def run_chromium(binary: str, workdir: Path, url: str, *flags: str) -> subprocess.CompletedProcess[str]:
