@@ -32,19 +32,20 @@ class ClientAccess:
     def __init__(self, require_auth: bool, max_connections: int = 1000) -> None:
         self.require_auth = require_auth
         self.max_connections = max_connections
-        self.active = 0
+        self.active = 0  # client connections open now; counted by the front door, which sees them all
 
-    def client_disconnected(self, client: connection.Client) -> None:
-        self.active -= 1
+    def over_capacity_body(self) -> bytes:
+        return json.dumps({
+            "error": "too_many_connections",
+            "error_description": f"egress-sidecar serves at most {self.max_connections} concurrent client "
+            "connections (SIDECAR_MAX_CONNECTIONS); retry shortly or raise the limit",
+        }).encode()
 
     def _over_capacity(self, flow: http.HTTPFlow) -> None:
         if self.active <= self.max_connections or flow.response is not None:
             return
-        body = {"error": "too_many_connections",
-                "error_description": f"egress-sidecar serves at most {self.max_connections} concurrent client "
-                "connections (SIDECAR_MAX_CONNECTIONS); retry shortly or raise the limit"}
         flow.response = http.Response.make(
-            503, json.dumps(body).encode(), {"Content-Type": "application/json", "Retry-After": "1"})
+            503, self.over_capacity_body(), {"Content-Type": "application/json", "Retry-After": "1"})
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         self._over_capacity(flow)
@@ -53,14 +54,16 @@ class ClientAccess:
         self._over_capacity(flow)
 
     def client_connected(self, client: connection.Client) -> None:
-        self.active += 1
         if self.require_auth or is_loopback(str(client.peername[0])):
             return
         client.error = "refused: not a loopback client and SIDECAR_PROXY_AUTH is not set"
+        self.refuse(str(client.peername[0]))
+
+    def refuse(self, client_ip: str) -> None:
         event(
             log,
             logging.WARNING,
             "refused a proxy client that is not on loopback; set SIDECAR_PROXY_AUTH=user:pass to serve "
             "other hosts (they must then authenticate)",
-            client_ip=str(client.peername[0]),
+            client_ip=client_ip,
         )

@@ -262,7 +262,8 @@ def open_tunnel(route: Route, target: Address, server_hostname: str = "localhost
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if route.proxies:
             auth = f"Proxy-Authorization: {route.proxy_auth}\r\n" if route.proxy_auth else ""
-            authority = f"{target[0]}:{target[1]}"
+            # By name, as an app's HTTPS_PROXY client does (the URL's host goes into the CONNECT).
+            authority = f"{server_hostname}:{target[1]}"
             sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode())
             head = _read_head(sock)
             if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):

@@ -25,6 +25,7 @@ from sidecar.admin import AdminServer
 from sidecar.ca import client_env, export_ca, install_given_ca, prepare_confdir, trust_context, upstream_trust
 from sidecar.config import ConfigError, HostPort, Settings
 from sidecar.discovery import Prober
+from sidecar.frontdoor import FrontDoor, Handoff
 from sidecar.grants import GrantTracker
 from sidecar.guard import Guard
 from sidecar.hosts import TokenHosts
@@ -81,6 +82,8 @@ class Sidecar:
         self.upstream_trust = upstream_trust(settings, self.confdir)
         self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout)
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
+        self.access = ClientAccess(require_auth=settings.proxy_auth is not None, max_connections=settings.max_connections)
+        self.frontdoor: FrontDoor | None = None
         self.token_route = TokenRoute(
             self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
             on_call=self.grants.on_call,
@@ -126,8 +129,9 @@ class Sidecar:
     # -- lifecycle ----------------------------------------------------------------------------
     def _build_master(self) -> Master:
         s = self.settings
-        listen = s.listen_address
-        opts = options.Options(listen_host=listen.host, listen_port=listen.port, confdir=str(self.confdir))
+        # mitmproxy listens on an internal loopback port; apps connect to the front door on SIDECAR_LISTEN,
+        # which hands it every connection it does not relay itself.
+        opts = options.Options(listen_host="127.0.0.1", listen_port=0, confdir=str(self.confdir))
         master = Master(opts)
         master.addons.add(
             core.Core(),
@@ -136,7 +140,7 @@ class Sidecar:
             tlsconfig.TlsConfig(),
             proxyauth.ProxyAuth(),
             disable_h2c.DisableH2C(),
-            ClientAccess(require_auth=s.proxy_auth is not None, max_connections=s.max_connections),
+            self.access,
             SelectiveIntercept(self.metrics, self._passthrough_member),
             self.token_route,
             _Lifecycle(self),
@@ -192,6 +196,8 @@ class Sidecar:
         finally:
             probe_task.cancel()
             await asyncio.gather(probe_task, return_exceptions=True)
+            if self.frontdoor is not None:
+                await self.frontdoor.stop()
             self.pool.close_all()
             self.admin.stop()
             await asyncio.to_thread(self.grants.close)  # writes what is queued (bounded)
@@ -202,6 +208,17 @@ class Sidecar:
         """Thread-safe: ask a running sidecar to stop."""
         if self.master is not None:
             self.master.shutdown()
+
+    async def open_front_door(self, handoff: Handoff) -> tuple[str, int]:
+        s = self.settings
+        self.frontdoor = FrontDoor(
+            self.hosts, self.metrics, self.access,
+            # With proxy auth or SIDECAR_ROUTE=all, mitmproxy serves every connection itself.
+            relay_here=s.route != "all" and s.proxy_auth is None,
+            connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout, handoff=handoff,
+        )
+        listen = s.listen_address
+        return await self.frontdoor.start(listen.host, listen.port)
 
     def on_listening(self, address: tuple[str, int]) -> None:
         # mitmproxy creates (or loads) its CA in TlsConfig's `running` hook, which has run by now.
@@ -261,14 +278,19 @@ class _Lifecycle:
     def __init__(self, sidecar: Sidecar) -> None:
         self.sidecar = sidecar
 
-    def running(self) -> None:
+    async def running(self) -> None:
         from mitmproxy import ctx
 
         ps = ctx.master.addons.get("proxyserver")
-        addrs = ps.listen_addrs() if ps else []
-        if not addrs:
+        instances = list(ps.servers) if ps else []
+        if not instances or not ps.listen_addrs():
             log.error("the proxy server did not start (see the error above); shutting down")
             ctx.master.shutdown()
             return
-        host, port = addrs[0][:2]
-        self.sidecar.on_listening((str(host), int(port)))
+        try:
+            address = await self.sidecar.open_front_door(instances[0].handle_stream)
+        except OSError as exc:
+            log.error(f"SIDECAR_LISTEN: cannot listen on {self.sidecar.settings.listen} ({exc.strerror or exc})")
+            ctx.master.shutdown()
+            return
+        self.sidecar.on_listening(address)

@@ -1,0 +1,256 @@
+"""The front door: every proxy client connects here first.
+
+Most of an app's traffic is CONNECT tunnels to hosts that are not Salesforce token hosts. Those are
+never decrypted, so there is nothing for mitmproxy to do with them, and relaying their bytes through
+its protocol layers costs CPU per chunk and memory per connection. The front door peeks at the first
+request head without consuming it: a CONNECT to a host name that is not a token host is answered and
+relayed right here with a plain copy loop; everything else (token hosts, IP literals whose SNI only
+mitmproxy can see, plain HTTP, proxy authentication, ``SIDECAR_ROUTE=all``) is handed, socket and
+all, to mitmproxy's connection handler, as if mitmproxy had accepted it itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+
+from addons.client_access import ClientAccess, is_loopback
+from sidecar.hosts import TokenHosts
+from sidecar.logs import event
+from sidecar.metrics import Metrics
+from sidecar.upstream import describe_error
+
+log = logging.getLogger("egress_sidecar.frontdoor")
+
+MAX_HEAD = 64 * 1024
+HEAD_TIMEOUT = 30.0
+RELAY_CHUNK = 256 * 1024
+
+Handoff = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+def parse_connect(head: bytes) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``CONNECT host:port HTTP/1.x`` head, else None."""
+    line = head.split(b"\r\n", 1)[0]
+    parts = line.split(b" ")
+    if len(parts) != 3 or parts[0] != b"CONNECT" or not parts[2].startswith(b"HTTP/1."):
+        return None
+    authority = parts[1].decode("ascii", errors="replace")
+    host, sep, port_s = authority.rpartition(":")
+    if not sep or not port_s.isdigit() or not host or not 0 < int(port_s) < 65536:
+        return None
+    return host.strip("[]").lower(), int(port_s)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class FrontDoor:
+    def __init__(
+        self,
+        hosts: TokenHosts,
+        metrics: Metrics,
+        access: ClientAccess,
+        *,
+        relay_here: bool,
+        connect_timeout: float,
+        idle_timeout: float,
+        handoff: Handoff,
+    ) -> None:
+        self.hosts = hosts
+        self.metrics = metrics
+        self.access = access
+        self.relay_here = relay_here  # False with SIDECAR_ROUTE=all or proxy auth: mitmproxy does it all
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.handoff = handoff
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: socket.socket
+        self._accept_task: asyncio.Task[None]
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        # proto given explicitly: asyncio only switches Nagle off on sockets whose proto is TCP, and a
+        # token call on a Nagle-delayed socket waits ~40 ms for a delayed ACK.
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+        sock.setblocking(False)
+        self._listener = sock
+        self._accept_task = asyncio.create_task(self._accept_loop(sock), name="front-door")
+        addr = sock.getsockname()
+        return str(addr[0]), int(addr[1])
+
+    async def stop(self) -> None:
+        self._accept_task.cancel()
+        self._listener.close()
+        for task in [self._accept_task, *self._tasks]:
+            task.cancel()
+        await asyncio.gather(self._accept_task, *self._tasks, return_exceptions=True)
+
+    async def _accept_loop(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(listener)
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                event(log, logging.ERROR, f"front door cannot accept: {describe_error(exc)}")
+                await asyncio.sleep(0.1)
+                continue
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = asyncio.create_task(self._accepted(sock))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _accepted(self, sock: socket.socket) -> None:
+        handed_off = False  # once a transport owns the socket, it closes it
+        self.access.active += 1  # every client connection counts, from accept to close
+        try:
+            head = await self._peek_head(sock) if self.relay_here else b""
+            target = parse_connect(head)
+            if target is None or self.hosts.matches(target[0]) or _is_ip(target[0]):
+                handed_off = True
+                reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
+                await self.handoff(reader, writer)  # mitmproxy takes it from the first byte
+            else:
+                await self._serve(sock, len(head.split(b"\r\n\r\n", 1)[0]) + 4, target)
+        except (OSError, TimeoutError):
+            pass
+        except Exception as exc:  # noqa: BLE001 - one bad client must not affect the others
+            event(log, logging.ERROR, f"front door: {type(exc).__name__} on a client connection")
+        finally:
+            self.access.active -= 1
+            if not handed_off:
+                sock.close()
+
+    async def _serve(self, sock: socket.socket, head_length: int, target: tuple[str, int]) -> None:
+        loop = asyncio.get_running_loop()
+        peer = sock.getpeername()
+        if not is_loopback(str(peer[0])):  # (with SIDECAR_PROXY_AUTH set, everything goes to mitmproxy)
+            self.access.refuse(str(peer[0]))
+            return
+        await _recv_exactly(loop, sock, head_length)  # the CONNECT head; what follows is the tunnel's
+        if self.access.active > self.access.max_connections:
+            await _answer(loop, sock, b"503 Service Unavailable", b"application/json", self.access.over_capacity_body())
+            return
+        await self._relay(loop, sock, target)
+
+    async def _peek_head(self, sock: socket.socket) -> bytes:
+        """Wait for the first head and look at it with MSG_PEEK: nothing is consumed, so whoever serves
+        the connection (here or mitmproxy) reads it from its first byte. Returns b"" for anything that
+        is not a CONNECT head."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(min(HEAD_TIMEOUT, self.idle_timeout)):
+            for attempt in range(200):  # bounded; a head normally arrives in one segment
+                await _readable(loop, sock)
+                seen = sock.recv(MAX_HEAD, socket.MSG_PEEK)
+                if not (seen.startswith(b"CONNECT ") or (seen and b"CONNECT ".startswith(seen))):
+                    return b""  # not a CONNECT: no need to wait for the whole head
+                if b"\r\n\r\n" in seen:
+                    return seen
+                if len(seen) >= MAX_HEAD:
+                    return b""
+                await asyncio.sleep(min(0.001 * (attempt + 1), 0.05))  # partial head: unread data stays readable
+        return b""
+
+    async def _relay(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, target: tuple[str, int]) -> None:
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                upstream = await _connect(loop, target)
+        except (OSError, TimeoutError) as exc:
+            body = f"egress-sidecar: cannot connect to {target[0]}:{target[1]}: {describe_error(exc)}".encode()
+            await _answer(loop, sock, b"502 Bad Gateway", b"text/plain", body)
+            return
+        self.metrics.tunnels.labels("direct").inc()
+        try:
+            await loop.sock_sendall(sock, b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await _pipe_both(loop, sock, upstream, self.idle_timeout)
+        finally:
+            upstream.close()
+
+
+async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_reader(sock.fileno())
+
+
+async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = await loop.sock_recv(sock, n - len(out))
+        if not chunk:
+            raise ConnectionError("client closed during the CONNECT head")
+        out += chunk
+    return bytes(out)
+
+
+async def _answer(loop: asyncio.AbstractEventLoop, sock: socket.socket, status: bytes, ctype: bytes,
+                  body: bytes) -> None:
+    with contextlib.suppress(OSError):
+        await loop.sock_sendall(sock, b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
+                                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+
+
+async def _connect(loop: asyncio.AbstractEventLoop, target: tuple[str, int]) -> socket.socket:
+    infos = await loop.getaddrinfo(target[0], target[1], type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    error: OSError = OSError(f"{target[0]} has no address")
+    for family, type_, proto, _, addr in infos:
+        sock = socket.socket(family, type_, proto)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+    raise error
+
+
+async def _pipe_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, idle_timeout: float) -> None:
+    """Copy both ways until both sides are done (half-closes are passed on) or nothing moved for
+    ``idle_timeout`` seconds."""
+    last = [loop.time()]
+
+    async def pipe(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                # A fresh chunk per read, sized to what arrived: an idle tunnel holds no buffer, so
+                # hundreds of open tunnels cost little memory.
+                data = await loop.sock_recv(src, RELAY_CHUNK)
+                if not data:
+                    break
+                last[0] = loop.time()
+                await loop.sock_sendall(dst, data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                dst.shutdown(socket.SHUT_WR)
+
+    tasks = [asyncio.create_task(pipe(a, b)), asyncio.create_task(pipe(b, a))]
+    try:
+        while True:
+            done, _ = await asyncio.wait(tasks, timeout=min(idle_timeout, 30.0), return_when=asyncio.ALL_COMPLETED)
+            if len(done) == 2 or loop.time() - last[0] > idle_timeout:
+                break
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)

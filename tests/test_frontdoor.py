@@ -1,0 +1,119 @@
+"""The front door: CONNECT tunnels to non-token hosts are relayed without mitmproxy, everything else is
+handed over whole; partial heads, failures and idle tunnels are handled."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.frontdoor import parse_connect
+from sidecar.sim.certs import TestCA
+from sidecar.sim.echo import FakeIPEcho
+from tests.harness import SidecarProcess, World, free_port, metric_value, redeem
+
+
+def read_head(sock: socket.socket) -> bytes:
+    data = b""
+    for _ in range(50):  # bounded
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+        if b"\r\n\r\n" in data and (not data.startswith(b"HTTP/1.1 5") or data.rstrip().endswith((b"}", b")"))):
+            break
+    return data
+
+
+def test_parse_connect() -> None:
+    assert parse_connect(b"CONNECT api.stripe.com:443 HTTP/1.1\r\nHost: x\r\n\r\n") == ("api.stripe.com", 443)
+    assert parse_connect(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n") == ("::1", 8443)
+    assert parse_connect(b"CONNECT LOGIN.salesforce.com:443 HTTP/1.0\r\n\r\n") == ("login.salesforce.com", 443)
+    for bad in (b"GET http://x/ HTTP/1.1\r\n\r\n", b"CONNECT x HTTP/1.1\r\n\r\n", b"CONNECT x:0 HTTP/1.1\r\n\r\n",
+                b"CONNECT x:99999 HTTP/1.1\r\n\r\n", b"CONNECT x:443 SPDY\r\n\r\n", b""):
+        assert parse_connect(bad) is None
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=200))
+def test_parse_connect_never_raises(head: bytes) -> None:
+    result = parse_connect(head)
+    assert result is None or (isinstance(result[0], str) and 0 < result[1] < 65536)
+
+
+def test_tunnel_in_two_segments_and_original_certificate(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], tmp_path: Path
+) -> None:
+    other = TestCA(tmp_path / "other")
+    cert, key = other.issue(["localhost"], "origin")
+    with FakeIPEcho(certfile=cert, keyfile=key) as origin:
+        sc = make_sidecar_proc(world.pair_env())
+        port = origin.address[1]
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+            c.sendall(b"CONNECT local")  # the head arrives in pieces
+            time.sleep(0.05)
+            c.sendall(f"host:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 200")
+            with ssl.create_default_context(cafile=str(other.ca_path)).wrap_socket(c, server_hostname="localhost") as t:
+                t.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                body = b""
+                for _ in range(50):
+                    chunk = t.recv(4096)
+                    if not chunk:
+                        break
+                    body += chunk
+        assert json.loads(body.split(b"\r\n\r\n", 1)[1])["ip"] == "127.0.0.1"
+    assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="direct") == 1
+    assert metric_value(sc.metrics(), "egress_sidecar_intercepted_connections_total") == 0
+
+
+def test_unreachable_target_gets_a_502(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    sc = make_sidecar_proc(world.pair_env())
+    closed = free_port()
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+        c.sendall(f"CONNECT localhost:{closed} HTTP/1.1\r\n\r\n".encode())
+        answer = read_head(c)
+    assert answer.startswith(b"HTTP/1.1 502") and b"connection refused" in answer
+
+
+def test_idle_tunnel_is_closed_and_the_sidecar_still_serves(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    with FakeIPEcho() as origin:
+        sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_IDLE_TIMEOUT": "2"})
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+            c.sendall(f"CONNECT localhost:{origin.address[1]} HTTP/1.1\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 200")
+            started = time.monotonic()
+            c.settimeout(10)
+            assert c.recv(1) == b""  # closed by the sidecar, not by the 10 s client timeout
+            assert time.monotonic() - started < 9
+        with sc.session() as s:
+            assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+
+
+def test_everything_goes_to_mitmproxy_with_route_all(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """SIDECAR_ROUTE=all: tunnels to other hosts leave through the pair (mitmproxy relays them via a member)."""
+    with FakeIPEcho() as origin:
+        sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ROUTE": "all"})
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+            c.sendall(f"CONNECT localhost:{origin.address[1]} HTTP/1.1\r\n\r\n".encode())
+            assert read_head(c).startswith(b"HTTP/1.1 200")
+            c.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            body = b""
+            for _ in range(50):
+                chunk = c.recv(4096)
+                if not chunk:
+                    break
+                body += chunk
+        assert json.loads(body.split(b"\r\n\r\n", 1)[1])["ip"] in ("127.0.0.2", "127.0.0.3")
+    assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="pair") == 1
