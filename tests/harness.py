@@ -56,6 +56,33 @@ def require_tool(names: tuple[str, ...], env_var: str, install_hint: str) -> str
     pytest.skip(message)
 
 
+def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
+    """Poll ``url`` until it answers 200 (None), the process exits, or ``timeout`` passes (what went wrong)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"exited with {proc.returncode}"
+        try:
+            with urllib.request.urlopen(url, timeout=1) as resp:
+                if resp.status == 200:
+                    return None
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return f"not ready within {timeout}s"
+
+
+def read_until_closed(sock: socket.socket, limit: int = 100) -> bytes:
+    """Everything the peer sends until it closes (at most ``limit`` reads)."""
+    data = b""
+    for _ in range(limit):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -143,20 +170,12 @@ class SidecarProcess:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
-        deadline = time.monotonic() + timeout
         path = "/readyz" if wait_ready else "/healthz"
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"sidecar exited with {self.proc.returncode}:\n{self.log_text()}")
-            try:
-                with urllib.request.urlopen(self.admin_url + path, timeout=1) as resp:
-                    if resp.status == 200:
-                        return self
-            except OSError:
-                pass
-            time.sleep(0.1)
+        problem = wait_http_ok(self.admin_url + path, self.proc, timeout)
+        if problem is None:
+            return self
         self.stop()
-        raise RuntimeError(f"sidecar not ready within {timeout}s:\n{self.log_text()}")
+        raise RuntimeError(f"sidecar {problem}:\n{self.log_text()}")
 
     def stop(self) -> int | None:
         if self.proc is None:

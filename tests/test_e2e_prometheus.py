@@ -35,6 +35,7 @@ from tests.harness import (
     metric_value,
     redeem,
     require_tool,
+    wait_http_ok,
     wait_until,
 )
 from tests.promtool_util import promtool_check_metrics
@@ -185,19 +186,11 @@ def start_prometheus(binary: str, workdir: Path, admin_port: int, timeout: float
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=workdir,
         )
     server = PrometheusServer(proc, f"http://127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"prometheus exited with {proc.returncode}:\n{server.log_text()[-4000:]}")
-        try:
-            with urllib.request.urlopen(server.url + "/-/ready", timeout=1) as resp:
-                if resp.status == 200:
-                    return server
-        except OSError:
-            pass
-        time.sleep(0.1)
+    problem = wait_http_ok(server.url + "/-/ready", proc, timeout)
+    if problem is None:
+        return server
     server.stop()
-    raise AssertionError(f"prometheus not ready within {timeout}s:\n{server.log_text()[-4000:]}")
+    raise AssertionError(f"prometheus {problem}:\n{server.log_text()[-4000:]}")
 
 
 @pytest.fixture

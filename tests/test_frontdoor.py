@@ -16,7 +16,14 @@ from hypothesis import strategies as st
 from sidecar.frontdoor import parse_connect
 from sidecar.sim.certs import TestCA
 from sidecar.sim.echo import FakeIPEcho
-from tests.harness import SidecarProcess, World, free_port, metric_value, redeem
+from tests.harness import (
+    SidecarProcess,
+    World,
+    free_port,
+    metric_value,
+    read_until_closed,
+    redeem,
+)
 
 
 def read_head(sock: socket.socket) -> bytes:
@@ -62,12 +69,7 @@ def test_tunnel_in_two_segments_and_original_certificate(
             assert read_head(c).startswith(b"HTTP/1.1 200")
             with ssl.create_default_context(cafile=str(other.ca_path)).wrap_socket(c, server_hostname="localhost") as t:
                 t.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                body = b""
-                for _ in range(50):
-                    chunk = t.recv(4096)
-                    if not chunk:
-                        break
-                    body += chunk
+                body = read_until_closed(t)
         assert json.loads(body.split(b"\r\n\r\n", 1)[1])["ip"] == "127.0.0.1"
     assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="direct") == 1
     assert metric_value(sc.metrics(), "egress_sidecar_intercepted_connections_total") == 0
@@ -109,11 +111,6 @@ def test_everything_goes_to_mitmproxy_with_route_all(
             c.sendall(f"CONNECT localhost:{origin.address[1]} HTTP/1.1\r\n\r\n".encode())
             assert read_head(c).startswith(b"HTTP/1.1 200")
             c.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-            body = b""
-            for _ in range(50):
-                chunk = c.recv(4096)
-                if not chunk:
-                    break
-                body += chunk
+            body = read_until_closed(c)
         assert json.loads(body.split(b"\r\n\r\n", 1)[1])["ip"] in ("127.0.0.2", "127.0.0.3")
     assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="pair") == 1
