@@ -156,6 +156,11 @@ def run_phase(world: World, workdir: Path, guard: str, calls: int) -> Phase:
                     token = json.loads(resp.read())["refresh_token"]  # rotation: persist the new one first
             except urllib.error.HTTPError as exc:
                 exc.close()
+        deadline = time.monotonic() + 5  # each call is recorded just after its answer went out
+        while sum(sum(c.values()) for c in sc.recorder.snapshot()["outcomes_by_egress_ip"].values()) < calls:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
         snapshot = sc.recorder.snapshot()["outcomes_by_egress_ip"]
         phase.by_egress = {ip: Counter(c) for ip, c in snapshot.items()}
         phase.verdict = sc.status()["verdict"]["lines"]

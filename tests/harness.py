@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,6 +54,19 @@ def require_tool(names: tuple[str, ...], env_var: str, install_hint: str) -> str
     if os.environ.get("CI", "").lower() not in ("", "0", "false"):
         pytest.fail(f"CI is set but {message}", pytrace=False)
     pytest.skip(message)
+
+
+def settled(fetch: Callable[[], str], pause: float = 0.03, tries: int = 30) -> str:
+    """``fetch()`` until two reads ``pause`` apart agree: the sidecar records a token call just after it
+    has answered the app, so a test that reads right after its call must not race that record."""
+    before = fetch()
+    for _ in range(tries):
+        time.sleep(pause)
+        now = fetch()
+        if now == before:
+            return now
+        before = now
+    return before
 
 
 def wait_http_ok(url: str, proc: subprocess.Popen[bytes], timeout: float) -> str | None:
@@ -192,7 +205,7 @@ class SidecarProcess:
         return self.proc.returncode
 
     def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return settled(lambda: self.log_path.read_text(errors="replace") if self.log_path.exists() else "")
 
     def log_events(self, kind: str = "token_call") -> list[dict[str, Any]]:
         out = []
@@ -206,8 +219,11 @@ class SidecarProcess:
         return out
 
     def metrics(self) -> str:
-        with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as resp:
-            return resp.read().decode()
+        def fetch() -> str:
+            with urllib.request.urlopen(self.admin_url + "/metrics", timeout=5) as resp:
+                return resp.read().decode()
+
+        return settled(fetch)
 
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.admin_url + "/status", timeout=5) as resp:
