@@ -19,7 +19,6 @@ tokens, each for at most ``retired_ttl`` (30 days). So at most 50,000 grants and
 from __future__ import annotations
 
 import bisect
-import json
 import logging
 import threading
 import time

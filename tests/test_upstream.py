@@ -13,7 +13,7 @@ from mitmproxy import http
 
 from sidecar.sim.certs import TestCA
 from sidecar.upstream import SendFailure, TokenSender, UpstreamPool, assemble_request, read_response
-from tests.harness import SidecarProcess, World, redeem
+from tests.harness import SidecarProcess, redeem
 from tests.scripted_origin import ScriptedOrigin, ok, token_body
 
 
