@@ -166,7 +166,8 @@ def render(res: Results) -> str:
     d(f"RSS from `/proc/PID/status` of the sidecar process (MB = 10⁶ bytes). *{plan.hold} token connections*: "
       f"{plan.hold} client connections to login.salesforce.com held open at once, each after one token call "
       f"(intercepted TLS, keep-alive); *{plan.hold} passthrough tunnels*: {plan.hold} CONNECT tunnels to the "
-      "bulk server held open at once, each after one small request.", "")
+      "bulk server held open at once, each after one small request. *soak*: bursts of token calls on the same "
+      "sidecar after everything else; a leak would show as a steady climb from burst to burst.", "")
     d.table(["Moment", "VmRSS MB", "peak (VmHWM) MB", "errors"], rows)
     if res.other_rss or res.import_rss:
         d("For comparison: " + "; ".join([f"{k} {_mb(v.get('VmRSS'))} MB" for k, v in res.other_rss.items()]

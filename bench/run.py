@@ -77,13 +77,15 @@ class Plan:
     ablation_calls: int = 500  # per variant per round
     profile_ka_calls: int = 3000
     profile_new_calls: int = 300
+    soak_bursts: int = 5  # bursts of token calls after which RSS is read: does memory stay flat?
+    soak_calls: int = 1000  # keep-alive calls per burst (plus a tenth as many on new connections)
 
 
 FULL = Plan("full", rounds=3, ka_calls=1000, ka_warmup=200, new_calls=200, new_warmup=20,
             bulk_bytes=256 << 20, bulk_rounds=7, warm_starts=2)
 QUICK = Plan("quick", rounds=2, ka_calls=100, ka_warmup=20, new_calls=20, new_warmup=5,
              bulk_bytes=32 << 20, bulk_rounds=1, warm_starts=1, ablation_calls=100,
-             profile_ka_calls=200, profile_new_calls=30)
+             profile_ka_calls=200, profile_new_calls=30, soak_bursts=3, soak_calls=200)
 
 
 @dataclass
@@ -315,6 +317,22 @@ def hold_connections(res: Results, plan: Plan, sidecar: Sidecar, token_route: Ro
     finally:
         for t in tunnels:
             t.close()
+
+
+def measure_soak(res: Results, plan: Plan, sidecar: Sidecar, route: Route, source: TokenSource) -> None:
+    """RSS after each of several bursts of token calls on one sidecar: a leak shows as a steady climb,
+    a healthy process levels off."""
+    assert sidecar.proc is not None
+    client = TokenClient(route)
+    for burst in range(1, plan.soak_bursts + 1):
+        runner = KeepAliveRunner(client, Chain(source))
+        try:
+            runner.run(plan.soak_calls)
+        finally:
+            runner.close()
+        new_connection_calls(client, Chain(source), max(1, plan.soak_calls // 10))
+        res.memory[f"soak: after burst {burst} of {plan.soak_calls + plan.soak_calls // 10} calls"] = rss(
+            sidecar.proc.pid)
 
 
 def measure_concurrency(res: Results, plan: Plan, routes: dict[str, Route], source: TokenSource) -> None:
@@ -566,6 +584,8 @@ def run(plan: Plan, keep_tmp: bool = False, profiler: str = "auto") -> Results:
         with phase(res, f"concurrency: {plan.conc_clients * plan.conc_per_client} calls, {plan.conc_clients} clients", world):
             measure_concurrency(res, plan, routes, source)
         res.memory["after all of the above"] = rss(sidecar.proc.pid)
+        with phase(res, f"soak: {plan.soak_bursts} bursts of token calls", world):
+            measure_soak(res, plan, sidecar, routes["sidecar"], source)
         for name in ("squid", "mitmdump"):
             if pids.get(name):
                 res.other_rss[f"{'Squid' if name == 'squid' else name} after load"] = rss(pids[name])  # type: ignore[arg-type]
