@@ -72,6 +72,7 @@ class TokenRoute:
         self.sender = sender
         self.metrics = metrics
         self.on_call = on_call  # extra observers (refresh token hygiene)
+        self.in_flight = 0  # token calls being routed and sent right now (shutdown waits for them)
 
     # -- detect -------------------------------------------------------------------------------
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -118,6 +119,7 @@ class TokenRoute:
         if call is None or flow.response is not None:
             return
         call.in_flight = True
+        self.in_flight += 1
         try:
             await self._route_and_send(flow, call)
         except asyncio.CancelledError:
@@ -130,6 +132,7 @@ class TokenRoute:
                 call.local = True
         finally:
             call.in_flight = False
+            self.in_flight -= 1
         if call.client_gone:  # the app left while we waited: mitmproxy will not call `response`
             self.response(flow)
 

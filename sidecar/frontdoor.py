@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import ipaddress
 import logging
 import socket
+import struct
+import termios
 from collections.abc import Awaitable, Callable
 
 from addons.client_access import ClientAccess, is_loopback
@@ -28,14 +31,19 @@ log = logging.getLogger("egress_sidecar.frontdoor")
 
 MAX_HEAD = 64 * 1024
 HEAD_TIMEOUT = 30.0
-RELAY_CHUNK = 256 * 1024
+RELAY_CHUNK = 64 * 1024  # per read; a stalled tunnel holds at most one chunk
 
 Handoff = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
+def _head_length(head: bytes) -> int:
+    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := head.find(sep)) >= 0]
+    return min(ends)
+
+
 def parse_connect(head: bytes) -> tuple[str, int] | None:
     """``(host, port)`` of a ``CONNECT host:port HTTP/1.x`` head, else None."""
-    line = head.split(b"\r\n", 1)[0]
+    line = head.split(b"\n", 1)[0].rstrip(b"\r")
     parts = line.split(b" ")
     if len(parts) != 3 or parts[0] != b"CONNECT" or not parts[2].startswith(b"HTTP/1."):
         return None
@@ -47,10 +55,13 @@ def parse_connect(head: bytes) -> tuple[str, int] | None:
 
 
 def _is_ip(host: str) -> bool:
+    """An IP literal, including the shorthand forms resolvers accept (127.1, 2130706433, 0x7f.1):
+    for those only the TLS SNI can tell whether it is a token call, and only mitmproxy looks at it."""
     try:
         ipaddress.ip_address(host)
     except ValueError:
-        return False
+        last = host.rstrip(".").rsplit(".", 1)[-1]
+        return not any(c.isalpha() for c in last) or last.lower().startswith("0x")
     return True
 
 
@@ -91,9 +102,13 @@ class FrontDoor:
         addr = sock.getsockname()
         return str(addr[0]), int(addr[1])
 
-    async def stop(self) -> None:
+    def close_listener(self) -> None:
+        """Accept no new clients; the ones connected are served on."""
         self._accept_task.cancel()
         self._listener.close()
+
+    async def stop(self) -> None:
+        self.close_listener()
         for task in [self._accept_task, *self._tasks]:
             task.cancel()
         await asyncio.gather(self._accept_task, *self._tasks, return_exceptions=True)
@@ -115,6 +130,11 @@ class FrontDoor:
 
     async def _accepted(self, sock: socket.socket) -> None:
         handed_off = False  # once a transport owns the socket, it closes it
+        if self.relay_here and not is_loopback(str(sock.getpeername()[0])):
+            # Without SIDECAR_PROXY_AUTH only loopback clients are served: refuse before holding a slot.
+            self.access.refuse(str(sock.getpeername()[0]))
+            sock.close()
+            return
         self.access.active += 1  # every client connection counts, from accept to close
         try:
             head = await self._peek_head(sock) if self.relay_here else b""
@@ -124,7 +144,7 @@ class FrontDoor:
                 reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
                 await self.handoff(reader, writer)  # mitmproxy takes it from the first byte
             else:
-                await self._serve(sock, len(head.split(b"\r\n\r\n", 1)[0]) + 4, target)
+                await self._serve(sock, _head_length(head), target)
         except (OSError, TimeoutError):
             pass
         except Exception as exc:  # noqa: BLE001 - one bad client must not affect the others
@@ -136,10 +156,6 @@ class FrontDoor:
 
     async def _serve(self, sock: socket.socket, head_length: int, target: tuple[str, int]) -> None:
         loop = asyncio.get_running_loop()
-        peer = sock.getpeername()
-        if not is_loopback(str(peer[0])):  # (with SIDECAR_PROXY_AUTH set, everything goes to mitmproxy)
-            self.access.refuse(str(peer[0]))
-            return
         await _recv_exactly(loop, sock, head_length)  # the CONNECT head; what follows is the tunnel's
         if self.access.active > self.access.max_connections:
             await _answer(loop, sock, b"503 Service Unavailable", b"application/json", self.access.over_capacity_body())
@@ -157,7 +173,7 @@ class FrontDoor:
                 seen = sock.recv(MAX_HEAD, socket.MSG_PEEK)
                 if not (seen.startswith(b"CONNECT ") or (seen and b"CONNECT ".startswith(seen))):
                     return b""  # not a CONNECT: no need to wait for the whole head
-                if b"\r\n\r\n" in seen:
+                if b"\r\n\r\n" in seen or b"\n\n" in seen:
                     return seen
                 if len(seen) >= MAX_HEAD:
                     return b""
@@ -201,9 +217,11 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n:
 
 async def _answer(loop: asyncio.AbstractEventLoop, sock: socket.socket, status: bytes, ctype: bytes,
                   body: bytes) -> None:
+    retry = b"Retry-After: 1\r\n" if status.startswith(b"503") else b""
     with contextlib.suppress(OSError):
-        await loop.sock_sendall(sock, b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\nContent-Length: "
-                                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+        await loop.sock_sendall(sock, b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\n" + retry
+                                + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
+                                + body)
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, target: tuple[str, int]) -> socket.socket:
@@ -223,21 +241,56 @@ async def _connect(loop: asyncio.AbstractEventLoop, target: tuple[str, int]) -> 
     raise error
 
 
+def _unsent(sock: socket.socket) -> int:
+    """Bytes still queued in the kernel for the peer (Linux SIOCOUTQ); 0 where that is unknown."""
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    except OSError:
+        return 0
+
+
+def _abort(sock: socket.socket) -> None:
+    """Close with a reset, so the peer sees an error and not a clean (truncating) end of stream."""
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()
+
+
+async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+    ready: asyncio.Future[None] = loop.create_future()
+    loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    try:
+        await ready
+    finally:
+        loop.remove_writer(sock.fileno())
+
+
 async def _pipe_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, idle_timeout: float) -> None:
-    """Copy both ways until both sides are done (half-closes are passed on) or nothing moved for
-    ``idle_timeout`` seconds."""
+    """Copy both ways until both sides are done (half-closes are passed on, resets too) or nothing
+    moved for ``idle_timeout`` seconds; an idle tunnel is cut with a reset. Progress of a send to a
+    slow reader counts as activity, so a slow but steady download is never cut."""
     last = [loop.time()]
+    reset = [False]
 
     async def pipe(src: socket.socket, dst: socket.socket) -> None:
         try:
             while True:
-                # A fresh chunk per read, sized to what arrived: an idle tunnel holds no buffer, so
-                # hundreds of open tunnels cost little memory.
+                # A fresh chunk per read, sized to what arrived: an idle tunnel holds no buffer.
                 data = await loop.sock_recv(src, RELAY_CHUNK)
                 if not data:
                     break
                 last[0] = loop.time()
-                await loop.sock_sendall(dst, data)
+                view = memoryview(data)
+                while view:
+                    try:
+                        sent = dst.send(view)
+                    except (BlockingIOError, InterruptedError):
+                        await _writable(loop, dst)
+                        continue
+                    view = view[sent:]
+                    last[0] = loop.time()
+        except ConnectionResetError:
+            reset[0] = True
         except OSError:
             pass
         finally:
@@ -245,12 +298,27 @@ async def _pipe_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socke
                 dst.shutdown(socket.SHUT_WR)
 
     tasks = [asyncio.create_task(pipe(a, b)), asyncio.create_task(pipe(b, a))]
+    seen_queued = [(0, 0)]
+    idle = False
     try:
         while True:
             done, _ = await asyncio.wait(tasks, timeout=min(idle_timeout, 30.0), return_when=asyncio.ALL_COMPLETED)
-            if len(done) == 2 or loop.time() - last[0] > idle_timeout:
+            if len(done) == 2 or reset[0]:
+                break
+            if loop.time() - last[0] > idle_timeout:
+                # Bytes queued in the kernel for a slow reader drain without any call of ours: a
+                # queue that shrank since the last look is progress, not idleness.
+                queued = (_unsent(a), _unsent(b))
+                if queued != seen_queued[0]:
+                    seen_queued[0] = queued
+                    last[0] = loop.time()
+                    continue
+                idle = True
                 break
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        if idle or reset[0]:
+            _abort(a)
+            _abort(b)

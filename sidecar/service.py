@@ -37,6 +37,7 @@ from sidecar.status import build_status, render_page
 from sidecar.upstream import ConnectFailure, TokenSender, UpstreamPool
 
 log = logging.getLogger("egress_sidecar")
+DRAIN_SECONDS = 10.0  # at most this long a stop waits for token calls in flight
 
 
 def check_bindable(setting: str, hp: HostPort) -> None:
@@ -84,6 +85,8 @@ class Sidecar:
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
         self.access = ClientAccess(require_auth=settings.proxy_auth is not None, max_connections=settings.max_connections)
         self.frontdoor: FrontDoor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
         self.token_route = TokenRoute(
             self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
             on_call=self.grants.on_call,
@@ -177,6 +180,7 @@ class Sidecar:
             install_given_ca(s.ca_cert.expanduser(), s.ca_key.expanduser(), self.confdir)
 
     async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self.prepare()
         self.grants.open_confdir(self.confdir)  # loads grants.sqlite3, starts its writer thread
         admin = self.settings.admin_address
@@ -205,9 +209,30 @@ class Sidecar:
             self.metrics.ready.set(0)
 
     def shutdown(self) -> None:
-        """Thread-safe: ask a running sidecar to stop."""
-        if self.master is not None:
-            self.master.shutdown()
+        """Thread-safe: stop accepting clients, let token calls in flight finish (bounded: a refresh that
+        reached Salesforce has rotated the app's token, so its answer must reach the app), then stop.
+        A second call stops at once."""
+        loop, master = self._loop, self.master
+        if loop is None or master is None:
+            return
+        if self._draining:
+            master.shutdown()
+            return
+        self._draining = True
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_and_stop()))
+
+    async def _drain_and_stop(self) -> None:
+        assert self.master is not None
+        if self.frontdoor is not None:
+            self.frontdoor.close_listener()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + min(self.settings.response_timeout, DRAIN_SECONDS)
+        while self.token_route.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.token_route.in_flight:
+            event(log, logging.WARNING, f"stopping with {self.token_route.in_flight} token call(s) still in flight")
+        await asyncio.sleep(0.05)  # their records are written just after their answers
+        self.master.shutdown()
 
     async def open_front_door(self, handoff: Handoff) -> tuple[str, int]:
         s = self.settings
