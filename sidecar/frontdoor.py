@@ -169,7 +169,7 @@ class FrontDoor:
         loop = asyncio.get_running_loop()
         async with asyncio.timeout(min(HEAD_TIMEOUT, self.idle_timeout)):
             for attempt in range(200):  # bounded; a head normally arrives in one segment
-                await _readable(loop, sock)
+                await _ready(loop, sock)
                 seen = sock.recv(MAX_HEAD, socket.MSG_PEEK)
                 if not (seen.startswith(b"CONNECT ") or (seen and b"CONNECT ".startswith(seen))):
                     return b""  # not a CONNECT: no need to wait for the whole head
@@ -196,13 +196,15 @@ class FrontDoor:
             upstream.close()
 
 
-async def _readable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+async def _ready(loop: asyncio.AbstractEventLoop, sock: socket.socket, *, write: bool = False) -> None:
+    """Wait until the socket is readable (or writable), without reading or writing anything."""
+    add, remove = (loop.add_writer, loop.remove_writer) if write else (loop.add_reader, loop.remove_reader)
     ready: asyncio.Future[None] = loop.create_future()
-    loop.add_reader(sock.fileno(), lambda: ready.done() or ready.set_result(None))
+    add(sock.fileno(), lambda: ready.done() or ready.set_result(None))
     try:
         await ready
     finally:
-        loop.remove_reader(sock.fileno())
+        remove(sock.fileno())
 
 
 async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n: int) -> bytes:
@@ -256,15 +258,6 @@ def _abort(sock: socket.socket) -> None:
     sock.close()
 
 
-async def _writable(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
-    ready: asyncio.Future[None] = loop.create_future()
-    loop.add_writer(sock.fileno(), lambda: ready.done() or ready.set_result(None))
-    try:
-        await ready
-    finally:
-        loop.remove_writer(sock.fileno())
-
-
 async def _pipe_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socket.socket, idle_timeout: float) -> None:
     """Copy both ways until both sides are done (half-closes are passed on, resets too) or nothing
     moved for ``idle_timeout`` seconds; an idle tunnel is cut with a reset. Progress of a send to a
@@ -285,7 +278,7 @@ async def _pipe_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socke
                     try:
                         sent = dst.send(view)
                     except (BlockingIOError, InterruptedError):
-                        await _writable(loop, dst)
+                        await _ready(loop, dst, write=True)
                         continue
                     view = view[sent:]
                     last[0] = loop.time()
