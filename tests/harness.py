@@ -225,6 +225,10 @@ class SidecarProcess:
 
         return settled(fetch)
 
+    def egress_discovered(self) -> bool:
+        """Every pair member's egress IP is known (after the first probe round)."""
+        return all(m["egress_ip"] for m in self.status()["pair"])
+
     def status(self) -> dict[str, Any]:
         with urllib.request.urlopen(self.admin_url + "/status", timeout=5) as resp:
             return json.loads(resp.read())

@@ -72,7 +72,7 @@ def test_egress_ip_label_once_discovered(world: World, make_sidecar_proc: Callab
     sc = make_sidecar_proc(world.pair_env())
     from tests.harness import wait_until
 
-    assert wait_until(lambda: all(m["egress_ip"] for m in sc.status()["pair"]), timeout=10)
+    assert wait_until(sc.egress_discovered, timeout=10)
     with sc.session() as s:
         for _ in range(2):
             redeem(s, world.salesforce.issue_refresh_token())

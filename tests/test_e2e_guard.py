@@ -25,13 +25,9 @@ from tests.harness import (
 TOKENS = "egress_sidecar_token_requests_total"
 
 
-def discovered(sc: SidecarProcess) -> bool:
-    return all(m["egress_ip"] for m in sc.status()["pair"])
-
-
 def test_discovery_finds_both_egress_ips(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2", "SIDECAR_GUARD": "observe"})
-    assert wait_until(lambda: discovered(sc), timeout=10)
+    assert wait_until(sc.egress_discovered, timeout=10)
     pair = {m["member"]: m for m in sc.status()["pair"]}
     a, b = world.members
     assert (pair[a]["egress_ip"], pair[a]["stable"], pair[a]["allowlisted"]) == ("127.0.0.2", True, True)
@@ -67,7 +63,7 @@ def test_enforce_with_nothing_allowlisted_answers_503_and_sends_nothing(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "198.51.100.7"}, wait_ready=False)
-    assert wait_until(lambda: discovered(sc), timeout=10)
+    assert wait_until(sc.egress_discovered, timeout=10)
     world.salesforce.reset_seen()
     with sc.session() as s:
         resp = redeem(s, world.salesforce.issue_refresh_token())
@@ -94,7 +90,7 @@ def test_enforce_with_nothing_allowlisted_answers_503_and_sends_nothing(
 
 def test_observe_metrics_show_the_per_ip_split(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2", "SIDECAR_GUARD": "observe"})
-    assert wait_until(lambda: discovered(sc), timeout=10)
+    assert wait_until(sc.egress_discovered, timeout=10)
     with sc.session() as s:
         for _ in range(8):
             redeem(s, world.salesforce.issue_refresh_token())
@@ -110,7 +106,7 @@ def test_egress_change_is_detected_and_the_guard_follows(
 ) -> None:
     world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.4"])
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2,127.0.0.4"}, wait_ready=False)
-    assert wait_until(lambda: discovered(sc), timeout=10)
+    assert wait_until(sc.egress_discovered, timeout=10)
     a, b = world.members
     # Member a's egress moves from an allowlisted IP to one that is not; member b's moves onto the allowlist.
     world.pair.members[0].egress_ip = "127.0.0.5"

@@ -225,7 +225,7 @@ def test_partial_allowlist_seen_and_alerted_by_real_prometheus(
     make_sidecar_proc: Callable[..., SidecarProcess],
 ) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": GOOD_IP, "SIDECAR_GUARD": "observe"})
-    assert wait_until(lambda: all(m["egress_ip"] for m in sc.status()["pair"]), timeout=10), sc.status()
+    assert wait_until(sc.egress_discovered, timeout=10), sc.status()
     assert {m["egress_ip"]: m["allowlisted"] for m in sc.status()["pair"]} == {GOOD_IP: True, BAD_IP: False}
     prom = make_prometheus(sc.admin_port)
     up = f'up{{job="{JOB}"}} == 1'

@@ -257,7 +257,7 @@ def test_status_page_in_headless_chromium(
     chromium: str, world: World, make_sidecar_proc: Callable[..., SidecarProcess], tmp_path: Path
 ) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": GOOD_IP, "SIDECAR_GUARD": "observe"})
-    assert wait_until(lambda: all(m["egress_ip"] for m in sc.status()["pair"]), timeout=10), sc.status()
+    assert wait_until(sc.egress_discovered, timeout=10), sc.status()
     world.salesforce.reset_seen()
     token = world.salesforce.issue_refresh_token()
     with sc.session() as s:
