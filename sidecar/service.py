@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from sidecar.mitm import Master, addon_module  # isort: skip  (first: keeps mitmproxy's default addons out)
 from mitmproxy import exceptions as mitm_exceptions
 from mitmproxy import options
-from mitmproxy.addons import core, disable_h2c, next_layer, proxyauth, proxyserver, tlsconfig
-from mitmproxy.master import Master
 
 from addons.client_access import ClientAccess
 from addons.intercept import SelectiveIntercept
@@ -137,12 +136,16 @@ class Sidecar:
         opts = options.Options(listen_host="127.0.0.1", listen_port=0, confdir=str(self.confdir))
         master = Master(opts)
         master.addons.add(
-            core.Core(),
-            proxyserver.Proxyserver(),
-            next_layer.NextLayer(),
-            tlsconfig.TlsConfig(),
-            proxyauth.ProxyAuth(),
-            disable_h2c.DisableH2C(),
+            addon_module("core").Core(),
+            addon_module("proxyserver").Proxyserver(),
+            addon_module("next_layer").NextLayer(),
+            addon_module("tlsconfig").TlsConfig(),
+            addon_module("disable_h2c").DisableH2C(),
+        )
+        if s.proxy_auth is not None:
+            # Imported only when used: its module pulls in ldap3 (~15 MB) for LDAP auth we never use.
+            master.addons.add(addon_module("proxyauth").ProxyAuth())
+        master.addons.add(
             self.access,
             SelectiveIntercept(self.metrics, self._passthrough_member),
             self.token_route,
@@ -162,8 +165,9 @@ class Sidecar:
                 tcp_timeout=s.idle_timeout,
                 http3=False,
                 ssl_verify_upstream_trusted_ca=str(trust) if trust else None,
-                proxyauth=s.proxy_auth.get_secret_value() if s.proxy_auth else None,
             )
+            if s.proxy_auth is not None:
+                master.options.update(proxyauth=s.proxy_auth.get_secret_value())
         except mitm_exceptions.OptionsError as exc:
             raise ConfigError(f"mitmproxy rejected the configuration: {exc}") from None
         return master
