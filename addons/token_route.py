@@ -20,6 +20,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from mitmproxy import connection, http
 
@@ -38,6 +39,20 @@ CALL = "egress_sidecar.call"  # flow.metadata key of the TokenCall
 MAX_TOKEN_REQUEST_BYTES = 64 * 1024  # a token request is a few hundred bytes of form fields
 # Beyond this declared size the connection is closed at once instead of reading the body to answer 413.
 MAX_TOKEN_REQUEST_READ = 1024 * 1024
+
+
+class Close:
+    """Close the client connection without an answer (see TokenRoute.refusal)."""
+
+
+CLOSE = Close()
+
+
+class Exchange(NamedTuple):
+    """A finished token call's request and response, as the observers (grant tracking) see it."""
+
+    request: http.Request
+    response: http.Response | None
 
 
 def route_to(flow: http.HTTPFlow, member: Member | None) -> None:
@@ -62,7 +77,7 @@ class TokenRoute:
         route_mode: str,
         sender: TokenSender,
         metrics: Metrics,
-        on_call: Callable[[TokenCall, http.HTTPFlow], None] | None = None,
+        on_call: Callable[[TokenCall, Exchange], None] | None = None,
     ) -> None:
         self.pair = pair
         self.guard = guard
@@ -79,35 +94,47 @@ class TokenRoute:
         if flow.response is not None:  # answered already (over capacity)
             return
         req = flow.request
-        # Where the bytes really go (the CONNECT target / SNI), not what the Host header claims.
-        on_token_host = self.hosts.matches(req.host)
-        if on_token_host and is_token_request(req.method, req.path):
-            call = TokenCall(started=req.timestamp_start, host_class=host_class(req.host), grant_type="other")
+        call = self.detect(req)
+        if call is not None:
             flow.metadata[CALL] = call
             req.stream = False  # small, and the grant type is needed before routing
-            self._check_request_head(flow, call)
+            refusal = self.refusal(req, call)
+            if refusal is CLOSE:
+                flow.metadata.pop(CALL, None)
+                flow.kill()
+            elif refusal is not None:
+                flow.response = refusal
             return
-        route_to(flow, self.other_member(on_token_host))
+        route_to(flow, self.other_member(self.hosts.matches(req.host)))
         req.stream = True
 
-    def _check_request_head(self, flow: http.HTTPFlow, call: TokenCall) -> None:
-        req = flow.request
+    def detect(self, req: http.Request) -> TokenCall | None:
+        """A new TokenCall when ``req`` (its head) is a token call to a token host, else None."""
+        # Where the bytes really go (the CONNECT target / SNI), not what the Host header claims.
+        if self.hosts.matches(req.host) and is_token_request(req.method, req.path):
+            return TokenCall(started=req.timestamp_start, host_class=host_class(req.host), grant_type="other")
+        return None
+
+    def refusal(self, req: http.Request, call: TokenCall) -> http.Response | Close | None:
+        """Look at a token call's head before its body is read: a local answer for a call that must not
+        be sent (the connection is closed after it: the body is left unread), CLOSE for one whose
+        declared body is too large even to read, None for one to go on with."""
         declared = req.headers.get("content-length", "")
         if req.scheme != "https":
-            self._answer(flow, call, 400, "token_call_not_https",
-                         "token calls must use https://; this one was not sent anywhere")
-        elif declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_READ:
+            return self._answer(call, 400, "token_call_not_https",
+                                "token calls must use https://; this one was not sent anywhere")
+        if declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_READ:
             event(log, logging.WARNING, f"closed a client sending a {declared}-byte token request",
                   limit=MAX_TOKEN_REQUEST_BYTES)
-            flow.metadata.pop(CALL, None)
-            flow.kill()
-        elif declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_BYTES:
-            self._answer(flow, call, 413, "token_request_too_large",
-                         f"token request body of {declared} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
-        elif not declared.isdigit() and "chunked" in req.headers.get("transfer-encoding", "").lower():
+            return CLOSE
+        if declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_BYTES:
+            return self._answer(call, 413, "token_request_too_large",
+                                f"token request body of {declared} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
+        if not declared.isdigit() and "chunked" in req.headers.get("transfer-encoding", "").lower():
             # The size of a chunked body is only known once it has all been read into memory.
-            self._answer(flow, call, 411, "token_request_length_required",
-                         "send token requests with a Content-Length (not chunked)")
+            return self._answer(call, 411, "token_request_length_required",
+                                "send token requests with a Content-Length (not chunked)")
+        return None
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         if CALL not in flow.metadata and flow.response is not None:
@@ -118,31 +145,31 @@ class TokenRoute:
         call: TokenCall | None = flow.metadata.get(CALL)
         if call is None or flow.response is not None:
             return
-        call.in_flight = True
-        self.in_flight += 1
-        try:
-            await self._route_and_send(flow, call)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - never let mitmproxy forward a token call on its own
-            event(log, logging.ERROR, f"token call failed inside the sidecar ({type(exc).__name__})")
-            if flow.response is None:
-                call.outcome = "upstream_error"
-                flow.response = responses.failed_after_send(_via(call), "an internal error in the sidecar")
-                call.local = True
-        finally:
-            call.in_flight = False
-            self.in_flight -= 1
+        flow.response = await self.answer(flow.request, call)
         if call.client_gone:  # the app left while we waited: mitmproxy will not call `response`
             self.response(flow)
 
-    async def _route_and_send(self, flow: http.HTTPFlow, call: TokenCall) -> None:
-        req = flow.request
+    async def answer(self, req: http.Request, call: TokenCall) -> http.Response:
+        """Route and send one token call (its body read); always returns the answer for the app."""
+        call.in_flight = True
+        self.in_flight += 1
+        try:
+            return await self._route_and_send(req, call)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never let a token call go out any other way
+            event(log, logging.ERROR, f"token call failed inside the sidecar ({type(exc).__name__})")
+            call.outcome, call.local = "upstream_error", True
+            return responses.failed_after_send(_via(call), "an internal error in the sidecar")
+        finally:
+            call.in_flight = False
+            self.in_flight -= 1
+
+    async def _route_and_send(self, req: http.Request, call: TokenCall) -> http.Response:
         body = req.raw_content or b""
         if len(body) > MAX_TOKEN_REQUEST_BYTES:
-            self._answer(flow, call, 413, "token_request_too_large",
-                         f"token request body of {len(body)} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
-            return
+            return self._answer(call, 413, "token_request_too_large",
+                                f"token request body of {len(body)} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
         call.grant_type = grant_type(req.headers.get("content-type"), req.get_content(strict=False) or b"",
                                      req.path.partition("?")[2])
         decision = self.guard.choose(call.grant_type)
@@ -150,8 +177,7 @@ class TokenRoute:
         if decision.blocked:
             call.route, call.member, call.egress_ip = "blocked", MEMBER_NONE, EGRESS_NONE
             call.outcome, call.detail, call.local = "blocked", decision.reason, True
-            flow.response = responses.blocked(self.guard, decision.reason or "")
-            return
+            return responses.blocked(self.guard, decision.reason or "")
         self._describe_route(call, decision.member)
         self._warn_if_not_allowlisted(call, decision)
         grant = call.grant_type
@@ -160,7 +186,7 @@ class TokenRoute:
             return self.guard.choose(grant, exclude=tuple(tried)).member
 
         result = await self.sender.send(req, decision.member, next_member)
-        self._after_send(flow, call, result)
+        return self._after_send(call, result)
 
     def _describe_route(self, call: TokenCall, member: Member | None) -> None:
         if member is None:
@@ -169,7 +195,7 @@ class TokenRoute:
             call.route, call.member = "pair", member.label
             call.egress_ip = member.egress_ip or EGRESS_UNKNOWN
 
-    def _after_send(self, flow: http.HTTPFlow, call: TokenCall, result: SendResult) -> None:
+    def _after_send(self, call: TokenCall, result: SendResult) -> http.Response:
         call.attempts = [a.member.label if a.member else MEMBER_DIRECT for a in result.attempts]
         if len(result.attempts) > 1:
             self.metrics.failovers.inc(len(result.attempts) - 1)
@@ -177,19 +203,17 @@ class TokenRoute:
             if result.member is not None:
                 call.guard = self.guard.verdict_for(result.member, call.grant_type)
         if result.response is not None:
-            flow.response = result.response
-            return
+            return result.response
         call.outcome, call.detail, call.local = "upstream_error", result.detail, True
         if result.sent:
-            flow.response = responses.failed_after_send(_via(call), result.detail or "")
-        else:
-            flow.response = responses.unreachable(call.attempts, result.detail or "")
+            return responses.failed_after_send(_via(call), result.detail or "")
+        return responses.unreachable(call.attempts, result.detail or "")
 
-    def _answer(self, flow: http.HTTPFlow, call: TokenCall, status: int, error: str, description: str) -> None:
+    def _answer(self, call: TokenCall, status: int, error: str, description: str) -> http.Response:
         """Refuse a malformed token call without sending it anywhere."""
         call.route, call.member, call.egress_ip = "refused", MEMBER_NONE, EGRESS_NONE
         call.outcome, call.detail, call.local = "client_error", description, True
-        flow.response = responses.local_answer(status, error, description)
+        return responses.local_answer(status, error, description)
 
     def _warn_if_not_allowlisted(self, call: TokenCall, decision: Decision) -> None:
         if decision.verdict == "not_allowlisted":
@@ -221,13 +245,16 @@ class TokenRoute:
         call: TokenCall | None = flow.metadata.pop(CALL, None)
         if call is None or flow.response is None:
             return
-        resp = flow.response
+        self.finish(call, flow.request, flow.response)
+
+    def finish(self, call: TokenCall, req: http.Request, resp: http.Response) -> None:
+        """Classify the answer the app got and record the call, just after the answer went out."""
         if not call.local:
             classified = classify_response(resp.status_code, resp.get_content(strict=False) or b"")
             call.outcome, call.error_code = classified.outcome, classified.error_code
         call.status = resp.status_code
         call.duration = max(0.0, (resp.timestamp_end or time.time()) - call.started)
-        self._finish_soon(call, flow)
+        self._finish_soon(call, Exchange(req, resp))
 
     def error(self, flow: http.HTTPFlow) -> None:
         call: TokenCall | None = flow.metadata.get(CALL)
@@ -242,21 +269,25 @@ class TokenRoute:
             self.response(flow)
             return
         flow.metadata.pop(CALL, None)
+        self.failed(call, flow.request, (flow.error.msg if flow.error else "no response"))
+
+    def failed(self, call: TokenCall, req: http.Request, detail: str) -> None:
+        """Record a token call that ended without an answer (the client left before it was sent)."""
         call.outcome = call.outcome or "upstream_error"
-        call.detail = (flow.error.msg if flow.error else "no response")[:300]
+        call.detail = detail[:300]
         call.duration = max(0.0, time.time() - call.started)
-        self._finish_soon(call, flow)
+        self._finish_soon(call, Exchange(req, None))
 
-    def _finish_soon(self, call: TokenCall, flow: http.HTTPFlow) -> None:
-        """Record right after mitmproxy has passed the answer on: the app does not wait for the log
-        line, the metrics and refresh token tracking (a few tenths of a millisecond per call)."""
-        asyncio.get_running_loop().call_soon(self._finish, call, flow)
+    def _finish_soon(self, call: TokenCall, exchange: Exchange) -> None:
+        """Record right after the answer has been passed on: the app does not wait for the log line,
+        the metrics and refresh token tracking (a few tenths of a millisecond per call)."""
+        asyncio.get_running_loop().call_soon(self._finish, call, exchange)
 
-    def _finish(self, call: TokenCall, flow: http.HTTPFlow) -> None:
+    def _finish(self, call: TokenCall, exchange: Exchange) -> None:
         try:
             self.recorder.record(call)
             if self.on_call is not None:
-                self.on_call(call, flow)
+                self.on_call(call, exchange)
         except Exception as exc:  # noqa: BLE001 - recording must never break the proxy
             event(log, logging.ERROR, f"recording a token call failed ({type(exc).__name__})")
 

@@ -146,7 +146,8 @@ class GrantTracker:
         self.metrics.grant_writes_dropped.inc(n)
 
     # -- the token route's observer (on the event loop: memory only, never the disk) -------------
-    def on_call(self, call: TokenCall, flow: Any) -> None:
+    def on_call(self, call: TokenCall, exchange: Any) -> None:
+        """``exchange``: the call's ``request`` and ``response`` (addons.token_route.Exchange)."""
         if self._key is None or call.outcome is None:
             return
         if call.grant_type != "refresh_token" and call.outcome != "success":
@@ -154,12 +155,12 @@ class GrantTracker:
         try:
             presented = None
             if call.grant_type == "refresh_token":
-                req = flow.request
+                req = exchange.request
                 fields = request_fields(req.headers.get("content-type"), _content(req), req.path.partition("?")[2])
                 presented = single_field(fields, "refresh_token")
             issued = None
-            if call.outcome == "success" and flow.response is not None:
-                issued = issued_refresh_token(_content(flow.response))
+            if call.outcome == "success" and exchange.response is not None:
+                issued = issued_refresh_token(_content(exchange.response))
             self.observe(call.grant_type, call.outcome, presented, issued, status=call.status, sf_error=call.error_code)
         except Exception as exc:  # noqa: BLE001 - an observer must never break a token call
             event(log, logging.ERROR, f"grant tracking failed ({type(exc).__name__}); the token call was not affected")
