@@ -4,9 +4,10 @@ Most of an app's traffic is CONNECT tunnels to hosts that are not Salesforce tok
 never decrypted, so there is nothing for mitmproxy to do with them, and relaying their bytes through
 its protocol layers costs CPU per chunk and memory per connection. The front door peeks at the first
 request head without consuming it: a CONNECT to a host name that is not a token host is answered and
-relayed right here with a plain copy loop; everything else (token hosts, IP literals whose SNI only
-mitmproxy can see, plain HTTP, proxy authentication, ``SIDECAR_ROUTE=all``) is handed, socket and
-all, to mitmproxy's connection handler, as if mitmproxy had accepted it itself.
+relayed right here with a plain copy loop; a CONNECT to a token host name is answered and served by
+the token lane (:mod:`sidecar.tokenlane`); everything else (IP literals whose SNI only mitmproxy can
+see, plain HTTP, proxy authentication, ``SIDECAR_ROUTE=all``) is handed, socket and all, to
+mitmproxy's connection handler, as if mitmproxy had accepted it itself.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ import socket
 import struct
 import termios
 from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from addons.client_access import ClientAccess, is_loopback
 from sidecar.hosts import TokenHosts
 from sidecar.logs import event
 from sidecar.metrics import Metrics
 from sidecar.upstream import describe_error
+
+if TYPE_CHECKING:
+    from sidecar.tokenlane import TokenLane
 
 log = logging.getLogger("egress_sidecar.frontdoor")
 
@@ -76,6 +81,7 @@ class FrontDoor:
         connect_timeout: float,
         idle_timeout: float,
         handoff: Handoff,
+        lane: TokenLane | None = None,
     ) -> None:
         self.hosts = hosts
         self.metrics = metrics
@@ -84,6 +90,7 @@ class FrontDoor:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.handoff = handoff
+        self.lane = lane  # serves CONNECTs to token host names; without it mitmproxy does
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: socket.socket
         self._accept_task: asyncio.Task[None]
@@ -139,7 +146,7 @@ class FrontDoor:
         try:
             head = await self._peek_head(sock) if self.relay_here else b""
             target = parse_connect(head)
-            if target is None or self.hosts.matches(target[0]) or _is_ip(target[0]):
+            if target is None or _is_ip(target[0]) or (self.lane is None and self.hosts.matches(target[0])):
                 handed_off = True
                 reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)
                 await self.handoff(reader, writer)  # mitmproxy takes it from the first byte
@@ -149,6 +156,7 @@ class FrontDoor:
             pass
         except Exception as exc:  # noqa: BLE001 - one bad client must not affect the others
             event(log, logging.ERROR, f"front door: {type(exc).__name__} on a client connection")
+            log.debug("front door: unexpected error", exc_info=True)
         finally:
             self.access.active -= 1
             if not handed_off:
@@ -159,6 +167,10 @@ class FrontDoor:
         await _recv_exactly(loop, sock, head_length)  # the CONNECT head; what follows is the tunnel's
         if self.access.active > self.access.max_connections:
             await _answer(loop, sock, b"503 Service Unavailable", b"application/json", self.access.over_capacity_body())
+            return
+        if self.lane is not None and self.hosts.matches(target[0]):
+            await loop.sock_sendall(sock, b"HTTP/1.1 200 Connection established\r\n\r\n")
+            await self.lane.serve(sock, *target)
             return
         await self._relay(loop, sock, target)
 

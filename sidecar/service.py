@@ -24,7 +24,7 @@ from sidecar.admin import AdminServer
 from sidecar.ca import client_env, export_ca, install_given_ca, prepare_confdir, trust_context, upstream_trust
 from sidecar.config import ConfigError, HostPort, Settings
 from sidecar.discovery import Prober
-from sidecar.frontdoor import FrontDoor, Handoff
+from sidecar.frontdoor import HEAD_TIMEOUT, FrontDoor, Handoff
 from sidecar.grants import GrantTracker
 from sidecar.guard import Guard
 from sidecar.hosts import TokenHosts
@@ -33,6 +33,7 @@ from sidecar.metrics import Metrics
 from sidecar.pair import Member, Pair, build_pair
 from sidecar.record import Recorder
 from sidecar.status import build_status, render_page
+from sidecar.tokenlane import LeafContexts, TokenLane
 from sidecar.upstream import ConnectFailure, TokenSender, UpstreamPool
 
 log = logging.getLogger("egress_sidecar")
@@ -135,11 +136,12 @@ class Sidecar:
         # which hands it every connection it does not relay itself.
         opts = options.Options(listen_host="127.0.0.1", listen_port=0, confdir=str(self.confdir))
         master = Master(opts)
+        self.tlsconfig = addon_module("tlsconfig").TlsConfig()  # its certificate store serves the lane too
         master.addons.add(
             addon_module("core").Core(),
             addon_module("proxyserver").Proxyserver(),
             addon_module("next_layer").NextLayer(),
-            addon_module("tlsconfig").TlsConfig(),
+            self.tlsconfig,
             addon_module("disable_h2c").DisableH2C(),
         )
         if s.proxy_auth is not None:
@@ -240,11 +242,18 @@ class Sidecar:
 
     async def open_front_door(self, handoff: Handoff) -> tuple[str, int]:
         s = self.settings
+        # With proxy auth or SIDECAR_ROUTE=all, mitmproxy serves every connection itself.
+        relay_here = s.route != "all" and s.proxy_auth is None
+        lane = None
+        if relay_here:
+            tlsconfig = self.tlsconfig
+            lane = TokenLane(
+                self.token_route, self.pool, LeafContexts(lambda: tlsconfig.certstore, self.confdir), self.metrics,
+                idle_timeout=s.idle_timeout, handshake_timeout=min(HEAD_TIMEOUT, s.idle_timeout),
+            )
         self.frontdoor = FrontDoor(
-            self.hosts, self.metrics, self.access,
-            # With proxy auth or SIDECAR_ROUTE=all, mitmproxy serves every connection itself.
-            relay_here=s.route != "all" and s.proxy_auth is None,
-            connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout, handoff=handoff,
+            self.hosts, self.metrics, self.access, relay_here=relay_here,
+            connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout, handoff=handoff, lane=lane,
         )
         listen = s.listen_address
         return await self.frontdoor.start(listen.host, listen.port)

@@ -53,7 +53,7 @@ class SendFailure(Exception):
 
 
 @dataclass
-class _Conn:
+class Conn:
     key: tuple[str | None, str, int]
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
@@ -89,9 +89,9 @@ class UpstreamPool:
         self.upstream = upstream
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
-        self._idle: dict[tuple[str | None, str, int], deque[_Conn]] = defaultdict(deque)
+        self._idle: dict[tuple[str | None, str, int], deque[Conn]] = defaultdict(deque)
 
-    async def acquire(self, member: Member | None, host: str, port: int) -> tuple[_Conn, bool]:
+    async def acquire(self, member: Member | None, host: str, port: int) -> tuple[Conn, bool]:
         """A connection ready for a request, and whether it was reused. Raises ConnectFailure."""
         key = (member.label if member else None, host, port)
         idle = self._idle[key]
@@ -103,7 +103,7 @@ class UpstreamPool:
             conn.close()
         return await self._open(member, host, port, key), False
 
-    def release(self, conn: _Conn) -> None:
+    def release(self, conn: Conn) -> None:
         idle = self._idle[conn.key]
         conn.last_used = time.monotonic()
         if len(idle) >= POOL_MAX_PER_KEY:
@@ -116,7 +116,7 @@ class UpstreamPool:
             while idle:
                 idle.pop().close()
 
-    async def _open(self, member: Member | None, host: str, port: int, key: tuple[str | None, str, int]) -> _Conn:
+    async def _open(self, member: Member | None, host: str, port: int, key: tuple[str | None, str, int]) -> Conn:
         target = member.address.address if member else (host, port)
         where = f"pair member {member.label}" if member else f"{host}:{port}"
         # One deadline for the whole set-up: TCP, the member's CONNECT answer and the TLS handshake.
@@ -144,7 +144,7 @@ class UpstreamPool:
             writer.close()
             reason = "timeout" if isinstance(exc, TimeoutError) else "reset"
             raise ConnectFailure(reason, f"setting up the connection via {where} failed: {describe_error(exc)}") from None
-        return _Conn(key, reader, writer)
+        return Conn(key, reader, writer)
 
     async def _connect_tunnel(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, member: Member, host: str, port: int
@@ -180,6 +180,8 @@ def describe_error(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, ConnectionRefusedError):
         return "connection refused"
+    if isinstance(exc, asyncio.IncompleteReadError):
+        return "the connection closed early"
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
     return text[:200]
 
@@ -204,7 +206,7 @@ def assemble_request(req: http.Request) -> bytes:
     return b"\r\n".join(out) + b"\r\n\r\n" + body
 
 
-def _parse_head(head: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
+def parse_response_head(head: bytes) -> tuple[bytes, int, bytes, list[tuple[bytes, bytes]]]:
     lines = head[:-4].split(b"\r\n")
     try:
         version, status_s, *reason = lines[0].split(b" ", 2)
@@ -236,7 +238,7 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[http.Response, bo
     connection may be reused. Raises SendFailure for anything malformed or over the caps."""
     for _ in range(10):  # bounded: at most this many interim 1xx answers
         head = await reader.readuntil(b"\r\n\r\n")
-        version, status, reason, headers = _parse_head(head)
+        version, status, reason, headers = parse_response_head(head)
         if status == 101:
             raise SendFailure("the server switched protocols (101) on a token call")
         if status >= 200:

@@ -34,11 +34,13 @@ class ScriptedOrigin(ThreadedServer):
                 head = await reader.readuntil(b"\r\n\r\n")
             except (asyncio.IncompleteReadError, ConnectionError):
                 return
-            length = 0
+            length, chunked = 0, False
             for line in head.split(b"\r\n"):
                 if line.lower().startswith(b"content-length:"):
                     length = int(line.split(b":", 1)[1])
-            body = await reader.readexactly(length)
+                if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
+                    chunked = True
+            body = await _read_chunked(reader) if chunked else await reader.readexactly(length)
             with self._lock:
                 self.requests.append((writer.get_extra_info("peername")[0], head + body))
                 n = len(self.requests)
@@ -51,3 +53,17 @@ class ScriptedOrigin(ThreadedServer):
                 else:
                     writer.write(step)
                     await writer.drain()
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """A chunked request body, de-chunked (what the origin application would see)."""
+    body = b""
+    for _ in range(10_000):  # bounded: chunks per body
+        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+        if size == 0:
+            while await reader.readuntil(b"\r\n") != b"\r\n":
+                pass
+            return body
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
+    raise ValueError("too many chunks")

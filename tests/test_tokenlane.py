@@ -1,0 +1,323 @@
+"""The token lane (sidecar/tokenlane.py): connections to token host names are served without
+mitmproxy's per-request machinery. Token calls must stay visible on every connection; everything
+else on those hosts must pass through as a proxy should (streamed, framed right, errors clear)."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.sim.certs import TestCA
+from sidecar.tokenlane import BadRequest, body_length, keep_alive, parse_request_head
+from tests.harness import SidecarProcess, metric_value, wait_until
+from tests.scripted_origin import ScriptedOrigin, ok, token_body
+
+BIG = 16 * 1024 * 1024
+
+
+# -- parsing --------------------------------------------------------------------------------------
+def test_parse_request_head_forms() -> None:
+    method, path, version, headers = parse_request_head(
+        b"POST https://login.salesforce.com/services/oauth2/token?x=1 HTTP/1.1\r\nHost: a\r\nX: y \r\n\r\n")
+    assert (method, path, version) == (b"POST", b"/services/oauth2/token?x=1", b"HTTP/1.1")
+    assert headers == [(b"Host", b"a"), (b"X", b"y")]
+    assert parse_request_head(b"GET / HTTP/1.0\r\n\r\n")[1:3] == (b"/", b"HTTP/1.0")
+    assert parse_request_head(b"GET https://h HTTP/1.1\r\n\r\n")[1] == b"/"
+    for bad in (b"GET /\r\n\r\n", b"GET / HTTP/2\r\n\r\n", b"G@T / HTTP/1.1\r\n\r\n", b"GET x HTTP/1.1\r\n\r\n",
+                b"GET / HTTP/1.1\r\n folded\r\n\r\n", b"GET / HTTP/1.1\r\nno colon\r\n\r\n",
+                b"GET / HTTP/1.1\r\nBad Name: x\r\n\r\n", b"GET /\x01 HTTP/1.1\r\n\r\n"):
+        with pytest.raises(BadRequest):
+            parse_request_head(bad)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_parse_request_head_never_raises_anything_else(data: bytes) -> None:
+    try:
+        _, _, _, headers = parse_request_head(data + b"\r\n\r\n")
+        body_length(headers)
+    except BadRequest as exc:
+        assert exc.status in (400, 501) and exc.message
+
+
+def test_body_length_refuses_ambiguous_framing() -> None:
+    assert body_length([]) == 0
+    assert body_length([(b"Content-Length", b"12")]) == 12
+    assert body_length([(b"content-length", b"5, 5")]) == 5
+    assert body_length([(b"Transfer-Encoding", b"chunked")]) is None
+    for bad, status in (([(b"Content-Length", b"5"), (b"Content-Length", b"6")], 400),
+                        ([(b"Content-Length", b"-1")], 400),
+                        ([(b"Transfer-Encoding", b"chunked"), (b"Content-Length", b"3")], 400),
+                        ([(b"Transfer-Encoding", b"gzip, chunked")], 501)):
+        with pytest.raises(BadRequest) as info:
+            body_length(bad)
+        assert info.value.status == status
+    assert keep_alive(b"HTTP/1.1", []) and not keep_alive(b"HTTP/1.1", [(b"Connection", b"Close")])
+    assert not keep_alive(b"HTTP/1.0", [])
+
+
+# -- end to end: a direct-mode sidecar with token host "localhost" in front of a scripted origin -------
+def by_path(n: int, head: bytes) -> list[bytes | float]:
+    path = head.split(b" ", 2)[1]
+    if path == b"/services/oauth2/token":
+        return ok(n, head)
+    if path == b"/chunked":
+        return [b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Origin: 1\r\n\r\n5\r\nhello\r\n",
+                0.05, b"6;ext=1\r\n world\r\n0\r\nX-Trailer: t\r\n\r\n"]
+    if path == b"/head":
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 1234\r\n\r\n"]
+    if path == b"/empty":
+        return [b"HTTP/1.1 204 No Content\r\n\r\n"]
+    if path == b"/big":
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % BIG, b"z" * BIG]
+    if path == b"/echo-length":
+        body = head.split(b"\r\n\r\n", 1)[1] if b"\r\n\r\n" in head else b""
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body]
+    if path == b"/close-delimited":
+        return [b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil", 0.05, b" the end", b"<close>"]
+    if path == b"/garbage":
+        return [b"SPDY/9 lol\r\n\r\n"]
+    if path == b"/hangup":
+        return [b"<close>"]
+    if path == b"/then-close":  # keep-alive answer, then the server drops the connection anyway
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0.1, b"<close>"]
+    if path == b"/upgrade":
+        return [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nserver-hello",
+                b"<close>"]
+    return [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+
+
+@pytest.fixture
+def origin(test_ca: TestCA) -> Iterator[ScriptedOrigin]:
+    with ScriptedOrigin(test_ca.issue(["localhost"], "lane-origin"), by_path) as server:
+        yield server
+
+
+@pytest.fixture
+def lane_sidecar(make_sidecar_proc: Callable[..., SidecarProcess]) -> SidecarProcess:
+    return make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
+
+
+def https_via(sc: SidecarProcess, port: int, ca: Path | None = None) -> http.client.HTTPSConnection:
+    ctx = ssl.create_default_context(cafile=str(ca or sc.ca_bundle))
+    conn = http.client.HTTPSConnection("127.0.0.1", sc.proxy_port, context=ctx, timeout=20)
+    conn.set_tunnel("localhost", port)
+    return conn
+
+
+def tls_tunnel(sc: SidecarProcess, port: int) -> ssl.SSLSocket:
+    raw = socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10)
+    raw.sendall(b"CONNECT localhost:%d HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % (port, port))
+    head = b""
+    for _ in range(50):  # bounded
+        head += raw.recv(4096)
+        if b"\r\n\r\n" in head:
+            break
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return ssl.create_default_context(cafile=str(sc.ca_bundle)).wrap_socket(raw, server_hostname="localhost")
+
+
+def read_all(sock: ssl.SSLSocket, limit: int = 200) -> bytes:
+    out = b""
+    for _ in range(limit):  # bounded: until the sidecar closes
+        try:
+            chunk = sock.recv(65536)
+        except (OSError, ssl.SSLError):
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out
+
+
+def get(conn: http.client.HTTPSConnection, method: str, path: str, body: bytes | None = None,
+        headers: dict[str, str] | None = None) -> tuple[int, bytes, http.client.HTTPResponse]:
+    conn.request(method, path, body=body, headers=headers or {})
+    resp = conn.getresponse()
+    return resp.status, resp.read(), resp
+
+
+def test_token_calls_stay_visible_among_other_requests_on_one_connection(
+    lane_sidecar: SidecarProcess, origin: ScriptedOrigin
+) -> None:
+    sc, port = lane_sidecar, origin.address[1]
+    conn = https_via(sc, port)
+    try:
+        status, body, resp = get(conn, "GET", "/chunked")
+        assert (status, body, resp.getheader("X-Origin")) == (200, b"hello world", "1")
+        status, body, resp = get(conn, "HEAD", "/head")
+        assert (status, body, resp.getheader("Content-Length")) == (200, b"", "1234")
+        assert get(conn, "GET", "/empty")[:2] == (204, b"")
+        form = b"grant_type=refresh_token&refresh_token=RT-lane-secret&client_id=cid"
+        status, body, _ = get(conn, "POST", "/services/oauth2/token", form,
+                              {"Content-Type": "application/x-www-form-urlencoded"})
+        assert status == 200 and body == token_body(4)
+        assert get(conn, "GET", "/plain")[:2] == (200, b"ok")
+    finally:
+        conn.close()
+    paths = [req.split(b" ", 2)[1] for _, req in origin.requests]
+    assert paths == [b"/chunked", b"/head", b"/empty", b"/services/oauth2/token", b"/plain"]
+    (call,) = sc.log_events()
+    assert (call["grant_type"], call["route"], call["outcome"]) == ("refresh_token", "direct", "success")
+    # One client connection served all five requests, and it was the lane's (mitmproxy counts its own).
+    assert metric_value(sc.metrics(), "egress_sidecar_intercepted_connections_total") == 1
+    assert "RT-lane-secret" not in sc.log_text() + sc.metrics()
+    token_head = origin.requests[3][1]
+    assert b"Proxy-Connection" not in token_head and b"\r\nHost: localhost:%d\r\n" % port in token_head
+
+
+def test_large_bodies_stream_both_ways(lane_sidecar: SidecarProcess, origin: ScriptedOrigin) -> None:
+    sc, port = lane_sidecar, origin.address[1]
+    conn = https_via(sc, port)
+    try:
+        status, body, _ = get(conn, "GET", "/big")
+        assert status == 200 and len(body) == BIG and body.count(b"z") == BIG
+        upload = [bytes([i % 251]) * 65536 for i in range(64)]  # 4 MiB, sent chunked
+        conn.request("POST", "/upload", body=iter(upload), encode_chunked=True,
+                     headers={"Transfer-Encoding": "chunked"})
+        resp = conn.getresponse()
+        assert (resp.status, resp.read()) == (200, b"ok")
+    finally:
+        conn.close()
+    received = origin.requests[-1][1].split(b"\r\n\r\n", 1)[1]
+    assert hashlib.sha256(received).digest() == hashlib.sha256(b"".join(upload)).digest()
+
+
+def test_expect_continue_close_delimited_and_upgrade(lane_sidecar: SidecarProcess, origin: ScriptedOrigin) -> None:
+    sc, port = lane_sidecar, origin.address[1]
+    with tls_tunnel(sc, port) as tls:
+        tls.sendall(b"POST /echo-length HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n"
+                    b"Expect: 100-continue\r\n\r\n")
+        assert tls.recv(4096).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        tls.sendall(b"hello")
+        answer = b""
+        for _ in range(20):  # bounded
+            answer += tls.recv(4096)
+            if answer.endswith(b"\r\n\r\n") or b"Content-Length: 0" in answer:
+                break
+        assert answer.startswith(b"HTTP/1.1 200")
+        assert b"Expect" not in origin.requests[-1][1]
+        tls.sendall(b"GET /close-delimited HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = read_all(tls)
+        assert answer.startswith(b"HTTP/1.1 200") and b"Connection: close" in answer
+        assert answer.endswith(b"until the end")
+    with tls_tunnel(sc, port) as tls:
+        tls.sendall(b"GET /upgrade HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        answer = read_all(tls)
+        assert answer.startswith(b"HTTP/1.1 101") and answer.endswith(b"server-hello")
+    assert b"Upgrade: websocket" in origin.requests[-1][1]
+
+
+def test_heads_split_across_records_and_pipelined_requests(lane_sidecar: SidecarProcess,
+                                                           origin: ScriptedOrigin) -> None:
+    """Each sendall is its own TLS record: a head in pieces must be put together (a regression: the
+    lane once spun on its own buffer here, freezing the whole sidecar), and two requests in one
+    record must both be answered, in order."""
+    sc, port = lane_sidecar, origin.address[1]
+    with tls_tunnel(sc, port) as tls:
+        for piece in (b"GET /pla", b"in HTTP/1.1\r\nHo", b"st: localhost\r\n", b"\r\n"):
+            tls.sendall(piece)
+            time.sleep(0.05)
+        tls.sendall(b"GET /plain HTTP/1.1\r\nHost: localhost\r\n\r\n"
+                    b"GET /plain HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = read_all(tls)
+    assert answer.count(b"HTTP/1.1 200 OK") == 3 and answer.endswith(b"ok"), answer
+    assert len(origin.requests) == 3
+
+
+def test_origin_failures_are_clear_502s_and_the_lane_keeps_serving(
+    lane_sidecar: SidecarProcess, origin: ScriptedOrigin
+) -> None:
+    sc, port = lane_sidecar, origin.address[1]
+    for path in ("/garbage", "/hangup"):
+        conn = https_via(sc, port)
+        try:
+            status, body, _ = get(conn, "GET", path)
+        finally:
+            conn.close()
+        assert status == 502 and body.startswith(b"egress-sidecar: "), (path, body)
+    # A keep-alive connection the server drops behind our back is replaced, not reported to the app.
+    conn = https_via(sc, port)
+    try:
+        for _ in range(3):
+            assert get(conn, "GET", "/then-close")[:2] == (200, b"ok")
+            time.sleep(0.3)
+    finally:
+        conn.close()
+    assert sum(1 for _, r in origin.requests if b"/then-close" in r) == 3
+    # Nothing is left to a port nobody listens on.
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    conn = https_via(sc, dead_port)
+    try:
+        status, body, _ = get(conn, "GET", "/")
+    finally:
+        conn.close()
+    assert status == 502 and b"cannot connect" in body
+    assert sc.proc is not None and sc.proc.poll() is None
+
+
+def test_malformed_requests_get_clear_errors(lane_sidecar: SidecarProcess, origin: ScriptedOrigin) -> None:
+    sc, port = lane_sidecar, origin.address[1]
+    cases = [
+        (b"NONSENSE\r\n\r\n", b"400"),
+        (b"GET / HTTP/1.1\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+        (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", b"400"),
+        (b"POST /x HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n", b"501"),
+        (b"POST /x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"400"),
+    ]
+    for request, status in cases:
+        with tls_tunnel(sc, port) as tls:
+            tls.sendall(request)
+            answer = read_all(tls)
+        assert answer.startswith(b"HTTP/1.1 " + status), (request[:40], answer[:80])
+        assert b"egress-sidecar: " in answer
+    # The chunked one was on its way when its framing broke; no other request reached the origin.
+    assert all(b"/x" in r for _, r in origin.requests)
+    conn = https_via(sc, port)
+    try:
+        assert get(conn, "GET", "/plain")[:2] == (200, b"ok")
+    finally:
+        conn.close()
+
+
+def test_client_that_does_not_trust_the_ca_is_explained_in_the_log(
+    lane_sidecar: SidecarProcess, origin: ScriptedOrigin, tmp_path: Path, test_ca: TestCA
+) -> None:
+    other = TestCA(tmp_path / "other-ca")
+    conn = https_via(lane_sidecar, origin.address[1], ca=other.ca_path)
+    try:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            conn.request("GET", "/plain")
+    finally:
+        conn.close()
+    assert wait_until(lambda: "trust the sidecar's CA" in lane_sidecar.log_text(), timeout=5)
+    assert not origin.requests
+
+
+def test_idle_lane_connection_is_closed(make_sidecar_proc: Callable[..., SidecarProcess],
+                                        origin: ScriptedOrigin) -> None:
+    sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost", "SIDECAR_IDLE_TIMEOUT": "1"})
+    with tls_tunnel(sc, origin.address[1]) as tls:
+        tls.sendall(b"GET /plain HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        answer = b""
+        for _ in range(10):  # bounded: head and body may come in separate records
+            answer += tls.recv(4096)
+            if answer.endswith(b"ok"):
+                break
+        assert answer.endswith(b"ok")
+        tls.settimeout(10)
+        started = time.monotonic()
+        assert read_all(tls) == b""
+        assert time.monotonic() - started < 8
