@@ -46,10 +46,13 @@ SEND_LEAVES = ("_SelectorSocketTransport.write ", "_SelectorTransport.write ", "
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("refresh token tracking on the event loop (`GrantTracker.on_call`)", ("GrantTracker.",)),
     ("metrics and the JSON log line (`Recorder.record`)", ("Recorder.record ",)),
-    ("response hook: classify the answer (`TokenRoute.response`)", ("TokenRoute.response ", "TokenRoute._finish ")),
+    ("classify the answer (`TokenRoute.finish`)", ("TokenRoute.finish ", "TokenRoute.response ", "TokenRoute._finish ")),
     ("sending through the member (`sidecar/upstream.py`: pool, TLS, write, read, parse)",
      ("TokenSender.", "UpstreamPool.", "read_response ", "assemble_request ")),
-    ("request hooks: detect, grant type, guard (`TokenRoute.requestheaders/request`)", ("TokenRoute.",)),
+    ("routing: detect, grant type, guard (`TokenRoute`)", ("TokenRoute.",)),
+    ("token lane: client-side TLS (`ssl` module, `TlsStream`)", ("TlsStream.", "LeafContexts.")),
+    ("token lane: HTTP/1.1 parsing and framing (`TokenLane`)", ("TokenLane.", "parse_request_head ",
+                                                                "response_bytes ", "body_length ")),
     ("other sidecar addons and code (`addons/`, `sidecar/`)", ("(addons/", "(sidecar/")),
     ("mitmproxy: client-side TLS (pyOpenSSL, certificates)", ("layers/tls.py", "(OpenSSL/", "tlsconfig.py",
                                                            "mitmproxy/certs.py")),
@@ -60,11 +63,13 @@ OTHER_STAGE = "asyncio event loop and the rest"
 SEND_STAGE = ("socket `send()` to the client or the member (mostly waiting: the woken peer often runs on this CPU "
               "before the sidecar gets it back)")
 KEY_MARKERS = [
-    ("`TokenRoute.requestheaders` (detect)", "TokenRoute.requestheaders "),
-    ("`TokenRoute.request` (grant type, guard, send)", "TokenRoute.request "),
+    ("`TokenLane._one_request` (one request on the lane: parse, route, answer)", "TokenLane._one_request "),
+    ("`TlsStream` (client-side TLS, `ssl` module)", "TlsStream."),
+    ("`TokenRoute.detect` and `.refusal` (token call? sendable?)", "TokenRoute.detect "),
+    ("`TokenRoute.answer` (grant type, guard, send)", "TokenRoute.answer "),
     ("`TokenSender.send` (pool, write, read)", "TokenSender.send "),
     ("`read_response` (parse Salesforce's answer)", "read_response "),
-    ("`TokenRoute.response` (classify, record, observers)", "TokenRoute.response "),
+    ("`TokenRoute.finish` (classify, then record soon)", "TokenRoute.finish "),
     ("`Recorder.record` (metrics + log line)", "Recorder.record "),
     ("`logs.event` (one JSON log line)", "event (sidecar/logs.py"),
     ("`GrantTracker.on_call` (rotation tracking)", "GrantTracker.on_call "),

@@ -240,12 +240,12 @@ def render_time(d: Doc, res: Results, pair_ka: float, sc_ka: float) -> None:
     if internal:
         mi = statistics.median(internal)
         d(f"**Its own record.** For the keep-alive calls above, the sidecar's log says a median **{mi:.2f} ms** "
-          f"from the request's first byte to Salesforce's answer being read (`duration_ms`: mitmproxy reading the "
-          f"request, the `requestheaders`/`request` hooks, the guard, and the round trip through the member). The "
-          f"client saw {_ms(sc_ka)} ms, so about **{sc_ka - mi:.2f} ms** go to the rest: the client's request "
-          f"reaching mitmproxy, the `response` hooks (classify, record, log line, refresh token tracking) and "
-          f"writing the answer back through the client TLS. Straight to the pair, the whole call takes "
-          f"{_ms(pair_ka)} ms.", "")
+          f"from the request head having been read to Salesforce's answer being read (`duration_ms`: reading the "
+          f"body, grant type, the guard, and the round trip through the member). The client saw {_ms(sc_ka)} ms, "
+          f"so about **{sc_ka - mi:.2f} ms** go to the rest: the request reaching the sidecar and being decrypted "
+          f"and parsed by the token lane (`sidecar/tokenlane.py`), and the answer being encrypted and written back "
+          f"(the record itself, log line and refresh token tracking, runs just after the answer went out). "
+          f"Straight to the pair, the whole call takes {_ms(pair_ka)} ms.", "")
     ab = res.ablation
     if ab and "sidecar" in ab:
         base = _p(ab["sidecar"].samples, 0.5)
@@ -331,13 +331,13 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
                      f"{lg:+.2f} ms; with both off the sidecar still adds **{bare:+.2f} ms** over straight-to-pair "
                      f"(plain mitmdump adds {mitm_add:+.2f} ms). ")
         if pk is not None and pk.tool == "py-spy":
-            own = _stage_ms(pk, "sending through the member") + _stage_ms(pk, "request hooks")
-            mitm = sum(_stage_ms(pk, n) for n in ("client-side TLS", "dispatching hooks", "proxy layers"))
-            text += (f"In the profile, mitmproxy's own per-request steps (client-side TLS in pyOpenSSL, hook dispatch "
-                     f"to every addon, HTTP/1 layers) take ~{mitm:.2f} ms of the event loop per call, while the "
-                     f"sidecar's sender (`sidecar/upstream.py`: TLS to Salesforce, write, read, parse) and request "
-                     f"hooks take ~{own:.2f} ms; socket writes account for {_share(pk, 'socket `send()`')} of the "
-                     "event loop's wall time (on 2 CPUs the woken peer often runs before the sidecar gets its CPU "
+            own = _stage_ms(pk, "sending through the member") + _stage_ms(pk, "routing")
+            lane = _stage_ms(pk, "token lane")
+            text += (f"In the profile, the token lane (client-side TLS, HTTP parsing) takes ~{lane:.2f} ms of the "
+                     f"event loop per call, the sender (`sidecar/upstream.py`: TLS to Salesforce, write, read, parse) "
+                     f"and routing ~{own:.2f} ms; socket writes account for {_share(pk, 'socket `send()`')} of the "
+                     "event loop's wall time (on loopback the kernel delivers the bytes to the peer inside the "
+                     "sender's `send()`, and on 2 CPUs the woken peer often runs before the sidecar gets its CPU "
                      "back). ")
         bare_added = (_p(ab["sidecar-bare"].samples, 0.5) - _p(ab["pair"].samples, 0.5)
                       if "sidecar-bare" in ab and "pair" in ab else float("nan"))
@@ -345,20 +345,18 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
             text += ("*What would fix it*: in this run, switching off both the tracking and the log line brings the "
                      "sidecar within +1 ms; making them cheaper (batching the writes, a shorter log path) is the lever.")
         else:
-            text += ("*What would fix it*: trimming the sidecar's own per-call work (tracking, log line) recovers "
-                     "only the ablation's difference; reaching +1 ms needs the token request off mitmproxy's "
-                     "per-request machinery, e.g. terminating TLS for token hosts with the standard `ssl` module and "
-                     "parsing the one request in the sidecar (its sender already does the upstream side in a fraction "
-                     "of the time), leaving mitmproxy the CONNECT handling and passthrough.")
+            text += ("*What would fix it*: the Python steps left per call are few (mitmproxy is no longer on this "
+                     "path); what remains is the event loop's wake-ups and the kernel's loopback work per hop, which "
+                     "only fewer hops (or a compiled proxy) would remove.")
         notes.append(text)
     if pair_nc > 0 and sc_nc / pair_nc > 2.0:
         text = (f"**New connection per call.** {_cpu_ms(nc.get('sidecar')):.2f} ms of sidecar CPU per call (Squid "
                 f"{_cpu_ms(nc.get('squid')):.2f}, mitmdump {_cpu_ms(nc.get('mitmdump')):.2f}). The upstream side is "
                 "already pooled (no CONNECT or TLS handshake to Salesforce per call), so the cost is the client side: ")
         if pn is not None and pn.tool == "py-spy":
-            text += (f"client-side TLS handshake in pyOpenSSL {_share(pn, 'client-side TLS')} of the event loop's "
-                     f"busy time, hook dispatch {_share(pn, 'dispatching hooks')}, HTTP layers "
-                     f"{_share(pn, 'proxy layers')}, socket writes {_share(pn, 'socket `send()`')}. ")
+            text += (f"client-side TLS handshake and certificate {_share(pn, 'client-side TLS')} of the event loop's "
+                     f"busy time, HTTP parsing {_share(pn, 'HTTP/1.1 parsing')}, socket writes "
+                     f"{_share(pn, 'socket `send()`')}. ")
         text += "*What would fix it*: the same as for keep-alive: fewer Python steps per client connection."
         if "mitmdump" in nc and _p(nc["mitmdump"].samples, 0.5) > sc_nc:
             text += (f" (Plain mitmdump, which opens an upstream connection and TLS session per client connection, "
@@ -369,10 +367,9 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
         text = ("**Passthrough.** ")
         if cpu_sc is not None and cpu_sq is not None:
             text += f"The sidecar spends {cpu_sc:.2f} s of CPU per GB relayed, Squid {cpu_sq:.2f}. "
-        text += ("Every chunk of an ignored tunnel still goes through mitmproxy's TCP layer as events and commands in "
-                 "Python; with the client, the server and the proxy sharing 2 CPUs, throughput follows CPU per byte. "
-                 "*What would fix it*: once a tunnel is known to be passthrough, relay it outside mitmproxy's layers "
-                 "(a plain asyncio copy loop with large buffers, or `os.splice` between the two sockets).")
+        text += ("Tunnels are relayed by the front door's copy loop (64 KiB reads on the event loop, no mitmproxy); "
+                 "with the client, the server and the proxy sharing 2 CPUs, throughput follows CPU per byte. "
+                 "*What would fix it*: fewer copies through user space (`os.splice` between the two sockets).")
         notes.append(text)
     if held and max(held) * 1024 / 1e6 >= 100:
         idle_kib = res.memory.get("idle (after start)", {}).get("VmRSS")
@@ -382,12 +379,12 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
         text = f"**Memory.** Idle the sidecar already holds {_mb(idle_kib)} MB. "
         if imp and bare_py:
             text += (f"Importing it, with nothing started, takes {_mb(imp[0])} MB (Python alone {_mb(bare_py)} MB): "
-                     "the floor is mitmproxy and its dependencies (importing any `mitmproxy.addons` module runs the "
-                     "package's `__init__`, which imports every default addon, Flask and ldap3 included). ")
+                     "the floor is mitmproxy and its dependencies (the sidecar already skips mitmproxy's default "
+                     "addons; aioquic, cryptography and pydantic remain). ")
         squid_idle_kib = res.other_rss.get("Squid idle", {}).get("VmRSS")
         text += (f"{res.plan.hold} connections add about {per:.0f} KB each. *What would fix it*: the idle footprint, "
-                 "not the per-connection cost: import less of mitmproxy, or serve the token path and the relay "
-                 f"without it (Squid idles at {_mb(squid_idle_kib)} MB). Memory also stays near its high-water mark "
+                 "not the per-connection cost: an even smaller import, or no mitmproxy in the process "
+                 f"(Squid idles at {_mb(squid_idle_kib)} MB). Memory also stays near its high-water mark "
                  f"after load ({_mb(res.memory.get('after all of the above', {}).get('VmRSS'))} MB at the end).")
         notes.append(text)
     if notes:
