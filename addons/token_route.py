@@ -269,11 +269,15 @@ class TokenRoute:
             self.response(flow)
             return
         flow.metadata.pop(CALL, None)
-        self.failed(call, flow.request, (flow.error.msg if flow.error else "no response"))
+        # Not in flight and no answer: the request never got as far as the sender.
+        self.abandoned(call, flow.request, "the client left before its request was complete: "
+                       + (flow.error.msg if flow.error else "no response") + " (nothing was sent)")
 
-    def failed(self, call: TokenCall, req: http.Request, detail: str) -> None:
-        """Record a token call that ended without an answer (the client left before it was sent)."""
-        call.outcome = call.outcome or "upstream_error"
+    def abandoned(self, call: TokenCall, req: http.Request, detail: str) -> None:
+        """Record a token call whose client left (or stalled) before its whole request arrived: nothing
+        was sent anywhere, so it is the client's error, not the upstream's."""
+        call.route, call.member, call.egress_ip = "refused", MEMBER_NONE, EGRESS_NONE
+        call.outcome, call.local = "client_error", True
         call.detail = detail[:300]
         call.duration = max(0.0, time.time() - call.started)
         self._finish_soon(call, Exchange(req, None))

@@ -60,6 +60,8 @@ allowlist" warning, never a missed one. It is a linear scan over precomputed int
 
 from __future__ import annotations
 
+import functools
+
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -114,8 +116,14 @@ def _coerce(ip: object) -> IPAddress | None:
         return ip
     if not isinstance(ip, str):
         return None
+    return _parse_ip(ip)
+
+
+@functools.lru_cache(maxsize=256)
+def _parse_ip(text: str) -> IPAddress | None:
+    """Cached: the guard asks about the same few egress IPs on every token call."""
     try:
-        return ip_address(ip.strip())
+        return ip_address(text.strip())
     except ValueError:
         return None
 

@@ -269,14 +269,14 @@ class GrantStore:
             while not stop:
                 batch = [self._queue.get()]
                 # Gather for a moment before committing: under steady traffic one transaction then
-                # covers many token calls, and the writer takes the GIL from the proxy far less often.
-                window_ends = time.monotonic() + COMMIT_WINDOW_SECONDS
+                # covers many token calls. Sleeping through the window (instead of waiting on the queue)
+                # means the calls queued meanwhile do not wake this thread one by one, each wake-up
+                # taking the GIL from the proxy's event loop.
+                if isinstance(batch[0], Change):
+                    time.sleep(COMMIT_WINDOW_SECONDS)
                 while len(batch) < BATCH and batch[-1] is not _STOP and not isinstance(batch[-1], threading.Event):
-                    remaining = window_ends - time.monotonic()
-                    if remaining <= 0:
-                        break
                     try:
-                        batch.append(self._queue.get(timeout=remaining))
+                        batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
                 changes = [c for c in batch if isinstance(c, Change)]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sidecar.mitm import Master, addon_module  # isort: skip  (first: keeps mitmproxy's default addons out)
+from sidecar.mitm import Master, addon_module, new_master  # isort: skip  (first: keeps mitmproxy's default addons out)
 from mitmproxy import exceptions as mitm_exceptions
 from mitmproxy import options
 
@@ -135,7 +135,7 @@ class Sidecar:
         # mitmproxy listens on an internal loopback port; apps connect to the front door on SIDECAR_LISTEN,
         # which hands it every connection it does not relay itself.
         opts = options.Options(listen_host="127.0.0.1", listen_port=0, confdir=str(self.confdir))
-        master = Master(opts)
+        master = new_master(opts)
         self.tlsconfig = addon_module("tlsconfig").TlsConfig()  # its certificate store serves the lane too
         master.addons.add(
             addon_module("core").Core(),

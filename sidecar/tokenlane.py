@@ -411,8 +411,9 @@ class TokenLane:
             async with asyncio.timeout(self.idle_timeout):
                 req.data.content = await tls.read_exactly(length or 0)
         except (ClientClosed, OSError, TimeoutError) as exc:
-            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-            self.route.failed(call, req, f"client error: {reason} (nothing was sent)")
+            reason = "it stalled past SIDECAR_IDLE_TIMEOUT" if isinstance(exc, TimeoutError) else describe_error(exc)
+            self.route.abandoned(call, req, f"the client left before its request was complete: {reason} "
+                                 "(nothing was sent)")
             return False
         req.timestamp_end = time.time()
         resp = await self.route.answer(req, call)
@@ -460,9 +461,9 @@ class TokenLane:
             except ConnectFailure as exc:
                 raise _Upstream502(exc.detail) from None
             try:
-                async with asyncio.timeout(self.idle_timeout):
+                async with asyncio.timeout(self.idle_timeout) as deadline:  # moved on by every chunk sent
                     conn.writer.write(head)
-                    await self._send_body(tls, conn, length)
+                    await self._send_body(tls, conn, length, deadline)
                     await conn.writer.drain()
                     return conn, await conn.reader.readuntil(b"\r\n\r\n")
             except (ClientClosed, BadRequest):
@@ -475,7 +476,7 @@ class TokenLane:
                 raise _Upstream502(f"{req.host}:{req.port}{via} failed: {describe_error(exc)}") from None
         raise _Upstream502(f"{req.host}:{req.port}{via} closed the connection")  # pragma: no cover
 
-    async def _send_body(self, tls: TlsStream, conn: Conn, length: int | None) -> None:
+    async def _send_body(self, tls: TlsStream, conn: Conn, length: int | None, deadline: asyncio.Timeout) -> None:
         if length is None:  # chunked: passed on chunk by chunk, trailers dropped
             for _ in range(10_000_000):  # bounded: chunks in one body
                 try:
@@ -493,19 +494,20 @@ class TokenLane:
                     conn.writer.write(b"0\r\n\r\n")
                     return
                 conn.writer.write(b"%x\r\n" % size)
-                await self._copy_from_client(tls, conn, size)
+                await self._copy_from_client(tls, conn, size, deadline)
                 if await tls.read_exactly(2) != b"\r\n":
                     raise BadRequest(400, "malformed chunked request body")
                 conn.writer.write(b"\r\n")
             raise BadRequest(400, "too many chunks in the request body")
-        await self._copy_from_client(tls, conn, length)
+        await self._copy_from_client(tls, conn, length, deadline)
 
-    async def _copy_from_client(self, tls: TlsStream, conn: Conn, n: int) -> None:
+    async def _copy_from_client(self, tls: TlsStream, conn: Conn, n: int, deadline: asyncio.Timeout) -> None:
         while n > 0:
             data = await tls.read_upto(min(n, CHUNK))
             n -= len(data)
             conn.writer.write(data)
             await conn.writer.drain()
+            self._extend(deadline)
 
     async def _relay_response(self, tls: TlsStream, req: http.Request, req_headers: list[tuple[bytes, bytes]],
                               conn: Conn, head: bytes, upgrade: bool) -> bool:

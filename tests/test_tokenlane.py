@@ -321,3 +321,26 @@ def test_idle_lane_connection_is_closed(make_sidecar_proc: Callable[..., Sidecar
         started = time.monotonic()
         assert read_all(tls) == b""
         assert time.monotonic() - started < 8
+
+
+def test_token_call_abandoned_mid_body_is_recorded_as_the_clients_error(
+    lane_sidecar: SidecarProcess, origin: ScriptedOrigin
+) -> None:
+    sc, port = lane_sidecar, origin.address[1]
+    with tls_tunnel(sc, port) as tls:
+        tls.sendall(b"POST /services/oauth2/token HTTP/1.1\r\nHost: localhost\r\nContent-Length: 300\r\n"
+                    b"Content-Type: application/x-www-form-urlencoded\r\n\r\ngrant_type=refresh_token&refresh_t")
+        time.sleep(0.2)
+    assert wait_until(lambda: len(sc.log_events()) == 1, timeout=10)
+    (call,) = sc.log_events()
+    assert (call["outcome"], call["route"], call["member"]) == ("client_error", "refused", "none")
+    assert "nothing was sent" in call["detail"]
+    assert not origin.requests
+    # Oversized and chunked token requests are refused on the lane too, before any byte leaves.
+    for extra, status in ((b"Content-Length: 70000\r\n", b"413"), (b"Transfer-Encoding: chunked\r\n", b"411")):
+        with tls_tunnel(sc, port) as tls:
+            tls.sendall(b"POST /services/oauth2/token HTTP/1.1\r\nHost: localhost\r\n" + extra + b"\r\n")
+            answer = read_all(tls)
+        assert answer.startswith(b"HTTP/1.1 " + status) and b"Connection: close" in answer, answer[:200]
+    assert not origin.requests
+    assert wait_until(lambda: len(sc.log_events()) == 3, timeout=10)
