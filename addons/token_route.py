@@ -99,11 +99,11 @@ class TokenRoute:
             flow.metadata[CALL] = call
             req.stream = False  # small, and the grant type is needed before routing
             refusal = self.refusal(req, call)
-            if refusal is CLOSE:
+            if isinstance(refusal, http.Response):
+                flow.response = refusal
+            elif refusal is CLOSE:
                 flow.metadata.pop(CALL, None)
                 flow.kill()
-            elif refusal is not None:
-                flow.response = refusal
             return
         route_to(flow, self.other_member(self.hosts.matches(req.host)))
         req.stream = True

@@ -41,7 +41,7 @@ def _skip_model_typechecks() -> None:
     token call's CPU in the sidecar. The sidecar builds its messages from parsed bytes of known types,
     so it switches the check off as ``-O`` would, without also dropping ``assert`` statements."""
     if "__post_init__" in vars(http.MessageData):
-        http.MessageData.__post_init__ = lambda self: None  # type: ignore[attr-defined]
+        http.MessageData.__post_init__ = lambda self: None  # type: ignore[method-assign]
 
 
 _skip_model_typechecks()

@@ -395,8 +395,7 @@ class TokenLane:
         refusal = self.route.refusal(req, call)
         if refusal is CLOSE:
             return False
-        if refusal is not None:  # the body is left unread, so the connection ends with the answer
-            assert isinstance(refusal, http.Response)
+        if isinstance(refusal, http.Response):  # the body is left unread: the connection ends with it
             try:
                 await tls.write(response_bytes(refusal, close=True))
                 await _linger(tls.loop, tls.sock)

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import pytest
 import requests
 
 from tests.harness import (
@@ -25,6 +26,13 @@ from tests.harness import (
 )
 
 BOTH = ["127.0.0.2", "127.0.0.3"]
+
+
+@pytest.fixture(params=["lane", "mitmproxy"])
+def token_path(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Who serves the token calls: the token lane (CONNECT to a token host name, the usual case) or
+    mitmproxy (which serves every connection with SIDECAR_ROUTE=all). Both must behave the same."""
+    return {} if request.param == "lane" else {"SIDECAR_ROUTE": "all"}
 
 
 def both_allowlisted(world: World) -> dict[str, str]:
@@ -64,9 +72,10 @@ def test_connect_error_and_slow_member_fail_over(world: World, make_sidecar_proc
 
 
 def test_failure_after_send_is_a_clear_502_and_never_retried(
-    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess],
+    token_path: dict[str, str],
 ) -> None:
-    sc = make_sidecar_proc(both_allowlisted(world))
+    sc = make_sidecar_proc({**both_allowlisted(world), **token_path})
     for mode in ("close_early", "garbage"):
         world.salesforce.reset_seen()
         world.salesforce.fail_mode = mode
@@ -97,8 +106,10 @@ def test_no_member_reachable_is_a_502_that_says_nothing_was_sent(
     assert "safe to retry" in body["error_description"]
 
 
-def test_bad_token_bodies_are_handled(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
-    sc = make_sidecar_proc(both_allowlisted(world))
+def test_bad_token_bodies_are_handled(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], token_path: dict[str, str]
+) -> None:
+    sc = make_sidecar_proc({**both_allowlisted(world), **token_path})
     with sc.session() as s:
         as_json = s.post(TOKEN_URL, json={"grant_type": "refresh_token"}, timeout=10)
         assert as_json.status_code == 400  # forwarded; Salesforce's own answer
@@ -116,8 +127,10 @@ def test_bad_token_bodies_are_handled(world: World, make_sidecar_proc: Callable[
     assert not [r for r in world.salesforce.seen if len(r.body) > 90_000]  # the huge one never left
 
 
-def test_garbage_and_vanishing_clients_do_not_hurt(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
-    sc = make_sidecar_proc(both_allowlisted(world))
+def test_garbage_and_vanishing_clients_do_not_hurt(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], token_path: dict[str, str]
+) -> None:
+    sc = make_sidecar_proc({**both_allowlisted(world), **token_path})
     # Not HTTP at all.
     with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
         c.sendall(b"\x16\x03\x01garbage\r\n\r\n")
@@ -288,11 +301,12 @@ def test_target_errors_fail_over_without_ejecting_the_member(
 
 
 def test_client_leaving_mid_call_does_not_lose_the_record(
-    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess],
+    token_path: dict[str, str],
 ) -> None:
     import ssl as ssl_mod
 
-    sc = make_sidecar_proc(both_allowlisted(world))
+    sc = make_sidecar_proc({**both_allowlisted(world), **token_path})
     world.salesforce.slow_seconds = 1.0
     world.salesforce.fail_mode = "slow"
     token = world.salesforce.issue_refresh_token()
