@@ -13,7 +13,10 @@ mitmproxy's connection handler, as if mitmproxy had accepted it itself.
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
+import hmac
 import fcntl
 import ipaddress
 import logging
@@ -59,6 +62,23 @@ def parse_connect(head: bytes) -> tuple[str, int] | None:
     return host.strip("[]").lower(), int(port_s)
 
 
+def _authorized(head: bytes, expected: bytes) -> bool:
+    """Whether a request head carries ``Proxy-Authorization: Basic base64(expected)``."""
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() != b"proxy-authorization":
+            continue
+        scheme, _, credential = value.strip().partition(b" ")
+        if scheme.lower() != b"basic":
+            return False
+        try:
+            given = base64.b64decode(credential.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        return hmac.compare_digest(given, expected)
+    return False
+
+
 def _is_ip(host: str) -> bool:
     """An IP literal, including the shorthand forms resolvers accept (127.1, 2130706433, 0x7f.1):
     for those only the TLS SNI can tell whether it is a token call, and only mitmproxy looks at it."""
@@ -82,15 +102,19 @@ class FrontDoor:
         idle_timeout: float,
         handoff: Handoff,
         lane: TokenLane | None = None,
+        proxy_auth: str | None = None,
     ) -> None:
         self.hosts = hosts
         self.metrics = metrics
         self.access = access
-        self.relay_here = relay_here  # False with SIDECAR_ROUTE=all or proxy auth: mitmproxy does it all
+        self.relay_here = relay_here  # False with SIDECAR_ROUTE=all: mitmproxy does it all
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.handoff = handoff
         self.lane = lane  # serves CONNECTs to token host names; without it mitmproxy does
+        # SIDECAR_PROXY_AUTH ("user:pass"): a CONNECT carrying these credentials is served here; any
+        # other request goes to mitmproxy, whose proxyauth answers 407 (or checks a plain request).
+        self.proxy_auth = proxy_auth.encode() if proxy_auth is not None else None
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: socket.socket
         self._accept_task: asyncio.Task[None]
@@ -137,7 +161,7 @@ class FrontDoor:
 
     async def _accepted(self, sock: socket.socket) -> None:
         handed_off = False  # once a transport owns the socket, it closes it
-        if self.relay_here and not is_loopback(str(sock.getpeername()[0])):
+        if self.proxy_auth is None and not is_loopback(str(sock.getpeername()[0])):
             # Without SIDECAR_PROXY_AUTH only loopback clients are served: refuse before holding a slot.
             self.access.refuse(str(sock.getpeername()[0]))
             sock.close()
@@ -146,6 +170,8 @@ class FrontDoor:
         try:
             head = await self._peek_head(sock) if self.relay_here else b""
             target = parse_connect(head)
+            if target is not None and self.proxy_auth is not None and not _authorized(head, self.proxy_auth):
+                target = None  # mitmproxy asks for the credentials
             if target is None or _is_ip(target[0]) or (self.lane is None and self.hosts.matches(target[0])):
                 handed_off = True
                 reader, writer = await asyncio.open_connection(sock=sock, limit=MAX_HEAD)

@@ -242,8 +242,8 @@ class Sidecar:
 
     async def open_front_door(self, handoff: Handoff) -> tuple[str, int]:
         s = self.settings
-        # With proxy auth or SIDECAR_ROUTE=all, mitmproxy serves every connection itself.
-        relay_here = s.route != "all" and s.proxy_auth is None
+        # With SIDECAR_ROUTE=all, mitmproxy serves every connection itself (tunnels through a member).
+        relay_here = s.route != "all"
         lane = None
         if relay_here:
             tlsconfig = self.tlsconfig
@@ -254,6 +254,7 @@ class Sidecar:
         self.frontdoor = FrontDoor(
             self.hosts, self.metrics, self.access, relay_here=relay_here,
             connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout, handoff=handoff, lane=lane,
+            proxy_auth=s.proxy_auth.get_secret_value() if s.proxy_auth else None,
         )
         listen = s.listen_address
         return await self.frontdoor.start(listen.host, listen.port)

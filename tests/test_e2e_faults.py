@@ -3,6 +3,7 @@ sidecar keeps serving through all of it. Every loop is bounded in count and time
 
 from __future__ import annotations
 
+import base64
 import json
 import socket
 import threading
@@ -173,8 +174,28 @@ def test_proxy_auth_required_when_configured(world: World, make_sidecar_proc: Ca
             raise AssertionError("a client without proxy credentials must be refused")
         except requests.exceptions.ProxyError as exc:
             assert "407" in str(exc)
+        s.proxies = {"https": f"http://app:wrong-password@127.0.0.1:{sc.proxy_port}"}
+        with pytest.raises(requests.exceptions.ProxyError, match="407"):
+            s.post(TOKEN_URL, data={"grant_type": "refresh_token"}, timeout=10)
         s.proxies = {"https": f"http://app:pr0xy-s3cret-pw@127.0.0.1:{sc.proxy_port}"}
         assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+        # A plain-HTTP request without credentials is refused too (mitmproxy checks those).
+        plain = requests.get("http://example.invalid/", proxies={"http": sc.proxy_url}, timeout=10)
+        assert plain.status_code == 407
+    # An authenticated tunnel to a non-token host is relayed, credentials and all consumed by the sidecar.
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+        c.sendall(b"CONNECT localhost:%d HTTP/1.1\r\nHost: x\r\nProxy-Authorization: basic %s\r\n\r\n"
+                  % (world.echo.address[1], base64.b64encode(b"app:pr0xy-s3cret-pw")))
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        c.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        answer = b""
+        for _ in range(20):  # bounded
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        assert answer.startswith(b"HTTP/1.") and b"127.0.0.1" in answer, answer[:200]
+    assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="direct") >= 1
     assert "pr0xy-s3cret-pw" not in sc.log_text() + sc.metrics()
 
 
