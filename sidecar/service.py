@@ -248,7 +248,8 @@ class Sidecar:
         if relay_here:
             tlsconfig = self.tlsconfig
             lane = TokenLane(
-                self.token_route, self.pool, LeafContexts(lambda: tlsconfig.certstore, self.confdir), self.metrics,
+                self.token_route, self.pool,
+                LeafContexts(lambda: tlsconfig.certstore, self.confdir, self.hosts.certificate_name), self.metrics,
                 idle_timeout=s.idle_timeout, handshake_timeout=min(HEAD_TIMEOUT, s.idle_timeout),
             )
         self.frontdoor = FrontDoor(

@@ -66,7 +66,7 @@ MAX_HEAD = 64 * 1024  # request and response heads
 MAX_CHUNK_LINE = 4096
 CHUNK = 64 * 1024  # per read: a streamed body holds at most about this much per direction
 LINGER_SECONDS = 2.0
-MAX_CONTEXTS = 512  # leaf certificates kept ready, one per token host name seen
+MAX_CONTEXTS = 256  # leaf certificates kept ready (~23 KB each), one per exact token host or pattern
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _REASONS = {400: b"Bad Request", 413: b"Payload Too Large", 431: b"Request Header Fields Too Large",
             501: b"Not Implemented", 502: b"Bad Gateway"}
@@ -85,20 +85,25 @@ class ClientClosed(ConnectionError):
 
 # -- certificates ---------------------------------------------------------------------------------
 class LeafContexts:
-    """Server-side ``ssl.SSLContext`` per token host name, with the leaf certificate mitmproxy's
-    certificate store issues for it (cached there too), bounded LRU."""
+    """Server-side ``ssl.SSLContext`` per certificate name, with the leaf certificate mitmproxy's
+    certificate store issues for it, bounded LRU. ``name_for`` maps a host to its certificate name:
+    with :meth:`TokenHosts.certificate_name`, every host under ``*.my.salesforce.com`` shares one
+    wildcard certificate, so an ISV serving thousands of orgs holds one context, not thousands."""
 
-    def __init__(self, certstore: Callable[[], certs.CertStore], workdir: Path) -> None:
+    def __init__(self, certstore: Callable[[], certs.CertStore], workdir: Path,
+                 name_for: Callable[[str], str] = lambda host: host) -> None:
         self._certstore = certstore
         self._workdir = workdir
+        self._name_for = name_for
         self._cache: OrderedDict[str, ssl.SSLContext] = OrderedDict()
 
     def get(self, host: str) -> ssl.SSLContext:
-        ctx = self._cache.get(host)
+        name = self._name_for(host)
+        ctx = self._cache.get(name)
         if ctx is not None:
-            self._cache.move_to_end(host)
+            self._cache.move_to_end(name)
             return ctx
-        entry = self._certstore().get_cert(host, [x509.DNSName(host)])
+        entry = self._certstore().get_cert(name, [x509.DNSName(name)])
         pem = entry.cert.to_pem() + b"".join(c.to_pem() for c in entry.chain_certs if c != entry.cert)
         pem += entry.privatekey.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
@@ -106,7 +111,7 @@ class LeafContexts:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         ctx.set_alpn_protocols(["http/1.1"])
         _load_chain(ctx, pem, self._workdir)
-        self._cache[host] = ctx
+        self._cache[name] = ctx
         if len(self._cache) > MAX_CONTEXTS:
             self._cache.popitem(last=False)
         return ctx

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from sidecar.sim.certs import TestCA
 from sidecar.tokenlane import BadRequest, body_length, keep_alive, parse_request_head
-from tests.harness import SidecarProcess, metric_value, wait_until
+from tests.harness import SidecarProcess, World, metric_value, redeem, wait_until
 from tests.scripted_origin import ScriptedOrigin, ok, token_body
 
 BIG = 16 * 1024 * 1024
@@ -344,3 +344,35 @@ def test_token_call_abandoned_mid_body_is_recorded_as_the_clients_error(
         assert answer.startswith(b"HTTP/1.1 " + status) and b"Connection: close" in answer, answer[:200]
     assert not origin.requests
     assert wait_until(lambda: len(sc.log_events()) == 3, timeout=10)
+
+
+def test_certificate_name_shares_one_wildcard_per_pattern() -> None:
+    from sidecar.hosts import TokenHosts
+
+    hosts = TokenHosts(["login.salesforce.com", "*.my.salesforce.com", "*.sandbox.my.salesforce.com"])
+    assert hosts.certificate_name("acme.my.salesforce.com") == "*.my.salesforce.com"
+    assert hosts.certificate_name("Other.My.Salesforce.Com.") == "*.my.salesforce.com"
+    assert hosts.certificate_name("acme--dev.sandbox.my.salesforce.com") == "*.sandbox.my.salesforce.com"
+    assert hosts.certificate_name("login.salesforce.com") == "login.salesforce.com"
+
+
+def test_every_org_my_domain_is_served_under_one_wildcard_certificate(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    orgs = ("acme.my.salesforce.com", "globex.my.salesforce.com")
+    for org in orgs:  # both orgs' My Domains lead to the one fake Salesforce
+        world.pair.set_route((org, 443), world.salesforce.address)
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sc = make_sidecar_proc(world.pair_env())
+    leaves = []
+    for org in orgs:
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as raw:
+            raw.sendall(f"CONNECT {org}:443 HTTP/1.1\r\nHost: {org}:443\r\n\r\n".encode())
+            assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+            ctx = ssl.create_default_context(cafile=str(sc.ca_bundle))
+            with ctx.wrap_socket(raw, server_hostname=org) as tls:  # verifies the name against the wildcard
+                leaves.append(tls.getpeercert(binary_form=True))
+        with sc.session() as s:
+            assert redeem(s, world.salesforce.issue_refresh_token(), url=f"https://{org}/services/oauth2/token").ok
+    assert leaves[0] == leaves[1]
+    assert [c["host_class"] for c in sc.log_events()] == ["my_domain", "my_domain"]
