@@ -33,6 +33,10 @@ class ClientAccess:
         self.require_auth = require_auth
         self.max_connections = max_connections
         self.active = 0  # client connections open now; counted by the front door, which sees them all
+        # mitmproxy's own listener (an internal loopback port): clients must come through the front
+        # door, which counts them and applies the limits; a local process dialling the internal port
+        # directly is refused.
+        self.internal_addresses: set[tuple[str, int]] = set()
 
     def over_capacity_body(self) -> bytes:
         return json.dumps({
@@ -54,6 +58,11 @@ class ClientAccess:
         self._over_capacity(flow)
 
     def client_connected(self, client: connection.Client) -> None:
+        if client.sockname and (str(client.sockname[0]), int(client.sockname[1])) in self.internal_addresses:
+            client.error = "refused: connect to SIDECAR_LISTEN, not to the sidecar's internal port"
+            event(log, logging.WARNING, "refused a client that connected to mitmproxy's internal port directly; "
+                  "apps must use SIDECAR_LISTEN", client_ip=str(client.peername[0]))
+            return
         if self.require_auth or is_loopback(str(client.peername[0])):
             return
         client.error = "refused: not a loopback client and SIDECAR_PROXY_AUTH is not set"

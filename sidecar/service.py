@@ -327,6 +327,7 @@ class _Lifecycle:
             log.error("the proxy server did not start (see the error above); shutting down")
             ctx.master.shutdown()
             return
+        self.sidecar.access.internal_addresses = {(str(a[0]), int(a[1])) for a in ps.listen_addrs()}
         try:
             address = await self.sidecar.open_front_door(instances[0].handle_stream)
         except OSError as exc:

@@ -3,7 +3,9 @@ handed over whole; partial heads, failures and idle tunnels are handled."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import ssl
 import time
@@ -23,6 +25,7 @@ from tests.harness import (
     metric_value,
     read_until_closed,
     redeem,
+    wait_until,
 )
 
 
@@ -198,3 +201,42 @@ def test_sigterm_lets_a_token_call_in_flight_finish(
     assert sc.proc.wait(timeout=20) == 0
     assert result.get("status") == 200, result
     assert [c["outcome"] for c in sc.log_events()] == ["success"]
+
+
+def _listening_ports(pid: int) -> set[int]:
+    """TCP ports a process listens on (Linux /proc: its socket inodes in LISTEN state)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            target = os.readlink(fd)
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if cols[3] == "0A" and cols[9] in inodes:
+                    ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_mitmproxys_internal_port_refuses_direct_clients(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """Clients must come through SIDECAR_LISTEN (the front door counts and limits them); a local process
+    that finds mitmproxy's internal port and dials it is refused."""
+    sc = make_sidecar_proc(world.pair_env())
+    assert sc.proc is not None
+    internal = _listening_ports(sc.proc.pid) - {sc.proxy_port, sc.admin_port}
+    assert len(internal) == 1, internal
+    with socket.create_connection(("127.0.0.1", internal.pop()), timeout=5) as c:
+        c.sendall(b"CONNECT login.salesforce.com:443 HTTP/1.1\r\nHost: login.salesforce.com:443\r\n\r\n")
+        try:
+            answer = read_until_closed(c)
+        except ConnectionResetError:
+            answer = b""
+        assert answer == b""  # closed (or reset) without a tunnel
+    assert wait_until(lambda: "internal port directly" in sc.log_text(), timeout=5)
+    with sc.session() as s:  # the front door still serves
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
