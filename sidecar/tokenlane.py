@@ -65,8 +65,10 @@ log = logging.getLogger("egress_sidecar.lane")
 MAX_HEAD = 64 * 1024  # request and response heads
 MAX_CHUNK_LINE = 4096
 CHUNK = 64 * 1024  # per read: a streamed body holds at most about this much per direction
-LINGER_SECONDS = 2.0
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 64 * 1024 * 1024  # an upload refused before it was read is drained up to this much
 MAX_CONTEXTS = 256  # leaf certificates kept ready (~23 KB each), one per exact token host or pattern
+_RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _REASONS = {400: b"Bad Request", 413: b"Payload Too Large", 431: b"Request Header Fields Too Large",
             501: b"Not Implemented", 502: b"Bad Gateway"}
@@ -143,18 +145,23 @@ def _load_chain(ctx: ssl.SSLContext, pem: bytes, workdir: Path) -> None:
 class TlsStream:
     """Server-side TLS on a non-blocking socket, with a small read buffer for HTTP parsing."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, ctx: ssl.SSLContext) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, ctx: ssl.SSLContext,
+                 send_timeout: float) -> None:
         self.loop = loop
         self.sock = sock
         self._in = ssl.MemoryBIO()
         self._out = ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self._in, self._out, server_side=True)
         self.buf = bytearray()
+        self.send_timeout = send_timeout  # a client that stops reading is cut after this long
+        self._sending = asyncio.Lock()  # reads flush too (key updates): one sender at a time, records in order
 
     async def _flush(self) -> None:
-        data = self._out.read()
-        if data:
-            await self.loop.sock_sendall(self.sock, data)
+        async with self._sending:
+            data = self._out.read()
+            if data:
+                async with asyncio.timeout(self.send_timeout):
+                    await self.loop.sock_sendall(self.sock, data)
 
     async def _fill(self) -> bool:
         data = await self.loop.sock_recv(self.sock, CHUNK)
@@ -354,7 +361,7 @@ class TokenLane:
         caller closes the socket)."""
         loop = asyncio.get_running_loop()
         try:
-            tls = TlsStream(loop, sock, self.contexts.get(host))
+            tls = TlsStream(loop, sock, self.contexts.get(host), send_timeout=self.idle_timeout)
         except (ValueError, OSError, ssl.SSLError) as exc:
             event(log, logging.ERROR, f"cannot issue a certificate for {host}: {describe_error(exc)}")
             return
@@ -392,6 +399,10 @@ class TokenLane:
         started = time.time()
         method, path, version, headers = parse_request_head(head)
         length = body_length(headers)
+        if length is not None and any(k.lower() == b"content-length" for k, _ in headers):
+            # One canonical value ("5, 5" and the like are valid but must not slip past the size checks).
+            headers = [(k, b"%d" % length if k.lower() == b"content-length" else v) for k, v in headers
+                       if k.lower() != b"content-length"] + [(b"Content-Length", b"%d" % length)]
         req = http.Request(host, port, method, b"https", b"", path, version, http.Headers(headers), None, None,
                            started, None)
         call = self.route.detect(req)
@@ -437,11 +448,15 @@ class TokenLane:
         upgrade = b"upgrade" in _tokens(headers, b"connection") and bool(_values(headers, b"upgrade"))
         if _tokens(headers, b"expect") == {b"100-continue"} and length != 0:
             await tls.write(b"HTTP/1.1 100 Continue\r\n\r\n")  # as mitmproxy does: we read the body anyway
-        head = _request_head(req, headers, length, upgrade)
+        try:
+            head = _request_head(req, headers, length, upgrade)
+        except UnicodeError:
+            raise BadRequest(400, "the CONNECT host is not a valid host name") from None
         try:
             conn, response_head = await self._send_request(tls, req, head, member, length)
         except _Upstream502 as exc:
             await _send_quietly(tls, error_bytes(502, str(exc)))
+            await _linger(tls.loop, tls.sock)  # the request body may be unread: let the client read the 502
             return False
         try:
             return await self._relay_response(tls, req, headers, conn, response_head, upgrade)
@@ -456,8 +471,8 @@ class TokenLane:
     async def _send_request(self, tls: TlsStream, req: http.Request, head: bytes, member: Member | None,
                             length: int | None) -> tuple[Conn, bytes]:
         """Open (or reuse) the upstream connection and send the request; returns it with the response
-        head. A reused keep-alive connection the server had closed is replaced once, if the request
-        had no body (nothing of the client's would be lost)."""
+        head. A reused keep-alive connection the server had closed is replaced once for a GET, HEAD or
+        OPTIONS without a body (RFC 9112 9.3.1: a proxy must not resend what may have had an effect)."""
         via = f" via pair member {member.label}" if member else ""
         for attempt in range(2):
             try:
@@ -475,8 +490,9 @@ class TokenLane:
                 raise
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError) as exc:
                 conn.close()
-                if reused and length == 0 and attempt == 0 and not isinstance(exc, TimeoutError):
-                    continue
+                if reused and attempt == 0 and req.method in _RETRYABLE and length == 0 \
+                        and not isinstance(exc, TimeoutError):
+                    continue  # a safe method without a body: resending it cannot do anything twice
                 raise _Upstream502(f"{req.host}:{req.port}{via} failed: {describe_error(exc)}") from None
         raise _Upstream502(f"{req.host}:{req.port}{via} closed the connection")  # pragma: no cover
 
@@ -490,13 +506,22 @@ class TokenLane:
                 size = _chunk_size(line)
                 if size is None:
                     raise BadRequest(400, "malformed chunked request body")
-                if size == 0:
-                    for _ in range(100):
-                        trailer = await tls.read_until(b"\r\n", MAX_CHUNK_LINE)
-                        if trailer in (None, b"\r\n"):
+                if size == 0:  # trailers are dropped; the section is bounded in bytes like a head
+                    budget = MAX_HEAD
+                    for _ in range(MAX_HEAD):  # bounded: each line costs the budget at least 3 bytes
+                        try:
+                            line = await tls.read_until(b"\r\n", MAX_CHUNK_LINE)
+                        except BadRequest:
+                            raise BadRequest(400, "malformed chunked request body (trailer line too long)") from None
+                        if line is None:
+                            raise ClientClosed("the client closed in the middle of a request body")
+                        if line == b"\r\n":
+                            conn.writer.write(b"0\r\n\r\n")
+                            return
+                        budget -= len(line)
+                        if budget < 0:
                             break
-                    conn.writer.write(b"0\r\n\r\n")
-                    return
+                    raise BadRequest(400, f"chunked request trailers larger than {MAX_HEAD} bytes")
                 conn.writer.write(b"%x\r\n" % size)
                 await self._copy_from_client(tls, conn, size, deadline)
                 if await tls.read_exactly(2) != b"\r\n":
@@ -507,7 +532,12 @@ class TokenLane:
 
     async def _copy_from_client(self, tls: TlsStream, conn: Conn, n: int, deadline: asyncio.Timeout) -> None:
         while n > 0:
-            data = await tls.read_upto(min(n, CHUNK))
+            try:
+                data = await tls.read_upto(min(n, CHUNK))
+            except (OSError, ssl.SSLError) as exc:
+                if isinstance(exc, ClientClosed):
+                    raise
+                raise ClientClosed(f"the client's connection failed mid-body: {describe_error(exc)}") from None
             n -= len(data)
             conn.writer.write(data)
             await conn.writer.drain()
@@ -613,12 +643,17 @@ class TokenLane:
             size = _chunk_size(await conn.reader.readuntil(b"\r\n"))
             if size is None:
                 raise SendFailure("malformed chunked encoding from the server")
-            if size == 0:
-                for _ in range(100):  # trailers, dropped
-                    if await conn.reader.readuntil(b"\r\n") == b"\r\n":
+            if size == 0:  # trailers, dropped; the section is bounded in bytes like a head
+                budget = MAX_HEAD
+                for _ in range(MAX_HEAD):  # bounded: each line costs the budget at least 3 bytes
+                    line = await conn.reader.readuntil(b"\r\n")
+                    if line == b"\r\n":
+                        await tls.write(b"0\r\n\r\n")
+                        return
+                    budget -= len(line)
+                    if budget < 0:
                         break
-                await tls.write(b"0\r\n\r\n")
-                return
+                raise SendFailure(f"response trailers larger than {MAX_HEAD} bytes")
             await tls.write(b"%x\r\n" % size)
             await self._relay_exactly(tls, conn, size, deadline)
             if await conn.reader.readexactly(2) != b"\r\n":
@@ -627,32 +662,37 @@ class TokenLane:
         raise SendFailure("too many chunks in the response")
 
     async def _pipe_upgraded(self, tls: TlsStream, conn: Conn) -> None:
-        """After a 101 (WebSocket and the like): bytes both ways until either side ends or idles."""
+        """After a 101 (WebSocket and the like): bytes both ways until the server's side ends, or
+        nothing has moved either way for ``SIDECAR_IDLE_TIMEOUT`` (one clock for both directions, so a
+        push-only server is not cut while it talks). A client that half-closes still gets the rest."""
+        loop = asyncio.get_running_loop()
+        last = [loop.time()]
 
         async def up() -> None:
-            while True:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await tls.read_some()
-                if not data:
-                    return
+            while data := await tls.read_some():
+                last[0] = loop.time()
                 conn.writer.write(data)
                 await conn.writer.drain()
+                last[0] = loop.time()
 
         async def down() -> None:
-            while True:
-                async with asyncio.timeout(self.idle_timeout):
-                    data = await conn.reader.read(CHUNK)
-                if not data:
-                    return
+            while data := await conn.reader.read(CHUNK):
+                last[0] = loop.time()
                 await tls.write(data)
+                last[0] = loop.time()
 
-        tasks = [asyncio.create_task(up()), asyncio.create_task(down())]
+        upward, downward = asyncio.create_task(up()), asyncio.create_task(down())
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for _ in range(10_000_000):  # bounded: one wake-up per idle check
+                await asyncio.wait([downward], timeout=min(self.idle_timeout, 30.0))
+                if downward.done() or (upward.done() and upward.exception() is not None):
+                    break
+                if loop.time() - last[0] > self.idle_timeout:
+                    break
         finally:
-            for t in tasks:
+            for t in (upward, downward):
                 t.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(upward, downward, return_exceptions=True)
 
 
 def _request_head(req: http.Request, headers: list[tuple[bytes, bytes]], length: int | None, upgrade: bool) -> bytes:
@@ -695,7 +735,7 @@ async def _linger(loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
     with contextlib.suppress(OSError):  # TimeoutError included: the caller closes the socket next
         sock.shutdown(socket.SHUT_WR)
         async with asyncio.timeout(LINGER_SECONDS):
-            for _ in range(64):  # bounded: at most 4 MiB dropped
+            for _ in range(LINGER_BYTES // CHUNK):  # bounded in reads, bytes and time
                 if not await loop.sock_recv(sock, CHUNK):
                     return
 

