@@ -9,6 +9,7 @@ CONNECT, TLS, one GET, then ``recv_into`` a fixed buffer. Time is client-side wa
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -187,6 +188,44 @@ class KeepAliveRunner:
         if self.conn is not None:
             self.conn.close()
             self.conn = None
+
+
+class RequestsRunner:
+    """Token calls with Python ``requests`` on one ``Session`` (keep-alive), through the route's first
+    proxy, as an app with ``HTTPS_PROXY`` set would make them."""
+
+    def __init__(self, route: Route, chain: Chain) -> None:
+        import requests  # a test dependency; only this phase needs it
+
+        self.chain = chain
+        self.session = requests.Session()
+        self.session.trust_env = False
+        self.session.verify = route.ca_file
+        host, port = route.proxies[0]
+        userinfo = ""
+        if route.proxy_auth:
+            userinfo = base64.b64decode(route.proxy_auth.split(" ", 1)[1]).decode() + "@"
+        self.session.proxies = {"https": f"http://{userinfo}{host}:{port}"}
+        self._errors = (requests.RequestException, OSError)
+
+    def run(self, n: int, out: Samples | None = None) -> Samples:
+        out = out if out is not None else Samples()
+        url = f"https://{SF_HOST}{TOKEN_PATH}"
+        for _ in range(n):
+            body = self.chain.body()
+            try:
+                t0 = time.perf_counter_ns()
+                resp = self.session.post(url, data=body, headers=HEADERS, timeout=TIMEOUT)
+                ns = time.perf_counter_ns() - t0
+            except self._errors as exc:
+                out.error(type(exc).__name__)
+                continue
+            out.ns.append(ns)
+            _rotate(self.chain, resp.status_code, resp.content, out)
+        return out
+
+    def close(self) -> None:
+        self.session.close()
 
 
 def new_connection_calls(client: TokenClient, chain: Chain, n: int, out: Samples | None = None) -> Samples:

@@ -179,6 +179,21 @@ def render(res: Results) -> str:
           f"generated) **{res.startup['cold'][0]:.2f} s**; warm (existing confdir) "
           f"**{statistics.median(warm):.2f} s** median of {len(warm)} ({', '.join(f'{x:.2f}' for x in warm)}).", "")
 
+    # ---- requests
+    if res.requests_ka:
+        d("## Token calls with Python `requests`", "")
+        d("The same keep-alive token calls made with `requests` (one `Session`, `HTTPS_PROXY`-style proxy, "
+          f"{res.plan.rounds}×{res.plan.req_calls} calls per path, interleaved). Through a proxy, `requests` "
+          "(urllib3) leaves Nagle's algorithm on (`TCP_NODELAY` is 0 on its tunnel socket) and writes a "
+          "request's head and body separately: the body waits for the head's ACK, and a receiver that "
+          "delays its ACK (Linux: up to 40 ms) holds up every call. The sidecar acknowledges at once "
+          "(`TCP_QUICKACK` before each read); the simulated QuotaGuard member and Squid, like many "
+          "servers, do not.", "")
+        base = _p(res.requests_ka["pair"], 0.5) if "pair" in res.requests_ka else float("nan")
+        d.table(["Path", "p50 ms", "p99 ms", "p50 × pair", "calls", "errors"],
+                [[LABELS[n], _ms(_p(sm, 0.5)), _ms(_p(sm, 0.99)), _ratio(_p(sm, 0.5), base), str(len(sm.ns)),
+                  _errors(sm)] for n, sm in res.requests_ka.items()])
+
     # ---- concurrency
     d("## Concurrency", "")
     d(f"{plan.conc_clients * plan.conc_per_client} token calls from {plan.conc_clients} concurrent clients (threads "

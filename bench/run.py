@@ -31,6 +31,7 @@ from bench import report
 from bench.client import (
     Chain,
     KeepAliveRunner,
+    RequestsRunner,
     Route,
     Samples,
     TokenClient,
@@ -75,6 +76,8 @@ class Plan:
     conc_clients: int = 50
     conc_per_client: int = 10
     ablation_calls: int = 500  # per variant per round
+    req_calls: int = 100  # keep-alive token calls with `requests` per contender per round
+    req_warmup: int = 10
     profile_ka_calls: int = 3000
     profile_new_calls: int = 300
     soak_bursts: int = 5  # bursts of token calls after which RSS is read: does memory stay flat?
@@ -84,7 +87,7 @@ class Plan:
 FULL = Plan("full", rounds=3, ka_calls=1000, ka_warmup=200, new_calls=200, new_warmup=20,
             bulk_bytes=256 << 20, bulk_rounds=7, warm_starts=2)
 QUICK = Plan("quick", rounds=2, ka_calls=100, ka_warmup=20, new_calls=20, new_warmup=5,
-             bulk_bytes=32 << 20, bulk_rounds=1, warm_starts=1, ablation_calls=100,
+             bulk_bytes=32 << 20, bulk_rounds=1, warm_starts=1, ablation_calls=100, req_calls=20, req_warmup=3,
              profile_ka_calls=200, profile_new_calls=30, soak_bursts=3, soak_calls=200)
 
 
@@ -113,6 +116,7 @@ class Results:
     other_rss: dict[str, dict[str, int]] = field(default_factory=dict)  # squid/mitmdump idle & after
     import_rss: dict[str, int] = field(default_factory=dict)  # KiB
     concurrency: dict[str, tuple[Samples, float]] = field(default_factory=dict)
+    requests_ka: dict[str, Samples] = field(default_factory=dict)  # keep-alive token calls with `requests`
     sidecar_internal_ms: list[float] = field(default_factory=list)  # the sidecar's own duration_ms, keep-alive
     ablation: dict[str, Measured] = field(default_factory=dict)
     profile_ka: Profile | None = None
@@ -333,6 +337,27 @@ def measure_soak(res: Results, plan: Plan, sidecar: Sidecar, route: Route, sourc
         new_connection_calls(client, Chain(source), max(1, plan.soak_calls // 10))
         res.memory[f"soak: after burst {burst} of {plan.soak_calls + plan.soak_calls // 10} calls"] = rss(
             sidecar.proc.pid)
+
+
+REQUESTS_CONTENDERS = ["pair", "squid", "mitmdump", "sidecar"]
+
+
+def measure_requests_client(res: Results, plan: Plan, routes: dict[str, Route], source: TokenSource) -> None:
+    """Keep-alive token calls with Python ``requests``, the most common client of a Python app: it
+    writes a request's head and body separately, which meets the receiver's delayed ACK (~40 ms per
+    call) unless the receiver acknowledges at once. Interleaved rounds, as for the main figures."""
+    for n in [n for n in REQUESTS_CONTENDERS if n in routes]:
+        res.requests_ka[n] = Samples()
+    runners = {n: RequestsRunner(routes[n], Chain(source)) for n in res.requests_ka}
+    try:
+        for r in runners.values():
+            r.run(plan.req_warmup)
+        for _ in range(plan.rounds):
+            for n, r in runners.items():
+                r.run(plan.req_calls, res.requests_ka[n])
+    finally:
+        for r in runners.values():
+            r.close()
 
 
 def measure_concurrency(res: Results, plan: Plan, routes: dict[str, Route], source: TokenSource) -> None:
@@ -575,6 +600,8 @@ def run(plan: Plan, keep_tmp: bool = False, profiler: str = "auto") -> Results:
             measure_tokens(res, plan, routes, pids, source, sidecar, keepalive=True)
         with phase(res, "token calls, new connection per call", world):
             measure_tokens(res, plan, routes, pids, source, sidecar, keepalive=False)
+        with phase(res, "token calls with Python requests", world):
+            measure_requests_client(res, plan, routes, source)
         with phase(res, "passthrough throughput", world):
             measure_passthrough(res, plan, tunnel_routes, pids, world.bulk)
         with phase(res, f"sidecar RSS with {plan.hold} connections", world):

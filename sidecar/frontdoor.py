@@ -281,6 +281,23 @@ async def _connect(loop: asyncio.AbstractEventLoop, target: tuple[str, int]) -> 
     raise error
 
 
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
+
+
+def quickack(sock: socket.socket) -> None:
+    """Acknowledge what arrives at once instead of after the kernel's delayed-ACK timer (~40 ms).
+
+    A client that sends a request in two writes (head, then body) with Nagle's algorithm on holds the
+    second write until the first is acknowledged; with a delayed ACK on this side every such request
+    waits ~40 ms. Python ``requests`` is such a client: through a proxy its tunnel socket keeps Nagle
+    on (measured: 44 ms per token call through the sidecar, 2.3 ms with this). Linux resets quick-ACK
+    mode on its own, so it is set before every read.
+    """
+    if _QUICKACK is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
+
 def _unsent(sock: socket.socket) -> int:
     """Bytes still queued in the kernel for the peer (Linux SIOCOUTQ); 0 where that is unknown."""
     try:
@@ -307,6 +324,7 @@ async def _pipe_both(loop: asyncio.AbstractEventLoop, a: socket.socket, b: socke
         try:
             while True:
                 # A fresh chunk per read, sized to what arrived: an idle tunnel holds no buffer.
+                quickack(src)
                 data = await loop.sock_recv(src, RELAY_CHUNK)
                 if not data:
                     break

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs, http
 
 from addons.token_route import CLOSE, TokenRoute
+from sidecar.frontdoor import quickack
 from sidecar.logs import event
 from sidecar.metrics import Metrics
 from sidecar.upstream import (
@@ -164,6 +165,7 @@ class TlsStream:
                     await self.loop.sock_sendall(self.sock, data)
 
     async def _fill(self) -> bool:
+        quickack(self.sock)  # see frontdoor.quickack: a request in two writes must not wait 40 ms
         data = await self.loop.sock_recv(self.sock, CHUNK)
         if not data:
             self._in.write_eof()
