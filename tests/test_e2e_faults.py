@@ -21,6 +21,7 @@ from tests.harness import (
     SidecarProcess,
     World,
     metric_value,
+    read_until_closed,
     redeem,
     redeem_chain,
     wait_until,
@@ -188,12 +189,7 @@ def test_proxy_auth_required_when_configured(world: World, make_sidecar_proc: Ca
                   % (world.echo.address[1], base64.b64encode(b"app:pr0xy-s3cret-pw")))
         assert c.recv(4096).startswith(b"HTTP/1.1 200")
         c.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        answer = b""
-        for _ in range(20):  # bounded
-            chunk = c.recv(4096)
-            if not chunk:
-                break
-            answer += chunk
+        answer = read_until_closed(c)
         assert answer.startswith(b"HTTP/1.") and b"127.0.0.1" in answer, answer[:200]
     assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="direct") >= 1
     assert "pr0xy-s3cret-pw" not in sc.log_text() + sc.metrics()
@@ -230,8 +226,11 @@ def test_chaos_member_killed_and_restarted(world: World, make_sidecar_proc: Call
 
     def client() -> None:
         with sc.session() as s:
-            for _ in range(400):  # bounded count; also bounded by time through `stop`
-                if stop.is_set():
+            # Steady, paced traffic (an app refreshes now and then, not in a tight loop): the count bound
+            # must outlast the whole story (death, ejection, restart, probe, traffic back), whose length
+            # is set by the probe interval and the backoff, not by how fast the sidecar answers.
+            for _ in range(4000):  # bounded count; also bounded by time through `stop`
+                if stop.wait(0.01):
                     return
                 try:
                     resp = redeem(s, world.salesforce.issue_refresh_token())
