@@ -28,10 +28,22 @@ from sidecar import responses
 from sidecar.guard import Decision, Guard
 from sidecar.hosts import TokenHosts
 from sidecar.logs import event
-from sidecar.metrics import EGRESS_NONE, EGRESS_UNKNOWN, MEMBER_DIRECT, MEMBER_NONE, Metrics
+from sidecar.metrics import (
+    EGRESS_NONE,
+    EGRESS_UNKNOWN,
+    MEMBER_DIRECT,
+    MEMBER_NONE,
+    Metrics,
+)
 from sidecar.pair import Member, Pair
 from sidecar.record import Recorder
-from sidecar.tokencall import TokenCall, classify_response, grant_type, host_class, is_token_request
+from sidecar.tokencall import (
+    TokenCall,
+    classify_response,
+    grant_type,
+    host_class,
+    is_token_request,
+)
 from sidecar.upstream import SendResult, TokenSender
 
 log = logging.getLogger("egress_sidecar.route")
@@ -119,18 +131,18 @@ class TokenRoute:
         """Look at a token call's head before its body is read: a local answer for a call that must not
         be sent (the connection is closed after it: the body is left unread), CLOSE for one whose
         declared body is too large even to read, None for one to go on with."""
-        declared = req.headers.get("content-length", "")
+        declared = _declared_length(req.headers)
         if req.scheme != "https":
             return self._answer(call, 400, "token_call_not_https",
                                 "token calls must use https://; this one was not sent anywhere")
-        if declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_READ:
+        if declared is not None and declared > MAX_TOKEN_REQUEST_READ:
             event(log, logging.WARNING, f"closed a client sending a {declared}-byte token request",
                   limit=MAX_TOKEN_REQUEST_BYTES)
             return CLOSE
-        if declared.isdigit() and int(declared) > MAX_TOKEN_REQUEST_BYTES:
+        if declared is not None and declared > MAX_TOKEN_REQUEST_BYTES:
             return self._answer(call, 413, "token_request_too_large",
                                 f"token request body of {declared} bytes exceeds {MAX_TOKEN_REQUEST_BYTES}")
-        if not declared.isdigit() and "chunked" in req.headers.get("transfer-encoding", "").lower():
+        if declared is None and "chunked" in req.headers.get("transfer-encoding", "").lower():
             # The size of a chunked body is only known once it has all been read into memory.
             return self._answer(call, 411, "token_request_length_required",
                                 "send token requests with a Content-Length (not chunked)")
@@ -211,8 +223,7 @@ class TokenRoute:
 
     def _answer(self, call: TokenCall, status: int, error: str, description: str) -> http.Response:
         """Refuse a malformed token call without sending it anywhere."""
-        call.route, call.member, call.egress_ip = "refused", MEMBER_NONE, EGRESS_NONE
-        call.outcome, call.detail, call.local = "client_error", description, True
+        _mark_refused(call, description)
         return responses.local_answer(status, error, description)
 
     def _warn_if_not_allowlisted(self, call: TokenCall, decision: Decision) -> None:
@@ -276,9 +287,7 @@ class TokenRoute:
     def abandoned(self, call: TokenCall, req: http.Request, detail: str) -> None:
         """Record a token call whose client left (or stalled) before its whole request arrived: nothing
         was sent anywhere, so it is the client's error, not the upstream's."""
-        call.route, call.member, call.egress_ip = "refused", MEMBER_NONE, EGRESS_NONE
-        call.outcome, call.local = "client_error", True
-        call.detail = detail[:300]
+        _mark_refused(call, detail[:300])
         call.duration = max(0.0, time.time() - call.started)
         self._finish_soon(call, Exchange(req, None))
 
@@ -294,6 +303,20 @@ class TokenRoute:
                 self.on_call(call, exchange)
         except Exception as exc:  # noqa: BLE001 - recording must never break the proxy
             event(log, logging.ERROR, f"recording a token call failed ({type(exc).__name__})")
+
+
+def _mark_refused(call: TokenCall, detail: str) -> None:
+    """A token call that was not sent anywhere because of the client (a refusal, or it left)."""
+    call.route, call.member, call.egress_ip = "refused", MEMBER_NONE, EGRESS_NONE
+    call.outcome, call.detail, call.local = "client_error", detail, True
+
+
+def _declared_length(headers: http.Headers) -> int | None:
+    """The declared body length: one value, also when repeated ("5, 5" is valid HTTP); else None."""
+    values = {v.strip() for field in headers.get_all("content-length") for v in field.split(",")}
+    if len(values) == 1 and (value := values.pop()).isdigit():
+        return int(value)
+    return None
 
 
 def _via(call: TokenCall) -> str:

@@ -61,7 +61,6 @@ allowlist" warning, never a missed one. It is a linear scan over precomputed int
 from __future__ import annotations
 
 import functools
-
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field

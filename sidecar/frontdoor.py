@@ -6,8 +6,9 @@ its protocol layers costs CPU per chunk and memory per connection. The front doo
 request head without consuming it: a CONNECT to a host name that is not a token host is answered and
 relayed right here with a plain copy loop; a CONNECT to a token host name is answered and served by
 the token lane (:mod:`sidecar.tokenlane`); everything else (IP literals whose SNI only mitmproxy can
-see, plain HTTP, proxy authentication, ``SIDECAR_ROUTE=all``) is handed, socket and all, to
-mitmproxy's connection handler, as if mitmproxy had accepted it itself.
+see, plain HTTP, a request without valid proxy credentials when they are required,
+``SIDECAR_ROUTE=all``) is handed, socket and all, to mitmproxy's connection handler, as if mitmproxy
+had accepted it itself.
 """
 
 from __future__ import annotations
@@ -16,28 +17,29 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import hmac
 import fcntl
+import hmac
 import ipaddress
 import logging
 import socket
 import struct
 import termios
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 from addons.client_access import ClientAccess, is_loopback
 from sidecar.hosts import TokenHosts
 from sidecar.logs import event
 from sidecar.metrics import Metrics
-from sidecar.upstream import describe_error
+from sidecar.upstream import MAX_HEAD_BYTES, describe_error
 
 if TYPE_CHECKING:
     from sidecar.tokenlane import TokenLane
 
 log = logging.getLogger("egress_sidecar.frontdoor")
 
-MAX_HEAD = 64 * 1024
+MAX_HEAD = MAX_HEAD_BYTES
 HEAD_TIMEOUT = 30.0
 RELAY_CHUNK = 64 * 1024  # per read; a stalled tunnel holds at most one chunk
 
@@ -192,7 +194,7 @@ class FrontDoor:
         loop = asyncio.get_running_loop()
         await _recv_exactly(loop, sock, head_length)  # the CONNECT head; what follows is the tunnel's
         if self.access.active > self.access.max_connections:
-            await _answer(loop, sock, b"503 Service Unavailable", b"application/json", self.access.over_capacity_body())
+            await _answer(loop, sock, 503, b"application/json", self.access.over_capacity_body())
             return
         if self.lane is not None and self.hosts.matches(target[0]):
             await loop.sock_sendall(sock, b"HTTP/1.1 200 Connection established\r\n\r\n")
@@ -224,7 +226,7 @@ class FrontDoor:
                 upstream = await _connect(loop, target)
         except (OSError, TimeoutError) as exc:
             body = f"egress-sidecar: cannot connect to {target[0]}:{target[1]}: {describe_error(exc)}".encode()
-            await _answer(loop, sock, b"502 Bad Gateway", b"text/plain", body)
+            await _answer(loop, sock, 502, b"text/plain", body)
             return
         self.metrics.tunnels.labels("direct").inc()
         try:
@@ -255,13 +257,17 @@ async def _recv_exactly(loop: asyncio.AbstractEventLoop, sock: socket.socket, n:
     return bytes(out)
 
 
-async def _answer(loop: asyncio.AbstractEventLoop, sock: socket.socket, status: bytes, ctype: bytes,
+def closing_response(status: int, content_type: bytes, body: bytes) -> bytes:
+    """A complete answer of the sidecar's own after which the connection closes (503s say when to retry)."""
+    retry = b"Retry-After: 1\r\n" if status == 503 else b""
+    return (b"HTTP/1.1 %d %s\r\nContent-Type: %s\r\n%sContent-Length: %d\r\nConnection: close\r\n\r\n"
+            % (status, HTTPStatus(status).phrase.encode(), content_type, retry, len(body))) + body
+
+
+async def _answer(loop: asyncio.AbstractEventLoop, sock: socket.socket, status: int, ctype: bytes,
                   body: bytes) -> None:
-    retry = b"Retry-After: 1\r\n" if status.startswith(b"503") else b""
     with contextlib.suppress(OSError):
-        await loop.sock_sendall(sock, b"HTTP/1.1 " + status + b"\r\nContent-Type: " + ctype + b"\r\n" + retry
-                                + b"Content-Length: " + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n"
-                                + body)
+        await loop.sock_sendall(sock, closing_response(status, ctype, body))
 
 
 async def _connect(loop: asyncio.AbstractEventLoop, target: tuple[str, int]) -> socket.socket:

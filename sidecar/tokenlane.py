@@ -37,6 +37,7 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from http import HTTPStatus
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -45,15 +46,17 @@ from cryptography.hazmat.primitives import serialization
 from mitmproxy import certs, http
 
 from addons.token_route import CLOSE, TokenRoute
-from sidecar.frontdoor import quickack
+from sidecar.frontdoor import closing_response, quickack
 from sidecar.logs import event
 from sidecar.metrics import Metrics
 from sidecar.upstream import (
     HOP_BY_HOP_BYTES,
+    MAX_HEAD_BYTES,
+    Conn,
     ConnectFailure,
     SendFailure,
     UpstreamPool,
-    Conn,
+    chunk_size,
     describe_error,
     parse_response_head,
 )
@@ -63,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("egress_sidecar.lane")
 
-MAX_HEAD = 64 * 1024  # request and response heads
+MAX_HEAD = MAX_HEAD_BYTES  # request and response heads, trailer sections
 MAX_CHUNK_LINE = 4096
 CHUNK = 64 * 1024  # per read: a streamed body holds at most about this much per direction
 LINGER_SECONDS = 5.0
@@ -71,8 +74,6 @@ LINGER_BYTES = 64 * 1024 * 1024  # an upload refused before it was read is drain
 MAX_CONTEXTS = 256  # leaf certificates kept ready (~23 KB each), one per exact token host or pattern
 _RETRYABLE = frozenset({"GET", "HEAD", "OPTIONS"})
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_REASONS = {400: b"Bad Request", 413: b"Payload Too Large", 431: b"Request Header Fields Too Large",
-            501: b"Not Implemented", 502: b"Bad Gateway"}
 
 
 class BadRequest(Exception):
@@ -320,7 +321,7 @@ def keep_alive(version: bytes, headers: list[tuple[bytes, bytes]]) -> bool:
 def response_bytes(resp: http.Response, close: bool) -> bytes:
     """A whole response the sidecar holds in memory (token calls, local answers) as HTTP/1.1 bytes."""
     body = resp.raw_content or b""
-    out = [b"HTTP/1.1 %d %s" % (resp.status_code, resp.data.reason or _REASONS.get(resp.status_code, b"OK"))]
+    out = [b"HTTP/1.1 %d %s" % (resp.status_code, resp.data.reason or _reason(resp.status_code))]
     skip = (b"connection", b"keep-alive", b"transfer-encoding", b"content-length")
     out += [k + b": " + v for k, v in resp.headers.fields if k.lower() not in skip]
     out.append(b"Content-Length: %d" % len(body))
@@ -330,9 +331,14 @@ def response_bytes(resp: http.Response, close: bool) -> bytes:
 
 
 def error_bytes(status: int, message: str) -> bytes:
-    body = f"egress-sidecar: {message}\n".encode()
-    return (b"HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: %d\r\n"
-            b"Connection: close\r\n\r\n" % (status, _REASONS.get(status, b"Error"), len(body))) + body
+    return closing_response(status, b"text/plain; charset=utf-8", f"egress-sidecar: {message}\n".encode())
+
+
+def _reason(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b"Unknown"
 
 
 class _Upstream502(Exception):
@@ -401,10 +407,6 @@ class TokenLane:
         started = time.time()
         method, path, version, headers = parse_request_head(head)
         length = body_length(headers)
-        if length is not None and any(k.lower() == b"content-length" for k, _ in headers):
-            # One canonical value ("5, 5" and the like are valid but must not slip past the size checks).
-            headers = [(k, b"%d" % length if k.lower() == b"content-length" else v) for k, v in headers
-                       if k.lower() != b"content-length"] + [(b"Content-Length", b"%d" % length)]
         req = http.Request(host, port, method, b"https", b"", path, version, http.Headers(headers), None, None,
                            started, None)
         call = self.route.detect(req)
@@ -505,7 +507,7 @@ class TokenLane:
                     line = await tls.read_until(b"\r\n", MAX_CHUNK_LINE)
                 except BadRequest:
                     raise BadRequest(400, "malformed chunked request body (chunk line too long)") from None
-                size = _chunk_size(line)
+                size = chunk_size(line)
                 if size is None:
                     raise BadRequest(400, "malformed chunked request body")
                 if size == 0:  # trailers are dropped; the section is bounded in bytes like a head
@@ -642,7 +644,7 @@ class TokenLane:
 
     async def _relay_chunked(self, tls: TlsStream, conn: Conn, deadline: asyncio.Timeout) -> None:
         for _ in range(10_000_000):  # bounded: chunks in one body
-            size = _chunk_size(await conn.reader.readuntil(b"\r\n"))
+            size = chunk_size(await conn.reader.readuntil(b"\r\n"))
             if size is None:
                 raise SendFailure("malformed chunked encoding from the server")
             if size == 0:  # trailers, dropped; the section is bounded in bytes like a head
@@ -711,15 +713,6 @@ def _request_head(req: http.Request, headers: list[tuple[bytes, bytes]], length:
     elif length or req.method not in ("GET", "HEAD", "DELETE", "OPTIONS"):
         out.append(b"Content-Length: %d" % length)
     return b"\r\n".join(out) + b"\r\n\r\n"
-
-
-def _chunk_size(line: bytes | None) -> int | None:
-    if line is None:
-        return None
-    size_s = line.split(b";", 1)[0].strip()
-    if not size_s or len(size_s) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size_s):
-        return None
-    return int(size_s, 16)
 
 
 def _tls_reason(exc: BaseException) -> str:

@@ -281,16 +281,21 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[http.Response, bo
     return resp, keep
 
 
+def chunk_size(line: bytes | None) -> int | None:
+    """The size in a chunk-size line (extensions ignored); None unless it is plain hex digits."""
+    if line is None:
+        return None
+    size_s = line.split(b";", 1)[0].strip()
+    if not size_s or len(size_s) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size_s):
+        return None
+    return int(size_s, 16)
+
+
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
     body = bytearray()
     for _ in range(100_000):  # bounded: at most this many chunks
-        size_line = await reader.readuntil(b"\r\n")
-        size_s = size_line.split(b";", 1)[0].strip()
-        try:
-            size = int(size_s, 16)
-        except ValueError:
-            size = -1
-        if size < 0 or not size_s:
+        size = chunk_size(await reader.readuntil(b"\r\n"))
+        if size is None:
             raise SendFailure("malformed chunked encoding from the server")
         if size == 0:
             while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
