@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Callable
 from pathlib import Path
 
+import h11
+
 from sidecar.sim._server import ThreadedServer
 from sidecar.sim.certs import server_context
 
@@ -29,20 +31,33 @@ class ScriptedOrigin(ThreadedServer):
         self.requests: list[tuple[str, bytes]] = []  # (source ip, request head + body)
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        leftover = b""
         for _ in range(100):  # bounded: requests per connection
-            try:
-                head = await reader.readuntil(b"\r\n\r\n")
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            length, chunked = 0, False
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":", 1)[1])
-                if line.lower().startswith(b"transfer-encoding:") and b"chunked" in line.lower():
-                    chunked = True
-            body = await _read_chunked(reader) if chunked else await reader.readexactly(length)
+            # A fresh h11 connection per request: the scripted answers are raw bytes h11 never sees.
+            conn = h11.Connection(h11.SERVER)
+            if leftover:  # (receive_data(b"") would mean the end of the stream)
+                conn.receive_data(leftover)
+            head = b""
+            body = bytearray()
+            for _ in range(100_000):  # bounded: reads per request
+                event = conn.next_event()
+                if event is h11.NEED_DATA:
+                    data = await reader.read(65536)
+                    if not data and not head:
+                        return
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    head = b"%s %s HTTP/%s\r\n" % (event.method, event.target, event.http_version) + b"".join(
+                        k + b": " + v + b"\r\n" for k, v in event.headers.raw_items()) + b"\r\n"
+                elif isinstance(event, h11.Data):
+                    body += event.data
+                elif isinstance(event, h11.EndOfMessage):
+                    break
+                else:
+                    return
+            leftover = conn.trailing_data[0]
             with self._lock:
-                self.requests.append((writer.get_extra_info("peername")[0], head + body))
+                self.requests.append((writer.get_extra_info("peername")[0], head + bytes(body)))
                 n = len(self.requests)
             for step in self.script(n, head):
                 if isinstance(step, float):
@@ -53,17 +68,3 @@ class ScriptedOrigin(ThreadedServer):
                 else:
                     writer.write(step)
                     await writer.drain()
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    """A chunked request body, de-chunked (what the origin application would see)."""
-    body = b""
-    for _ in range(10_000):  # bounded: chunks per body
-        size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
-        if size == 0:
-            while await reader.readuntil(b"\r\n") != b"\r\n":
-                pass
-            return body
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)
-    raise ValueError("too many chunks")

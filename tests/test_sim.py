@@ -320,7 +320,7 @@ def test_proxy_auth_required(pair: FakeQuotaGuardPair, session: requests.Session
     head = raw_proxy(member, f"CONNECT {SF_HOST}:443 HTTP/1.1\r\nHost: {SF_HOST}:443\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 407 ")
     assert b'Proxy-Authenticate: Basic realm="QuotaGuard"' in head
-    head = raw_proxy(member, f"CONNECT {SF_HOST}:443 HTTP/1.1\r\nProxy-Authorization: {proxy_auth(password='x')}\r\n\r\n")
+    head = raw_proxy(member, f"CONNECT {SF_HOST}:443 HTTP/1.1\r\nHost: {SF_HOST}:443\r\nProxy-Authorization: {proxy_auth(password='x')}\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 407 ")
     host, port = member.address
     with pytest.raises(requests.exceptions.ProxyError):
@@ -329,10 +329,10 @@ def test_proxy_auth_required(pair: FakeQuotaGuardPair, session: requests.Session
     assert r.status_code == 407
     assert member.auth_failures == 4 and member.connects == 0
     with socket.create_connection(member.address, timeout=5) as s:  # keep-alive after 407, then auth
-        s.sendall(f"CONNECT {SF_HOST}:443 HTTP/1.1\r\n\r\n".encode())
+        s.sendall(f"CONNECT {SF_HOST}:443 HTTP/1.1\r\nHost: {SF_HOST}:443\r\n\r\n".encode())
         assert read_head(s).startswith(b"HTTP/1.1 407 ")
-        s.sendall(f"CONNECT {SF_HOST}:443 HTTP/1.1\r\nProxy-Authorization: {proxy_auth()}\r\n\r\n".encode())
-        assert read_head(s) == b"HTTP/1.1 200 Connection established\r\n\r\n"
+        s.sendall(f"CONNECT {SF_HOST}:443 HTTP/1.1\r\nHost: {SF_HOST}:443\r\nProxy-Authorization: {proxy_auth()}\r\n\r\n".encode())
+        assert read_head(s).startswith(b"HTTP/1.1 200 ")
     assert member.connects == 1
 
 
@@ -395,7 +395,7 @@ def test_echo_direct_and_egress_change(pair: FakeQuotaGuardPair, echo: FakeIPEch
 def test_only_loopback_targets(pair: FakeQuotaGuardPair) -> None:
     member, auth = pair[0], f"Proxy-Authorization: {proxy_auth()}\r\n"
     for target in ("10.1.2.3:443", "example.com:443", "[2001:db8::1]:443"):
-        assert raw_proxy(member, f"CONNECT {target} HTTP/1.1\r\n{auth}\r\n").startswith(b"HTTP/1.1 403 "), target
+        assert raw_proxy(member, f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n").startswith(b"HTTP/1.1 403 "), target
     assert raw_proxy(member, f"GET http://8.8.8.8/ HTTP/1.1\r\nHost: 8.8.8.8\r\n{auth}\r\n").startswith(b"HTTP/1.1 403 ")
     assert member.connects == 0
     with pytest.raises(ValueError):
@@ -408,9 +408,9 @@ def test_unreachable_and_refused_connects(pair: FakeQuotaGuardPair, sf: FakeSale
         dead_port = s.getsockname()[1]
     member, auth = pair[0], f"Proxy-Authorization: {proxy_auth()}\r\n"
     member.set_route(("dead.example", 443), ("127.0.0.1", dead_port))
-    assert raw_proxy(member, f"CONNECT dead.example:443 HTTP/1.1\r\n{auth}\r\n").startswith(b"HTTP/1.1 502 ")
+    assert raw_proxy(member, f"CONNECT dead.example:443 HTTP/1.1\r\nHost: dead.example:443\r\n{auth}\r\n").startswith(b"HTTP/1.1 502 ")
     member.refuse_connect_status = 503
-    assert raw_proxy(member, f"CONNECT {SF_HOST}:443 HTTP/1.1\r\n{auth}\r\n").startswith(b"HTTP/1.1 503 ")
+    assert raw_proxy(member, f"CONNECT {SF_HOST}:443 HTTP/1.1\r\nHost: x\r\n{auth}\r\n").startswith(b"HTTP/1.1 503 ")
     assert member.connects == 0 and sf.seen == []
 
 
@@ -454,7 +454,7 @@ def test_stop_closes_connections_and_thread(echo: FakeIPEcho) -> None:
 def test_stop_member_closes_open_tunnel_and_upstream(pair: FakeQuotaGuardPair, echo: FakeIPEcho) -> None:
     member = pair[0]
     with socket.create_connection(member.address, timeout=5) as s:
-        s.sendall(f"CONNECT {ECHO_HOST}:80 HTTP/1.1\r\nProxy-Authorization: {proxy_auth()}\r\n\r\n".encode())
+        s.sendall(f"CONNECT {ECHO_HOST}:80 HTTP/1.1\r\nHost: {ECHO_HOST}:80\r\nProxy-Authorization: {proxy_auth()}\r\n\r\n".encode())
         assert read_head(s).startswith(b"HTTP/1.1 200 ")
         s.sendall(f"GET / HTTP/1.1\r\nHost: {ECHO_HOST}\r\n\r\n".encode())
         assert b'{"ip": "127.0.0.2"}' in s.recv(4096)

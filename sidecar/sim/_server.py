@@ -2,9 +2,8 @@
 
 Why: the fakes are driven from synchronous pytest code and from the single-process demo, so each
 server must start and stop from any thread, report bind errors to the caller, restart on the same
-port for chaos tests, and never leave threads or sockets behind. The module also holds a minimal
-HTTP/1.1 reader/writer: the fakes must parse what real clients send (keep-alive, Content-Length
-and chunked bodies) without pulling a web framework into the package. Every read has a deadline.
+port for chaos tests, and never leave threads or sockets behind. HTTP/1.1 is framed by h11, as in
+the sidecar itself (keep-alive, Content-Length and chunked bodies, CONNECT). Every read has a deadline.
 """
 
 from __future__ import annotations
@@ -20,6 +19,8 @@ from dataclasses import dataclass, field
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Self
+
+import h11
 
 log = logging.getLogger("sidecar.sim")
 
@@ -58,92 +59,94 @@ class HttpRequest:
             out[k] = f"{out[k]}, {v}" if k in out else v
         return out
 
+
+class HttpServerConnection:
+    """One client connection of a fake, framed by h11 (keep-alive, Content-Length and chunked bodies,
+    CONNECT), over asyncio streams. Every read has a deadline."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float = READ_TIMEOUT) -> None:
+        self.reader, self.writer, self.timeout = reader, writer, timeout
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        self._method = b"GET"
+
+    async def _event(self) -> h11.Event:
+        for _ in range(MAX_BODY):  # bounded: every read brings at least one byte
+            try:
+                event = self.h11.next_event()
+            except h11.RemoteProtocolError as exc:
+                raise BadRequest(exc.error_status_hint, str(exc) or "bad request") from None
+            if event is not h11.NEED_DATA:
+                return event
+            self.h11.receive_data(await asyncio.wait_for(self.reader.read(65536), self.timeout))
+        raise BadRequest(413, "body too large")
+
+    async def read_request(self) -> HttpRequest | None:
+        """The next request, its body read. None on a clean end or idle timeout; BadRequest on
+        malformed input."""
+        if self.h11.our_state is h11.DONE and self.h11.their_state is h11.DONE:
+            self.h11.start_next_cycle()
+        try:
+            event = await self._event()
+        except (TimeoutError, ConnectionError):
+            return None
+        if not isinstance(event, h11.Request):
+            return None
+        self._method = event.method
+        req = HttpRequest(event.method.decode("ascii"), event.target.decode("latin-1"),
+                          "HTTP/" + event.http_version.decode("ascii"),
+                          [(k.decode("latin-1"), v.decode("latin-1")) for k, v in event.headers.raw_items()])
+        body = bytearray()
+        try:
+            async with asyncio.timeout(self.timeout):
+                while isinstance(part := await self._event(), h11.Data):
+                    body += part.data
+                    if len(body) > MAX_BODY:
+                        raise BadRequest(413, "body too large")
+        except (TimeoutError, ConnectionError):
+            raise BadRequest(400, "incomplete request body") from None
+        req.body = bytes(body)
+        return req
+
     @property
     def keep_alive(self) -> bool:
-        tokens = {t.strip().lower() for t in (self.header("connection") or "").split(",")}
-        return "keep-alive" in tokens if self.version == "HTTP/1.0" else "close" not in tokens
+        return self.h11.our_state is not h11.MUST_CLOSE and self.h11.their_state is not h11.MUST_CLOSE
+
+    async def respond(self, status: int, body: bytes = b"", headers: Mapping[str, str] | None = None,
+                      *, keep_alive: bool = True) -> None:
+        """A whole response; the connection then closes unless it stays alive on both sides."""
+        tunnel = self._method == b"CONNECT" and 200 <= status < 300  # the connection becomes the tunnel
+        merged = {"Date": formatdate(usegmt=True), **(headers or {})}
+        if not tunnel:
+            merged["Content-Length"] = str(len(body))
+        if not keep_alive:
+            merged["Connection"] = "close"
+        data = self.h11.send(h11.Response(status_code=status, reason=_reason(status), headers=list(merged.items())))
+        if not tunnel:
+            if self._method != b"HEAD" and body:
+                data = (data or b"") + (self.h11.send(h11.Data(data=body)) or b"")
+            data = (data or b"") + (self.h11.send(h11.EndOfMessage()) or b"")
+        await send(self.writer, data or b"")
+
+    @property
+    def leftover(self) -> bytes:
+        """Bytes the client sent past what was read (after a CONNECT: the start of the tunnel)."""
+        return self.h11.trailing_data[0]
 
 
-async def read_request(
-    reader: asyncio.StreamReader, timeout: float = READ_TIMEOUT, *, read_body: bool = True
-) -> HttpRequest | None:
-    """Read one request. None on clean EOF or idle timeout; BadRequest on malformed input."""
+def _reason(status: int) -> bytes:
     try:
-        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), timeout)
-    except asyncio.IncompleteReadError as e:
-        if e.partial.strip():
-            raise BadRequest(400, "incomplete request head") from None
-        return None
-    except asyncio.LimitOverrunError:
-        raise BadRequest(431, "request head too large") from None
-    except (TimeoutError, ConnectionError):
-        return None
-    lines = head.lstrip(b"\r\n").decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ")
-    if len(parts) != 3 or not parts[0].isalpha() or parts[2] not in ("HTTP/1.1", "HTTP/1.0"):
-        raise BadRequest(400, "malformed request line")
-    headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
-        if not line:
-            continue
-        name, sep, value = line.partition(":")
-        if not sep or not name or name != name.strip():
-            raise BadRequest(400, "malformed header line")
-        headers.append((name, value.strip()))
-    req = HttpRequest(parts[0].upper(), parts[1], parts[2], headers)
-    if read_body and req.method != "CONNECT":
-        try:
-            async with asyncio.timeout(timeout):
-                req.body = await _read_body(reader, req)
-        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError):
-            raise BadRequest(400, "bad or incomplete request body") from None
-    return req
-
-
-async def _read_body(reader: asyncio.StreamReader, req: HttpRequest) -> bytes:
-    te = (req.header("transfer-encoding") or "").strip().lower()
-    if te:
-        if te.split(",")[-1].strip() != "chunked":
-            raise BadRequest(501, "unsupported transfer-encoding")
-        body = bytearray()
-        while True:
-            size = int((await reader.readuntil(b"\r\n")).split(b";")[0].strip(), 16)
-            if size == 0:
-                break
-            if len(body) + size > MAX_BODY:
-                raise BadRequest(413, "body too large")
-            chunk = await reader.readexactly(size + 2)
-            if chunk[-2:] != b"\r\n":
-                raise ValueError("chunk not terminated by CRLF")
-            body += chunk[:-2]
-        while await reader.readuntil(b"\r\n") != b"\r\n":  # trailers, bounded by the deadline
-            pass
-        return bytes(body)
-    length = req.header("content-length")
-    if length is None:
-        return b""
-    if not length.strip().isdigit():
-        raise BadRequest(400, "bad content-length")
-    if int(length) > MAX_BODY:
-        raise BadRequest(413, "body too large")
-    return await reader.readexactly(int(length))
-
-
-def render_response(
-    status: int,
-    body: bytes = b"",
-    headers: Mapping[str, str] | None = None,
-    *,
-    keep_alive: bool = True,
-) -> bytes:
-    try:
-        reason = HTTPStatus(status).phrase
+        return HTTPStatus(status).phrase.encode()
     except ValueError:
-        reason = "Unknown"
-    merged = {"Date": formatdate(usegmt=True), **(headers or {}), "Content-Length": str(len(body))}
-    merged["Connection"] = "keep-alive" if keep_alive else "close"
-    head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{k}: {v}\r\n" for k, v in merged.items())
-    return (head + "\r\n").encode("latin-1") + body
+        return b"Unknown"
+
+
+def render_response(status: int, body: bytes = b"", headers: Mapping[str, str] | None = None) -> bytes:
+    """A whole closing response on a connection no HttpServerConnection serves (errors, fault modes)."""
+    conn = h11.Connection(h11.SERVER)
+    merged = [*(headers or {}).items(), ("Content-Length", str(len(body))), ("Connection", "close")]
+    return b"".join(conn.send(e) or b"" for e in (
+        h11.Response(status_code=status, reason=_reason(status), headers=merged), h11.Data(data=body),
+        h11.EndOfMessage()))
 
 
 def peer_ip(writer: asyncio.StreamWriter) -> str:
@@ -309,7 +312,7 @@ class ThreadedServer:
             await self.handle(reader, writer)
         except BadRequest as e:
             with contextlib.suppress(ConnectionError, TimeoutError, ssl.SSLError):
-                await send(writer, render_response(e.status, str(e).encode(), {"Content-Type": "text/plain"}, keep_alive=False))
+                await send(writer, render_response(e.status, str(e).encode(), {"Content-Type": "text/plain"}))
         except (ConnectionError, TimeoutError, ssl.SSLError):
             pass
         except Exception:

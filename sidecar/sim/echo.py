@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ._server import ThreadedServer, read_request, render_response, send
+from ._server import HttpServerConnection, ThreadedServer
 from .certs import server_context
 
 
@@ -55,7 +55,8 @@ class FakeIPEcho(ThreadedServer):
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ip = str(writer.get_extra_info("peername")[0])
-        while (req := await read_request(reader, self.read_timeout)) is not None:
+        conn = HttpServerConnection(reader, writer, self.read_timeout)
+        while (req := await conn.read_request()) is not None:
             path = urlsplit(req.target).path
             if req.method not in ("GET", "HEAD"):
                 status, body, ctype = 405, b'{"error":"method not allowed"}', "application/json"
@@ -67,9 +68,6 @@ class FakeIPEcho(ThreadedServer):
                 status, body, ctype = 404, b'{"error":"not found"}', "application/json"
             with self._lock:
                 self._hits.append(EchoHit(ip, req.method, req.target, status))
-            data = render_response(status, body, {"Content-Type": ctype}, keep_alive=req.keep_alive)
-            if req.method == "HEAD":
-                data = data[: len(data) - len(body)]
-            await send(writer, data)
-            if not req.keep_alive:
+            await conn.respond(status, body, {"Content-Type": ctype})
+            if not conn.keep_alive:
                 return

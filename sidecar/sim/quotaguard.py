@@ -19,15 +19,9 @@ from collections.abc import Iterator, Mapping
 from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
-from ._server import (
-    BadRequest,
-    HttpRequest,
-    ThreadedServer,
-    close_writer,
-    read_request,
-    render_response,
-    send,
-)
+import h11
+
+from ._server import BadRequest, HttpRequest, HttpServerConnection, ThreadedServer, close_writer, send
 
 Address = tuple[str, int]
 _HOP_HEADERS = frozenset({
@@ -35,6 +29,7 @@ _HOP_HEADERS = frozenset({
     "transfer-encoding", "upgrade", "content-length",
 })
 CHUNK = 64 * 1024
+_TEXT = {"Content-Type": "text/plain"}
 
 
 def _check_loopback(ip: str) -> None:
@@ -43,15 +38,9 @@ def _check_loopback(ip: str) -> None:
 
 
 def _split_authority(authority: str, default_port: int) -> Address:
-    if authority.startswith("["):
-        host, _, rest = authority[1:].partition("]")
-        port_s = rest[1:] if rest.startswith(":") else ""
-    elif authority.count(":") == 1:
-        host, _, port_s = authority.partition(":")
-    else:
-        host, port_s = authority, ""
     try:
-        port = int(port_s) if port_s else default_port
+        parts = urlsplit("//" + authority)
+        host, port = parts.hostname, parts.port or default_port
     except ValueError:
         raise BadRequest(400, f"bad authority {authority!r}") from None
     if not host or not 0 < port < 65536:
@@ -150,45 +139,47 @@ class FakeQuotaGuardMember(ThreadedServer):
 
     # ---- proxy -------------------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while (req := await read_request(reader, self.read_timeout)) is not None:
+        conn = HttpServerConnection(reader, writer, self.read_timeout)
+        while (req := await conn.read_request()) is not None:
             if not self._authorized(req):
                 with self._lock:
                     self._auth_failures += 1
                 headers = {"Proxy-Authenticate": 'Basic realm="QuotaGuard"', "Content-Type": "text/plain"}
-                await send(writer, render_response(407, b"Proxy Authentication Required\n", headers,
-                                                   keep_alive=req.keep_alive))
-                if req.keep_alive:
+                await conn.respond(407, b"Proxy Authentication Required\n", headers)
+                if conn.keep_alive:
                     continue
                 return
             if req.method == "CONNECT":
                 target = _split_authority(req.target, 443)
             elif req.target.lower().startswith("http://"):
-                url = urlsplit(req.target)
-                target = _split_authority(url.netloc.rpartition("@")[2], 80)
+                target = _split_authority(urlsplit(req.target).netloc.rpartition("@")[2], 80)
             else:
                 raise BadRequest(400, "expected CONNECT or an absolute-form http:// request")
             with self._lock:
                 self._seen_targets.append(target)
             if req.method == "CONNECT" and self.refuse_connect_status is not None:
-                await send(writer, render_response(self.refuse_connect_status, b"", keep_alive=False))
+                await conn.respond(self.refuse_connect_status, b"", keep_alive=False)
                 return
             if req.method == "CONNECT" and self.connect_delay > 0:
                 await asyncio.sleep(min(self.connect_delay, 60.0))
             resolved = self._resolve(*target)
             if resolved is None:
-                await send(writer, self._plain(403, "target not allowed (loopback only)"))
+                await conn.respond(403, b"target not allowed (loopback only)\n", _TEXT, keep_alive=False)
                 return
             try:
                 up_reader, up_writer = await asyncio.wait_for(self._open(*resolved), self.connect_timeout)
             except (OSError, TimeoutError) as e:
-                await send(writer, self._plain(502, f"cannot connect to {target[0]}:{target[1]}: {e!r}"))
+                await conn.respond(502, f"cannot connect to {target[0]}:{target[1]}: {e!r}\n".encode(), _TEXT,
+                                   keep_alive=False)
                 return
             self.track(up_writer)
             try:
                 if req.method == "CONNECT":
                     with self._lock:
                         self._connects += 1
-                    await send(writer, b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    await conn.respond(200)
+                    if conn.leftover:  # the client did not wait for the answer
+                        up_writer.write(conn.leftover)
                     await self._relay(reader, writer, up_reader, up_writer)
                 else:
                     with self._lock:
@@ -199,10 +190,6 @@ class FakeQuotaGuardMember(ThreadedServer):
                 await close_writer(up_writer)
                 self.untrack(up_writer)
             return  # one tunnel / forwarded request per client connection
-
-    @staticmethod
-    def _plain(status: int, text: str) -> bytes:
-        return render_response(status, text.encode() + b"\n", {"Content-Type": "text/plain"}, keep_alive=False)
 
     def _authorized(self, req: HttpRequest) -> bool:
         scheme, _, cred = (req.header("proxy-authorization") or "").partition(" ")
@@ -232,16 +219,16 @@ class FakeQuotaGuardMember(ThreadedServer):
 
     @staticmethod
     def _origin_form(req: HttpRequest) -> bytes:
+        """The absolute-form request as the origin gets it: origin-form, hop-by-hop headers dropped."""
         url = urlsplit(req.target)
         path = (url.path or "/") + (f"?{url.query}" if url.query else "")
         headers = [(k, v) for k, v in req.headers if k.lower() not in _HOP_HEADERS]
         if not any(k.lower() == "host" for k, _ in headers):
             headers.insert(0, ("Host", url.netloc.rpartition("@")[2]))
-        if req.body or req.header("content-length") or req.header("transfer-encoding"):
-            headers.append(("Content-Length", str(len(req.body))))
-        headers.append(("Connection", "close"))
-        head = f"{req.method} {path} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers)
-        return (head + "\r\n").encode("latin-1") + req.body
+        headers += [("Content-Length", str(len(req.body))), ("Connection", "close")]
+        conn = h11.Connection(h11.CLIENT)
+        return b"".join(conn.send(e) or b"" for e in (
+            h11.Request(method=req.method, target=path, headers=headers), h11.Data(data=req.body), h11.EndOfMessage()))
 
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
         while data := await asyncio.wait_for(src.read(CHUNK), self.idle_timeout):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
-from ._server import HttpRequest, ThreadedServer, read_request, render_response, send
+from ._server import HttpRequest, HttpServerConnection, ThreadedServer, send
 from .certs import server_context
 
 REFRESH = "refresh_token"
@@ -178,7 +178,8 @@ class FakeSalesforce(ThreadedServer):
     # ---- HTTP --------------------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         ip, port = writer.get_extra_info("peername")[:2]
-        while (req := await read_request(reader, self.read_timeout)) is not None:
+        conn = HttpServerConnection(reader, writer, self.read_timeout)
+        while (req := await conn.read_request()) is not None:
             mode = self._fail_mode
             if mode == "garbage":
                 self._record(req, ip, port, None, None)
@@ -201,8 +202,8 @@ class FakeSalesforce(ThreadedServer):
                 status, grant = 404, None
             self._record(req, ip, port, grant, status)
             headers = {"Content-Type": JSON_TYPE, "Cache-Control": "no-cache,must-revalidate,max-age=0,no-store,private"}
-            await send(writer, render_response(status, body, headers, keep_alive=req.keep_alive))
-            if not req.keep_alive:
+            await conn.respond(status, body, headers)
+            if not conn.keep_alive:
                 return
 
     def _record(self, req: HttpRequest, ip: str, port: int, grant: str | None, status: int | None) -> None:
