@@ -2,8 +2,8 @@
 
 Token calls use the standard library's ``http.client`` (the HTTP layer under urllib; keep-alive
 through an HTTPS proxy via ``set_tunnel``, which sends CONNECT and then starts TLS), so the client
-costs the same for every contender and adds little of its own. Passthrough uses a raw socket:
-CONNECT, TLS, one GET, then ``recv_into`` a fixed buffer. Time is client-side wall time from
+costs the same for every contender and adds little of its own. Passthrough uses a socket with h11
+for the heads: CONNECT, TLS, one GET, then the body counted with ``recv_into`` into a fixed buffer. Time is client-side wall time from
 ``time.perf_counter_ns``.
 """
 
@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlencode
+
+import h11
 
 from tests.harness import CLIENT_ID, CLIENT_SECRET, SF_HOST
 
@@ -291,6 +293,21 @@ def concurrent_calls(client: TokenClient, source: TokenSource, clients: int, per
 
 # ---- passthrough -------------------------------------------------------------------------------
 
+def _head(sock: socket.socket | ssl.SSLSocket, conn: h11.Connection) -> h11.Response:
+    """Read until h11 has the response head (at most 64 KiB); what follows stays in ``conn``."""
+    for _ in range(64):  # bounded: 64 reads of at least one byte... or the head is too large
+        event = conn.next_event()
+        if isinstance(event, h11.Response):
+            return event
+        if event is not h11.NEED_DATA:
+            raise OSError(f"expected a response head, got {event!r}")
+        data = sock.recv(65536)
+        if not data:
+            raise OSError("connection closed before the end of the response head")
+        conn.receive_data(data)
+    raise OSError("response head too large")
+
+
 def open_tunnel(route: Route, target: Address, server_hostname: str = "localhost",
                 ctx: ssl.SSLContext | None = None) -> ssl.SSLSocket:
     """A TLS connection to ``target``, through the route's first proxy (CONNECT) or direct."""
@@ -300,50 +317,45 @@ def open_tunnel(route: Route, target: Address, server_hostname: str = "localhost
     try:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if route.proxies:
-            auth = f"Proxy-Authorization: {route.proxy_auth}\r\n" if route.proxy_auth else ""
             # By name, as an app's HTTPS_PROXY client does (the URL's host goes into the CONNECT).
-            authority = f"{server_hostname}:{target[1]}"
-            sock.sendall(f"CONNECT {authority} HTTP/1.1\r\nHost: {authority}\r\n{auth}\r\n".encode())
-            head = _read_head(sock)
-            if not head.startswith((b"HTTP/1.1 200", b"HTTP/1.0 200")):
-                raise OSError(f"CONNECT refused: {head[:80]!r}")
+            authority = f"{server_hostname}:{target[1]}".encode()
+            headers = [(b"Host", authority)]
+            if route.proxy_auth:
+                headers.append((b"Proxy-Authorization", route.proxy_auth.encode()))
+            conn = h11.Connection(h11.CLIENT)
+            sock.sendall(conn.send(h11.Request(method=b"CONNECT", target=authority, headers=headers))
+                         + conn.send(h11.EndOfMessage()))
+            head = _head(sock, conn)
+            if head.status_code != 200:
+                raise OSError(f"CONNECT refused: {head.status_code}")
+            if conn.trailing_data[0]:  # a proxy answers CONNECT and nothing else before the client speaks
+                raise OSError("unexpected bytes after a CONNECT answer")
         return ctx.wrap_socket(sock, server_hostname=server_hostname)
     except BaseException:
         sock.close()
         raise
 
 
-def _read_head(sock: socket.socket) -> bytes:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = sock.recv(4096)
-        if not data or len(buf) > 65536:
-            raise OSError("connection closed before the end of the response head")
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    if rest:  # a proxy answers CONNECT and nothing else before the client speaks
-        raise OSError("unexpected bytes after a CONNECT answer")
-    return head
+def _get(path: bytes) -> tuple[h11.Connection, bytes]:
+    conn = h11.Connection(h11.CLIENT)
+    return conn, conn.send(h11.Request(method=b"GET", target=path, headers=[(b"Host", b"localhost")])) + \
+        conn.send(h11.EndOfMessage())
 
 
 def bulk_fetch(route: Route, target: Address, nbytes: int) -> float:
-    """Seconds from sending ``GET /bulk`` to the last of ``nbytes`` body bytes (TLS already set up)."""
+    """Seconds from sending ``GET /bulk`` to the last of ``nbytes`` body bytes (TLS already set up). h11
+    reads the head; the body is counted into a fixed buffer, so the client costs the same for everyone."""
     tls = open_tunnel(route, target)
     try:
         buf = bytearray(1 << 20)
         view = memoryview(buf)
+        conn, request = _get(b"/bulk?bytes=%d" % nbytes)
         t0 = time.perf_counter()
-        tls.sendall(f"GET /bulk?bytes={nbytes} HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
-        pending = b""
-        while b"\r\n\r\n" not in pending:
-            data = tls.recv(65536)
-            if not data:
-                raise OSError("closed before the response head")
-            pending += data
-        head, _, got_body = pending.partition(b"\r\n\r\n")
-        if not head.startswith(b"HTTP/1.1 200"):
-            raise OSError(f"bulk server answered {head[:40]!r}")
-        got = len(got_body)
+        tls.sendall(request)
+        head = _head(tls, conn)
+        if head.status_code != 200:
+            raise OSError(f"bulk server answered {head.status_code}")
+        got = len(conn.trailing_data[0])
         while got < nbytes:
             n = tls.recv_into(view)
             if not n:
@@ -356,13 +368,19 @@ def bulk_fetch(route: Route, target: Address, nbytes: int) -> float:
 
 def small_request(tls: ssl.SSLSocket) -> None:
     """``GET /small`` on an open tunnel, leaving the connection open (for the RSS measurement)."""
-    tls.sendall(b"GET /small HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    buf = b""
-    while not buf.endswith(b"ok"):
-        data = tls.recv(4096)
-        if not data or len(buf) > 4096:
-            raise OSError("closed during /small")
-        buf += data
+    conn, request = _get(b"/small")
+    tls.sendall(request)
+    _head(tls, conn)
+    for _ in range(8):  # bounded: a two-byte body
+        event = conn.next_event()
+        if isinstance(event, h11.EndOfMessage):
+            return
+        if event is h11.NEED_DATA:
+            data = tls.recv(4096)
+            if not data:
+                raise OSError("closed during /small")
+            conn.receive_data(data)
+    raise OSError("no end of /small")
 
 
 def percentile(sorted_ns: list[int], q: float) -> float:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import http.client
 import os
 import platform
 import selectors
@@ -82,13 +83,14 @@ class Plan:
     profile_new_calls: int = 300
     soak_bursts: int = 5  # bursts of token calls after which RSS is read: does memory stay flat?
     soak_calls: int = 1000  # keep-alive calls per burst (plus a tenth as many on new connections)
+    rest_calls: int = 1000  # keep-alive non-token requests (REST) per contender per round
 
 
 FULL = Plan("full", rounds=3, ka_calls=1000, ka_warmup=200, new_calls=200, new_warmup=20,
             bulk_bytes=256 << 20, bulk_rounds=7, warm_starts=2)
 QUICK = Plan("quick", rounds=2, ka_calls=100, ka_warmup=20, new_calls=20, new_warmup=5,
              bulk_bytes=32 << 20, bulk_rounds=1, warm_starts=1, ablation_calls=100, req_calls=20, req_warmup=3,
-             profile_ka_calls=200, profile_new_calls=30, soak_bursts=3, soak_calls=200)
+             profile_ka_calls=200, profile_new_calls=30, soak_bursts=3, soak_calls=200, rest_calls=100)
 
 
 @dataclass
@@ -117,6 +119,7 @@ class Results:
     import_rss: dict[str, int] = field(default_factory=dict)  # KiB
     concurrency: dict[str, tuple[Samples, float]] = field(default_factory=dict)
     requests_ka: dict[str, Samples] = field(default_factory=dict)  # keep-alive token calls with `requests`
+    rest: dict[str, Measured] = field(default_factory=dict)  # keep-alive REST calls on a token host
     sidecar_internal_ms: list[float] = field(default_factory=list)  # the sidecar's own duration_ms, keep-alive
     ablation: dict[str, Measured] = field(default_factory=dict)
     profile_ka: Profile | None = None
@@ -358,6 +361,63 @@ def measure_requests_client(res: Results, plan: Plan, routes: dict[str, Route], 
     finally:
         for r in runners.values():
             r.close()
+
+
+REST_CONTENDERS = ["pair", "mitmdump", "sidecar"]
+REST_PATH = "/services/data/"
+
+
+def measure_rest(res: Results, plan: Plan, workdir: Path, world: WorldProcess, routes: dict[str, Route],
+                 pids: dict[str, int | None], stack: contextlib.ExitStack) -> None:
+    """Keep-alive requests that are not token calls, on a token host (an app's REST API calls): both
+    proxies decrypt them and send them on through a pair member (the sidecar with
+    SIDECAR_ROUTE=salesforce, mitmdump in upstream mode), so the figure is each proxy's CPU per
+    request. A fresh sidecar serves this phase, as its route setting differs from the main one's."""
+    sc = Sidecar(workdir / "sidecar-rest", world.ca, world.members, extra_env={"SIDECAR_ROUTE": "salesforce"})
+    stack.callback(sc.stop)
+    sc.start()
+    assert sc.proc is not None
+    rts = {n: routes[n] for n in ("pair", "mitmdump") if n in routes}
+    rts["sidecar"] = Route("sidecar", sc.ca_file, (("127.0.0.1", sc.proxy_port),))
+    pid_of = {"sidecar": sc.proc.pid, "mitmdump": pids.get("mitmdump")}
+    conns = {n: TokenClient(r).connect() for n, r in rts.items()}
+    for n in rts:
+        res.rest[n] = Measured(cpu_s=0.0 if pid_of.get(n) else None)
+
+    def calls(n: str, count: int, out: Samples) -> None:
+        conn = conns[n]
+        for _ in range(count):
+            try:
+                t0 = time.perf_counter_ns()
+                conn.request("GET", REST_PATH, headers={"Accept": "application/json"})
+                resp = conn.getresponse()
+                body = resp.read()
+                ns = time.perf_counter_ns() - t0
+            except (OSError, http.client.HTTPException) as exc:
+                out.error(type(exc).__name__)
+                conn.close()
+                conns[n] = conn = TokenClient(rts[n]).connect()
+                continue
+            if resp.status != 200 or not body:
+                out.error(f"HTTP {resp.status}")
+            out.ns.append(ns)
+
+    try:
+        for n in rts:
+            calls(n, plan.ka_warmup, Samples())
+
+        def segment(n: str) -> None:
+            pid = pid_of.get(n)
+            c0 = _cpu(pid)
+            calls(n, plan.rest_calls, res.rest[n].samples)
+            if pid:
+                res.rest[n].cpu_s = (res.rest[n].cpu_s or 0.0) + _cpu(pid) - c0
+
+        interleaved(list(rts), plan.rounds, segment)
+    finally:
+        for c in conns.values():
+            c.close()
+        sc.stop()
 
 
 def measure_concurrency(res: Results, plan: Plan, routes: dict[str, Route], source: TokenSource) -> None:
@@ -602,6 +662,8 @@ def run(plan: Plan, keep_tmp: bool = False, profiler: str = "auto") -> Results:
             measure_tokens(res, plan, routes, pids, source, sidecar, keepalive=False)
         with phase(res, "token calls with Python requests", world):
             measure_requests_client(res, plan, routes, source)
+        with phase(res, "REST calls on a token host, keep-alive", world):
+            measure_rest(res, plan, workdir, world, routes, pids, stack)
         with phase(res, "passthrough throughput", world):
             measure_passthrough(res, plan, tunnel_routes, pids, world.bulk)
         with phase(res, f"sidecar RSS with {plan.hold} connections", world):

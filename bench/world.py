@@ -26,6 +26,8 @@ import sys
 import threading
 from pathlib import Path
 
+import h11
+
 from sidecar.sim.certs import TestCA, server_context
 from tests.harness import SF_HOST, start_world, stop_world
 
@@ -83,35 +85,59 @@ class BulkServer:
                 self._threads.add(t)
             t.start()
 
+    @staticmethod
+    def _request(tls: ssl.SSLSocket, conn: h11.Connection) -> h11.Request | None:
+        """The next request, read to its end by h11; None when the client is done."""
+        request = None
+        for _ in range(1000):  # bounded: reads per request
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = tls.recv(65536)
+                conn.receive_data(data)
+                if not data:
+                    return None
+            elif isinstance(event, h11.Request):
+                request = event
+            elif isinstance(event, h11.EndOfMessage):
+                return request
+            elif not isinstance(event, h11.Data):
+                return None
+        return None
+
     def _serve(self, raw: socket.socket) -> None:
         tls: ssl.SSLSocket | None = None
         try:
             raw.settimeout(IO_TIMEOUT)
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as real servers do; no Nagle stalls
             tls = self.ctx.wrap_socket(raw, server_side=True)
-            buf = b""
+            conn = h11.Connection(h11.SERVER)
             for _ in range(100_000):  # requests per connection, bounded
-                while b"\r\n\r\n" not in buf:
-                    data = tls.recv(65536)
-                    if not data or len(buf) > 65536:
-                        return
-                    buf += data
-                head, _, buf = buf.partition(b"\r\n\r\n")
-                target = head.split(b" ", 2)[1].decode("latin-1") if b" " in head else "/"
+                request = self._request(tls, conn)
+                if request is None:
+                    return
+                target = request.target.decode("latin-1")
                 if target.startswith("/bulk"):
                     n = min(int(target.partition("bytes=")[2] or CHUNK), MAX_BULK)
-                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
-                                b"Content-Length: %d\r\n\r\n" % n)
+                    tls.sendall(conn.send(h11.Response(status_code=200, reason=b"OK", headers=[
+                        (b"Content-Type", b"application/octet-stream"), (b"Content-Length", b"%d" % n)])))
                     while n > 0:
                         k = min(n, CHUNK)
-                        tls.sendall(self._zeros[:k])
+                        for piece in conn.send_with_data_passthrough(h11.Data(data=self._zeros[:k])) or []:
+                            tls.sendall(piece)  # no copy of the payload
                         n -= k
+                    conn.send(h11.EndOfMessage())
                 elif target.startswith("/small"):
-                    tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    tls.sendall(b"".join(conn.send(e) or b"" for e in (
+                        h11.Response(status_code=200, reason=b"OK", headers=[(b"Content-Length", b"2")]),
+                        h11.Data(data=b"ok"), h11.EndOfMessage())))
                 else:
-                    tls.sendall(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+                    tls.sendall(b"".join(conn.send(e) or b"" for e in (
+                        h11.Response(status_code=404, reason=b"Not Found",
+                                     headers=[(b"Content-Length", b"0"), (b"Connection", b"close")]),
+                        h11.EndOfMessage())))
                     return
-        except (OSError, ValueError):
+                conn.start_next_cycle()
+        except (OSError, ValueError, h11.ProtocolError):
             return
         finally:
             (tls or raw).close()

@@ -18,14 +18,18 @@ import time
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import h11
+
 from sidecar.ca import trust_context
 from sidecar.config import Settings, Upstream
 from sidecar.guard import Guard
 from sidecar.logs import event
 from sidecar.metrics import EGRESS_UNKNOWN, Metrics
 from sidecar.pair import Member, Pair
+from sidecar.http1 import HttpConnection
+from sidecar.streams import SocketStream, Stream, TlsStream, open_tcp
 from sidecar.tokencall import ALLOWLISTED_GRANTS
-from sidecar.upstream import SendFailure, describe_error, read_response
+from sidecar.upstream import ConnectFailure, SendFailure, authority, describe_error, open_tunnel, read_answer
 
 log = logging.getLogger("egress_sidecar.discovery")
 
@@ -75,12 +79,7 @@ class EchoTarget:
         return cls(p.scheme, p.hostname or "", port, (p.path or "/") + (f"?{p.query}" if p.query else ""))
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    try:
-        response, _ = await read_response(reader)  # the same parser as token calls, same caps
-    except SendFailure as exc:
-        raise ProbeError(f"echo answer unreadable: {exc}") from None
-    return response.status_code, response.raw_content or b""
+MAX_ECHO_BYTES = 64 * 1024
 
 
 async def fetch_via_member(
@@ -92,63 +91,56 @@ async def fetch_via_member(
     ssl_context: ssl.SSLContext | None = None,
 ) -> bytes:
     """GET the echo URL through one member, on a new connection. Raises ProbeError."""
-    auth = upstream.proxy_authorization.decode()
-    host_hdr = target.host if target.port in (80, 443) else f"{target.host}:{target.port}"
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = asyncio.get_running_loop().time() + timeout
     try:
         async with asyncio.timeout_at(deadline):
-            reader, writer = await asyncio.open_connection(*member.address.address)
+            sock = await open_tcp(*member.address.address)
     except TimeoutError:
         raise ProbeError(f"cannot connect to the member: timed out after {timeout:g}s", member_down=True) from None
     except OSError as exc:
         raise ProbeError(f"cannot connect to the member: {describe_error(exc)}", member_down=True) from None
+    host = authority(target.host, target.port) if target.port not in (80, 443) else target.host.encode("idna")
+    headers = [(b"Host", host), (b"Accept", b"application/json"), (b"Connection", b"close")]
     try:
         async with asyncio.timeout_at(deadline):
-            try:
-                if target.scheme == "https":
-                    writer.write(
-                        f"CONNECT {target.host}:{target.port} HTTP/1.1\r\nHost: {target.host}:{target.port}\r\n"
-                        f"Proxy-Authorization: {auth}\r\n\r\n".encode()
-                    )
-                    status, _ = await _read_connect(reader)
-                    if status != 200:
-                        raise ProbeError(_proxy_status(status), member_down=status == 407)
-                    await writer.start_tls(ssl_context or ssl.create_default_context(), server_hostname=target.host)
-                    request = f"GET {target.path} HTTP/1.1\r\nHost: {host_hdr}\r\n"
-                else:
-                    url = f"http://{host_hdr}{target.path}"
-                    request = f"GET {url} HTTP/1.1\r\nHost: {host_hdr}\r\nProxy-Authorization: {auth}\r\n"
-                writer.write((request + "Accept: application/json\r\nConnection: close\r\n\r\n").encode())
-                await writer.drain()
-                status, body = await _read_response(reader)
-            finally:
-                writer.close()
+            stream: Stream = SocketStream(sock)
+            if target.scheme == "https":
+                try:
+                    tunnel = await open_tunnel(SocketStream(sock), upstream, member, target.host, target.port)
+                except ConnectFailure as exc:
+                    raise ProbeError(_proxy_status(exc), member_down=exc.reason == "auth_failed") from None
+                stream = TlsStream.client(tunnel, ssl_context or ssl.create_default_context(), target.host)
+                await stream.handshake()
+                request = h11.Request(method=b"GET", target=target.path.encode(), headers=headers)
+            else:  # a plain-HTTP proxy request, absolute-form, credentials on it
+                url = b"http://" + host + target.path.encode()
+                request = h11.Request(method=b"GET", target=url,
+                                      headers=[*headers, (b"Proxy-Authorization", upstream.proxy_authorization)])
+            http = HttpConnection(stream, h11.CLIENT)
+            await http.send(request, h11.EndOfMessage())
+            answer = await read_answer(http, b"GET", MAX_ECHO_BYTES)
     except TimeoutError:
         raise ProbeError(f"echo did not answer within {timeout:g}s") from None
-    except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ssl.SSLError) as exc:
+    except SendFailure as exc:
+        raise ProbeError(f"echo answer unreadable: {exc}") from None
+    except (OSError, ssl.SSLError, h11.LocalProtocolError) as exc:
         raise ProbeError(f"echo request failed: {describe_error(exc)}") from None
-    if status == 407:
-        raise ProbeError(_proxy_status(status), member_down=True)
-    if status in (403, 502, 503):
-        raise ProbeError(_proxy_status(status))
-    if status != 200:
-        raise ProbeError(f"echo answered HTTP {status}")
-    return body
+    finally:
+        sock.close()
+    if answer.status == 407:
+        raise ProbeError(_PROXY_407, member_down=True)
+    if answer.status in (403, 502, 503):
+        raise ProbeError(f"proxy answered HTTP {answer.status}")
+    if answer.status != 200:
+        raise ProbeError(f"echo answered HTTP {answer.status}")
+    return answer.body
 
 
-async def _read_connect(reader: asyncio.StreamReader) -> tuple[int, bytes]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    try:
-        return int(head.split(b" ", 2)[1]), head
-    except (IndexError, ValueError):
-        raise ProbeError("proxy did not answer the CONNECT with HTTP") from None
+_PROXY_407 = "proxy refused the credentials (407): check USER:PASS in QUOTAGUARDSTATIC_URL"
 
 
-def _proxy_status(status: int) -> str:
-    if status == 407:
-        return "proxy refused the credentials (407): check USER:PASS in QUOTAGUARDSTATIC_URL"
-    return f"proxy answered HTTP {status}"
+def _proxy_status(failure: ConnectFailure) -> str:
+    return _PROXY_407 if failure.reason == "auth_failed" else failure.detail
 
 
 class Prober:

@@ -41,6 +41,7 @@ from sidecar.grantstore import (
     token_hash,
 )
 from sidecar.logs import SCRUBBER, event
+from sidecar.messages import Answer, TokenRequest
 from sidecar.metrics import Metrics
 from sidecar.tokencall import TokenCall, issued_refresh_token, request_fields, single_field
 
@@ -146,21 +147,20 @@ class GrantTracker:
         self.metrics.grant_writes_dropped.inc(n)
 
     # -- the token route's observer (on the event loop: memory only, never the disk) -------------
-    def on_call(self, call: TokenCall, exchange: Any) -> None:
-        """``exchange``: the call's ``request`` and ``response`` (addons.token_route.Exchange)."""
+    def on_call(self, call: TokenCall, req: TokenRequest | None, answer: Answer | None) -> None:
+        """The token core's observer: a finished call, its request and the answer the app got."""
         if self._key is None or call.outcome is None:
             return
         if call.grant_type != "refresh_token" and call.outcome != "success":
             return
         try:
             presented = None
-            if call.grant_type == "refresh_token":
-                req = exchange.request
-                fields = request_fields(req.headers.get("content-type"), _content(req), req.path.partition("?")[2])
+            if call.grant_type == "refresh_token" and req is not None:
+                fields = request_fields(req.content_type, req.body, req.query)
                 presented = single_field(fields, "refresh_token")
             issued = None
-            if call.outcome == "success" and exchange.response is not None:
-                issued = issued_refresh_token(_content(exchange.response))
+            if call.outcome == "success" and answer is not None:
+                issued = issued_refresh_token(answer.content()[:MAX_BODY])
             self.observe(call.grant_type, call.outcome, presented, issued, status=call.status, sf_error=call.error_code)
         except Exception as exc:  # noqa: BLE001 - an observer must never break a token call
             event(log, logging.ERROR, f"grant tracking failed ({type(exc).__name__}); the token call was not affected")
@@ -357,18 +357,6 @@ class GrantTracker:
             now = self.clock()
             last = [g.last_used for g in self._grants.values()]
         return idle_counts(last, now)
-
-
-# -- reading token bodies (no token ever leaves these functions except into token_hash) -----------
-def _content(message: Any) -> bytes:
-    raw = getattr(message, "raw_content", None)
-    if not raw or len(raw) > MAX_BODY:
-        return b""
-    try:  # Salesforce gzips its answer when the client accepts it
-        content = message.get_content(strict=False)
-    except Exception:  # noqa: BLE001
-        content = raw
-    return content[:MAX_BODY] if content else b""
 
 
 # -- words --------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@
 ``mitmproxy.addons.<name>`` module is imported. The sidecar adds its own short list of addons, so
 it registers the package without running that ``__init__``: about 25 MB less resident memory in
 every pod, for code that would never run. Import mitmproxy addons through this module only.
+
+Both things done here lean on mitmproxy internals (the package layout of ``mitmproxy.addons`` and
+``Master._legacy_log_events``); pyproject pins mitmproxy to the tested major version and
+tests/test_mitm_internals.py fails on an upgrade that breaks either.
 """
 
 from __future__ import annotations
@@ -29,22 +33,9 @@ def _addons_package() -> ModuleType:
 
 _addons_package()  # before anything below: mitmproxy.master itself imports an addon module
 
-from mitmproxy import http  # noqa: E402
 from mitmproxy.master import Master  # noqa: E402
 
 __all__ = ["Master", "addon_module", "new_master"]
-
-
-def _skip_model_typechecks() -> None:
-    """mitmproxy type-checks every field of every HTTP message it builds, but only ``if __debug__``
-    (``python -O`` turns it off): a development aid that costs ~80 us per message, about a tenth of a
-    token call's CPU in the sidecar. The sidecar builds its messages from parsed bytes of known types,
-    so it switches the check off as ``-O`` would, without also dropping ``assert`` statements."""
-    if "__post_init__" in vars(http.MessageData):
-        http.MessageData.__post_init__ = lambda self: None  # type: ignore[method-assign]
-
-
-_skip_model_typechecks()
 
 
 def new_master(opts: object) -> Master:

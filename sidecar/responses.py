@@ -1,28 +1,28 @@
 """The answers the sidecar gives the app itself, instead of Salesforce's: what went wrong, whether
 anything reached Salesforce, and what to do. JSON like Salesforce's own errors, plus
-``sent_to_salesforce`` (true / false / "unknown") so an app can tell a safe retry from a risky one."""
+``sent_to_salesforce`` (true / false / "unknown") so an app can tell a safe retry from a risky one.
+Every local answer to a token call is made here, and only here."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from mitmproxy import http
-
 from sidecar.guard import Guard
+from sidecar.messages import Answer
 
 
 def local_answer(status: int, error: str, description: str, sent: bool | str = False,
-                 extra: dict[str, Any] | None = None) -> http.Response:
+                 extra: dict[str, Any] | None = None) -> Answer:
     body: dict[str, Any] = {"error": error, "error_description": "egress-sidecar: " + description, **(extra or {}),
                             "sent_to_salesforce": sent}
-    headers = {"Content-Type": "application/json", "X-Egress-Sidecar": error}
-    if status in (503,):
-        headers["Retry-After"] = "30"
-    return http.Response.make(status, json.dumps(body).encode(), headers)
+    headers = [(b"Content-Type", b"application/json"), (b"X-Egress-Sidecar", error.encode())]
+    if status == 503:
+        headers.append((b"Retry-After", b"30"))
+    return Answer(status, headers, json.dumps(body).encode(), local=True)
 
 
-def blocked(guard: Guard, reason: str) -> http.Response:
+def blocked(guard: Guard, reason: str) -> Answer:
     return local_answer(
         503, "egress_not_allowlisted", "refused to send this token call: " + reason,
         extra={
@@ -36,7 +36,7 @@ def blocked(guard: Guard, reason: str) -> http.Response:
     )
 
 
-def failed_after_send(via: str, detail: str) -> http.Response:
+def failed_after_send(via: str, detail: str) -> Answer:
     return local_answer(
         502, "upstream_failed_after_send",
         f"the token request was sent ({via}) but no complete answer came back: {detail}. It was not retried, "
@@ -46,8 +46,9 @@ def failed_after_send(via: str, detail: str) -> http.Response:
     )
 
 
-def unreachable(tried: list[str], detail: str) -> http.Response:
+def unreachable(tried: list[str], detail: str) -> Answer:
     return local_answer(
         502, "upstream_unreachable",
         f"no byte of the token request was sent (tried {', '.join(tried)}): {detail}. It is safe to retry.",
     )
+

@@ -20,21 +20,26 @@ from addons.client_access import ClientAccess
 from addons.intercept import SelectiveIntercept
 from addons.token_route import TokenRoute
 from sidecar import __version__
+from sidecar.access import Access
 from sidecar.admin import AdminServer
 from sidecar.ca import client_env, export_ca, install_given_ca, prepare_confdir, trust_context, upstream_trust
 from sidecar.config import ConfigError, HostPort, Settings
 from sidecar.discovery import Prober
+from sidecar.forward import Forwarder
 from sidecar.frontdoor import HEAD_TIMEOUT, FrontDoor, Handoff
 from sidecar.grants import GrantTracker
 from sidecar.guard import Guard
 from sidecar.hosts import TokenHosts
+from sidecar.lane import Lane
+from sidecar.leafcerts import LeafContexts
 from sidecar.logs import SCRUBBER, event
 from sidecar.metrics import Metrics
 from sidecar.pair import Member, Pair, build_pair
 from sidecar.record import Recorder
 from sidecar.status import build_status, render_page
-from sidecar.tokenlane import LeafContexts, TokenLane
-from sidecar.upstream import ConnectFailure, TokenSender, UpstreamPool
+from sidecar.sender import TokenSender
+from sidecar.tokencore import TokenCore
+from sidecar.upstream import ConnectFailure, UpstreamPool
 
 log = logging.getLogger("egress_sidecar")
 DRAIN_SECONDS = 10.0  # at most this long a stop waits for token calls in flight
@@ -83,14 +88,13 @@ class Sidecar:
         self.upstream_trust = upstream_trust(settings, self.confdir)
         self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout)
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
-        self.access = ClientAccess(require_auth=settings.proxy_auth is not None, max_connections=settings.max_connections)
+        self.access = Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
+                             settings.max_connections)
         self.frontdoor: FrontDoor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
-        self.token_route = TokenRoute(
-            self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
-            on_call=self.grants.on_call,
-        )
+        self.core = TokenCore(self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
+                              observers=(self.grants.on_call,))
 
     def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
         self.metrics.member_failures.labels(member.label, failure.reason).inc()
@@ -120,6 +124,11 @@ class Sidecar:
     def status(self) -> dict[str, Any]:
         return build_status(self)
 
+    def status_facts(self) -> dict[str, Any]:
+        upstream = self.settings.upstream
+        return {"upstream": upstream.redacted() if upstream else None, "route": self.settings.route,
+                "probe_rounds": self.prober.rounds, "calls": self.recorder.snapshot()}
+
     def ca_path(self) -> Path | None:
         return self.confdir / "ca.pem"
 
@@ -148,9 +157,9 @@ class Sidecar:
             # Imported only when used: its module pulls in ldap3 (~15 MB) for LDAP auth we never use.
             master.addons.add(addon_module("proxyauth").ProxyAuth())
         master.addons.add(
-            self.access,
+            ClientAccess(self.access),
             SelectiveIntercept(self.metrics, self._passthrough_member),
-            self.token_route,
+            TokenRoute(self.core, self.pair),
             _Lifecycle(self),
         )
         trust = self.upstream_trust
@@ -176,7 +185,7 @@ class Sidecar:
 
     def _passthrough_member(self) -> Member | None:
         """Route of a tunnel relayed without interception (never a token host)."""
-        return self.token_route.other_member(on_token_host=False)
+        return self.core.other_member(on_token_host=False)
 
     def prepare(self) -> None:
         """Everything that can fail on configuration, before anything listens."""
@@ -233,29 +242,24 @@ class Sidecar:
             self.frontdoor.close_listener()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + min(self.settings.response_timeout, DRAIN_SECONDS)
-        while self.token_route.in_flight and loop.time() < deadline:
+        while self.core.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        if self.token_route.in_flight:
-            event(log, logging.WARNING, f"stopping with {self.token_route.in_flight} token call(s) still in flight")
+        if self.core.in_flight:
+            event(log, logging.WARNING, f"stopping with {self.core.in_flight} token call(s) still in flight")
         await asyncio.sleep(0.05)  # their records are written just after their answers
         self.master.shutdown()
 
     async def open_front_door(self, handoff: Handoff) -> tuple[str, int]:
         s = self.settings
-        # With SIDECAR_ROUTE=all, mitmproxy serves every connection itself (tunnels through a member).
-        relay_here = s.route != "all"
-        lane = None
-        if relay_here:
-            tlsconfig = self.tlsconfig
-            lane = TokenLane(
-                self.token_route, self.pool,
-                LeafContexts(lambda: tlsconfig.certstore, self.confdir, self.hosts.certificate_name), self.metrics,
-                idle_timeout=s.idle_timeout, handshake_timeout=min(HEAD_TIMEOUT, s.idle_timeout),
-            )
+        tlsconfig = self.tlsconfig
+        lane = Lane(
+            self.core, Forwarder(self.pool, s.idle_timeout),
+            LeafContexts(lambda: tlsconfig.certstore, self.confdir, self.hosts.certificate_name), self.metrics,
+            idle_timeout=s.idle_timeout, handshake_timeout=min(HEAD_TIMEOUT, s.idle_timeout),
+        )
         self.frontdoor = FrontDoor(
-            self.hosts, self.metrics, self.access, relay_here=relay_here,
-            connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout, handoff=handoff, lane=lane,
-            proxy_auth=s.proxy_auth.get_secret_value() if s.proxy_auth else None,
+            self.hosts, self.metrics, self.access, connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
+            handoff=handoff, lane=lane, upstream=s.upstream, tunnel_member=self._passthrough_member,
         )
         listen = s.listen_address
         return await self.frontdoor.start(listen.host, listen.port)

@@ -7,15 +7,23 @@ from __future__ import annotations
 import html
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 from sidecar import __version__
 from sidecar.guard import Guard
 from sidecar.metrics import OUTCOMES
 from sidecar.pair import Pair
 
-if TYPE_CHECKING:
-    from sidecar.service import Sidecar
+
+class StatusSource(Protocol):
+    """What the status is built from (the running service provides it)."""
+
+    pair: Pair
+    guard: Guard
+    started: float
+
+    def is_ready(self) -> tuple[bool, str]: ...
+    def status_facts(self) -> dict[str, Any]: ...
 
 Level = Literal["ok", "warning", "critical"]
 
@@ -104,26 +112,25 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
     return Verdict(level, lines)
 
 
-def build_status(sidecar: Sidecar) -> dict[str, Any]:
-    s = sidecar.settings
+def build_status(sidecar: StatusSource) -> dict[str, Any]:
     ready, why = sidecar.is_ready()
     v = verdict(sidecar.pair, sidecar.guard)
-    upstream = s.upstream
+    facts = sidecar.status_facts()
     return {
         "version": __version__,
         "mode": "direct" if sidecar.pair.direct else "pair",
         "ready": ready,
         "ready_reason": why,
         "uptime_seconds": round(time.time() - sidecar.started, 1),
-        "upstream": upstream.redacted() if upstream else None,
-        "route": s.route,
+        "upstream": facts["upstream"],
+        "route": facts["route"],
         "guard": sidecar.guard.mode,
         "allowlist": str(sidecar.guard.allowlist) if sidecar.guard.allowlist else None,
         "missing_from_allowlist": sidecar.guard.missing_ips(),
         "pair": member_rows(sidecar.pair, sidecar.guard),
-        "probe_rounds": sidecar.prober.rounds,
+        "probe_rounds": facts["probe_rounds"],
         "verdict": {"level": v.level, "lines": v.lines},
-        **sidecar.recorder.snapshot(),
+        **facts["calls"],
     }
 
 

@@ -11,7 +11,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, unquote
 
 TOKEN_PATH = "/services/oauth2/token"
 
@@ -59,8 +59,27 @@ _IP_RESTRICTED = re.compile(r"ip\s+restricted", re.IGNORECASE)
 
 
 def is_token_request(method: str, path: str) -> bool:
-    """True for the token endpoint; the query string and a trailing slash do not matter."""
-    return method.upper() == "POST" and path.split("?", 1)[0].rstrip("/") == TOKEN_PATH
+    """True for a POST to the token endpoint in any form a server may route there: the query string,
+    repeated or trailing slashes, dot segments, percent-encoded characters, path parameters
+    (``;jsessionid=``), backslashes and letter case do not matter. A lookalike is treated as a token call
+    (it then passes the guard like any other); it is never forwarded around it."""
+    return method.upper() == "POST" and normalized_path(path) == TOKEN_PATH
+
+
+def normalized_path(path: str) -> str:
+    """``path`` (no query) as a lenient server would resolve it: decoded once, dot segments removed,
+    empty segments and path parameters dropped, lower case."""
+    segments: list[str] = []
+    for segment in unquote(path.partition("?")[0]).replace("\\", "/").split("/"):
+        segment = segment.partition(";")[0]
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    return ("/" + "/".join(segments)).lower()
 
 
 def request_fields(content_type: str | None, body: bytes, query: str = "") -> dict[str, list[str]]:

@@ -14,6 +14,8 @@ from collections.abc import Callable
 import pytest
 import requests
 
+from sidecar.access import Access
+
 from tests.harness import (
     CLIENT_ID,
     CLIENT_SECRET,
@@ -28,13 +30,6 @@ from tests.harness import (
 )
 
 BOTH = ["127.0.0.2", "127.0.0.3"]
-
-
-@pytest.fixture(params=["lane", "mitmproxy"])
-def token_path(request: pytest.FixtureRequest) -> dict[str, str]:
-    """Who serves the token calls: the token lane (CONNECT to a token host name, the usual case) or
-    mitmproxy (which serves every connection with SIDECAR_ROUTE=all). Both must behave the same."""
-    return {} if request.param == "lane" else {"SIDECAR_ROUTE": "all"}
 
 
 def both_allowlisted(world: World) -> dict[str, str]:
@@ -74,10 +69,9 @@ def test_connect_error_and_slow_member_fail_over(world: World, make_sidecar_proc
 
 
 def test_failure_after_send_is_a_clear_502_and_never_retried(
-    world: World, make_sidecar_proc: Callable[..., SidecarProcess],
-    token_path: dict[str, str],
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
-    sc = make_sidecar_proc({**both_allowlisted(world), **token_path})
+    sc = make_sidecar_proc({**both_allowlisted(world)})
     for mode in ("close_early", "garbage"):
         world.salesforce.reset_seen()
         world.salesforce.fail_mode = mode
@@ -109,9 +103,9 @@ def test_no_member_reachable_is_a_502_that_says_nothing_was_sent(
 
 
 def test_bad_token_bodies_are_handled(
-    world: World, make_sidecar_proc: Callable[..., SidecarProcess], token_path: dict[str, str]
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
-    sc = make_sidecar_proc({**both_allowlisted(world), **token_path})
+    sc = make_sidecar_proc({**both_allowlisted(world)})
     with sc.session() as s:
         as_json = s.post(TOKEN_URL, json={"grant_type": "refresh_token"}, timeout=10)
         assert as_json.status_code == 400  # forwarded; Salesforce's own answer
@@ -130,9 +124,9 @@ def test_bad_token_bodies_are_handled(
 
 
 def test_garbage_and_vanishing_clients_do_not_hurt(
-    world: World, make_sidecar_proc: Callable[..., SidecarProcess], token_path: dict[str, str]
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
-    sc = make_sidecar_proc({**both_allowlisted(world), **token_path})
+    sc = make_sidecar_proc({**both_allowlisted(world)})
     # Not HTTP at all.
     with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
         c.sendall(b"\x16\x03\x01garbage\r\n\r\n")
@@ -198,19 +192,36 @@ def test_proxy_auth_required_when_configured(world: World, make_sidecar_proc: Ca
 def test_non_loopback_client_is_refused() -> None:
     from mitmproxy import connection
 
-    from addons.client_access import ClientAccess, is_loopback
+    from addons.client_access import ClientAccess
+    from sidecar.access import Access, is_loopback
 
     assert is_loopback("127.0.0.9") and is_loopback("::1") and is_loopback("::ffff:127.0.0.1")
     assert not is_loopback("192.0.2.10") and not is_loopback("2001:db8::1") and not is_loopback("nonsense")
+    assert not Access(None).admits("192.0.2.10") and Access(None).admits("127.0.0.1")
+    assert Access("app:pw").admits("192.0.2.10")  # it must then authenticate
     remote = connection.Client(peername=("192.0.2.10", 40000), sockname=("0.0.0.0", 3128), timestamp_start=time.time())
-    ClientAccess(require_auth=False).client_connected(remote)
+    ClientAccess(Access(None)).client_connected(remote)
     assert remote.error and "SIDECAR_PROXY_AUTH" in remote.error
     local = connection.Client(peername=("127.0.0.1", 40000), sockname=("127.0.0.1", 3128), timestamp_start=time.time())
-    ClientAccess(require_auth=False).client_connected(local)
+    ClientAccess(Access(None)).client_connected(local)
     assert local.error is None
-    authed = connection.Client(peername=("192.0.2.10", 40000), sockname=("0.0.0.0", 3128), timestamp_start=time.time())
-    ClientAccess(require_auth=True).client_connected(authed)
-    assert authed.error is None
+    internal = Access(None)
+    internal.internal_addresses = {("127.0.0.1", 4000)}
+    direct = connection.Client(peername=("127.0.0.1", 40000), sockname=("127.0.0.1", 4000), timestamp_start=time.time())
+    ClientAccess(internal).client_connected(direct)
+    assert direct.error and "SIDECAR_LISTEN" in direct.error
+
+
+def test_proxy_credentials_are_checked_exactly() -> None:
+    access = Access("app:pw")
+    good = base64.b64encode(b"app:pw")
+    assert access.authorized([(b"Proxy-Authorization", b"Basic " + good)])
+    assert access.authorized([(b"proxy-authorization", b"basic " + good)])
+    for headers in ([], [(b"Proxy-Authorization", b"Basic " + base64.b64encode(b"app:pw2"))],
+                    [(b"Proxy-Authorization", b"Bearer " + good)], [(b"Proxy-Authorization", b"Basic !!!")],
+                    [(b"Proxy-Authorization", b"Basic " + good)] * 2):
+        assert not access.authorized(headers), headers
+    assert Access(None).authorized([])
 
 
 def test_chaos_member_killed_and_restarted(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
@@ -289,10 +300,10 @@ def test_connection_cap_and_idle_timeout(world: World, make_sidecar_proc: Callab
                 if not chunk or answer.endswith(b"}"):
                     break
         assert answer.startswith(b"HTTP/1.1 503") and b"SIDECAR_MAX_CONNECTIONS" in answer
-        # Idle clients are closed after SIDECAR_IDLE_TIMEOUT; the slots free up.
+        # Clients that never send a whole head get 408 and are closed after SIDECAR_IDLE_TIMEOUT; the slots free up.
         for c in held:
             c.settimeout(10)
-            assert c.recv(1) == b""
+            assert read_until_closed(c).startswith(b"HTTP/1.1 408")
     finally:
         for c in held:
             c.close()
@@ -321,12 +332,11 @@ def test_target_errors_fail_over_without_ejecting_the_member(
 
 
 def test_client_leaving_mid_call_does_not_lose_the_record(
-    world: World, make_sidecar_proc: Callable[..., SidecarProcess],
-    token_path: dict[str, str],
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     import ssl as ssl_mod
 
-    sc = make_sidecar_proc({**both_allowlisted(world), **token_path})
+    sc = make_sidecar_proc({**both_allowlisted(world)})
     world.salesforce.slow_seconds = 1.0
     world.salesforce.fail_mode = "slow"
     token = world.salesforce.issue_refresh_token()
@@ -348,13 +358,31 @@ def test_client_leaving_mid_call_does_not_lose_the_record(
 def test_malformed_token_calls_are_refused_locally(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
     sc = make_sidecar_proc({**both_allowlisted(world), "SIDECAR_ROUTE": "salesforce"})
     with sc.session() as s:
-        chunked = s.post(TOKEN_URL, data=iter([b"grant_type=refresh_token", b"&refresh_token=x"]), timeout=10,
-                         headers={"Content-Type": "application/x-www-form-urlencoded"})
-        assert chunked.status_code == 411 and chunked.json()["error"] == "token_request_length_required"
         plain = s.post("http://login.salesforce.com/services/oauth2/token", data={"grant_type": "refresh_token"},
                        timeout=10)
         assert plain.status_code == 400 and plain.json()["error"] == "token_call_not_https"
+        chunked_huge = s.post(TOKEN_URL, data=iter([b"grant_type=refresh_token&refresh_token="] + [b"x" * 8192] * 9),
+                              timeout=10, headers={"Content-Type": "application/x-www-form-urlencoded"})
+        assert chunked_huge.status_code == 413 and chunked_huge.json()["error"] == "token_request_too_large"
     assert not [r for r in world.salesforce.seen if r.path.startswith("/services/oauth2/token")]
     calls = sc.log_events()
     assert [c["route"] for c in calls] == ["refused", "refused"]
     assert metric_value(sc.metrics(), "egress_sidecar_token_requests_total", member="none", outcome="client_error") == 2
+
+
+def test_chunked_token_request_reaches_salesforce_with_a_content_length(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """Some Node Salesforce clients always stream the token POST; it is read (bounded) and sent on whole."""
+    sc = make_sidecar_proc(both_allowlisted(world))
+    token = world.salesforce.issue_refresh_token()
+    form = f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+    with sc.session() as s:
+        resp = s.post(TOKEN_URL, data=iter([form[:20].encode(), form[20:].encode()]), timeout=10,
+                      headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert resp.status_code == 200 and resp.json()["refresh_token"] != token
+    (seen,) = [r for r in world.salesforce.seen if r.path == "/services/oauth2/token"]
+    assert seen.headers["content-length"] == str(len(form)) and "transfer-encoding" not in seen.headers
+    assert seen.body == form.encode()
+    (call,) = sc.log_events()
+    assert (call["grant_type"], call["outcome"]) == ("refresh_token", "success")

@@ -184,3 +184,22 @@ def test_direct_mode_with_an_allowlist_observes_and_explicit_enforce_is_refused(
         raise AssertionError("enforce without a pair must be refused")
     except ConfigError as exc:
         assert str(exc).startswith("SIDECAR_GUARD=enforce needs QUOTAGUARDSTATIC_URL")
+
+
+def test_token_path_lookalikes_pass_the_guard_like_the_token_path(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """Forms of the token path a server may route to the token endpoint are token calls: enforced,
+    recorded, and never forwarded around the guard (Salesforce saw each of them from 127.0.0.2 only)."""
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})
+    forms = ("//services/oauth2/token", "/services/./oauth2/token", "/services/oauth2/%74oken",
+             "/Services/OAuth2/Token", "/services/oauth2/token;x=1")
+    world.salesforce.reset_seen()
+    with sc.session() as s:
+        for form in forms:
+            redeem(s, world.salesforce.issue_refresh_token(), url=f"https://login.salesforce.com{form}")
+    seen = world.salesforce.seen
+    assert len(seen) == len(forms) and {r.source_ip for r in seen} == {"127.0.0.2"}
+    calls = sc.log_events()
+    assert len(calls) == len(forms) and {c["egress_ip"] for c in calls} == {"127.0.0.2"}
+    assert all(c["guard"] == "allow" and c["grant_type"] == "refresh_token" for c in calls)

@@ -12,10 +12,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.frontdoor import parse_connect
+from sidecar.frontdoor import parse_authority
 from sidecar.sim.certs import TestCA
 from sidecar.sim.echo import FakeIPEcho
 from tests.harness import (
@@ -41,19 +42,18 @@ def read_head(sock: socket.socket) -> bytes:
     return data
 
 
-def test_parse_connect() -> None:
-    assert parse_connect(b"CONNECT api.stripe.com:443 HTTP/1.1\r\nHost: x\r\n\r\n") == ("api.stripe.com", 443)
-    assert parse_connect(b"CONNECT [::1]:8443 HTTP/1.1\r\n\r\n") == ("::1", 8443)
-    assert parse_connect(b"CONNECT LOGIN.salesforce.com:443 HTTP/1.0\r\n\r\n") == ("login.salesforce.com", 443)
-    for bad in (b"GET http://x/ HTTP/1.1\r\n\r\n", b"CONNECT x HTTP/1.1\r\n\r\n", b"CONNECT x:0 HTTP/1.1\r\n\r\n",
-                b"CONNECT x:99999 HTTP/1.1\r\n\r\n", b"CONNECT x:443 SPDY\r\n\r\n", b""):
-        assert parse_connect(bad) is None
+def test_parse_authority() -> None:
+    assert parse_authority(b"api.stripe.com:443") == ("api.stripe.com", 443)
+    assert parse_authority(b"[::1]:8443") == ("::1", 8443)
+    assert parse_authority(b"LOGIN.salesforce.com:443") == ("login.salesforce.com", 443)
+    for bad in (b"x", b"x:0", b"x:99999", b"x:443/path", b"u@x:443", b":443", b"x:y", b"\xff:1", b""):
+        assert parse_authority(bad) is None, bad
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
-def test_parse_connect_never_raises(head: bytes) -> None:
-    result = parse_connect(head)
+def test_parse_authority_never_raises(target: bytes) -> None:
+    result = parse_authority(target)
     assert result is None or (isinstance(result[0], str) and 0 < result[1] < 65536)
 
 
@@ -107,10 +107,11 @@ def test_idle_tunnel_is_closed_and_the_sidecar_still_serves(
             assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
 
 
-def test_everything_goes_to_mitmproxy_with_route_all(
+def test_route_all_relays_tunnels_through_a_member(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
-    """SIDECAR_ROUTE=all: tunnels to other hosts leave through the pair (mitmproxy relays them via a member)."""
+    """SIDECAR_ROUTE=all: tunnels to other hosts leave through the pair (the front door opens a CONNECT
+    tunnel through a member, credentials on the CONNECT only)."""
     with FakeIPEcho() as origin:
         sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ROUTE": "all"})
         with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
@@ -240,3 +241,77 @@ def test_mitmproxys_internal_port_refuses_direct_clients(
     assert wait_until(lambda: "internal port directly" in sc.log_text(), timeout=5)
     with sc.session() as s:  # the front door still serves
         assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+
+
+def _trickle(port: int, head: bytes, limit: int = 40) -> tuple[int, bytes]:
+    """Send ``head`` one byte per second until the sidecar answers or closes; (bytes sent, answer)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+        c.setblocking(False)
+        for sent in range(min(limit, len(head))):  # bounded: one byte per second
+            try:
+                answer = c.recv(4096)
+                c.setblocking(True)
+                c.settimeout(5)
+                return sent, answer + read_until_closed(c)
+            except BlockingIOError:
+                pass
+            except OSError:
+                return sent, b""
+            try:
+                c.send(head[sent:sent + 1])
+            except OSError:
+                return sent, b""
+            time.sleep(1.0)
+        return len(head), b""
+
+
+@pytest.mark.parametrize("auth", [None, "app:tr1ckle-pw"])
+def test_heads_trickled_byte_by_byte_are_cut_within_the_idle_timeout(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], auth: str | None
+) -> None:
+    """Whatever engine would serve it (mitmproxy for plain HTTP and IP literals, the relay for host
+    names), no connection is handed over before its first head is complete; a slow one gets 408."""
+    env = {**world.pair_env(), "SIDECAR_IDLE_TIMEOUT": "2"}
+    if auth:
+        env["SIDECAR_PROXY_AUTH"] = auth
+    sc = make_sidecar_proc(env)
+    heads = (b"GET http://example.invalid/ HTTP/1.1\r\nHost: example.invalid\r\nX-Pad: aaaaaaaaaaaaaaaa\r\n\r\n",
+             b"CONNECT 127.0.0.1:443 HTTP/1.1\r\nHost: 127.0.0.1:443\r\nX-Pad: aaaaaaaaaaaaaaaaaaaa\r\n\r\n",
+             b"CONNECT api.example.invalid:443 HTTP/1.1\r\nHost: api.example.invalid:443\r\n\r\n")
+    for head in heads:
+        sent, answer = _trickle(sc.proxy_port, head)
+        assert sent < 10, (head[:30], sent)  # ~2 s at one byte per second, far from the whole head
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:100]
+    with sc.session() as s:
+        if auth:
+            s.proxies = {"https": f"http://{auth}@127.0.0.1:{sc.proxy_port}"}
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+
+
+def test_bare_lf_head_is_answered_at_once(make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
+    """h11 accepts a head whose lines end in LF alone; it is served, not left waiting for CRLF CRLF."""
+    with FakeIPEcho() as origin:
+        sc = make_sidecar_proc({})  # the default idle timeout (300 s) would be the only other way out
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+            c.sendall(b"CONNECT localhost:%d HTTP/1.1\nHost: localhost\n\n" % origin.address[1])
+            assert read_head(c).startswith(b"HTTP/1.1 200")
+            c.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert b'"ip": "127.0.0.1"' in read_until_closed(c)
+
+
+@pytest.mark.parametrize("head,status", [
+    (b"CONNECT nonsense HTTP/1.1\r\n\r\n", b"400"),
+    (b"CONNECT x:443 HTTP/1.1\r\nHost: x\r\n folded: value\r\n\r\n", b"400"),
+    (b"GET http://x/ HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n", b"400"),
+    (b"GET http://x/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"400"),
+])
+def test_malformed_first_heads_get_clear_errors(make_sidecar_proc: Callable[..., SidecarProcess], head: bytes,
+                                                status: bytes) -> None:
+    sc = make_sidecar_proc({})
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+        with contextlib.suppress(OSError):
+            c.sendall(head)
+        answer = read_until_closed(c)
+    assert answer.startswith(b"HTTP/1.1 " + status) and b"egress-sidecar: " in answer, answer[:120]
+    assert sc.proc is not None and sc.proc.poll() is None

@@ -4,6 +4,7 @@ the token route adapter and the ``grants`` command."""
 
 from __future__ import annotations
 
+import gzip as gzip_mod
 import itertools
 import json
 import logging
@@ -17,8 +18,6 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mitmproxy import http
-from mitmproxy.test import tflow
 
 from sidecar import cli
 from sidecar.config import ConfigError
@@ -42,6 +41,7 @@ from sidecar.grantstore import (
     retired_rows,
     token_hash,
 )
+from sidecar.messages import Answer, TokenRequest
 from sidecar.metrics import Metrics
 from sidecar.tokencall import TokenCall
 from tests.harness import metric_value
@@ -493,36 +493,36 @@ def test_any_sequence_keeps_the_invariants_and_the_file_equal_to_memory(tmp_path
     assert set(after[1]) == set(before[1])
 
 
-# -- the token route adapter ---------------------------------------------------------------------
-def _flow(request_body: bytes, response_body: bytes | None, status: int = 200, gzip: bool = False) -> http.HTTPFlow:
-    f = tflow.tflow(resp=response_body is not None)
-    f.request.method, f.request.path = "POST", "/services/oauth2/token"
-    f.request.headers["content-type"] = FORM
-    f.request.content = request_body
-    if response_body is not None:
-        f.response = http.Response.make(status, response_body, {"Content-Type": "application/json"})
-        if gzip:
-            f.response.encode("gzip")
-    return f
+# -- the token core's observer ------------------------------------------------------------------
+def _flow(request_body: bytes, response_body: bytes | None, status: int = 200,
+          gzip: bool = False) -> tuple[TokenRequest, Answer | None]:
+    req = TokenRequest("login.salesforce.com", 443, "POST", b"/services/oauth2/token",
+                       [(b"Content-Type", FORM.encode())], request_body)
+    if response_body is None:
+        return req, None
+    headers = [(b"Content-Type", b"application/json")]
+    if gzip:
+        response_body = gzip_mod.compress(response_body)
+        headers.append((b"Content-Encoding", b"gzip"))
+    return req, Answer(status, headers, response_body)
 
 
 def _call(grant: str, outcome: str, status: int | None = 200) -> TokenCall:
     return TokenCall(started=0.0, host_class="login", grant_type=grant, outcome=outcome, status=status)  # type: ignore[arg-type]
 
 
-def test_on_call_reads_the_tokens_from_the_flow_even_gzipped() -> None:
+def test_on_call_reads_the_tokens_from_the_exchange_even_gzipped() -> None:
     t = tracker()
     ok = json.dumps({"access_token": "00D!x", "refresh_token": "RT-2", "token_type": "Bearer"}).encode()
-    t.on_call(_call("refresh_token", "success"), _flow(b"grant_type=refresh_token&refresh_token=RT-1", ok, gzip=True))
+    t.on_call(_call("refresh_token", "success"), *_flow(b"grant_type=refresh_token&refresh_token=RT-1", ok, gzip=True))
     (grant,), _ = t.snapshot()
     assert grant.key == token_hash(KEY, "RT-1") and grant.current == token_hash(KEY, "RT-2")
     bad = json.dumps({"error": "invalid_grant", "error_description": "expired access/refresh token"}).encode()
-    t.on_call(_call("refresh_token", "invalid_grant", 400),
-              _flow(b"grant_type=refresh_token&refresh_token=RT-1", bad, status=400))
+    t.on_call(_call("refresh_token", "invalid_grant", 400), *_flow(b"grant_type=refresh_token&refresh_token=RT-1", bad, status=400))
     assert metric(t, "egress_sidecar_refresh_token_reuse_total") == 1
     # The web server flow starts a grant; an upstream error (no response) is not a redemption.
-    t.on_call(_call("authorization_code", "success"), _flow(b"grant_type=authorization_code&code=c", ok.replace(b"RT-2", b"RT-9")))
-    t.on_call(_call("refresh_token", "upstream_error", None), _flow(b"grant_type=refresh_token&refresh_token=RT-2", None))
+    t.on_call(_call("authorization_code", "success"), *_flow(b"grant_type=authorization_code&code=c", ok.replace(b"RT-2", b"RT-9")))
+    t.on_call(_call("refresh_token", "upstream_error", None), *_flow(b"grant_type=refresh_token&refresh_token=RT-2", None))
     assert len(t.snapshot()[0]) == 2
     assert metric(t, "egress_sidecar_refresh_token_rotations_total") == 1
 
@@ -531,10 +531,10 @@ def test_on_call_ignores_what_it_cannot_read_and_never_raises(caplog: pytest.Log
     t = tracker()
     ok = json.dumps({"refresh_token": "n"}).encode()
     for body in (b"grant_type=refresh_token", b"refresh_token=a&refresh_token=b", b"\xff\xfe", b""):
-        t.on_call(_call("refresh_token", "success"), _flow(body, ok))
-    t.on_call(_call("refresh_token", "success"), _flow(b"refresh_token=a", b"not json"))  # tracked, not rotated
+        t.on_call(_call("refresh_token", "success"), *_flow(body, ok))
+    t.on_call(_call("refresh_token", "success"), *_flow(b"refresh_token=a", b"not json"))  # tracked, not rotated
     with caplog.at_level(logging.ERROR, logger="egress_sidecar.grants"):
-        t.on_call(_call("refresh_token", "success"), object())  # a broken flow: logged, not raised
+        t.on_call(_call("refresh_token", "success"), object(), object())  # type: ignore[arg-type]  # broken: logged
     assert any("grant tracking failed" in r.getMessage() for r in caplog.records)
     assert len(t.snapshot()[0]) == 1
     # Every successful redemption is counted, even when its request could not be read.

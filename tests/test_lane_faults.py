@@ -1,4 +1,4 @@
-"""The token lane (sidecar/tokenlane.py) at its edges: each test here failed on the lane as first
+"""The token lane (sidecar/lane.py, sidecar/forward.py) at its edges: each test here failed on the lane as first
 written (found by an independent review) and guards the fix. Real sidecar process, real sockets,
 loopback only."""
 
@@ -15,7 +15,7 @@ import pytest
 from sidecar.sim.certs import TestCA
 from tests.harness import SidecarProcess, wait_until
 from tests.scripted_origin import ScriptedOrigin, ok, token_body
-from tests.test_tokenlane import get, https_via, read_all, tls_tunnel
+from tests.test_lane import get, https_via, read_all, tls_tunnel
 
 TICKS = 6
 SMALL = 60_000  # an answer the lane takes its "small answer" path for (<= 64 KiB)

@@ -35,6 +35,21 @@ def body(error: str, description: str) -> bytes:
         ("POST", "/services/oauth2/authorize", False),
         ("POST", "/services/oauth2/tokenx", False),
         ("POST", "/services/data/v60.0/", False),
+        # Forms a server may route to the token endpoint: never let one slip past the guard.
+        ("POST", "//services/oauth2/token", True),
+        ("POST", "/services/./oauth2/token", True),
+        ("POST", "/services/oauth2/../oauth2/token", True),
+        ("POST", "/services/%6Fauth2/%74oken", True),
+        ("POST", "/services%2Foauth2%2Ftoken", True),
+        ("POST", "/Services/OAuth2/Token", True),
+        ("POST", "/services/oauth2/token;jsessionid=1", True),
+        ("POST", "/services//oauth2///token//?x=1", True),
+        ("POST", "\\services\\oauth2\\token", True),
+        ("post", "/services/oauth2/token", True),
+        ("POST", "/services/oauth2/tokens", False),
+        ("POST", "/services/oauth2/token/..", False),
+        ("POST", "/services/oauth2/%2574oken", False),  # decoded once, as servers do
+        ("POST", "/x/services/oauth2/token", False),
     ],
 )
 def test_is_token_request(method: str, path: str, expected: bool) -> None:

@@ -1,20 +1,28 @@
-"""The sender against an origin that misbehaves: interim answers, bad lengths, close-delimited bodies,
-and the sidecar end to end: a token call is sent at most once, whatever the origin does."""
+"""The upstream side against an origin that misbehaves: interim answers, bad lengths, close-delimited
+bodies, bytes past the framed answer; and the sidecar end to end: a token call is sent at most once,
+and no call ever reads another exchange's bytes, whatever the origin does."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import h11
 import pytest
-from mitmproxy import http
 
+from sidecar.http1 import HttpConnection
+from sidecar.messages import TokenRequest
+from sidecar.sender import TokenSender, Unsendable, request_events
 from sidecar.sim.certs import TestCA
-from sidecar.upstream import SendFailure, TokenSender, UpstreamPool, assemble_request, read_response
+from sidecar.streams import SocketStream
+from sidecar.upstream import SendFailure, UpstreamPool, read_answer
 from tests.harness import SidecarProcess, redeem
 from tests.scripted_origin import ScriptedOrigin, ok, token_body
+from tests.test_lane import get, https_via
 
 
 def json_response(body: bytes, extra: bytes = b"") -> bytes:
@@ -31,14 +39,15 @@ def close_delimited(n: int, head: bytes) -> list[bytes | float]:
 
 
 def bad_length(n: int, head: bytes) -> list[bytes | float]:
-    return [json_response(token_body(n), b"Content-Length: 1, 1\r\n")]
+    return [json_response(token_body(n), b"Content-Length: 1, 2\r\n")]
 
 
-def make_request(port: int, path: bytes = b"/services/oauth2/token") -> http.Request:
-    return http.Request.make("POST", f"https://localhost:{port}/services/oauth2/token",
-                             b"grant_type=refresh_token&refresh_token=OLD",
-                             {"Content-Type": "application/x-www-form-urlencoded", "Connection": "keep-alive, X-Drop",
-                              "X-Drop": "1", "Proxy-Authorization": "Basic c2VjcmV0", "Keep-Alive": "timeout=5"})
+def token_request(port: int) -> TokenRequest:
+    return TokenRequest(
+        "localhost", port, "POST", b"/services/oauth2/token",
+        [(b"Content-Type", b"application/x-www-form-urlencoded"), (b"Connection", b"keep-alive, X-Drop"),
+         (b"X-Drop", b"1"), (b"Proxy-Authorization", b"Basic c2VjcmV0"), (b"Keep-Alive", b"timeout=5")],
+        b"grant_type=refresh_token&refresh_token=OLD")
 
 
 async def send_twice(origin: ScriptedOrigin, ca: Path) -> list[tuple[int | None, bytes, str | None]]:
@@ -47,9 +56,9 @@ async def send_twice(origin: ScriptedOrigin, ca: Path) -> list[tuple[int | None,
     sender = TokenSender(pool, 5, lambda m, f: None, lambda m: None)
     out = []
     for _ in range(2):
-        result = await sender.send(make_request(origin.address[1]), None, lambda tried: None)
-        resp = result.response
-        out.append((resp.status_code if resp else None, resp.raw_content if resp else b"", result.detail))
+        result = await sender.send(token_request(origin.address[1]), None, lambda tried: None)
+        answer = result.answer
+        out.append((answer.status if answer else None, answer.body if answer else b"", result.detail))
     pool.close_all()
     return out
 
@@ -71,42 +80,58 @@ def test_close_delimited_body_is_read_to_the_end(origin_cert: tuple[Path, Path],
     assert [body for _, body, _ in results] == [token_body(1), token_body(2)]
 
 
-def test_ambiguous_length_is_a_failure_after_send(origin_cert: tuple[Path, Path], test_ca: TestCA) -> None:
+def test_conflicting_length_is_a_failure_after_send(origin_cert: tuple[Path, Path], test_ca: TestCA) -> None:
     with ScriptedOrigin(origin_cert, bad_length) as origin:
         results = asyncio.run(send_twice(origin, test_ca.ca_path))
-    assert all(status is None and "invalid Content-Length" in (detail or "") for status, _, detail in results)
+    assert all(status is None and "Content-Length" in (detail or "") for status, _, detail in results), results
 
 
-def test_request_assembly_drops_hop_by_hop_and_keeps_raw_target() -> None:
-    req = make_request(443)
-    req.data.path = b"/services/oauth2/token?x=\xe2\x82\xac"
-    raw = assemble_request(req)
+def test_request_for_salesforce_drops_hop_by_hop_and_keeps_the_raw_target() -> None:
+    req = token_request(443)
+    req.target = b"/services/oauth2/token?x=%E2%82%ac&y=a+b"
+    conn = h11.Connection(h11.CLIENT)
+    raw = b"".join(conn.send(e) or b"" for e in request_events(req))
     head = raw.split(b"\r\n\r\n")[0].lower()
-    assert raw.startswith(b"POST /services/oauth2/token?x=\xe2\x82\xac HTTP/1.1\r\n")
+    assert raw.startswith(b"POST /services/oauth2/token?x=%E2%82%ac&y=a+b HTTP/1.1\r\n")
     for dropped in (b"proxy-authorization", b"x-drop", b"keep-alive", b"connection:"):
         assert dropped not in head
-    assert b"content-length: 42" in head and raw.endswith(b"refresh_token=OLD")
+    assert b"host: localhost\r\n" in head + b"\r\n" and b"content-length: 42" in head
+    assert raw.endswith(b"refresh_token=OLD")
+    req.headers.append((b"Transfer-Encoding", b"chunked"))  # an app's chunked request goes on with a length
+    conn = h11.Connection(h11.CLIENT)
+    raw = b"".join(conn.send(e) or b"" for e in request_events(req))
+    assert b"transfer-encoding" not in raw.lower() and b"Content-Length: 42" in raw
+    req.target = b"/services/oauth2/token?x=\xe2\x82\xac"  # raw UTF-8: not HTTP/1.1, refused before sending
+    with pytest.raises(Unsendable):
+        request_events(req)
 
 
-@pytest.mark.parametrize("head", [b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", b"SSH-2.0-OpenSSH\r\n\r\n",
-                                  b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n12345",
-                                  b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n"])
-def test_malformed_responses_raise_send_failure(head: bytes) -> None:
-    async def parse() -> None:
-        reader = asyncio.StreamReader()
-        reader.feed_data(head)
-        reader.feed_eof()
-        await read_response(reader)
+@pytest.mark.parametrize("answer", [b"HTTP/1.1 200 OK\r\nContent-Length: -5\r\n\r\n", b"SSH-2.0-OpenSSH\r\n\r\n",
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n12345",
+                                    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+                                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n",
+                                    b"HTTP/1.1 200 OK\r\nContent-Length: " + b"9" * 7 + b"\r\n\r\n" + b"a" * 100])
+def test_malformed_answers_raise_send_failure(answer: bytes) -> None:
+    async def read() -> None:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with a, b:
+            http = HttpConnection(SocketStream(a), h11.CLIENT)
+            await http.send(h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"x"), (b"Content-Length", b"0")]),
+                            h11.EndOfMessage())
+            b.sendall(answer)
+            b.shutdown(socket.SHUT_WR)
+            await read_answer(http, b"POST", cap=64)
 
-    with pytest.raises(SendFailure):
-        asyncio.run(parse())
+    with pytest.raises((SendFailure, ConnectionError)):
+        asyncio.run(read())
 
 
 def test_sidecar_never_sends_a_token_call_twice(
     make_sidecar_proc: Callable[..., SidecarProcess], origin_cert: tuple[Path, Path], test_ca: TestCA
 ) -> None:
-    """Whatever breaks while handling a token call, mitmproxy must not forward it on its own (direct,
-    a second time, past the guard)."""
+    """Whatever breaks while handling a token call, it is never forwarded on its own (direct, a second
+    time, past the guard)."""
     with ScriptedOrigin(origin_cert, bad_length) as origin:
         sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
         url = f"https://localhost:{origin.address[1]}/services/oauth2/token"
@@ -118,3 +143,48 @@ def test_sidecar_never_sends_a_token_call_twice(
         assert odd.status_code == 502
         assert len(origin.requests) == 2, origin.requests
     assert "Traceback" not in sc.log_text() and "Addon error" not in sc.log_text()
+
+
+# -- a pooled connection is reused only when nothing of another exchange is on it --------------------
+def leaky(n: int, head: bytes) -> list[bytes | float]:
+    """An origin that sends bytes past the answers it frames, in the same write and a moment later."""
+    path = head.split(b" ", 2)[1]
+    stray = json_response(b'{"stray":"answer"}', b"Content-Length: 18\r\n")
+    if path == b"/services/oauth2/token":
+        return ok(n, head)
+    if path == b"/no-content":  # a 204 with a body, in the same write
+        return [b"HTTP/1.1 204 No Content\r\n\r\n" + stray]
+    if path == b"/head":  # a HEAD answer with a body, a moment later
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 18\r\n\r\n", 0.05, b'{"stray":"answer"}']
+    if path == b"/twice":  # an unsolicited second response, in the same write
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok" + stray]
+    if path == b"/twice-later":  # an unsolicited second response, a moment later
+        return [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", 0.05, stray]
+    return [b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"]
+
+
+@pytest.mark.parametrize("method,path", [("GET", "/no-content"), ("HEAD", "/head"), ("GET", "/twice"),
+                                         ("GET", "/twice-later")])
+def test_no_call_ever_reads_another_exchanges_bytes(
+    make_sidecar_proc: Callable[..., SidecarProcess], origin_cert: tuple[Path, Path], method: str, path: str
+) -> None:
+    with ScriptedOrigin(origin_cert, leaky) as origin:
+        sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
+        port = origin.address[1]
+        url = f"https://localhost:{port}/services/oauth2/token"
+        conn = https_via(sc, port)
+        try:
+            status, body, _ = get(conn, method, path)
+            assert status in (200, 204) and b"stray" not in body
+        finally:
+            conn.close()
+        time.sleep(0.3)  # the late stray bytes are on the pooled connection by now: it must not be reused
+        with sc.session() as s:  # another client's token calls and REST calls, on the same pool key
+            for i in range(3):
+                resp = redeem(s, f"5Aep861RT{i}", url=url)
+                assert resp.status_code == 200 and b"stray" not in resp.content, resp.content
+                assert resp.json()["access_token"].startswith("AT")
+                plain = s.get(f"https://localhost:{port}/plain", timeout=10)
+                assert (plain.status_code, plain.content) == (200, b"ok")
+    calls = sc.log_events()
+    assert len(calls) == 3 and all(c["outcome"] == "success" for c in calls)

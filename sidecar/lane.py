@@ -1,0 +1,181 @@
+"""The token lane: serve an app's connection to a Salesforce token host name, after the front door
+answered its CONNECT.
+
+The lane terminates TLS (:mod:`sidecar.streams`, with the leaf certificate mitmproxy's certificate
+store issues for the host, from the CA the app trusts) and reads HTTP/1.1 requests with h11: a token
+call goes to the token core (detect, refuse, guard, send, record); anything else on that host goes to
+the :class:`~sidecar.forward.Forwarder`. This is the engine for nearly all real token traffic, so it
+stays small and fast: mitmproxy's per-request layers cost ~1.9 ms of CPU per call, the lane a fraction.
+Only HTTP/1.1 is offered (ALPN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import ssl
+import time
+
+import h11
+
+from sidecar.forward import ClientGone, Forwarder, Upstream502
+from sidecar.http1 import CONTINUE, HttpConnection, ProtocolError, error_events, raw_headers, reason, values
+from sidecar.leafcerts import LeafContexts
+from sidecar.logs import event
+from sidecar.messages import Answer, TokenRequest, origin_path
+from sidecar.metrics import Metrics
+from sidecar.streams import CHUNK, PeerClosed, SocketStream, TlsStream
+from sidecar.tokencore import CLOSE, MAX_TOKEN_REQUEST_BYTES, TokenCore
+from sidecar.upstream import describe_error
+
+log = logging.getLogger("egress_sidecar.lane")
+
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 64 * 1024 * 1024  # an upload refused before it was read is drained up to this much
+MAX_REQUESTS = 1_000_000  # bounded: requests on one keep-alive connection
+
+
+class Lane:
+    def __init__(self, core: TokenCore, forwarder: Forwarder, contexts: LeafContexts, metrics: Metrics, *,
+                 idle_timeout: float, handshake_timeout: float) -> None:
+        self.core = core
+        self.forwarder = forwarder
+        self.contexts = contexts
+        self.metrics = metrics
+        self.idle_timeout = idle_timeout
+        self.handshake_timeout = handshake_timeout
+
+    async def serve(self, sock: socket.socket, host: str, port: int, prefix: bytes = b"") -> None:
+        """Serve one client connection after its CONNECT was answered (``prefix``: bytes the client sent
+        right behind the CONNECT head); returns when it is done (the caller closes the socket)."""
+        try:
+            tls = TlsStream.server(SocketStream(sock, prefix), self.contexts.get(host))
+        except (ValueError, OSError, ssl.SSLError) as exc:
+            event(log, logging.ERROR, f"cannot issue a certificate for {host}: {describe_error(exc)}")
+            return
+        try:
+            async with asyncio.timeout(self.handshake_timeout):
+                await tls.handshake()
+        except (ssl.SSLError, OSError, TimeoutError) as exc:
+            event(log, logging.WARNING,
+                  f"client TLS handshake for {host} failed ({describe_error(exc)}); if this is the app, does it "
+                  "trust the sidecar's CA (ca.pem, or ca-bundle.pem in its CA bundle variable)?")
+            return
+        self.metrics.intercepted.inc()
+        client = HttpConnection(tls, h11.SERVER)
+        for _ in range(MAX_REQUESTS):
+            try:
+                async with asyncio.timeout(self.idle_timeout):  # the whole head, however slowly it trickles
+                    request = await client.next_event()
+                if not isinstance(request, h11.Request):
+                    return  # the client closed (or left mid-head)
+                if not await self._one(client, request, host, port):
+                    return
+            except ProtocolError as exc:
+                event(log, logging.INFO, f"refused a malformed request to {host}: {exc.message}")
+                await _quietly(client, error_events(exc.status, exc.message), self.idle_timeout)
+                await _linger(sock)
+                return
+            except (OSError, TimeoutError, ClientGone):
+                return
+            if not client.next_cycle():
+                return
+
+    async def _one(self, client: HttpConnection, request: h11.Request, host: str, port: int) -> bool:
+        """Serve one request; whether the exchange completed (the connection may carry another)."""
+        started = time.time()
+        if request.method == b"CONNECT" or not (request.target.startswith(b"/") or b"://" in request.target[:10]):
+            raise ProtocolError(400, "unsupported request target inside the tunnel")
+        call = self.core.detect(host, request.method.decode("ascii"), origin_path(request.target), started)
+        if call is None:
+            return await self._forward(client, request, host, port)
+        headers = raw_headers(request)
+        declared = values(request.headers, b"content-length")
+        refusal = self.core.refusal(call, "https", int(declared[0]) if declared else None)
+        if refusal is CLOSE:
+            return False
+        if isinstance(refusal, Answer):  # the body is left unread: the connection ends with it
+            await self._answer(client, refusal, close=True)
+            self.core.finish(call, None, refusal)
+            await _linger(client.stream.sock)
+            return False
+        req = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers, started=started)
+        try:
+            body = await self._read_body(client)
+        except (PeerClosed, OSError, TimeoutError) as exc:
+            why = "it stalled past SIDECAR_IDLE_TIMEOUT" if isinstance(exc, TimeoutError) else describe_error(exc)
+            self.core.abandoned(call, req, f"the client left before its request was complete: {why} "
+                                "(nothing was sent)", time.time())
+            return False
+        if body is None:
+            answer = self.core.too_large(call)
+            await self._answer(client, answer, close=True)
+            self.core.finish(call, req, answer)
+            await _linger(client.stream.sock)
+            return False
+        req.body = body
+        answer = await self.core.answer(call, req)
+        try:
+            await self._answer(client, answer)
+        except (OSError, TimeoutError):
+            return False  # the app left; the call is recorded with what really happened
+        finally:
+            self.core.finish(call, req, answer)
+        return True
+
+    async def _read_body(self, client: HttpConnection) -> bytes | None:
+        """The token request's body, read whole (chunked or not); None when it exceeds the cap."""
+        if client.h11.they_are_waiting_for_100_continue:  # as mitmproxy does: answered here, not passed on
+            await client.send(CONTINUE)
+        body = bytearray()
+        async with asyncio.timeout(self.idle_timeout):
+            for _ in range(MAX_TOKEN_REQUEST_BYTES + 2):  # bounded: each Data event holds at least one byte
+                chunk = await client.next_event()
+                if isinstance(chunk, h11.EndOfMessage):
+                    return bytes(body)
+                if not isinstance(chunk, h11.Data):
+                    raise PeerClosed("the client closed in the middle of a request body")
+                body += chunk.data
+                if len(body) > MAX_TOKEN_REQUEST_BYTES:
+                    return None
+        return None
+
+    async def _answer(self, client: HttpConnection, answer: Answer, close: bool = False) -> None:
+        headers = [(k, v) for k, v in answer.headers
+                   if k.lower() not in (b"connection", b"keep-alive", b"transfer-encoding", b"content-length")]
+        headers.append((b"Content-Length", b"%d" % len(answer.body)))
+        if close:
+            headers.append((b"Connection", b"close"))
+        async with asyncio.timeout(self.idle_timeout):  # a client that stops reading is cut
+            await client.send(h11.Response(status_code=answer.status, reason=answer.reason or reason(answer.status),
+                                           headers=headers), h11.Data(data=answer.body), h11.EndOfMessage())
+
+    async def _forward(self, client: HttpConnection, request: h11.Request, host: str, port: int) -> bool:
+        try:
+            return await self.forwarder.forward(client, request, host, port, self.core.other_member(True))
+        except Upstream502 as exc:
+            await _quietly(client, error_events(502, str(exc)), self.idle_timeout)
+            await _linger(client.stream.sock)  # the request body may be unread: let the client read the 502
+            return False
+
+
+async def _quietly(client: HttpConnection, events: tuple[h11.Event, ...], timeout: float) -> None:
+    with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, h11.LocalProtocolError):
+        async with asyncio.timeout(timeout):
+            await client.send(*events)
+
+
+async def _linger(sock: socket.socket) -> None:
+    """Close after an answer sent before the request was read to its end: stop sending, then read and
+    drop what the client still sends (bounded), so the kernel does not answer it with a reset that
+    can destroy the answer before the client has read it (what HTTP servers call a lingering close)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError, TimeoutError):  # the caller closes the socket next
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(LINGER_SECONDS):
+            for _ in range(LINGER_BYTES // CHUNK):  # bounded in reads, bytes and time
+                if not await loop.sock_recv(sock, CHUNK):
+                    return
+

@@ -1,0 +1,94 @@
+"""The token core's own request and answer: what every engine (the lane, mitmproxy's addon) hands the
+core and gets back. Plain data, no engine types, so the core is written and tested once.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from mitmproxy.net import encoding
+
+from sidecar.http1 import Headers, first
+
+MAX_DECODED_BYTES = 8 * 1024 * 1024  # a token answer is ~2 KB; never inflate more than this to read it
+
+
+@dataclass(slots=True)
+class TokenRequest:
+    """A token call as the app sent it (its body read whole: it is small and capped)."""
+
+    host: str  # the token host the app asked for: the CONNECT name, or the TLS SNI
+    port: int
+    method: str
+    target: bytes  # as the app sent it, origin-form (path and query)
+    headers: Headers  # names as sent, in order
+    body: bytes = b""
+    scheme: str = "https"
+    address: tuple[str, int] | None = None  # where to connect, when not (host, port): an IP-literal CONNECT
+    started: float = field(default_factory=time.time)
+
+    @property
+    def path(self) -> str:
+        return origin_path(self.target)
+
+    @property
+    def query(self) -> str:
+        return self.target.decode("latin-1").partition("?")[2].partition("#")[0]
+
+    @property
+    def content_type(self) -> str | None:
+        value = first(self.headers, b"content-type")
+        return value.decode("latin-1") if value is not None else None
+
+    @property
+    def destination(self) -> tuple[str, int]:
+        return self.address or (self.host, self.port)
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the app gets for a token call: Salesforce's answer, or the sidecar's own (``local``)."""
+
+    status: int
+    headers: Headers
+    body: bytes = b""
+    reason: bytes = b""
+    local: bool = False
+    finished: float = field(default_factory=time.time)
+
+    def content(self) -> bytes:
+        """The body with its Content-Encoding undone (Salesforce gzips when the app accepts it); the raw
+        body when it cannot be decoded. Never raises."""
+        coding = first(self.headers, b"content-encoding")
+        if not coding or not self.body:
+            return self.body
+        try:
+            decoded = encoding.decode(self.body, coding.decode("latin-1").strip().lower())
+        except (ValueError, TypeError, LookupError):
+            return self.body
+        return decoded[:MAX_DECODED_BYTES] if isinstance(decoded, bytes) else self.body
+
+
+def origin_path(target: bytes) -> str:
+    """The path of a request target, origin-form or absolute-form, without query or fragment."""
+    text = target.decode("latin-1")
+    if not text.startswith("/") and "://" in text[:10]:
+        try:
+            text = urlsplit(text).path or "/"
+        except ValueError:
+            return text
+    return text.partition("?")[0].partition("#")[0]
+
+
+def origin_target(target: bytes) -> bytes:
+    """An absolute-form target (``https://host/path?q``) as origin-form (``/path?q``); others as they are."""
+    if target.startswith(b"/") or b"://" not in target[:10]:
+        return target
+    try:
+        parts = urlsplit(target.decode("latin-1"))
+    except ValueError:
+        return target
+    out = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return out.encode("latin-1")

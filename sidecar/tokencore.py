@@ -1,0 +1,206 @@
+"""A token call's whole journey, once, for every engine: detect → refuse → route (the guard) → send →
+classify → record.
+
+The engines that serve clients (the token lane, mitmproxy's addon) are thin adapters: they turn their
+own request into a :class:`~sidecar.messages.TokenRequest`, call :meth:`TokenCore.refusal` on its head
+and :meth:`TokenCore.answer` on the whole request, write the :class:`~sidecar.messages.Answer` back
+and call :meth:`TokenCore.finish`. Nothing here knows an engine's types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from sidecar import responses
+from sidecar.guard import Decision, Guard
+from sidecar.hosts import TokenHosts
+from sidecar.logs import event
+from sidecar.messages import Answer, TokenRequest
+from sidecar.metrics import EGRESS_NONE, EGRESS_UNKNOWN, MEMBER_DIRECT, MEMBER_NONE, Metrics
+from sidecar.pair import Member, Pair
+from sidecar.record import Recorder
+from sidecar.sender import SendResult, TokenSender, Unsendable
+from sidecar.tokencall import TokenCall, classify_response, grant_type, host_class, is_token_request
+
+log = logging.getLogger("egress_sidecar.route")
+MAX_TOKEN_REQUEST_BYTES = 64 * 1024  # a token request is a few hundred bytes of form fields
+# Beyond this declared size the connection is closed at once instead of reading the body to answer 413.
+MAX_TOKEN_REQUEST_READ = 1024 * 1024
+
+Observer = Callable[[TokenCall, TokenRequest | None, Answer | None], None]
+
+
+class Close:
+    """Close the client connection without an answer (see TokenCore.refusal)."""
+
+
+CLOSE = Close()
+
+
+class TokenCore:
+    def __init__(self, pair: Pair, guard: Guard, hosts: TokenHosts, recorder: Recorder, route_mode: str,
+                 sender: TokenSender, metrics: Metrics, observers: tuple[Observer, ...] = ()) -> None:
+        self.pair = pair
+        self.guard = guard
+        self.hosts = hosts
+        self.recorder = recorder
+        self.route_mode = route_mode
+        self.sender = sender
+        self.metrics = metrics
+        self.observers = observers  # extra observers of finished calls (refresh token hygiene)
+        self.in_flight = 0  # token calls being routed and sent right now (shutdown waits for them)
+
+    # -- detect and refuse (the head) ---------------------------------------------------------
+    def detect(self, host: str, method: str, path: str, started: float) -> TokenCall | None:
+        """A new TokenCall when this is a token call to a token host, else None. ``host`` is where the
+        bytes really go (the CONNECT target or TLS SNI), not what the Host header claims."""
+        if self.hosts.matches(host) and is_token_request(method, path):
+            return TokenCall(started=started, host_class=host_class(host), grant_type="other")
+        return None
+
+    def refusal(self, call: TokenCall, scheme: str, declared: int | None) -> Answer | Close | None:
+        """Look at a token call's head before its body is read: a local answer for a call that must not
+        be sent (the connection is closed after it: the body is left unread), CLOSE for one whose
+        declared body is too large even to read, None for one to go on with. ``declared``: the
+        Content-Length (None for a chunked body: the reader stops at MAX_TOKEN_REQUEST_BYTES)."""
+        if scheme != "https":
+            return self._refuse(call, 400, "token_call_not_https",
+                                "token calls must use https://; this one was not sent anywhere")
+        if declared is not None and declared > MAX_TOKEN_REQUEST_READ:
+            event(log, logging.WARNING, f"closed a client sending a {declared}-byte token request",
+                  limit=MAX_TOKEN_REQUEST_BYTES)
+            return CLOSE
+        if declared is not None and declared > MAX_TOKEN_REQUEST_BYTES:
+            return self.too_large(call, declared)
+        return None
+
+    def too_large(self, call: TokenCall, size: int | None = None) -> Answer:
+        """The answer for a token request body over the cap (declared, or found while reading a chunked one)."""
+        what = f"of {size} bytes" if size is not None else "(chunked)"
+        return self._refuse(call, 413, "token_request_too_large",
+                            f"token request body {what} exceeds {MAX_TOKEN_REQUEST_BYTES} bytes")
+
+    # -- route and send -----------------------------------------------------------------------
+    async def answer(self, call: TokenCall, req: TokenRequest) -> Answer:
+        """Route and send one token call (its body read); always returns the answer for the app."""
+        call.in_flight = True
+        self.in_flight += 1
+        try:
+            return await self._route_and_send(call, req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - never let a token call go out any other way
+            event(log, logging.ERROR, f"token call failed inside the sidecar ({type(exc).__name__})")
+            log.debug("token call failed", exc_info=True)
+            call.outcome, call.local = "upstream_error", True
+            return responses.failed_after_send(_via(call), "an internal error in the sidecar")
+        finally:
+            call.in_flight = False
+            self.in_flight -= 1
+
+    async def _route_and_send(self, call: TokenCall, req: TokenRequest) -> Answer:
+        if len(req.body) > MAX_TOKEN_REQUEST_BYTES:
+            return self.too_large(call, len(req.body))
+        call.grant_type = grant_type(req.content_type, req.body, req.query)
+        decision = self.guard.choose(call.grant_type)
+        call.guard = decision.verdict
+        if decision.blocked:
+            call.route, call.member, call.egress_ip = "blocked", MEMBER_NONE, EGRESS_NONE
+            call.outcome, call.detail, call.local = "blocked", decision.reason, True
+            return responses.blocked(self.guard, decision.reason or "")
+        self._describe_route(call, decision.member)
+        self._warn_if_not_allowlisted(call, decision)
+        grant = call.grant_type
+
+        def next_member(tried: list[Member]) -> Member | None:
+            return self.guard.choose(grant, exclude=tuple(tried)).member
+
+        try:
+            result = await self.sender.send(req, decision.member, next_member)
+        except Unsendable as exc:
+            return self._refuse(call, 400, "token_request_malformed",
+                                f"the token request cannot be sent as HTTP/1.1 ({exc}); it was not sent anywhere")
+        return self._after_send(call, result)
+
+    def _describe_route(self, call: TokenCall, member: Member | None) -> None:
+        if member is None:
+            call.route, call.member, call.egress_ip = "direct", MEMBER_DIRECT, EGRESS_UNKNOWN
+        else:
+            call.route, call.member = "pair", member.label
+            call.egress_ip = member.egress_ip or EGRESS_UNKNOWN
+
+    def _after_send(self, call: TokenCall, result: SendResult) -> Answer:
+        call.attempts = [a.member.label if a.member else MEMBER_DIRECT for a in result.attempts]
+        if len(result.attempts) > 1:
+            self.metrics.failovers.inc(len(result.attempts) - 1)
+            self._describe_route(call, result.member)
+            if result.member is not None:
+                call.guard = self.guard.verdict_for(result.member, call.grant_type)
+        if result.answer is not None:
+            return result.answer
+        call.outcome, call.detail, call.local = "upstream_error", result.detail, True
+        if result.sent:
+            return responses.failed_after_send(_via(call), result.detail or "")
+        return responses.unreachable(call.attempts, result.detail or "")
+
+    def _refuse(self, call: TokenCall, status: int, error: str, description: str) -> Answer:
+        """Refuse a malformed token call without sending it anywhere."""
+        _mark_refused(call, description)
+        return responses.local_answer(status, error, description)
+
+    def _warn_if_not_allowlisted(self, call: TokenCall, decision: Decision) -> None:
+        if decision.verdict == "not_allowlisted":
+            event(log, logging.WARNING,
+                  f"token call leaves from {call.egress_ip}, which is not on SIDECAR_ALLOWLIST "
+                  "(guard observes; SIDECAR_GUARD=enforce would route around it)",
+                  member=call.member, egress_ip=call.egress_ip)
+
+    def other_member(self, on_token_host: bool) -> Member | None:
+        """The route of anything that is not a token call: direct unless SIDECAR_ROUTE says otherwise."""
+        if self.pair.direct:
+            return None
+        if self.route_mode == "all" or (self.route_mode == "salesforce" and on_token_host):
+            return self.guard.choose("other").member
+        return None
+
+    # -- classify and record ------------------------------------------------------------------
+    def finish(self, call: TokenCall, req: TokenRequest | None, answer: Answer) -> None:
+        """Classify the answer the app got and record the call, just after the answer went out."""
+        if not call.local:
+            classified = classify_response(answer.status, answer.content())
+            call.outcome, call.error_code = classified.outcome, classified.error_code
+        call.status = answer.status
+        call.duration = max(0.0, answer.finished - call.started)
+        self._finish_soon(call, req, answer)
+
+    def abandoned(self, call: TokenCall, req: TokenRequest | None, detail: str, now: float) -> None:
+        """Record a token call whose client left (or stalled) before its whole request arrived: nothing
+        was sent anywhere, so it is the client's error, not the upstream's."""
+        _mark_refused(call, detail[:300])
+        call.duration = max(0.0, now - call.started)
+        self._finish_soon(call, req, None)
+
+    def _finish_soon(self, call: TokenCall, req: TokenRequest | None, answer: Answer | None) -> None:
+        """Record right after the answer has been passed on: the app does not wait for the log line,
+        the metrics and refresh token tracking (a few tenths of a millisecond per call)."""
+        asyncio.get_running_loop().call_soon(self._finish, call, req, answer)
+
+    def _finish(self, call: TokenCall, req: TokenRequest | None, answer: Answer | None) -> None:
+        try:
+            self.recorder.record(call)
+            for observer in self.observers:
+                observer(call, req, answer)
+        except Exception as exc:  # noqa: BLE001 - recording must never break the proxy
+            event(log, logging.ERROR, f"recording a token call failed ({type(exc).__name__})")
+
+
+def _mark_refused(call: TokenCall, detail: str) -> None:
+    """A token call that was not sent anywhere because of the client (a refusal, or it left)."""
+    call.route, call.member, call.egress_ip = "refused", MEMBER_NONE, EGRESS_NONE
+    call.outcome, call.detail, call.local = "client_error", detail, True
+
+
+def _via(call: TokenCall) -> str:
+    return f"via pair member {call.member}" if call.route == "pair" else "direct"

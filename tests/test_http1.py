@@ -1,0 +1,128 @@
+"""The HTTP/1.1 codec every side shares (sidecar/http1.py): h11 plus the checks stricter than h11, over
+real sockets (a socketpair), with hypothesis throwing arbitrary bytes at it."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.http1 import MAX_HEAD, HttpConnection, ProtocolError, closing_response, end_to_end, tokens
+from sidecar.streams import SocketStream
+
+
+async def _serve(data: bytes, *, role: type[h11.CLIENT] | type[h11.SERVER] = h11.SERVER) -> list[h11.Event]:
+    """The events an HttpConnection reads from ``data`` (then EOF)."""
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    with a, b:
+        conn = HttpConnection(SocketStream(a), role)
+        if role is h11.CLIENT:
+            await conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"x")]), h11.EndOfMessage())
+        b.sendall(data)
+        b.shutdown(socket.SHUT_WR)
+        events: list[h11.Event] = []
+        for _ in range(1000):  # bounded
+            event = await asyncio.wait_for(conn.next_event(), 5)
+            events.append(event)
+            if isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+        return events
+
+
+def serve(data: bytes, **kw: object) -> list[h11.Event]:
+    return asyncio.run(_serve(data, **kw))  # type: ignore[arg-type]
+
+
+def test_a_request_and_its_body_in_pieces_chunked_or_not() -> None:
+    events = serve(b"POST /t?x=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert isinstance(events[0], h11.Request) and events[0].target == b"/t?x=1"
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"abc"
+    events = serve(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\nhello")
+    assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"hello"
+
+
+def test_bare_lf_heads_are_accepted() -> None:
+    (request, end) = serve(b"GET / HTTP/1.1\nHost: h\n\n")
+    assert isinstance(request, h11.Request) and isinstance(end, h11.EndOfMessage)
+
+
+@pytest.mark.parametrize("data,status", [
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX: a\r\n folded\r\n\r\n", 400),  # obsolete line folding
+    (b"GET / HTTP/1.1\nHost: h\nX: a\n\tfolded\n\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\nabc", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+    (b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"a" * (MAX_HEAD + 10) + b"\r\n\r\n", 431),
+    (b"GET /\x01 HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"G@T / HTTP/1.1\r\nHost: h\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n", 400),
+    (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 needs a Host
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # TLS where HTTP was expected
+])
+def test_what_a_careful_server_refuses(data: bytes, status: int) -> None:
+    with pytest.raises(ProtocolError) as info:
+        serve(data)
+    assert info.value.status == status and info.value.message
+
+
+def test_a_response_with_folded_headers_from_a_server_is_refused_too() -> None:
+    with pytest.raises(ProtocolError):
+        serve(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n", role=h11.CLIENT)
+
+
+def test_a_peer_leaving_mid_message_is_not_a_protocol_error() -> None:
+    with pytest.raises(ConnectionError):
+        serve(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_give_events_or_a_clear_error(data: bytes) -> None:
+    try:
+        serve(data)
+    except ProtocolError as exc:
+        assert exc.status in (400, 431, 501) and exc.message
+    except ConnectionError:
+        pass  # the bytes ended in the middle of a message
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.sampled_from([b"Connection", b"Keep-Alive", b"X-A", b"TE", b"Upgrade", b"Host", b"X-B"]),
+                max_size=6), st.sampled_from([b"close", b"X-A", b"x-b, keep-alive", b""]))
+def test_end_to_end_never_passes_a_hop_by_hop_header(names: list[bytes], connection: bytes) -> None:
+    headers = [(n, b"v") for n in names] + [(b"Connection", connection)]
+    kept = end_to_end(headers)
+    dropped = {b"connection", b"keep-alive", b"te", b"upgrade"} | tokens(headers, b"connection")
+    assert all(k.lower() not in dropped for k, _ in kept)
+    assert [k for k, _ in kept] == [n for n in names if n.lower() not in dropped]
+
+
+def test_the_sidecars_own_answers_are_framed_by_h11() -> None:
+    raw = closing_response(503, b"application/json", b"{}")
+    assert raw.startswith(b"HTTP/1.1 503 Service Unavailable\r\n")
+    assert b"Retry-After: 1\r\n" in raw and b"Content-Length: 2\r\n" in raw and b"Connection: close\r\n" in raw
+    assert raw.endswith(b"\r\n\r\n{}")
+
+
+def test_a_connection_with_unread_bytes_is_not_reusable() -> None:
+    async def run() -> tuple[bool, bool]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with a, b:
+            conn = HttpConnection(SocketStream(a), h11.CLIENT)
+            results = []
+            for extra in (b"", b"HTTP/1.1 200 OK\r\n"):
+                await conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"x")]), h11.EndOfMessage())
+                b.sendall(b"HTTP/1.1 204 No Content\r\n\r\n" + extra)
+                for _ in range(5):
+                    if isinstance(await conn.next_event(), h11.EndOfMessage):
+                        break
+                results.append(conn.next_cycle() and conn.reusable())
+            return results[0], results[1]
+
+    assert asyncio.run(run()) == (True, False)

@@ -1,0 +1,119 @@
+"""Token calls that mitmproxy serves: a tunnel to an IP literal whose TLS SNI is a token host (only a
+look at the ClientHello tells it is one). The mitmproxy addon is a thin adapter over the same token
+core as the lane: detection, guard, sender, record; these tests show the adapter wires each of them."""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import ssl
+from collections.abc import Callable
+
+from tests.harness import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    SF_HOST,
+    SidecarProcess,
+    World,
+    metric_value,
+    read_until_closed,
+    wait_until,
+)
+
+
+def via_ip_literal(sc: SidecarProcess, world: World) -> http.client.HTTPConnection:
+    """An HTTPS connection to Salesforce's IP (CONNECT 127.0.0.1:PORT) with SNI login.salesforce.com."""
+    raw = socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10)
+    target = f"127.0.0.1:{world.salesforce.address[1]}"
+    raw.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+    assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+    tls = ssl.create_default_context(cafile=str(sc.ca_bundle)).wrap_socket(raw, server_hostname=SF_HOST)
+    conn = http.client.HTTPConnection(SF_HOST, timeout=10)
+    conn.sock = tls
+    return conn
+
+
+def refresh_form(token: str) -> str:
+    return f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+
+
+def post(conn: http.client.HTTPConnection, body: str | list[bytes], chunked: bool = False) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/x-www-form-urlencoded", "Host": SF_HOST}
+    conn.request("POST", "/services/oauth2/token", body=iter(body) if chunked else body, headers=headers,
+                 encode_chunked=chunked)
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
+def test_token_calls_through_mitmproxy_take_the_core_path(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})  # enforce
+    world.salesforce.reset_seen()
+    conn = via_ip_literal(sc, world)
+    try:
+        for _ in range(4):  # the guard keeps every one on the allowlisted member
+            status, body = post(conn, refresh_form(world.salesforce.issue_refresh_token()))
+            assert status == 200, body
+        form = refresh_form(world.salesforce.issue_refresh_token()).encode()
+        status, _ = post(conn, [form[:10], form[10:]], chunked=True)  # a streamed body, sent on whole
+        assert status == 200
+        conn.request("GET", "/services/data/", headers={"Host": SF_HOST})  # not a token call: direct
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.read()
+    finally:
+        conn.close()
+    token_sources = [r.source_ip for r in world.salesforce.seen if r.path == "/services/oauth2/token"]
+    assert token_sources == ["127.0.0.2"] * 5
+    assert [r.headers.get("content-length") for r in world.salesforce.seen][-2] == str(len(form))
+    assert [r.source_ip for r in world.salesforce.seen if r.path == "/services/data/"] == ["127.0.0.1"]
+    calls = sc.log_events()
+    assert len(calls) == 5 and {(c["egress_ip"], c["outcome"], c["guard"]) for c in calls} == {
+        ("127.0.0.2", "success", "allow")}
+    assert metric_value(sc.metrics(), "egress_sidecar_token_requests_total", egress_ip="127.0.0.2",
+                        outcome="success") == 5
+
+
+def test_mitmproxy_path_blocks_and_reports_failures_like_the_lane(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.9"}, wait_ready=False)
+    assert wait_until(sc.egress_discovered, timeout=10)  # no member is allowlisted
+    conn = via_ip_literal(sc, world)
+    try:
+        status, body = post(conn, refresh_form(world.salesforce.issue_refresh_token()))
+    finally:
+        conn.close()
+    assert status == 503 and b"egress_not_allowlisted" in body
+    assert not [r for r in world.salesforce.seen if r.path == "/services/oauth2/token"]
+
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sc2 = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2,127.0.0.3"})
+    world.salesforce.fail_mode = "close_early"
+    world.salesforce.reset_seen()
+    conn = via_ip_literal(sc2, world)
+    try:
+        status, body = post(conn, refresh_form(world.salesforce.issue_refresh_token()))
+    finally:
+        conn.close()
+        world.salesforce.fail_mode = None
+    assert status == 502 and b"upstream_failed_after_send" in body
+    assert len([r for r in world.salesforce.seen if r.path == "/services/oauth2/token"]) == 1  # never resent
+    assert [c["outcome"] for c in sc.log_events()] == ["blocked"]
+    assert [c["outcome"] for c in sc2.log_events()] == ["upstream_error"]
+
+
+def test_a_tunnel_to_an_ip_literal_with_another_sni_is_relayed_untouched(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc(world.pair_env())
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as raw:
+        target = f"127.0.0.1:{world.salesforce.address[1]}"
+        raw.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+        # The fake Salesforce's own certificate, checked against the test CA: not intercepted.
+        ctx = ssl.create_default_context(cafile=str(sc.env["SIDECAR_UPSTREAM_CA"]))
+        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
+            tls.sendall(b"GET /services/data/ HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(tls).startswith(b"HTTP/1.1 200")
+    assert not sc.log_events()
