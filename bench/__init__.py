@@ -1,4 +1,4 @@
-"""Benchmarks of issue 7: the sidecar next to the alternatives, side by side in one run, on loopback.
+"""Benchmarks: the sidecar next to the alternatives, side by side in one run, on loopback.
 
 ``python -m bench`` (``make bench``) starts the simulated world (fake Salesforce, the fake QuotaGuard
 pair, a bulk TLS server) in its own process, then Squid, plain ``mitmdump`` and the sidecar, measures

@@ -46,13 +46,13 @@ SEND_LEAVES = ("_SelectorSocketTransport.write ", "_SelectorTransport.write ", "
 STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("refresh token tracking on the event loop (`GrantTracker.on_call`)", ("GrantTracker.",)),
     ("metrics and the JSON log line (`Recorder.record`)", ("Recorder.record ",)),
-    ("classify the answer (`TokenRoute.finish`)", ("TokenRoute.finish ", "TokenRoute.response ", "TokenRoute._finish ")),
-    ("sending through the member (`sidecar/upstream.py`: pool, TLS, write, read, parse)",
-     ("TokenSender.", "UpstreamPool.", "read_response ", "assemble_request ")),
-    ("routing: detect, grant type, guard (`TokenRoute`)", ("TokenRoute.",)),
-    ("token lane: client-side TLS (`ssl` module, `TlsStream`)", ("TlsStream.", "LeafContexts.")),
-    ("token lane: HTTP/1.1 parsing and framing (`TokenLane`)", ("TokenLane.", "parse_request_head ",
-                                                                "response_bytes ", "body_length ")),
+    ("classify the answer (`TokenCore.finish`)", ("TokenCore.finish ", "TokenCore._finish ")),
+    ("sending through the member (`sidecar/sender.py`, `sidecar/upstream.py`: pool, TLS, write, read)",
+     ("TokenSender.", "UpstreamPool.", "read_answer ", "request_events ")),
+    ("routing: detect, grant type, guard (`TokenCore`)", ("TokenCore.",)),
+    ("HTTP/1.1 framing (h11, `sidecar/http1.py`)", ("HttpConnection.", "(h11/")),
+    ("TLS and sockets (`ssl` module, `sidecar/streams.py`)", ("TlsStream.", "SocketStream.", "LeafContexts.")),
+    ("token lane: serving a request (`Lane`)", ("Lane.",)),
     ("other sidecar addons and code (`addons/`, `sidecar/`)", ("(addons/", "(sidecar/")),
     ("mitmproxy: client-side TLS (pyOpenSSL, certificates)", ("layers/tls.py", "(OpenSSL/", "tlsconfig.py",
                                                            "mitmproxy/certs.py")),
@@ -63,13 +63,15 @@ OTHER_STAGE = "asyncio event loop and the rest"
 SEND_STAGE = ("socket `send()` to the client or the member (mostly waiting: the woken peer often runs on this CPU "
               "before the sidecar gets it back)")
 KEY_MARKERS = [
-    ("`TokenLane._one_request` (one request on the lane: parse, route, answer)", "TokenLane._one_request "),
-    ("`TlsStream` (client-side TLS, `ssl` module)", "TlsStream."),
-    ("`TokenRoute.detect` and `.refusal` (token call? sendable?)", "TokenRoute.detect "),
-    ("`TokenRoute.answer` (grant type, guard, send)", "TokenRoute.answer "),
+    ("`Lane._one` (one request on the lane: read, route, answer)", "Lane._one "),
+    ("`HttpConnection.next_event` (h11: reading heads and bodies)", "HttpConnection.next_event "),
+    ("`HttpConnection.send` (h11: framing)", "HttpConnection.send "),
+    ("`TlsStream` (TLS, `ssl` module)", "TlsStream."),
+    ("`TokenCore.detect` and `.refusal` (token call? sendable?)", "TokenCore.detect "),
+    ("`TokenCore.answer` (grant type, guard, send)", "TokenCore.answer "),
     ("`TokenSender.send` (pool, write, read)", "TokenSender.send "),
-    ("`read_response` (parse Salesforce's answer)", "read_response "),
-    ("`TokenRoute.finish` (classify, then record soon)", "TokenRoute.finish "),
+    ("`read_answer` (read Salesforce's answer)", "read_answer "),
+    ("`TokenCore.finish` (classify, then record soon)", "TokenCore.finish "),
     ("`Recorder.record` (metrics + log line)", "Recorder.record "),
     ("`logs.event` (one JSON log line)", "event (sidecar/logs.py"),
     ("`GrantTracker.on_call` (rotation tracking)", "GrantTracker.on_call "),
@@ -167,12 +169,12 @@ _BUILTIN_GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("sidecar: refresh token tracking (grants, sqlite)", ("sqlite3",)),
 ]
 CPROFILE_KEYS = [
-    ("`TokenRoute.request` (grant type, guard, send)", "addons/token_route.py", "request"),
-    ("`TokenSender.send` (pool, write, read)", "sidecar/upstream.py", "send"),
-    ("`TokenRoute.response` (classify, record, observers)", "addons/token_route.py", "response"),
+    ("`Lane._one` (one request on the lane)", "sidecar/lane.py", "_one"),
+    ("`TokenCore.answer` (grant type, guard, send)", "sidecar/tokencore.py", "answer"),
+    ("`TokenSender.send` (pool, write, read)", "sidecar/sender.py", "send"),
+    ("`TokenCore.finish` (classify, then record soon)", "sidecar/tokencore.py", "finish"),
     ("`Recorder.record` (metrics + log line)", "sidecar/record.py", "record"),
     ("`GrantTracker.on_call` (rotation tracking)", "sidecar/grants.py", "on_call"),
-    ("`AddonManager.trigger_event` (hook dispatch, any addon)", "mitmproxy/addonmanager.py", "trigger_event"),
 ]
 
 

@@ -265,6 +265,9 @@ def sidecar_env(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> dict[str
         SIDECAR_PROBE_INTERVAL="1",
         SIDECAR_CONNECT_TIMEOUT="3",
         PYTHONPATH=str(ROOT),
+        # Never the fixed defaults (3128, 9464): a test must not depend on, or collide with, what else runs.
+        SIDECAR_LISTEN="127.0.0.1:0",
+        SIDECAR_ADMIN_LISTEN="127.0.0.1:0",
     )
     env.update(extra)
     return env
@@ -272,9 +275,8 @@ def sidecar_env(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> dict[str
 
 def make_sidecar(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> SidecarProcess:
     proxy_port, admin_port = free_port(), free_port()
-    env = sidecar_env(tmp, upstream_ca, extra)
-    env.setdefault("SIDECAR_LISTEN", f"127.0.0.1:{proxy_port}")
-    env.setdefault("SIDECAR_ADMIN_LISTEN", f"127.0.0.1:{admin_port}")
+    env = sidecar_env(tmp, upstream_ca, {"SIDECAR_LISTEN": f"127.0.0.1:{proxy_port}",
+                                         "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin_port}", **extra})
     return SidecarProcess(env=env, confdir=tmp / "confdir", log_path=tmp / "sidecar.log",
                           proxy_port=proxy_port, admin_port=admin_port)
 
