@@ -178,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         "exec",
         help="run COMMAND with the sidecar beside it (Heroku-style wrapper)",
         description="Start the sidecar, wait until it is ready, then run COMMAND with HTTPS_PROXY, HTTP_PROXY, "
-        "NO_PROXY (loopback), REQUESTS_CA_BUNDLE, SSL_CERT_FILE, CURL_CA_BUNDLE and NODE_EXTRA_CA_CERTS set "
-        "for it. SIGTERM and SIGINT are forwarded to COMMAND; the exit status is COMMAND's (127 when it is "
+        "NO_PROXY (loopback; each also in lower case), REQUESTS_CA_BUNDLE, SSL_CERT_FILE, CURL_CA_BUNDLE, "
+        "NODE_EXTRA_CA_CERTS, NODE_USE_ENV_PROXY=1 and JAVA_TOOL_OPTIONS (proxy and truststore properties, "
+        "appended to the command's own) set for it, with absolute paths. SIGTERM and SIGINT are forwarded to COMMAND; the exit status is COMMAND's (127 when it is "
         "not found). Procfile: web: egress-sidecar exec -- gunicorn app:app",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -1,8 +1,10 @@
 """``egress-sidecar exec -- COMMAND``: run a command with the sidecar beside it, Heroku-style.
 
 Like QuotaGuard's own ``qgtunnel your-command``: the sidecar starts in this process, the command
-starts once the sidecar is ready, with the proxy and CA variables set for it; SIGTERM and SIGINT are
-passed on to the command, and its exit status becomes ours. For a Procfile:
+starts once the sidecar is ready, with the proxy and trust variables set for it (``client_env``: both
+cases of the proxy variables, so a stale lower-case one cannot win, and ``JAVA_TOOL_OPTIONS`` appended
+to the command's own, so a JVM takes the proxy and the truststore); SIGTERM and SIGINT are passed on to
+the command, and its exit status becomes ours. For a Procfile:
 ``web: egress-sidecar exec -- gunicorn app:app``.
 """
 
@@ -13,7 +15,8 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 from sidecar.ca import client_env
 from sidecar.logs import event
@@ -24,11 +27,15 @@ READY_WAIT_SECONDS = 30.0
 EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE = 127, 126
 
 
-def child_environment(sidecar: Sidecar, base: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ if base is None else base)
-    extra = client_env(sidecar.confdir, sidecar.proxy_url)
+def child_environment(trust_dir: Path, proxy_url: str, base: Mapping[str, str]) -> dict[str, str]:
+    """``base`` with the app environment set over it; JAVA_TOOL_OPTIONS is appended to, not replaced
+    (a JVM takes the last of repeated properties, so ours win and the app's other options stay)."""
+    env = dict(base)
+    extra = client_env(trust_dir, proxy_url)
+    own_java = env.get("JAVA_TOOL_OPTIONS", "").strip()
+    if own_java:
+        extra["JAVA_TOOL_OPTIONS"] = f"{own_java} {extra['JAVA_TOOL_OPTIONS']}"
     env.update(extra)
-    env["https_proxy"], env["http_proxy"], env["no_proxy"] = extra["HTTPS_PROXY"], extra["HTTP_PROXY"], extra["NO_PROXY"]
     return env
 
 
@@ -57,7 +64,8 @@ async def run_wrapped(sidecar: Sidecar, argv: Sequence[str]) -> int:
         if not ready:
             event(log, logging.WARNING, f"running the command although the sidecar is not ready: {why}")
         try:
-            proc = await asyncio.create_subprocess_exec(*argv, env=child_environment(sidecar))
+            env = child_environment(sidecar.confdir, sidecar.proxy_url, os.environ)
+            proc = await asyncio.create_subprocess_exec(*argv, env=env)
         except FileNotFoundError:
             print(f"egress-sidecar exec: command not found: {argv[0]}", file=sys.stderr)
             return EXIT_NOT_FOUND

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from sidecar.sim.certs import TestCA
+from tests.clients.helpers import JAVA_CLIENT, ConnectionCounter, java, sf_env
 from tests.harness import CLIENT_SECRET, ROOT, TOKEN_URL, World, free_port, sidecar_env
 
 CHILD_TOKEN_CALL = f"""
@@ -87,3 +89,58 @@ def test_exec_missing_command(tmp_path: Path, test_ca: TestCA) -> None:
     none = subprocess.run([sys.executable, "-m", "sidecar", "exec"], env=env, capture_output=True, text=True,
                           timeout=30, cwd=ROOT)
     assert none.returncode == 2 and "give the command" in none.stderr
+
+
+CHILD_PRINTS_ENV = "import json, os; print(json.dumps(dict(os.environ)))"
+
+
+def test_exec_sets_both_cases_absolute_paths_and_appends_java_options(world: World, tmp_path: Path,
+                                                                     test_ca: TestCA) -> None:
+    """A stale lower-case proxy cannot win, a ~ confdir becomes an absolute path, the app's own
+    JAVA_TOOL_OPTIONS stay (ours come after them, so ours win)."""
+    env = {**wrapper_env(world, tmp_path, test_ca), "HOME": str(tmp_path / "home"),
+           "SIDECAR_CONFDIR": "~/sidecar-conf", "https_proxy": "http://127.0.0.1:9", "no_proxy": "*",
+           "JAVA_TOOL_OPTIONS": "-Xss2m -Dhttps.proxyPort=9"}
+    out = subprocess.run([sys.executable, "-m", "sidecar", "exec", "--", sys.executable, "-c", CHILD_PRINTS_ENV],
+                         env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    child = json.loads(out.stdout)
+    trust = tmp_path / "home" / "sidecar-conf"
+    proxy = child["HTTPS_PROXY"]
+    assert proxy.startswith("http://127.0.0.1:")
+    for upper in ("HTTPS_PROXY", "HTTP_PROXY", "NO_PROXY"):
+        assert child[upper.lower()] == child[upper], upper
+    assert child["NO_PROXY"] == "localhost,127.0.0.1,::1"
+    for name, file in (("REQUESTS_CA_BUNDLE", "ca-bundle.pem"), ("SSL_CERT_FILE", "ca-bundle.pem"),
+                       ("CURL_CA_BUNDLE", "ca-bundle.pem"), ("NODE_EXTRA_CA_CERTS", "ca.pem")):
+        assert child[name] == str(trust / file) and Path(child[name]).is_file(), name
+    assert child["NODE_USE_ENV_PROXY"] == "1"
+    java = child["JAVA_TOOL_OPTIONS"]
+    port = proxy.rsplit(":", 1)[1]
+    assert java.startswith("-Xss2m -Dhttps.proxyPort=9 -Dhttps.proxyHost=127.0.0.1 ")
+    assert f"-Dhttps.proxyPort={port} " in java and f"-Djavax.net.ssl.trustStore={trust / 'truststore.p12'} " in java
+    assert (trust / "truststore.p12").is_file()
+    logged = next(line for line in out.stderr.splitlines() if "app environment" in line)
+    assert "~" not in logged and f"REQUESTS_CA_BUNDLE={trust / 'ca-bundle.pem'}" in logged
+    assert f"https_proxy={proxy}" in logged and f"no_proxy={child['NO_PROXY']}" in logged
+
+
+def test_exec_java_refreshes_unchanged(world: World, tmp_path: Path, test_ca: TestCA) -> None:
+    """`egress-sidecar exec -- java ...`: a JVM with no proxy or trust code, and a stale proxy of its own in
+    JAVA_TOOL_OPTIONS and https_proxy, refreshes through the pair and trusts the sidecar's truststore."""
+    with ConnectionCounter() as stale:
+        token = world.salesforce.issue_refresh_token()
+        env = {**wrapper_env(world, tmp_path, test_ca), **sf_env(token), "SIDECAR_ROUTE": "salesforce",
+               "JAVA_TOOL_OPTIONS": f"-Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort={stale.port}",
+               "https_proxy": stale.url, "HTTPS_PROXY": stale.url}
+        out = subprocess.run([sys.executable, "-m", "sidecar", "exec", "--", java(), str(JAVA_CLIENT)], env=env,
+                             capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert stale.count == 0, "the JVM used the stale proxy"
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["token_status"] == 200 and result["rest_status"] == 200, result
+    assert result["refresh_token"] != token and world.salesforce.refresh_token_valid(str(result["refresh_token"]))
+    seen = [(r.path, r.source_ip) for r in world.salesforce.seen]
+    assert [p for p, _ in seen] == ["/services/oauth2/token", "/services/data/"]
+    assert {ip for _, ip in seen} <= {"127.0.0.2", "127.0.0.3"}, seen
+    assert f"Picked up JAVA_TOOL_OPTIONS: -Dhttps.proxyHost=127.0.0.1 -Dhttps.proxyPort={stale.port} -D" in out.stderr

@@ -1,0 +1,19 @@
+"""httpx, async: no proxy or trust code; trust_env (the default) reads HTTPS_PROXY and SSL_CERT_FILE."""
+
+import asyncio
+
+import httpx
+
+from common import refresh_form, report, token_url
+
+
+async def main() -> None:
+    async with httpx.AsyncClient(timeout=15) as http:
+        t = await http.post(token_url(), data=refresh_form())
+        token = t.json() if t.is_success else {}
+        r = (await http.get(token["instance_url"] + "/services/data/",
+                            headers={"Authorization": f"Bearer {token['access_token']}"}) if t.is_success else None)
+    report(t.status_code, token, r.status_code if r is not None else None, r.json() if r is not None else None)
+
+
+asyncio.run(main())
