@@ -22,7 +22,15 @@ from addons.token_route import TokenRoute
 from sidecar import __version__
 from sidecar.access import Access
 from sidecar.admin import AdminServer
-from sidecar.ca import client_env, export_ca, install_given_ca, prepare_confdir, trust_context, upstream_trust
+from sidecar.ca import (
+    client_env,
+    export_ca,
+    install_given_ca,
+    prepare_confdir,
+    shell_assignments,
+    trust_context,
+    upstream_trust,
+)
 from sidecar.config import ConfigError, HostPort, Settings
 from sidecar.discovery import Prober
 from sidecar.forward import Forwarder
@@ -129,8 +137,13 @@ class Sidecar:
         return {"upstream": upstream.redacted() if upstream else None, "route": self.settings.route,
                 "probe_rounds": self.prober.rounds, "calls": self.recorder.snapshot()}
 
+    @property
+    def trust_dir(self) -> Path:
+        """Where the files apps need to trust the sidecar are written (ca.pem, ca-bundle.pem, truststore.p12)."""
+        return self.confdir
+
     def ca_path(self) -> Path | None:
-        return self.confdir / "ca.pem"
+        return self.trust_dir / "ca.pem"
 
     @property
     def proxy_url(self) -> str:
@@ -266,11 +279,11 @@ class Sidecar:
 
     def on_listening(self, address: tuple[str, int]) -> None:
         # mitmproxy creates (or loads) its CA in TlsConfig's `running` hook, which has run by now.
-        export_ca(self.confdir)
+        export_ca(self.confdir, self.trust_dir)
         self.proxy_address = address
         self._listening.set()
         self.metrics.ready.set(1)
-        env = client_env(self.confdir, self.proxy_url)
+        env = client_env(self.trust_dir, self.proxy_url)
         event(
             log,
             logging.INFO,
@@ -282,7 +295,7 @@ class Sidecar:
         event(
             log,
             logging.INFO,
-            "app environment: " + " ".join(f"{k}={v}" for k, v in env.items()),
+            "app environment: " + shell_assignments(env),
         )
 
     def wait_listening(self, timeout: float) -> bool:

@@ -64,7 +64,7 @@ async def run_wrapped(sidecar: Sidecar, argv: Sequence[str]) -> int:
         if not ready:
             event(log, logging.WARNING, f"running the command although the sidecar is not ready: {why}")
         try:
-            env = child_environment(sidecar.confdir, sidecar.proxy_url, os.environ)
+            env = child_environment(sidecar.trust_dir, sidecar.proxy_url, os.environ)
             proc = await asyncio.create_subprocess_exec(*argv, env=env)
         except FileNotFoundError:
             print(f"egress-sidecar exec: command not found: {argv[0]}", file=sys.stderr)
