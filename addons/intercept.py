@@ -3,7 +3,8 @@
 Which hosts are intercepted is mitmproxy's ``allow_hosts`` (set by the service from
 ``SIDECAR_TOKEN_HOSTS``); everything else becomes an ignored TCP layer: never decrypted, never
 buffered. This addon counts those tunnels and, with ``SIDECAR_ROUTE=all``, sends them through a pair
-member instead of direct.
+member instead of direct; it also counts client TLS handshakes that fail (an app that does not trust the
+sidecar's CA).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from mitmproxy.proxy.layers.http._upstream_proxy import HttpUpstreamProxy
 
 from sidecar.metrics import Metrics
 from sidecar.pair import Member
+from sidecar.streams import handshake_failure
 
 
 class SelectiveIntercept:
@@ -42,4 +44,7 @@ class SelectiveIntercept:
 
     def tls_established_client(self, data: tls.TlsData) -> None:
         self.metrics.intercepted.inc()
+
+    def tls_failed_client(self, data: tls.TlsData) -> None:
+        self.metrics.client_tls_failed(handshake_failure(data.conn.error or ""))
 

@@ -26,7 +26,7 @@ from sidecar.leafcerts import LeafContexts
 from sidecar.logs import event
 from sidecar.messages import Answer, TokenRequest, origin_path
 from sidecar.metrics import Metrics
-from sidecar.streams import CHUNK, PeerClosed, SocketStream, TlsStream
+from sidecar.streams import CHUNK, PeerClosed, SocketStream, TlsStream, handshake_failure
 from sidecar.tokencore import CLOSE, MAX_TOKEN_REQUEST_BYTES, TokenCore
 from sidecar.upstream import describe_error
 
@@ -59,9 +59,11 @@ class Lane:
             async with asyncio.timeout(self.handshake_timeout):
                 await tls.handshake()
         except (ssl.SSLError, OSError, TimeoutError) as exc:
+            reason = handshake_failure(exc)
+            self.metrics.client_tls_failed(reason)
             event(log, logging.WARNING,
                   f"client TLS handshake for {host} failed ({describe_error(exc)}); if this is the app, does it "
-                  "trust the sidecar's CA (ca.pem, or ca-bundle.pem in its CA bundle variable)?")
+                  "trust the sidecar's CA (ca.pem, or ca-bundle.pem in its CA bundle variable)?", reason=reason)
             return
         self.metrics.intercepted.inc()
         client = HttpConnection(tls, h11.SERVER)

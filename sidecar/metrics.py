@@ -6,7 +6,12 @@ their static IPs): never a raw host, path, token or customer org.
 
 from __future__ import annotations
 
+import time
+from collections import Counter as Tally
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+
+from sidecar.streams import HANDSHAKE_FAILURES
 
 # `*_created` series double the output and no alert or dashboard here uses them.
 disable_created_metrics()
@@ -126,7 +131,23 @@ class Metrics:
             "1 when no QuotaGuard upstream is configured (token calls leave from this host's IP).",
             registry=r,
         )
+        self.client_tls_failures = Counter(
+            f"{NS}_client_tls_failures_total",
+            "Client TLS handshakes with the sidecar that failed, by reason (unknown_ca: the client does not trust "
+            "the sidecar's CA; client_closed; protocol_error; other).",
+            ("reason",),
+            registry=r,
+        )
+        for reason in HANDSHAKE_FAILURES:  # at 0 from the start: increase() cannot see a series' first step
+            self.client_tls_failures.labels(reason)
+        self.tls_failures_seen: Tally[str] = Tally()  # for /status, since start
+        self.tls_failure_last: float | None = None
         self.ready = Gauge(f"{NS}_ready", "1 once the proxy listens (see /readyz for whether a refresh could be routed).", registry=r)
+
+    def client_tls_failed(self, reason: str) -> None:
+        self.client_tls_failures.labels(reason).inc()
+        self.tls_failures_seen[reason] += 1
+        self.tls_failure_last = time.time()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

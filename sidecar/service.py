@@ -134,8 +134,11 @@ class Sidecar:
 
     def status_facts(self) -> dict[str, Any]:
         upstream = self.settings.upstream
+        last = self.metrics.tls_failure_last
         return {"upstream": upstream.redacted() if upstream else None, "route": self.settings.route,
-                "probe_rounds": self.prober.rounds, "calls": self.recorder.snapshot()}
+                "probe_rounds": self.prober.rounds, "calls": self.recorder.snapshot(),
+                "client_tls": {"failures": dict(self.metrics.tls_failures_seen),
+                               "last_age_seconds": None if last is None else round(time.time() - last, 1)}}
 
     @property
     def trust_dir(self) -> Path:

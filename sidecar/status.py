@@ -112,10 +112,26 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
     return Verdict(level, lines)
 
 
+TLS_RECENT_SECONDS = 600.0  # client TLS failures this recent make the verdict say so
+
+
+def with_client_tls(v: Verdict, tls: dict[str, Any]) -> Verdict:
+    """The verdict, with a line when clients failed the TLS handshake lately (an app that does not
+    trust the sidecar's CA fails every token call before the sidecar sees it)."""
+    failures, age = tls.get("failures") or {}, tls.get("last_age_seconds")
+    if not sum(failures.values()) or age is None or age > TLS_RECENT_SECONDS:
+        return v
+    counts = ", ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in sorted(failures.items()) if n)
+    line = (f"{sum(failures.values())} client TLS handshakes with the sidecar failed since start ({counts}; the last "
+            f"{age:.0f} s ago). An app that does not trust the sidecar's CA cannot make token calls: point its CA "
+            "setting at ca-bundle.pem (docs/clients.md).")
+    return Verdict("critical" if v.level == "critical" else "warning", [*v.lines, line])
+
+
 def build_status(sidecar: StatusSource) -> dict[str, Any]:
     ready, why = sidecar.is_ready()
-    v = verdict(sidecar.pair, sidecar.guard)
     facts = sidecar.status_facts()
+    v = with_client_tls(verdict(sidecar.pair, sidecar.guard), facts["client_tls"])
     return {
         "version": __version__,
         "mode": "direct" if sidecar.pair.direct else "pair",
@@ -129,6 +145,7 @@ def build_status(sidecar: StatusSource) -> dict[str, Any]:
         "missing_from_allowlist": sidecar.guard.missing_ips(),
         "pair": member_rows(sidecar.pair, sidecar.guard),
         "probe_rounds": facts["probe_rounds"],
+        "client_tls": facts["client_tls"],
         "verdict": {"level": v.level, "lines": v.lines},
         **facts["calls"],
     }

@@ -24,6 +24,28 @@ class PeerClosed(ConnectionError):
     """The peer's side of the connection ended (in the middle of something)."""
 
 
+HANDSHAKE_FAILURES = ("unknown_ca", "client_closed", "protocol_error", "other")
+_UNTRUSTED = ("unknown ca", "unknown_ca", "bad certificate", "bad_certificate", "certificate unknown",
+              "certificate_unknown", "does not trust")
+
+
+def handshake_failure(error: BaseException | str) -> str:
+    """Why a client's TLS handshake with the sidecar failed, as one of HANDSHAKE_FAILURES:
+    ``unknown_ca`` when the client rejected the sidecar's certificate (it does not trust the CA),
+    ``client_closed`` when it left mid-handshake, ``protocol_error`` for anything else TLS complained
+    about (not TLS at all, no common version or cipher), ``other`` (a timeout, ...)."""
+    if isinstance(error, (PeerClosed, ConnectionResetError, BrokenPipeError, ssl.SSLEOFError)):
+        return "client_closed"
+    text = (error if isinstance(error, str) else f"{getattr(error, 'reason', '') or ''} {error}").lower()
+    if any(marker in text for marker in _UNTRUSTED):
+        return "unknown_ca"
+    if isinstance(error, str) and ("connection closed" in text or "disconnected" in text):
+        return "client_closed"
+    if isinstance(error, ssl.SSLError) or (isinstance(error, str) and ("ssl" in text or "tls" in text)):
+        return "protocol_error"
+    return "other"
+
+
 def quickack(sock: socket.socket) -> None:
     """Acknowledge what arrives at once instead of after the kernel's delayed-ACK timer (~40 ms).
 

@@ -34,6 +34,7 @@ CONTRACT_METRICS = frozenset({
     "egress_sidecar_failovers_total",
     "egress_sidecar_guard_enforcing",
     "egress_sidecar_direct_mode",
+    "egress_sidecar_client_tls_failures_total",
 })
 
 # Label names per metric, as the rules and the dashboard use them (Prometheus adds job, instance).
@@ -53,6 +54,7 @@ CONTRACT_LABELS = {
     "egress_sidecar_failovers_total": (),
     "egress_sidecar_guard_enforcing": (),
     "egress_sidecar_direct_mode": (),
+    "egress_sidecar_client_tls_failures_total": ("reason",),
 }
 assert set(CONTRACT_LABELS) == CONTRACT_METRICS
 

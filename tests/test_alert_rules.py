@@ -40,6 +40,7 @@ EXPECTED_ALERTS = {
     "SalesforceTokenFailureRateHigh",
     "SalesforceRefreshTokenIdle",
     "SalesforceRefreshTokenReuse",
+    "EgressSidecarClientTLSFailing",
 }
 SEVERITIES = {"page", "warning", "ticket"}
 ANNOTATIONS = {"summary", "description", "runbook"}
