@@ -24,17 +24,29 @@ RUN groupadd --system --gid 10001 sidecar \
 
 WORKDIR /opt/egress-sidecar
 
-# Only what the package build needs (see .dockerignore). README.md* is a glob so the build does
-# not break while the README is absent; pyproject.toml names it as the long description.
+# Dependencies first, from the lock alone (make lock writes it: every package pinned, every file
+# hash-checked, the build backend included). This layer is rebuilt only when requirements.lock
+# changes, not on every code change; pyproject.toml is not copied yet because this step does not read it.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
+
+# Then the project: only what its build needs (see .dockerignore), installed without dependencies
+# (all are in the layer above) and without build isolation (setuptools comes from the lock, so
+# nothing unpinned is fetched). `pip check` fails the build when pyproject.toml needs a package the
+# lock lacks: run `make lock`. README.md* is a glob so the build does not break while the README is
+# absent; pyproject.toml names it as the long description.
 COPY pyproject.toml README.md* ./
 COPY sidecar/ sidecar/
 COPY addons/ addons/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps --no-build-isolation . \
+    && pip check
 
 # The sidecar's settings (all SIDECAR_* variables, see sidecar/config.py). Only the image-specific
 # ones are set here; everything else keeps the application default.
-# - SIDECAR_CONFDIR: CA and state; the sidecar writes ca.pem and ca-bundle.pem (public roots +
-#   its CA) here. A volume, so it survives container restarts (or is shared with an app container).
+# - SIDECAR_CONFDIR: CA key and state. A volume, so it survives container restarts. The files apps
+#   need to trust the sidecar (ca.pem, ca-bundle.pem: public roots + its CA) go to SIDECAR_TRUST_DIR,
+#   by default this same directory; to hand them to another container, set SIDECAR_TRUST_DIR to a
+#   separate volume and share only that one (never the confdir: it holds the CA's private key).
 # - SIDECAR_LISTEN: the proxy stays on loopback. In a Kubernetes pod the app and the sidecar share
 #   the network namespace, so the app reaches it at 127.0.0.1:3128 and nothing else can. Only when
 #   other containers/hosts must use it (docker run -p, compose) set SIDECAR_LISTEN=0.0.0.0:3128,

@@ -15,38 +15,15 @@ import sys
 from collections.abc import Sequence
 
 from sidecar import __version__
-from sidecar.config import ConfigError, Settings, load_settings, unknown_settings
+from sidecar.config import ConfigError, Settings, load_settings, settings_help, unknown_settings
 from sidecar.logs import setup_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
 
 log = logging.getLogger("egress_sidecar")
 
-ENV_HELP = """\
-configuration (environment variables):
-  QUOTAGUARDSTATIC_URL    http://USER:PASS@HOST:9293 (unset: direct mode, no static IP)
-  SIDECAR_LISTEN          proxy address (default 127.0.0.1:3128)
-  SIDECAR_ADMIN_LISTEN    admin address: /metrics /healthz /readyz /status /ca.pem (default 0.0.0.0:9464)
-  SIDECAR_PAIR            explicit members HOST:PORT,HOST:PORT (default: the upstream's A/AAAA records)
-  SIDECAR_TOKEN_HOSTS     intercepted host patterns (default: login/test.salesforce.com,
-                          *.my.salesforce.com, *.sandbox.my.salesforce.com, *.my.site.com)
-  SIDECAR_ROUTE           token | salesforce | all (default token)
-  SIDECAR_ALLOWLIST       the Refresh Token IP Allowlist: IPs, CIDRs, START-END ranges
-  SIDECAR_GUARD           observe | enforce (default: enforce when an allowlist is set)
-  SIDECAR_EGRESS_IPS      pin member egress IPs MEMBER=IP,...
-  SIDECAR_ECHO_URL        IP echo probed through each member (default http://ip.quotaguard.com/)
-  SIDECAR_PROBE_INTERVAL  seconds between probes (default 60); SIDECAR_PROBE_SAMPLES (default 3)
-  SIDECAR_CONFDIR         CA and state directory (default ~/.egress-sidecar)
-  SIDECAR_CA_CERT, SIDECAR_CA_KEY  use this CA (PEM cert and key) instead of generating one
-  SIDECAR_UPSTREAM_CA     extra CA bundle for verifying intercepted servers
-  SIDECAR_CONNECT_TIMEOUT connect deadline in seconds (default 5)
-  SIDECAR_RESPONSE_TIMEOUT  deadline for Salesforce's answer in seconds (default 30)
-  SIDECAR_MAX_CONNECTIONS concurrent client connections (default 1000)
-  SIDECAR_IDLE_TIMEOUT    idle client connection timeout in seconds (default 300)
-  SIDECAR_PROXY_AUTH      user:pass required from proxy clients (default: loopback clients only)
-  SIDECAR_LOG_FORMAT      json | text (default json); SIDECAR_LOG_LEVEL (default INFO)
-See README.md for details.
-"""
+# Every setting with its default and meaning, generated from the Field descriptions in sidecar/config.py.
+ENV_HELP = settings_help()
 
 
 def _settings() -> Settings:

@@ -12,13 +12,18 @@ import ipaddress
 import logging
 import os
 import re
+import textwrap
+from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings.sources.utils import parse_env_vars
 
 from sidecar.allowlist import Allowlist, AllowlistError, parse_allowlist
 
@@ -120,70 +125,127 @@ def _split_list(value: Any) -> Any:
     return value
 
 
+def _setting(default: Any = ..., *, doc: str, shown_default: str | None = None, **kwargs: Any) -> Any:
+    """A setting's Field: ``doc`` is its one help text (the README table and ``--help`` are made
+    from it); ``shown_default`` describes a default that is not a plain value (Markdown)."""
+    extra = {"shown_default": shown_default} if shown_default is not None else None
+    return Field(default, description=doc, json_schema_extra=extra, **kwargs)
+
+
 class Settings(BaseSettings):
-    """The sidecar's settings. Field ``foo`` is read from ``SIDECAR_FOO`` unless an alias says otherwise."""
+    """The sidecar's settings, read by pydantic-settings from the environment.
+
+    Field ``foo`` is ``SIDECAR_FOO`` (``env_prefix``) unless a validation alias names the variable
+    (``QUOTAGUARDSTATIC_URL``, QuotaGuard's own). Names are matched case-insensitively. Each Field's
+    description is the setting's only help text: the README's configuration table and the
+    ``--help`` epilog are generated from it (tests/test_docs.py checks the README).
+    """
 
     model_config = SettingsConfigDict(env_prefix="SIDECAR_", extra="ignore", frozen=True)
 
-    quotaguardstatic_url: SecretStr | None = Field(
-        default=None,
+    quotaguardstatic_url: SecretStr | None = _setting(
+        None,
         validation_alias="QUOTAGUARDSTATIC_URL",
-        description="QuotaGuard Static proxy URL http://USER:PASS@HOST:PORT; unset = direct mode.",
+        shown_default="unset (direct mode)",
+        doc="The QuotaGuard Static proxy, `http://USER:PASS@HOST:PORT`.",
     )
-    listen: str = Field("127.0.0.1:3128", description="Proxy listen address HOST:PORT.")
-    admin_listen: str = Field(
-        "0.0.0.0:9464", description="Admin server (metrics, health, status) HOST:PORT."
+    listen: str = _setting("127.0.0.1:3128", doc="The proxy's address.")
+    admin_listen: str = _setting(
+        "0.0.0.0:9464", doc="Admin server: `/`, `/metrics`, `/healthz`, `/readyz`, `/status`, `/ca.pem`."
     )
-    pair: Annotated[list[str], NoDecode] = Field(
+    pair: Annotated[list[str], NoDecode] = _setting(
         default_factory=list,
-        description="Explicit pair members HOST:PORT,HOST:PORT (default: the upstream's A/AAAA records).",
+        shown_default="the upstream's A/AAAA records",
+        doc="Explicit members `HOST:PORT,HOST:PORT`.",
     )
-    token_hosts: Annotated[list[str], NoDecode] = Field(
+    token_hosts: Annotated[list[str], NoDecode] = _setting(
         default_factory=lambda: list(DEFAULT_TOKEN_HOSTS),
-        description="Host patterns whose TLS is intercepted (* matches one DNS label).",
+        doc="Hosts whose TLS is intercepted. `*.` stands for exactly one DNS label. Add custom domains here.",
     )
-    route: Literal["token", "salesforce", "all"] = Field(
-        "token", description="What goes through the pair: token calls, all Salesforce traffic, or all."
+    route: Literal["token", "salesforce", "all"] = _setting(
+        "token",
+        doc="What goes through the pair: `token` (token calls only), `salesforce` (all traffic to intercepted "
+        "hosts), `all` (every request and tunnel).",
     )
-    confdir: Path = Field(DEFAULT_CONFDIR, description="Directory for the CA and state.")
-    upstream_ca: Path | None = Field(
-        None, description="Extra CA bundle (PEM) trusted when verifying intercepted servers."
+    allowlist: str | None = _setting(
+        None,
+        doc="The Refresh Token IP Allowlist as entered in Salesforce: IPs, CIDRs and `START-END` ranges, IPv4 and "
+        "IPv6, comma- or newline-separated. Salesforce's limits are enforced: at most 128 ranges and 256 single "
+        "addresses.",
     )
-    log_format: Literal["json", "text"] = "json"
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
-    echo_url: str = Field(DEFAULT_ECHO_URL, description="IP echo URL probed through each member.")
-    probe_interval: float = Field(60.0, ge=1.0, le=86400.0, description="Seconds between egress probes.")
-    probe_samples: int = Field(3, ge=1, le=20, description="Echo samples per member per probe.")
-    egress_ips: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Pinned member egress IPs MEMBER=IP,..."
+    guard: Literal["observe", "enforce"] | None = _setting(
+        None,
+        shown_default="`enforce` with an allowlist, else `observe`",
+        doc="`observe`: report every token call that leaves from an IP not on the allowlist, and let it through; "
+        "`enforce`: never send a refresh from such an IP. `enforce` needs an allowlist and the upstream.",
     )
-    allowlist: str | None = Field(
-        None, description="The Refresh Token IP Allowlist: IPs, CIDRs, START-END ranges."
+    egress_ips: Annotated[list[str], NoDecode] = _setting(
+        default_factory=list,
+        doc="Pin member egress IPs by hand: `MEMBER=IP,...`, e.g. `10.0.0.5:9293=52.1.2.3`.",
     )
-    guard: Literal["observe", "enforce"] | None = Field(
-        None, description="observe or enforce (default: enforce when an allowlist is set)."
+    echo_url: str = _setting(
+        DEFAULT_ECHO_URL, doc="IP echo probed through each member; answers `{\"ip\": ...}` or a bare IP."
     )
-    ca_cert: Path | None = Field(None, description="Use this CA certificate (PEM) instead of generating one.")
-    ca_key: Path | None = Field(None, description="The private key (PEM) of SIDECAR_CA_CERT.")
-    connect_timeout: float = Field(5.0, gt=0, le=120, description="Connect deadline in seconds.")
-    response_timeout: float = Field(
-        30.0, gt=0, le=600, description="Deadline in seconds for Salesforce's answer to a sent token call."
+    probe_interval: float = _setting(60.0, ge=1.0, le=86400.0, doc="Seconds between probe rounds.")
+    probe_samples: int = _setting(3, ge=1, le=20, doc="Echo requests per member per round.")
+    confdir: Path = _setting(
+        DEFAULT_CONFDIR,
+        doc="The sidecar's private state: its CA with the private key (`mitmproxy-ca.pem`), `grants.key`, "
+        "`grants.sqlite3`. Only the sidecar may read it: never share it with the app (share "
+        "`SIDECAR_TRUST_DIR`).",
     )
-    max_connections: int = Field(
-        1000, ge=1, le=100_000, description="Concurrent client connections served; beyond it new requests get 503."
+    trust_dir: Path | None = _setting(
+        None,
+        shown_default="`SIDECAR_CONFDIR`",
+        doc="Directory where the sidecar writes the files apps need to trust it (`ca.pem`, `ca-bundle.pem`, and "
+        "later a Java truststore). Public files only: give the app this directory, read-only.",
     )
-    idle_timeout: int = Field(300, ge=1, le=86400, description="Seconds before an idle client connection closes.")
-    proxy_auth: SecretStr | None = Field(
-        None, description="Require Basic proxy auth user:pass from clients."
+    ca_cert: Path | None = _setting(
+        None,
+        doc="Use this CA certificate (PEM) instead of generating one. Goes with `SIDECAR_CA_KEY`: both or "
+        "neither; a mismatched pair or a non-CA certificate fails at start.",
+    )
+    ca_key: Path | None = _setting(None, doc="The unencrypted private key (PEM) of `SIDECAR_CA_CERT`.")
+    upstream_ca: Path | None = _setting(
+        None,
+        doc="Extra CA bundle (PEM) trusted, in addition to the public roots, when verifying intercepted servers "
+        "(a corporate CA; the tests' CA).",
+    )
+    connect_timeout: float = _setting(
+        5.0,
+        gt=0,
+        le=120,
+        doc="Deadline in seconds for setting up a token call's connection (TCP to the member, its CONNECT "
+        "answer, TLS with Salesforce) and for a probe.",
+    )
+    response_timeout: float = _setting(
+        30.0, gt=0, le=600, doc="Deadline in seconds for Salesforce's answer once a token call was sent."
+    )
+    max_connections: int = _setting(
+        1000,
+        ge=1,
+        le=100_000,
+        doc="Concurrent client connections served; beyond it new requests get `503 too_many_connections`.",
+    )
+    idle_timeout: int = _setting(
+        300, ge=1, le=86400, doc="Seconds after which an idle client connection (or relayed tunnel) is closed."
+    )
+    proxy_auth: SecretStr | None = _setting(
+        None, doc="`user:pass` required from proxy clients (Basic). Without it only loopback clients are served."
+    )
+    log_format: Literal["json", "text"] = _setting("json", doc="`json` (one object per line) or `text`.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
+        "INFO", doc="`DEBUG`, `INFO`, `WARNING`, `ERROR`."
     )
 
     @classmethod
     def settings_customise_sources(  # type: ignore[override]
         cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings
     ):
-        # load_settings() picks the variables out of the environment it is given; reading
-        # os.environ here as well would let a test's or a parent's environment leak in.
-        return (init_settings,)
+        # pydantic-settings' own environment source; load_settings(env) swaps the process environment
+        # for the mapping it was given (no .env file, no secrets directory: the environment is the contract).
+        given = _GIVEN_ENV.get()
+        return (init_settings, env_settings if given is None else _MappingEnvSource(settings_cls, given))
 
     @field_validator("pair", "token_hosts", "egress_ips", mode="before")
     @classmethod
@@ -315,6 +377,11 @@ class Settings(BaseSettings):
         return self.confdir.expanduser()
 
     @property
+    def trust_dir_path(self) -> Path:
+        """Where ca.pem and ca-bundle.pem go (SIDECAR_TRUST_DIR, else the confdir)."""
+        return (self.trust_dir if self.trust_dir is not None else self.confdir).expanduser()
+
+    @property
     def log_level_number(self) -> int:
         return logging.getLevelNamesMapping()[self.log_level]
 
@@ -322,20 +389,45 @@ class Settings(BaseSettings):
 # Settings whose value must never be echoed back in an error message.
 _SECRET_FIELDS = {"quotaguardstatic_url", "proxy_auth"}
 
+# The environment load_settings() was given, for the duration of that call (None: the process's).
+_GIVEN_ENV: ContextVar[Mapping[str, str] | None] = ContextVar("egress_sidecar_given_env", default=None)
+
+
+class _MappingEnvSource(EnvSettingsSource):
+    """pydantic-settings' environment source (prefix, aliases, case rules) over a given mapping instead
+    of ``os.environ``, so that a test's or a parent's environment cannot leak into the settings."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        return parse_env_vars(self._environ, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
+
 
 def env_name(field: str) -> str:
-    info = Settings.model_fields[field]
-    alias = info.validation_alias
-    return alias if isinstance(alias, str) else f"SIDECAR_{field.upper()}"
+    """The environment variable of a Settings field."""
+    alias = Settings.model_fields[field].validation_alias
+    if isinstance(alias, str):
+        return alias
+    return f"{Settings.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def _field_of(key: Any) -> str | None:
+    """The field an error location names (a field name, or an alias such as QUOTAGUARDSTATIC_URL)."""
+    for field in Settings.model_fields:
+        if key == field or str(key).upper() == env_name(field):
+            return field
+    return None
 
 
 def _describe(err: dict[str, Any]) -> str:
-    field = str(err["loc"][0]) if err.get("loc") else "?"
-    name = env_name(field) if field in Settings.model_fields else field
+    field = _field_of(err["loc"][0]) if err.get("loc") else None
+    name = env_name(field) if field else str(err["loc"][0]) if err.get("loc") else "?"
     msg = str(err.get("msg", "invalid"))
     msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
-    hint = _HINTS.get(field, "")
-    if field in _SECRET_FIELDS or field not in Settings.model_fields:
+    hint = _HINTS.get(field or "", "")
+    if field is None or field in _SECRET_FIELDS:
         shown = ""
     else:
         value = err.get("input")
@@ -359,34 +451,32 @@ _HINTS = {
 }
 
 
-def load_settings(env: dict[str, str] | None = None) -> Settings:
-    """Read settings from ``env`` (default: the process environment) or raise :class:`ConfigError`."""
-    source = os.environ if env is None else env
-    known = {env_name(f) for f in Settings.model_fields}
-    relevant = {k: v for k, v in source.items() if k in known}
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from ``env`` (default: the process environment) or raise :class:`ConfigError`.
+
+    pydantic-settings reads the variables itself (prefix, aliases, validators); with ``env`` given it
+    reads that mapping and nothing else."""
+    token = _GIVEN_ENV.set(dict(env) if env is not None else None)
     try:
-        settings = Settings(**{_field_for(k): v for k, v in relevant.items()})
+        settings = Settings()
     except ValidationError as exc:
         raise ConfigError("\n".join(_describe(e) for e in exc.errors())) from None
     except AllowlistError as exc:  # raised from a validator outside pydantic's wrapping
         raise ConfigError(f"SIDECAR_ALLOWLIST: {exc}") from None
+    except SettingsError as exc:  # pydantic-settings could not decode a value (its message names the field)
+        raise ConfigError(str(exc)) from None
+    finally:
+        _GIVEN_ENV.reset(token)
     _check_files(settings)
     return settings
 
 
-def unknown_settings(env: dict[str, str] | None = None) -> list[str]:
+def unknown_settings(env: Mapping[str, str] | None = None) -> list[str]:
     """``SIDECAR_*`` variables that are not settings (typos; warned about, not fatal, since
     Kubernetes injects ``SIDECAR_SERVICE_HOST``-style variables for a Service named ``sidecar``)."""
     source = os.environ if env is None else env
     known = {env_name(f) for f in Settings.model_fields}
-    return sorted(k for k in source if k.startswith("SIDECAR_") and k not in known)
-
-
-def _field_for(env_key: str) -> str:
-    for field in Settings.model_fields:
-        if env_name(field) == env_key:
-            return field if env_key != "QUOTAGUARDSTATIC_URL" else "QUOTAGUARDSTATIC_URL"
-    raise KeyError(env_key)
+    return sorted(k for k in source if k.upper().startswith("SIDECAR_") and k.upper() not in known)
 
 
 def _check_files(settings: Settings) -> None:
@@ -408,3 +498,69 @@ def _check_files(settings: Settings) -> None:
             "SIDECAR_GUARD=enforce needs SIDECAR_ALLOWLIST: set the allowlist (the IPs you entered in "
             "Salesforce) or use SIDECAR_GUARD=observe."
         )
+
+
+# ------------------------------------------------------------------ documentation from the Fields
+
+
+@dataclass(frozen=True)
+class SettingDoc:
+    """One row of the configuration table: variable, default and meaning (Markdown)."""
+
+    name: str
+    default: str
+    meaning: str
+
+
+def _shown_default(info: FieldInfo) -> str:
+    extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+    if "shown_default" in extra:
+        return str(extra["shown_default"])
+    value = info.get_default(call_default_factory=True)
+    if value is None or value == []:
+        return "unset"
+    if isinstance(value, list):
+        value = ",".join(value)
+    elif isinstance(value, float):
+        value = f"{value:g}"
+    return f"`{value}`"
+
+
+def setting_docs() -> list[SettingDoc]:
+    """Every setting, in the Settings model's order."""
+    docs = []
+    for field, info in Settings.model_fields.items():
+        assert info.description, f"Settings.{field} has no description (its help text)"
+        docs.append(SettingDoc(env_name(field), _shown_default(info), info.description))
+    return docs
+
+
+def settings_markdown() -> str:
+    """The README's configuration table."""
+    rows = [f"| `{d.name}` | {d.default} | {d.meaning} |" for d in setting_docs()]
+    return "\n".join(["| Variable | Default | Meaning |", "|---|---|---|", *rows]) + "\n"
+
+
+def settings_help(width: int = 100) -> str:
+    """The ``--help`` epilog: every variable with its default and meaning, as plain text."""
+    lines = ["configuration (environment variables; the README's Configuration section has the same table):"]
+    for d in setting_docs():
+        lines.append(f"  {d.name}  (default: {d.default.replace('`', '')})")
+        lines += textwrap.wrap(d.meaning.replace("`", ""), width, initial_indent="      ", subsequent_indent="      ")
+    return "\n".join(lines) + "\n"
+
+
+README_TABLE_START = "<!-- settings table: generated from sidecar/config.py by `make docs`; do not edit -->"
+README_TABLE_END = "<!-- end of settings table -->"
+
+
+def readme_with_settings_table(readme: str) -> str:
+    """``readme`` with the text between the two markers replaced by :func:`settings_markdown`."""
+    start, end = readme.index(README_TABLE_START), readme.index(README_TABLE_END)
+    return readme[: start + len(README_TABLE_START)] + "\n" + settings_markdown() + readme[end:]
+
+
+def write_settings_table(path: str | Path) -> None:
+    """`make docs`: rewrite the README's configuration table from the Fields."""
+    p = Path(path)
+    p.write_text(readme_with_settings_table(p.read_text()))

@@ -6,11 +6,23 @@ their static IPs): never a raw host, path, token or customer org.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections import Counter as Tally
+from importlib.metadata import PackageNotFoundError, version
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 
+from sidecar import __version__
 from sidecar.streams import HANDSHAKE_FAILURES
 
 # `*_created` series double the output and no alert or dashboard here uses them.
@@ -36,12 +48,31 @@ EGRESS_NONE = "none"
 FAILURE_REASONS = ("refused", "unreachable", "timeout", "proxy_error", "auth_failed", "reset")
 
 
+def _dist_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "unknown"
+
+
 class Metrics:
     """One registry per running sidecar (the demo runs two in one process)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # What operators expect from any exporter, on this registry (not the global default one, so two
+        # sidecars in one process each export them): process_* (CPU, RSS, open fds, start time) and
+        # python_info, from prometheus-client's own collectors.
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.build_info = Gauge(
+            f"{NS}_build_info",
+            "Always 1; the labels say which egress-sidecar, Python and mitmproxy this process runs.",
+            ("version", "python", "mitmproxy"),
+            registry=r,
+        )
+        self.build_info.labels(__version__, platform.python_version(), _dist_version("mitmproxy")).set(1)
         self.token_requests = Counter(
             f"{NS}_token_requests_total",
             "Salesforce token calls by grant type, pair member, egress IP and outcome.",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
 
 from sidecar.config import ConfigError, HostPort, Settings, env_name, load_settings, parse_host_port, unknown_settings
 from sidecar.hosts import TokenHosts
@@ -134,3 +137,62 @@ def test_token_host_patterns() -> None:
     (rex,) = hosts.mitmproxy_allow_hosts()
     assert re.search(rex, "acme.my.salesforce.com:443", re.I)
     assert not re.search(rex, "api.github.com:443", re.I)
+
+
+def test_trust_dir_defaults_to_the_confdir_and_is_expanded(tmp_path) -> None:
+    s = load_settings({"SIDECAR_CONFDIR": str(tmp_path / "state")})
+    assert s.trust_dir is None and s.trust_dir_path == tmp_path / "state"
+    s = load_settings({"SIDECAR_CONFDIR": str(tmp_path / "state"), "SIDECAR_TRUST_DIR": "~/trust"})
+    assert s.trust_dir_path == Path.home() / "trust" and s.confdir_path == tmp_path / "state"
+    assert load_settings({}).trust_dir_path == load_settings({}).confdir_path == Path.home() / ".egress-sidecar"
+
+
+def test_pydantic_settings_reads_the_environment_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settings() alone reads os.environ through pydantic-settings (prefix, alias, validators);
+    load_settings(env) reads only env, and leaves Settings() reading os.environ afterwards."""
+    monkeypatch.setenv("SIDECAR_LISTEN", "127.0.0.1:4000")
+    monkeypatch.setenv("SIDECAR_PAIR", "10.0.0.5:9293, 10.0.0.6:9293")
+    monkeypatch.setenv("QUOTAGUARDSTATIC_URL", "http://u:p@proxy.example:9293")
+    s = Settings()
+    assert s.listen == "127.0.0.1:4000" and s.pair == ["10.0.0.5:9293", "10.0.0.6:9293"]
+    assert s.upstream is not None and s.upstream.host == "proxy.example"
+    given = load_settings({"SIDECAR_LISTEN": "127.0.0.1:5000"})
+    assert given.listen == "127.0.0.1:5000" and given.upstream is None and given.pair == []
+    assert Settings().listen == "127.0.0.1:4000"
+    monkeypatch.setenv("SIDECAR_ROUTE", "everywhere")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+def test_names_are_case_insensitive() -> None:
+    s = load_settings({"sidecar_route": "all", "quotaguardstatic_url": "http://u:p@h:9293"})
+    assert s.route == "all" and s.upstream is not None
+    assert unknown_settings({"sidecar_route": "all", "sidecar_rout": "all"}) == ["sidecar_rout"]
+
+
+def test_errors_name_the_alias_with_its_hint() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"QUOTAGUARDSTATIC_URL": "http://proxy.example:9293"})
+    assert str(info.value).startswith("QUOTAGUARDSTATIC_URL: ") and "QuotaGuard dashboard" in str(info.value)
+
+
+def test_several_bad_values_one_line_each() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"SIDECAR_LISTEN": "x", "SIDECAR_ROUTE": "y", "SIDECAR_PROXY_AUTH": "secretvalue"})
+    lines = str(info.value).splitlines()
+    assert [line.split(" ")[0].rstrip(":") for line in lines] == ["SIDECAR_LISTEN", "SIDECAR_ROUTE", "SIDECAR_PROXY_AUTH"]
+    assert "secretvalue" not in str(info.value)
+
+
+def test_cli_exits_2_with_one_line_naming_the_variable(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("SIDECAR_", "QUOTAGUARD"))}
+    env["QUOTAGUARDSTATIC_URL"] = "ftp://user:hunter2secret@h:1"
+    proc = subprocess.run([sys.executable, "-m", "sidecar", "run"], env=env, capture_output=True, text=True,
+                          timeout=60, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("egress-sidecar: configuration error: QUOTAGUARDSTATIC_URL: ")
+    assert "hunter2secret" not in proc.stderr and "Traceback" not in proc.stderr

@@ -4,12 +4,15 @@
 2. The image's shape: pinned slim Python >= 3.12 base, numeric non-root USER, ENTRYPOINT/CMD,
    ports, volume and ENV that match the sidecar's settings.
 3. The HEALTHCHECK command really tells a healthy admin server from a failing or absent one.
-4. The build: the Dockerfile's COPY instructions are replayed from the repository (honouring
-   .dockerignore) into a scratch "image" directory, its ``pip install`` runs there in a fresh
-   virtualenv, and the installed ``egress-sidecar --help`` works and lists the agreed commands
-   (run, check, demo, exec, grants). A COPY that is missing a file
-   the package needs fails this test. It needs a package index (as the image build does): when
-   none is reachable it fails, it does not skip.
+4. The layers: dependencies are installed from requirements.lock (hash-checked) before any source
+   is copied, then the project itself without dependencies.
+5. The build: the Dockerfile's COPY and pip RUN instructions are replayed in order from the
+   repository (honouring .dockerignore) into a scratch "image" directory and a fresh virtualenv:
+   the dependency step sees only what was copied before it, the project step everything. The
+   installed ``egress-sidecar --help`` works and lists the agreed commands (run, check, demo,
+   exec, grants). A COPY that is missing a file the package needs, a lock without a dependency
+   pyproject.toml names (``pip check``), or a hash that does not match fails this test. It needs a
+   package index (as the image build does): when none is reachable it fails, it does not skip.
 """
 
 from __future__ import annotations
@@ -111,16 +114,33 @@ def image_env() -> dict[str, str]:
     return env
 
 
-def pip_install_step() -> tuple[Instruction, list[str]]:
-    """The (single) RUN that does ``pip install``, and that command's argv."""
-    runs = [i for i in instructions("RUN") if re.search(r"\bpip3?\b[^&;|]*\binstall\b", i.args)]
-    assert len(runs) == 1, f"expected exactly one RUN ... pip install, found {len(runs)}"
-    inst = runs[0]
-    assert inst.exec_form() is None, "use the shell form for the pip RUN"
-    segments = [shlex.split(s) for s in re.split(r"&&|;", inst.args)]
-    pip = [s for s in segments if "install" in s and ("pip" in s[0] or s[:3][-1:] == ["pip"])]
-    assert len(pip) == 1, f"line {inst.line}: expected one pip install command in {inst.args!r}"
-    return inst, pip[0]
+def _is_pip(argv: list[str]) -> bool:
+    """``pip ...``, ``pip3 ...`` or ``python -m pip ...``."""
+    return bool(argv) and (re.fullmatch(r"pip3?", Path(argv[0]).name) is not None or argv[1:3] == ["-m", "pip"])
+
+
+def pip_argv(argv: list[str]) -> list[str]:
+    """The arguments after ``pip`` (``install ...``, ``check``)."""
+    return argv[1:] if re.fullmatch(r"pip3?", Path(argv[0]).name) else argv[3:]
+
+
+def pip_runs() -> list[tuple[Instruction, list[list[str]]]]:
+    """Every RUN that calls pip, with its pip commands (argv each), in Dockerfile order."""
+    out = []
+    for inst in instructions("RUN"):
+        if not re.search(r"\bpip3?\b", inst.args):
+            continue
+        assert inst.exec_form() is None, f"line {inst.line}: use the shell form for a pip RUN"
+        segments = [shlex.split(s) for s in re.split(r"&&|;", inst.args)]
+        pips = [s for s in segments if _is_pip(s)]
+        assert len(pips) == len(segments), f"line {inst.line}: a pip RUN does nothing but pip: {inst.args!r}"
+        out.append((inst, pips))
+    return out
+
+
+def pip_installs() -> list[tuple[Instruction, list[str]]]:
+    """Every ``pip install`` command (its arguments after ``pip``), in Dockerfile order."""
+    return [(inst, pip_argv(a)) for inst, cmds in pip_runs() for a in cmds if pip_argv(a)[:1] == ["install"]]
 
 
 # --------------------------------------------------------------------------------- hadolint
@@ -230,8 +250,42 @@ def test_settings_defaults_agree_with_the_image():
 
 
 def test_pip_install_uses_no_cache_dir():
-    _, argv = pip_install_step()
-    assert "--no-cache-dir" in argv
+    installs = pip_installs()
+    assert installs, "the Dockerfile installs nothing with pip"
+    for inst, argv in installs:
+        assert "--no-cache-dir" in argv, f"line {inst.line}: pip install without --no-cache-dir"
+
+
+def _copied_sources(before_line: int) -> list[str]:
+    sources = []
+    for inst in instructions("COPY"):
+        if inst.line < before_line:
+            tokens = inst.exec_form() or shlex.split(inst.args)
+            sources += [s for s in tokens if not s.startswith("--")][:-1]
+    return sources
+
+
+def test_dependencies_are_a_layer_of_their_own_before_the_source():
+    """Deps come from the hash-checked lock alone, before any source is copied, so a code change
+    rebuilds only the project layer; then the project installs without dependencies."""
+    installs = pip_installs()
+    assert len(installs) == 2, f"expected two pip installs (the lock, then the project), found {len(installs)}"
+    (deps_inst, deps), (proj_inst, proj) = installs
+    assert "--require-hashes" in deps, f"line {deps_inst.line}: install the lock with --require-hashes"
+    assert deps[deps.index("-r") + 1] == "requirements.lock", f"line {deps_inst.line}: install -r requirements.lock"
+    assert not [a for a in deps[1:] if not a.startswith("-") and a != "requirements.lock"], (
+        f"line {deps_inst.line}: the dependency step installs only the lock"
+    )
+    assert set(_copied_sources(deps_inst.line)) == {"requirements.lock"}, (
+        "copy only the lock before the dependency install: anything else invalidates that layer"
+    )
+    assert proj[-1] == "." and {"--no-deps", "--no-build-isolation"} <= set(proj), (
+        f"line {proj_inst.line}: install the project with --no-deps --no-build-isolation ."
+    )
+    later = set(_copied_sources(proj_inst.line)) - set(_copied_sources(deps_inst.line))
+    assert {"sidecar/", "addons/", "pyproject.toml"} <= later
+    checks = [pip_argv(a) for inst, cmds in pip_runs() for a in cmds if inst.line >= proj_inst.line]
+    assert ["check"] in checks, "run `pip check` after the project install: it catches a stale lock"
 
 
 # ------------------------------------------------------------------------------- healthcheck
@@ -379,15 +433,21 @@ def test_dockerignore_keeps_what_the_build_needs_and_drops_junk():
         assert ignored(junk, pats), f".dockerignore lets {junk} into the build context"
 
 
-def replay_copies(image_root: Path) -> Path:
-    """Copy what each COPY would put into the image (relative to WORKDIR) under image_root.
-    Returns the WORKDIR in effect at the pip install step."""
+def replay_build(image_root: Path, run_pip) -> None:
+    """Replay the build up to its last pip RUN: COPY puts under image_root what it would put into the
+    image (honouring .dockerignore), WORKDIR moves, and each pip command of a RUN is handed to
+    ``run_pip(argv_after_pip, instruction, workdir)`` in order. Other RUNs (user creation) are skipped."""
     pats = dockerignore_patterns()
-    pip_inst, _ = pip_install_step()
+    runs = pip_runs()
+    assert runs, "the Dockerfile runs no pip"
+    pip_lines = {inst.line: cmds for inst, cmds in runs}
     workdir = Path("/")
     for inst in instructions():
-        if inst.line > pip_inst.line:
+        if inst.line > runs[-1][0].line:
             break
+        if inst.cmd == "RUN" and inst.line in pip_lines:
+            for argv in pip_lines[inst.line]:
+                run_pip(pip_argv(argv), inst, image_root / workdir.relative_to("/"))
         if inst.cmd == "WORKDIR":
             workdir = workdir / inst.args
             (image_root / workdir.relative_to("/")).mkdir(parents=True, exist_ok=True)
@@ -424,7 +484,6 @@ def replay_copies(image_root: Path) -> Path:
                         f"line {inst.line}: COPY source {src} does not exist: the build would fail"
                     )
             assert matched, f"line {inst.line}: COPY matches no file in the build context"
-    return image_root / workdir.relative_to("/")
 
 
 @dataclass(frozen=True)
@@ -437,26 +496,29 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Built:
-    """Replay the Dockerfile's COPY steps and its pip install into a fresh venv (once per module)."""
+    """Replay the Dockerfile's COPY steps and pip RUNs into a fresh venv (once per module)."""
     tmp_path = tmp_path_factory.mktemp("image-build")
     image_root = tmp_path / "image"
-    workdir = replay_copies(image_root)
-    assert (workdir / "pyproject.toml").is_file(), "pyproject.toml is not copied to the WORKDIR"
-
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
-    inst, argv = pip_install_step()
-    # "pip ..." / "pip3 ..." / "python -m pip ..." -> the venv's pip, with the same arguments.
-    args = argv[argv.index("install") :]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
     env.update({k: v for k, v in image_env().items() if not k.startswith("SIDECAR_")})  # ENV before the RUN
-    proc = subprocess.run(
-        [str(py), "-m", "pip", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=1500
-    )
-    assert proc.returncode == 0, (
-        f"`{' '.join(argv)}` (Dockerfile line {inst.line}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    )
+    ran: list[list[str]] = []
+
+    def run_pip(args: list[str], inst: Instruction, workdir: Path) -> None:
+        # "pip ..." / "pip3 ..." / "python -m pip ..." -> the venv's pip, with the same arguments, in the
+        # WORKDIR as the build has filled it so far.
+        proc = subprocess.run(
+            [str(py), "-m", "pip", *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=1500
+        )
+        assert proc.returncode == 0, (
+            f"`pip {' '.join(args)}` (Dockerfile line {inst.line}) failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        )
+        ran.append(args)
+
+    replay_build(image_root, run_pip)
+    assert ran and any(a[:1] == ["install"] and a[-1] == "." for a in ran), f"the project was not installed: {ran}"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     return Built(venv, py, env, elsewhere)

@@ -4,8 +4,11 @@ No cluster is needed. Built-in kinds are validated against the Kubernetes OpenAP
 by ``kubernetes-validate`` (strict: unknown fields are errors) for the oldest Kubernetes with native
 sidecars (1.29) and the newest version the package ships. Prometheus Operator CRDs (PodMonitor,
 PrometheusRule), which it does not know, are checked by hand. Then the wiring that no schema can
-see: env names are real sidecar settings, probes hit the admin port, the app's proxy and CA
-variables point at what the sidecar really serves, the CA key never reaches the app.
+see: env names are real sidecar settings, probes hit the admin port, the startup probe depends on
+nothing but the sidecar listening (checked against a real sidecar whose /readyz is 503), the app's
+proxy and CA variables point at what the sidecar really serves, no key (CA key, grants.key) is in a
+volume the app mounts, the NetworkPolicy closes the admin port to all but Prometheus, and the
+resources leave headroom over the memory the bench measured.
 
 ``SIDECAR_ENV_CONTRACT`` and :func:`sidecar_env_names` are also used by tests/test_dockerfile.py.
 """
@@ -36,8 +39,9 @@ SIDECAR_CONTAINER = "egress-sidecar"
 CA_SECRET = "egress-sidecar-ca"
 QUOTAGUARD_SECRET = "quotaguard"
 CONFIGMAP = "egress-sidecar"
-# Files the sidecar writes into SIDECAR_CONFDIR (the contract; see the task brief / README).
+# Files the sidecar writes into SIDECAR_TRUST_DIR (default: SIDECAR_CONFDIR) for apps to trust it.
 CA_BUNDLE_FILE = "ca-bundle.pem"
+BENCH_RESULTS = ROOT / "bench" / "RESULTS.md"
 
 # The sidecar's settings as agreed in the design. Used only while sidecar/config.py does not exist;
 # once it exists, the names come from its Settings model and this list must be a subset of them.
@@ -50,6 +54,7 @@ SIDECAR_ENV_CONTRACT = frozenset(
         "SIDECAR_TOKEN_HOSTS",
         "SIDECAR_ROUTE",
         "SIDECAR_CONFDIR",
+        "SIDECAR_TRUST_DIR",
         "SIDECAR_UPSTREAM_CA",
         "SIDECAR_LOG_FORMAT",
         "SIDECAR_LOG_LEVEL",
@@ -275,6 +280,7 @@ def test_manifest_directory_is_complete():
         "secret-example.yaml",
         "podmonitor.yaml",
         "kustomization.yaml",
+        "networkpolicy.yaml",
     ):
         assert required in names, f"deploy/kubernetes/{required} is missing"
 
@@ -450,9 +456,7 @@ def test_sidecar_ports_match_its_listen_settings(sidecar):
     assert host_of(listen) in ("127.0.0.1", "::1", "localhost"), f"SIDECAR_LISTEN={listen} exposes the proxy"
 
 
-@pytest.mark.parametrize(
-    ("probe", "path"), [("startupProbe", "/readyz"), ("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")]
-)
+@pytest.mark.parametrize(("probe", "path"), [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")])
 def test_sidecar_probes_use_the_admin_port(sidecar, probe, path):
     spec = sidecar.get(probe)
     assert spec, f"the sidecar has no {probe}"
@@ -463,6 +467,80 @@ def test_sidecar_probes_use_the_admin_port(sidecar, probe, path):
     port = ports.get(get["port"], get["port"]) if isinstance(get["port"], str) else get["port"]
     assert port == admin_port, f"{probe} must hit the admin port {admin_port}, not {get['port']}"
     assert get.get("scheme", "HTTP") == "HTTP"
+
+
+def test_startup_probe_is_not_readiness(sidecar):
+    """/readyz is 503 in enforce mode while the echo is unreachable or no egress IP is allowlisted: as
+    the startup probe it would keep the app from ever starting and restart the sidecar in a loop."""
+    startup = sidecar["startupProbe"]
+    assert "httpGet" not in startup, "the startup probe must not be an admin endpoint that reflects the pair"
+    assert startup_probe_argv(sidecar), "the startup probe is an exec probe (the proxy listens on loopback)"
+
+
+def startup_probe_argv(sidecar: dict) -> list[str]:
+    argv = sidecar["startupProbe"].get("exec", {}).get("command")
+    assert isinstance(argv, list) and argv and argv[0] == "python", "startupProbe: exec python -c ..."
+    return argv
+
+
+def run_startup_probe(sidecar: dict, env: dict[str, str]) -> subprocess.CompletedProcess:
+    """The manifest's startup probe command, run as the kubelet would inside the sidecar container
+    (``python`` is the image's interpreter; here the one running the tests)."""
+    argv = startup_probe_argv(sidecar)
+    return subprocess.run([sys.executable, *argv[1:]], env={"PATH": "/usr/bin:/bin", **env}, capture_output=True,
+                          text=True, timeout=30)
+
+
+def test_startup_probe_needs_the_proxy_listening_and_the_bundle(sidecar, tmp_path):
+    """The probe fails with nothing listening, fails while ca-bundle.pem is missing, passes with both."""
+    import socket
+
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        port = srv.getsockname()[1]
+        env = {"SIDECAR_LISTEN": f"127.0.0.1:{port}", "SIDECAR_TRUST_DIR": str(trust)}
+        assert run_startup_probe(sidecar, env).returncode != 0, "passed with nothing listening"
+        srv.listen()
+        assert run_startup_probe(sidecar, env).returncode != 0, "passed without ca-bundle.pem"
+        (trust / CA_BUNDLE_FILE).write_text("-----BEGIN CERTIFICATE-----\n")
+        proc = run_startup_probe(sidecar, env)
+        assert proc.returncode == 0, proc.stderr
+        # SIDECAR_TRUST_DIR unset: the setting's default, the confdir; a wildcard listen is asked on loopback.
+        proc = run_startup_probe(sidecar, {"SIDECAR_LISTEN": f"0.0.0.0:{port}", "SIDECAR_CONFDIR": str(trust)})
+        assert proc.returncode == 0, proc.stderr
+
+
+@pytest.mark.parametrize("outage", ["echo_unreachable", "egress_not_allowlisted"])
+def test_startup_probe_passes_while_readyz_is_503(sidecar, make_world, make_sidecar_proc, outage):
+    """A real sidecar in enforce mode with the IP echo down, or with an allowlist that holds neither
+    egress IP: /readyz stays 503, yet the manifest's startup probe passes (so the app starts and the
+    sidecar is not restarted) and the liveness endpoint is 200."""
+    import urllib.error
+    import urllib.request
+
+    from tests.harness import free_port, wait_until
+
+    world = make_world(allowlist=("127.0.0.2", "127.0.0.3"))
+    env = {**world.pair_env(), "SIDECAR_GUARD": "enforce", "SIDECAR_ALLOWLIST": "127.0.0.2,127.0.0.3"}
+    if outage == "echo_unreachable":
+        env["SIDECAR_ECHO_URL"] = f"http://127.0.0.1:{free_port()}/"
+    else:
+        env["SIDECAR_ALLOWLIST"] = "192.0.2.10,192.0.2.11"
+    sc = make_sidecar_proc(env, wait_ready=False)
+    probe_env = {"SIDECAR_LISTEN": sc.env["SIDECAR_LISTEN"], "SIDECAR_CONFDIR": sc.env["SIDECAR_CONFDIR"]}
+    assert wait_until(lambda: run_startup_probe(sidecar, probe_env).returncode == 0, timeout=30, interval=0.2), (
+        f"startup probe never passed:\n{run_startup_probe(sidecar, probe_env).stderr}\n{sc.log_text()[-3000:]}"
+    )
+    if outage == "egress_not_allowlisted":  # a probe round has run: the IPs are known, and not allowlisted
+        assert wait_until(sc.egress_discovered, timeout=30), sc.status()
+    with pytest.raises(urllib.error.HTTPError) as info:
+        urllib.request.urlopen(sc.admin_url + "/readyz", timeout=5)
+    assert info.value.code == 503
+    with urllib.request.urlopen(sc.admin_url + "/healthz", timeout=5) as resp:
+        assert resp.status == 200
+    assert sc.proc is not None and sc.proc.poll() is None
 
 
 def test_startup_probe_gives_the_sidecar_time(sidecar):
@@ -500,18 +578,123 @@ def test_sidecar_resources_and_security(pod_spec, sidecar):
     assert str(pod_spec.get("securityContext", {}).get("fsGroup")) == gid
 
 
-def test_confdir_is_a_writable_shared_emptydir(pod_spec, sidecar, app_containers):
+MEMORY_UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30}
+# A memory limit must leave this much room over the largest RSS the bench measured.
+LIMIT_HEADROOM = 1.5
+
+
+def memory_bytes(quantity: str) -> int:
+    m = re.fullmatch(r"(\d+)(Ki|Mi|Gi)", quantity)
+    assert m, f"use Ki/Mi/Gi memory quantities: {quantity}"
+    return int(m.group(1)) * MEMORY_UNITS[m.group(2)]
+
+
+def bench_memory() -> tuple[str, float]:
+    """(when the recorded `make bench` run was generated, its largest RSS in bytes) from
+    bench/RESULTS.md: the largest figure of the sidecar memory table, peak (VmHWM) column included."""
+    text = BENCH_RESULTS.read_text()
+    when = re.search(r"^Generated by `python -m bench` on (\d{4}-\d\d-\d\d \d\d:\d\d UTC)", text, re.MULTILINE)
+    assert when, "bench/RESULTS.md does not say when its run was generated"
+    section = text.split("## Sidecar memory and start", 1)[1].split("\n## ", 1)[0]
+    assert "MB = 10⁶ bytes" in section, "the memory table's unit changed: re-read it"
+    figures = [float(x) for row in re.findall(r"^\|[^|\n]+\|([^\n]+)$", section, re.MULTILINE)
+               for x in re.findall(r"\|\s*([\d.]+)\s*(?=\|)", "|" + row)]
+    assert len(figures) >= 6, f"no memory figures found in bench/RESULTS.md: {figures}"
+    return when.group(1), max(figures) * 1e6
+
+
+def test_memory_comes_from_the_bench_with_headroom(sidecar):
+    """Requests cover the recorded run's peak, the limit leaves headroom, the comment names the run."""
+    when, peak = bench_memory()
+    res = sidecar["resources"]
+    request, limit = memory_bytes(res["requests"]["memory"]), memory_bytes(res["limits"]["memory"])
+    assert request >= peak, f"memory request {res['requests']['memory']} is below the measured {peak / 1e6:.1f} MB"
+    assert limit >= LIMIT_HEADROOM * peak, (
+        f"memory limit {res['limits']['memory']} leaves less than {LIMIT_HEADROOM}x the measured {peak / 1e6:.1f} MB"
+    )
+    text = (K8S_DIR / "deployment.yaml").read_text()
+    assert f"generated {when}" in text, (
+        f"deployment.yaml's resources comment must name the bench run they come from ({when}); "
+        "after a new `make bench`, re-check the figures and update it"
+    )
+
+
+def test_bench_parser_reads_the_table():
+    when, peak = bench_memory()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d UTC", when)
+    assert 10e6 < peak < 10e9  # a figure in MB, converted
+
+
+def test_confdir_is_private_to_the_sidecar(pod_spec, sidecar, app_containers):
+    """The confdir holds the CA key (mitmproxy-ca.pem) and grants.key: a writable emptyDir that no
+    other container mounts."""
     confdir = sidecar_setting(sidecar, "SIDECAR_CONFDIR", "")
     assert confdir.startswith("/"), "SIDECAR_CONFDIR must be set (image ENV or pod env) to an absolute path"
     volume, rel, mount = resolve_mount(sidecar, pod_spec, confdir)
     assert str(rel) == "." and not mount.get("readOnly"), "the confdir must be the root of a writable mount"
     assert "emptyDir" in volume, "the confdir must be an emptyDir (the root filesystem is read-only)"
-    assert volume["name"] == "egress-sidecar-ca-bundle"
+    for app in app_containers:
+        assert volume["name"] not in {m["name"] for m in app.get("volumeMounts", [])}, (
+            f"{app['name']} mounts the sidecar's confdir ({volume['name']}): it holds the CA key and grants.key"
+        )
+
+
+def test_trust_dir_is_its_own_volume_shared_read_only(pod_spec, sidecar, app_containers):
+    confdir = sidecar_setting(sidecar, "SIDECAR_CONFDIR", "")
+    trust = literal_env(sidecar, "SIDECAR_TRUST_DIR")
+    assert trust and trust.startswith("/"), "set SIDECAR_TRUST_DIR: the app may see the trust files, not the confdir"
+    volume, rel, mount = resolve_mount(sidecar, pod_spec, trust)
+    assert str(rel) == "." and not mount.get("readOnly") and "emptyDir" in volume
+    assert volume["name"] != resolve_mount(sidecar, pod_spec, confdir)[0]["name"], (
+        "SIDECAR_TRUST_DIR must be a different volume from the confdir"
+    )
     for app in app_containers:
         shared = [m for m in app.get("volumeMounts", []) if m["name"] == volume["name"]]
         assert shared and all(m.get("readOnly") is True for m in shared), (
             f"{app['name']} must mount {volume['name']!r} read-only"
         )
+
+
+def key_volumes(pod_spec: dict, sidecar: dict) -> dict[str, str]:
+    """Volumes that hold a key, with why: the confdir (CA key, grants.key) and any Secret or projected
+    volume that carries the CA Secret's tls.key."""
+    from sidecar.ca import MITM_CA
+    from sidecar.grantstore import KEY_FILE
+
+    out = {resolve_mount(sidecar, pod_spec, sidecar_setting(sidecar, "SIDECAR_CONFDIR", ""))[0]["name"]:
+           f"the confdir ({MITM_CA}, {KEY_FILE})"}
+    for v in pod_spec.get("volumes", []):
+        sources = [v["secret"]] if "secret" in v else [s["secret"] for s in v.get("projected", {}).get("sources", [])
+                                                       if "secret" in s]
+        for secret in sources:
+            name = secret.get("secretName") or secret.get("name")
+            items = secret.get("items")
+            if name == CA_SECRET and (items is None or "tls.key" in {i["key"] for i in items}):
+                out[v["name"]] = f"Secret {CA_SECRET} with tls.key"
+    return out
+
+
+def test_app_cannot_read_the_sidecar_keys(pod_spec, sidecar, app_containers):
+    """Whatever user the app runs as (root too), no key is in its filesystem: the key volumes are
+    mounted into the sidecar only, and nothing else opens a way into the sidecar's files."""
+    keys = key_volumes(pod_spec, sidecar)
+    assert len(keys) >= 2, f"expected the confdir and the CA Secret volume, found {keys}"
+    for app in app_containers + [c for c in pod_spec.get("initContainers", []) if c["name"] != SIDECAR_CONTAINER]:
+        for mount in app.get("volumeMounts", []):
+            assert mount["name"] not in keys, f"{app['name']} mounts {mount['name']}: {keys[mount['name']]}"
+    # A shared process namespace would let the app read /proc/<sidecar pid>/root/...; hostPath would
+    # let it reach the node's copy of the volumes.
+    assert pod_spec.get("shareProcessNamespace") is not True
+    assert not [v["name"] for v in pod_spec.get("volumes", []) if "hostPath" in v]
+
+
+def test_key_check_has_teeth(pod_spec, sidecar):
+    bad = yaml.safe_load(yaml.safe_dump(pod_spec))
+    app = bad["containers"][0]
+    confdir_volume = resolve_mount(sidecar, pod_spec, sidecar_setting(sidecar, "SIDECAR_CONFDIR", ""))[0]["name"]
+    app.setdefault("volumeMounts", []).append({"name": confdir_volume, "mountPath": "/x", "readOnly": True})
+    with pytest.raises(AssertionError, match="confdir"):
+        test_app_cannot_read_the_sidecar_keys(bad, sidecar, bad["containers"])
 
 
 def test_sidecar_uses_the_ca_from_the_secret(pod_spec, sidecar):
@@ -648,8 +831,8 @@ def test_app_env_points_at_the_sidecar(sidecar, app_containers):
 
 
 def test_app_trusts_the_sidecar_ca(pod_spec, sidecar, app_containers):
-    confdir = sidecar_setting(sidecar, "SIDECAR_CONFDIR", "")
-    shared_volume, _, _ = resolve_mount(sidecar, pod_spec, confdir)
+    trust = literal_env(sidecar, "SIDECAR_TRUST_DIR") or sidecar_setting(sidecar, "SIDECAR_CONFDIR", "")
+    shared_volume, _, _ = resolve_mount(sidecar, pod_spec, trust)
     for app in app_containers:
         env = {name: literal_env(app, name) for name in env_map(app)}
         # Adds to Node's roots: the CA certificate alone, present from the Secret before start.
@@ -660,7 +843,7 @@ def test_app_trusts_the_sidecar_ca(pod_spec, sidecar, app_containers):
             assert env.get(name), f"{app['name']}: set {name}"
             volume, rel, mount = resolve_mount(app, pod_spec, env[name])
             assert volume["name"] == shared_volume["name"] and str(rel) == CA_BUNDLE_FILE, (
-                f"{name} must be {CA_BUNDLE_FILE} in the sidecar's confdir (public roots + CA), not {env[name]}"
+                f"{name} must be {CA_BUNDLE_FILE} in the sidecar's trust dir (public roots + CA), not {env[name]}"
             )
             assert mount.get("readOnly") is True
 
@@ -781,3 +964,99 @@ def _unrelated_ca_pem(tmp_path: Path, openssl: str) -> str:
     cmd = _documented_command("openssl req")
     subprocess.run([openssl, *cmd[1:]], cwd=out, capture_output=True, check=True, timeout=120)
     return (out / "ca.crt").read_text()
+
+
+# ------------------------------------------------------------------------------ the NetworkPolicy
+
+
+def _covers(rule_ports: list[dict] | None, port: int, protocol: str = "TCP") -> bool:
+    if not rule_ports:  # no ports: every port
+        return True
+    for p in rule_ports:
+        if p.get("protocol", "TCP") != protocol:
+            continue
+        start = p.get("port")
+        if start is None:
+            return True
+        if isinstance(start, str):
+            raise AssertionError(f"use port numbers in the NetworkPolicy, not the name {start!r}")
+        if start <= port <= p.get("endPort", start):
+            return True
+    return False
+
+
+def _open_to_everyone(peers: list[dict] | None) -> bool:
+    if not peers:
+        return True
+    for peer in peers:
+        block = peer.get("ipBlock")
+        if block and block.get("cidr") in ("0.0.0.0/0", "::/0"):
+            return True
+        if "namespaceSelector" in peer and not (peer["namespaceSelector"] or {}).get("matchLabels") and not (
+            peer["namespaceSelector"] or {}
+        ).get("matchExpressions"):
+            return True  # every namespace
+        if "podSelector" in peer and "namespaceSelector" not in peer and not peer["podSelector"]:
+            return True  # every pod of the namespace
+    return False
+
+
+def admin_port_problems(policy: dict, pod_labels: dict, admin_port: int) -> list[str]:
+    spec = policy["spec"]
+    problems = []
+    for key, value in spec["podSelector"].get("matchLabels", {}).items():
+        if pod_labels.get(key) != value:
+            problems.append(f"podSelector {key}={value} does not select the sidecar's pods")
+    if not spec["podSelector"].get("matchLabels"):
+        problems.append("podSelector must name the sidecar's pods")
+    if "Ingress" not in spec.get("policyTypes", []):
+        problems.append("policyTypes must include Ingress")
+    rules = [r for r in spec.get("ingress", []) if _covers(r.get("ports"), admin_port)]
+    if not rules:
+        problems.append(f"no rule admits Prometheus to the admin port {admin_port}")
+    for rule in rules:
+        if _open_to_everyone(rule.get("from")):
+            problems.append(f"a rule opens the admin port {admin_port} to everyone: {rule}")
+        for peer in rule.get("from", []):
+            if not (peer.get("podSelector") or {}).get("matchLabels"):
+                problems.append(f"admin port peer without a pod selector: {peer}")
+    return problems
+
+
+def test_networkpolicy_closes_the_admin_port_to_all_but_prometheus(deployment, sidecar):
+    policy = find("NetworkPolicy")
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    admin_port = port_of(sidecar_setting(sidecar, "SIDECAR_ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN))
+    ports = {p["name"]: p["containerPort"] for p in sidecar["ports"]}
+    assert ports["admin"] == admin_port
+    assert admin_port_problems(policy, labels, admin_port) == []
+    # It selects the pods the PodMonitor scrapes, and the peer it admits looks like Prometheus.
+    pm = find("PodMonitor")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pm["spec"]["selector"]["matchLabels"].items()
+    (rule,) = [r for r in policy["spec"]["ingress"] if _covers(r.get("ports"), admin_port)]
+    assert any("prometheus" in str(peer).lower() for peer in rule["from"])
+
+
+def test_networkpolicy_leaves_the_apps_other_ports_as_they_were(sidecar):
+    """Selecting the pod isolates it; the policy must not close the app's own ports meanwhile."""
+    policy = find("NetworkPolicy")
+    admin_port = port_of(sidecar_setting(sidecar, "SIDECAR_ADMIN_LISTEN", DEFAULT_ADMIN_LISTEN))
+    open_rules = [r for r in policy["spec"]["ingress"] if _open_to_everyone(r.get("from"))]
+    for port in (1, 80, 443, 8080, admin_port - 1, admin_port + 1, 65535):
+        assert any(_covers(r.get("ports"), port) for r in open_rules), f"TCP port {port} would be closed"
+        assert any(_covers(r.get("ports"), port, "UDP") for r in open_rules), f"UDP port {port} would be closed"
+    assert not any(_covers(r.get("ports"), admin_port) for r in open_rules)
+
+
+def test_networkpolicy_check_has_teeth(deployment):
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    policy = find("NetworkPolicy")
+    open_admin = yaml.safe_load(yaml.safe_dump(policy))
+    open_admin["spec"]["ingress"][0].pop("from")
+    assert any("everyone" in p for p in admin_port_problems(open_admin, labels, 9464))
+    wide = yaml.safe_load(yaml.safe_dump(policy))
+    wide["spec"]["ingress"][-1]["ports"][0]["endPort"] = 9464
+    assert any("everyone" in p for p in admin_port_problems(wide, labels, 9464))
+    other_pods = yaml.safe_load(yaml.safe_dump(policy))
+    other_pods["spec"]["podSelector"] = {"matchLabels": {"app": "something-else"}}
+    assert any("does not select" in p for p in admin_port_problems(other_pods, labels, 9464))
