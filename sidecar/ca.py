@@ -55,11 +55,20 @@ SYSTEM_STORES = (
 _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\s.+?\s-----END CERTIFICATE-----", re.S)
 
 
-def prepare_confdir(path: Path) -> Path:
-    path.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if not os.access(path, os.W_OK):
-        raise ConfigError(f"SIDECAR_CONFDIR: {str(path)!r} is not writable. Point it at a writable directory.")
+def prepare_dir(path: Path, setting: str = "SIDECAR_CONFDIR", mode: int = 0o700) -> Path:
+    """Create the directory a setting names, or fail at start with the setting's name."""
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+    except OSError as exc:
+        raise ConfigError(f"{setting}: cannot create {str(path)!r} ({exc.strerror or exc}). "
+                          "Point it at a writable directory.") from None
+    if not path.is_dir() or not os.access(path, os.W_OK):
+        raise ConfigError(f"{setting}: {str(path)!r} is not a writable directory. Point it at a writable directory.")
     return path
+
+
+def prepare_confdir(path: Path) -> Path:
+    return prepare_dir(path)
 
 
 def _write(path: Path, data: bytes, mode: int = 0o644) -> None:

@@ -27,6 +27,7 @@ from sidecar.ca import (
     export_ca,
     install_given_ca,
     prepare_confdir,
+    prepare_dir,
     shell_assignments,
     trust_context,
     upstream_trust,
@@ -142,8 +143,9 @@ class Sidecar:
 
     @property
     def trust_dir(self) -> Path:
-        """Where the files apps need to trust the sidecar are written (ca.pem, ca-bundle.pem, truststore.p12)."""
-        return self.confdir
+        """Where the files apps need to trust the sidecar are written (ca.pem, ca-bundle.pem, truststore.p12):
+        SIDECAR_TRUST_DIR, by default the confdir."""
+        return self.settings.trust_dir_path
 
     def ca_path(self) -> Path | None:
         return self.trust_dir / "ca.pem"
@@ -207,6 +209,7 @@ class Sidecar:
         """Everything that can fail on configuration, before anything listens."""
         s = self.settings
         check_bindable("SIDECAR_LISTEN", s.listen_address)
+        prepare_dir(self.trust_dir, "SIDECAR_TRUST_DIR", 0o755)  # public files only: apps read them
         if s.ca_cert is not None and s.ca_key is not None:
             install_given_ca(s.ca_cert.expanduser(), s.ca_key.expanduser(), self.confdir)
 

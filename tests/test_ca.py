@@ -35,7 +35,7 @@ from sidecar.ca import (
 from sidecar.sim.certs import TestCA
 from sidecar.sim.salesforce import FakeSalesforce
 from tests.clients.helpers import JAVA_CLIENT, ConnectionCounter, java, sf_env
-from tests.harness import CLIENT_ID, CLIENT_SECRET, ROOT, SidecarProcess, World, require_tool, sidecar_env
+from tests.harness import CLIENT_ID, CLIENT_SECRET, ROOT, SidecarProcess, World, redeem, require_tool, sidecar_env
 
 
 def presented_issuer(sc: SidecarProcess, cafile: Path) -> x509.Name:
@@ -216,3 +216,27 @@ def test_java_trusts_the_truststore_and_not_a_plain_pkcs12(tmp_path: Path, test_
         assert untrusted.returncode != 0, untrusted.stdout
         assert "trustAnchors parameter must be non-empty" in untrusted.stderr, untrusted.stderr
         assert proxy.count == 0
+
+
+def test_trust_files_go_to_sidecar_trust_dir_and_keys_stay_in_the_confdir(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], tmp_path: Path
+) -> None:
+    """Kubernetes mounts SIDECAR_TRUST_DIR into the app container; the confdir (CA key, grants.key) never."""
+    trust = tmp_path / "trust"
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_TRUST_DIR": str(trust)})
+    assert sorted(p.name for p in trust.iterdir()) == ["ca-bundle.pem", "ca.pem", "truststore.p12"]
+    assert not (sc.confdir / "ca-bundle.pem").exists() and (sc.confdir / "mitmproxy-ca.pem").exists()
+    assert not [p for p in trust.iterdir() if b"PRIVATE KEY" in p.read_bytes()]
+    env_line = next(line for line in sc.log_text().splitlines() if "app environment" in line)
+    assert f"REQUESTS_CA_BUNDLE={trust}/ca-bundle.pem" in env_line and str(sc.confdir) not in env_line
+    with sc.session() as s:
+        s.verify = str(trust / "ca-bundle.pem")
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+
+
+def test_an_unusable_trust_dir_fails_at_start_naming_the_setting(tmp_path: Path, test_ca: TestCA) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    out = run_with(tmp_path, test_ca, {"SIDECAR_TRUST_DIR": str(blocker / "trust")})
+    assert out.returncode == 2 and "SIDECAR_TRUST_DIR" in out.stderr and "Traceback" not in out.stderr, out.stderr

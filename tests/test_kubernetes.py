@@ -1060,3 +1060,16 @@ def test_networkpolicy_check_has_teeth(deployment):
     other_pods = yaml.safe_load(yaml.safe_dump(policy))
     other_pods["spec"]["podSelector"] = {"matchLabels": {"app": "something-else"}}
     assert any("does not select" in p for p in admin_port_problems(other_pods, labels, 9464))
+
+
+def test_app_container_gets_the_same_java_and_node_settings_the_sidecar_gives_exec(app_containers: list[dict]) -> None:
+    """JAVA_TOOL_OPTIONS in the example is what `egress-sidecar exec` would set for this proxy, trust
+    directory and NO_PROXY (sidecar.ca.java_tool_options), so a Java app works unchanged."""
+    from sidecar.ca import java_tool_options
+
+    (app,) = app_containers
+    trust = next(m["mountPath"] for m in app["volumeMounts"] if m["name"] == "egress-sidecar-trust")
+    expected = java_tool_options(literal_env(app, "HTTPS_PROXY") or "", Path(trust) / "truststore.p12",
+                                 literal_env(app, "NO_PROXY") or "")
+    assert literal_env(app, "JAVA_TOOL_OPTIONS") == expected
+    assert literal_env(app, "NODE_USE_ENV_PROXY") == "1"
