@@ -15,7 +15,7 @@ import sys
 from collections.abc import Sequence
 
 from sidecar import __version__
-from sidecar.config import ConfigError, Settings, load_settings, settings_help, unknown_settings
+from sidecar.config import ConfigError, HostPort, Settings, load_settings, settings_help, unknown_settings
 from sidecar.logs import setup_logging
 
 EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
@@ -53,12 +53,19 @@ async def serve(sidecar: object) -> int:
     return EXIT_OK if sidecar.proxy_address is not None else EXIT_FAIL
 
 
+def _local_admin_url(settings: Settings) -> str:
+    hp = settings.admin_address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(hp.host, hp.host)
+    return f"http://{HostPort(host, hp.port)}"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from sidecar.preflight import run_check
 
     settings = _settings()
     setup_logging(settings.log_format, logging.ERROR if not args.verbose else logging.INFO)
-    report = asyncio.run(run_check(settings))
+    admin_url = args.admin_url or _local_admin_url(settings)
+    report = asyncio.run(run_check(settings, admin_url))
     if args.json:
         print(json.dumps(report.as_dict(), indent=2))
     else:
@@ -70,8 +77,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.demo import run_demo
 
     phases = run_demo(calls=args.calls)
-    observe, enforce = phases
-    ok = enforce.total.get("success", 0) == args.calls and observe.total.get("ip_restricted", 0) > 0
+    observe, enforce, learn = phases
+    ok = (observe.total.get("ip_restricted", 0) > 0 and enforce.total.get("success", 0) == args.calls
+          and learn.app_failures == 0)
     return EXIT_OK if ok else EXIT_FAIL
 
 
@@ -132,12 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="preflight: probe each pair member's egress IP and check it against the allowlist",
         description="Validate the configuration, resolve the pair, probe every member's egress IP through "
-        "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST. Exit 0 when every observed egress IP is "
-        "allowlisted and every member is reachable and stable; 1 otherwise; 2 on bad configuration. "
-        "Usable as a deploy gate.",
+        "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST; when a sidecar is running (--admin-url), add what "
+        "Salesforce answered it through each egress IP. Exit 0 when every observed egress IP is allowlisted, "
+        "every member is reachable and stable and Salesforce refused none; 1 otherwise; 2 on bad "
+        "configuration. Usable as a deploy gate.",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    check.add_argument("--admin-url", metavar="URL", default=None,
+                       help="admin URL of a running sidecar whose evidence (what Salesforce answered through "
+                       "each egress IP) the check includes; default: the address SIDECAR_ADMIN_LISTEN gives "
+                       "(0.0.0.0 read as 127.0.0.1). No sidecar there: not an error")
     check.add_argument("--json", action="store_true", help="print the report as JSON")
     check.add_argument("-v", "--verbose", action="store_true", help="log probe details to stderr")
     check.set_defaults(func=cmd_check)

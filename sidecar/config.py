@@ -175,9 +175,25 @@ class Settings(BaseSettings):
     )
     guard: Literal["observe", "enforce"] | None = _setting(
         None,
-        shown_default="`enforce` with an allowlist, else `observe`",
-        doc="`observe`: report every token call that leaves from an IP not on the allowlist, and let it through; "
-        "`enforce`: never send a refresh from such an IP. `enforce` needs an allowlist and the upstream.",
+        shown_default="`enforce` with the upstream, else `observe`",
+        doc="`enforce`: never send a refresh from an egress IP Salesforce refused for that app (and, where "
+        "Salesforce has not answered yet, not from one `SIDECAR_ALLOWLIST` leaves out); works on Salesforce's "
+        "answers alone when no allowlist is set; needs the upstream. `observe`: route as QuotaGuard would and "
+        "report every token call that leaves from an IP that is not allowlisted.",
+    )
+    evidence_ttl: float = _setting(
+        900.0,
+        ge=1.0,
+        le=7 * 86400.0,
+        doc="Seconds an \"ip restricted\" answer through an egress IP keeps that IP off an app's redemptions; then "
+        "the guard tries it again, so an allowlist fixed in Salesforce is picked up without a restart.",
+    )
+    retry_ip_restricted: bool | None = _setting(
+        None,
+        shown_default="`true` in enforce, `false` in observe",
+        doc="Send a redemption Salesforce refused as \"ip restricted\" once more, through a different egress IP not "
+        "known to be refused for the app, and give the app that second answer. Relies on a refused redemption "
+        "not having rotated the refresh token (Salesforce blocks it entirely). Never for any other answer.",
     )
     egress_ips: Annotated[list[str], NoDecode] = _setting(
         default_factory=list,
@@ -370,7 +386,11 @@ class Settings(BaseSettings):
         if self.guard is not None:
             return self.guard
         # Direct mode has no member to choose, so there is nothing to enforce with.
-        return "enforce" if self.allowlist_ranges and self.upstream is not None else "observe"
+        return "enforce" if self.upstream is not None else "observe"
+
+    @property
+    def retry_on_ip_restricted(self) -> bool:
+        return self.retry_ip_restricted if self.retry_ip_restricted is not None else self.guard_mode == "enforce"
 
     @property
     def confdir_path(self) -> Path:
@@ -492,11 +512,6 @@ def _check_files(settings: Settings) -> None:
         raise ConfigError(
             "SIDECAR_GUARD=enforce needs QUOTAGUARDSTATIC_URL: without the pair there is no allowlisted egress to "
             "choose, so nothing can be enforced. Set the upstream, or use SIDECAR_GUARD=observe."
-        )
-    if settings.guard == "enforce" and not settings.allowlist_ranges:
-        raise ConfigError(
-            "SIDECAR_GUARD=enforce needs SIDECAR_ALLOWLIST: set the allowlist (the IPs you entered in "
-            "Salesforce) or use SIDECAR_GUARD=observe."
         )
 
 

@@ -4,7 +4,9 @@ Starts, on loopback and inside this process, a simulated QuotaGuard pair (127.0.
 each leaving from its own address), a simulated Salesforce whose Refresh Token IP Allowlist holds
 only 127.0.0.2, and the real sidecar in front of them. A real HTTP client then redeems refresh tokens
 through the sidecar, first with the guard observing (about half fail with "ip restricted by app
-developer", exactly the calls through the other IP) and then enforcing (all succeed).
+developer", exactly the calls through the other IP), then enforcing with the allowlist configured (all
+succeed), then enforcing with no allowlist at all: the guard learns it from Salesforce's first refusal,
+sends that one call again through the other IP, and the app sees no failure.
 """
 
 from __future__ import annotations
@@ -74,9 +76,13 @@ class BackgroundSidecar:
 @dataclass
 class Phase:
     guard: str
+    allowlist: str | None = ALLOWLISTED  # SIDECAR_ALLOWLIST, None: not configured
     by_egress: dict[str, Counter[str]] = field(default_factory=dict)
     verdict: list[str] = field(default_factory=list)
     admin_url: str = ""
+    calls: int = 0
+    app_failures: int = 0  # refreshes whose answer the app saw fail
+    retries: int = 0  # refused redemptions sent again through another egress IP
 
     @property
     def total(self) -> Counter[str]:
@@ -118,22 +124,23 @@ def start_world(workdir: Path) -> World:
     return World(sf, echo, pair, ca.ca_path)
 
 
-def run_phase(world: World, workdir: Path, guard: str, calls: int) -> Phase:
+def run_phase(world: World, workdir: Path, guard: str, calls: int, allowlist: str | None = ALLOWLISTED) -> Phase:
     members = [f"{m.address[0]}:{m.address[1]}" for m in world.pair.members]
-    settings = load_settings(
-        {
-            "QUOTAGUARDSTATIC_URL": f"http://demo:demo-proxy-password@{members[0]}",
-            "SIDECAR_PAIR": ",".join(members),
-            "SIDECAR_LISTEN": "127.0.0.1:0",
-            "SIDECAR_ADMIN_LISTEN": "127.0.0.1:0",
-            "SIDECAR_CONFDIR": str(workdir / "confdir"),
-            "SIDECAR_UPSTREAM_CA": str(world.ca_bundle_for_upstream),
-            "SIDECAR_ECHO_URL": f"http://{ECHO_HOST}/",
-            "SIDECAR_ALLOWLIST": ALLOWLISTED,
-            "SIDECAR_GUARD": guard,
-        }
-    )
-    phase = Phase(guard)
+    phase = Phase(guard, allowlist, calls=calls)
+    env = {
+        "QUOTAGUARDSTATIC_URL": f"http://demo:demo-proxy-password@{members[0]}",
+        "SIDECAR_PAIR": ",".join(members),
+        "SIDECAR_LISTEN": "127.0.0.1:0",
+        "SIDECAR_ADMIN_LISTEN": "127.0.0.1:0",
+        # Each phase starts knowing nothing: its own confdir (the CA, and what Salesforce answered).
+        "SIDECAR_CONFDIR": str(workdir / f"confdir-{guard}-{'allowlist' if allowlist else 'learn'}"),
+        "SIDECAR_UPSTREAM_CA": str(world.ca_bundle_for_upstream),
+        "SIDECAR_ECHO_URL": f"http://{ECHO_HOST}/",
+        "SIDECAR_GUARD": guard,
+    }
+    if allowlist:
+        env["SIDECAR_ALLOWLIST"] = allowlist
+    settings = load_settings(env)
     with BackgroundSidecar(Sidecar(settings)) as bg:
         sc = bg.sidecar
         deadline = time.monotonic() + 15
@@ -155,6 +162,7 @@ def run_phase(world: World, workdir: Path, guard: str, calls: int) -> Phase:
                                  urllib.parse.urlencode(form).encode(), timeout=15) as resp:
                     token = json.loads(resp.read())["refresh_token"]  # rotation: persist the new one first
             except urllib.error.HTTPError as exc:
+                phase.app_failures += 1
                 exc.close()
         deadline = time.monotonic() + 5  # each call is recorded just after its answer went out
         while sum(sum(c.values()) for c in sc.recorder.snapshot()["outcomes_by_egress_ip"].values()) < calls:
@@ -164,6 +172,8 @@ def run_phase(world: World, workdir: Path, guard: str, calls: int) -> Phase:
         snapshot = sc.recorder.snapshot()["outcomes_by_egress_ip"]
         phase.by_egress = {ip: Counter(c) for ip, c in snapshot.items()}
         phase.verdict = sc.status()["verdict"]["lines"]
+        phase.retries = int(sum(s.value for m in sc.metrics.ip_restricted_retries.collect() for s in m.samples
+                                if s.name.endswith("_total")))
     return phase
 
 
@@ -173,21 +183,27 @@ def report(phases: list[Phase], members: list[str], out: TextIO, log_path: Path)
     w(f"Simulated QuotaGuard pair: {members[0]} leaves from 127.0.0.2, {members[1]} from 127.0.0.3.\n")
     w(f"Simulated Salesforce: Refresh Token IP Allowlist = {ALLOWLISTED} only (the classic mistake).\n")
     titles = {
-        "observe": "guard OBSERVES: routed as QuotaGuard's balancer would (what your app sees today)",
-        "enforce": "guard ENFORCES: redemptions leave only from an allowlisted egress IP",
+        ("observe", True): "guard OBSERVES: routed as QuotaGuard's balancer would (what your app sees today)",
+        ("enforce", True): f"guard ENFORCES with SIDECAR_ALLOWLIST={ALLOWLISTED}: redemptions leave only from it",
+        ("enforce", False): "guard ENFORCES with NO SIDECAR_ALLOWLIST: it learns the allowlist from Salesforce",
     }
     for i, p in enumerate(phases, 1):
         t = p.total
-        w(f"\nPhase {i}: {titles[p.guard]}\n")
-        w(f"  {sum(t.values())} refresh token redemptions: {t.get('success', 0)} succeeded, "
-          f"{t.get('ip_restricted', 0)} failed with 'ip restricted by app developer'\n")
+        w(f"\nPhase {i}: {titles[(p.guard, p.allowlist is not None)]}\n")
+        w(f"  {p.calls} refresh token redemptions: {p.calls - p.app_failures} succeeded, the app saw "
+          f"{p.app_failures} fail")
+        if p.retries:
+            w(f" (Salesforce refused {t.get('ip_restricted', 0)} through the missing IP; the sidecar sent "
+              f"{'that call' if p.retries == 1 else 'those calls'} again through the other one)")
+        w("\n")
         for ip, counts in sorted(p.by_egress.items()):
             parts = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
             w(f"    egress IP {ip:<10} {parts}\n")
         w("  verdict: " + " ".join(p.verdict) + "\n")
     w("\nThe failures were never random: every one left through 127.0.0.3, the IP missing from the allowlist.\n")
-    w("Fix: add both QuotaGuard IPs to the allowlist (run `egress-sidecar check` to verify), and keep\n")
-    w("SIDECAR_GUARD=enforce so a gap can never reach Salesforce.\n\n")
+    w("Fix: add both QuotaGuard IPs to the allowlist (run `egress-sidecar check` to verify), and keep the\n")
+    w("guard enforcing (the default with a pair) so a gap never reaches your app: it follows Salesforce's\n")
+    w("answers, with or without SIDECAR_ALLOWLIST.\n\n")
     w("Where to look on a running sidecar (admin port, default :9464):\n")
     w("  /metrics  egress_sidecar_token_requests_total{egress_ip,outcome} splits outcomes per static IP\n")
     w("  /status   the pair, each egress IP's allowlist state and the verdict (JSON); / is the status page\n")
@@ -206,7 +222,8 @@ def run_demo(calls: int = 20, out: TextIO | None = None, workdir: Path | None = 
         world = start_world(base)
         try:
             members = [f"{m.address[0]}:{m.address[1]}" for m in world.pair.members]
-            phases = [run_phase(world, base, g, calls) for g in ("observe", "enforce")]
+            phases = [run_phase(world, base, "observe", calls), run_phase(world, base, "enforce", calls),
+                      run_phase(world, base, "enforce", calls, allowlist=None)]
         finally:
             world.stop()
         report(phases, members, stream, log_path)

@@ -62,6 +62,14 @@ CREATE TABLE IF NOT EXISTS retired (
     retired_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS retired_by_grant ON retired (grant_key, retired_at);
+CREATE TABLE IF NOT EXISTS evidence (
+    app BLOB NOT NULL,            -- keyed hash of the app's client_id
+    label TEXT NOT NULL,          -- the client_id shortened for people (sidecar.evidence.short_client_id)
+    egress_ip TEXT NOT NULL,
+    kind TEXT NOT NULL,           -- what Salesforce answered last through this IP: allowed / refused
+    at REAL NOT NULL,
+    PRIMARY KEY (app, egress_ip)
+) WITHOUT ROWID;
 """
 
 
@@ -144,6 +152,18 @@ class Prune:
     retired_per_grant: int  # rotated-away hashes kept per grant (the most recent ones)
     retired_before: float  # rotated-away hashes older than this are forgotten
     full: bool = True  # also the count rules (memory sends those deletes itself; needed after dropped writes)
+    evidence_max: int = 10_000  # evidence rows kept (sidecar.evidence.MAX_FACTS), the newest
+
+
+@dataclass(frozen=True, slots=True)
+class EvidenceRow:
+    """What Salesforce answered last for one app through one egress IP (sidecar.evidence)."""
+
+    app: bytes
+    label: str
+    egress_ip: str
+    kind: str
+    at: float
 
 
 @dataclass(slots=True)
@@ -155,9 +175,11 @@ class Change:
     drop_grants: list[bytes] = field(default_factory=list)
     drop_retired: list[bytes] = field(default_factory=list)
     prune: Prune | None = None
+    evidence: list[EvidenceRow] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.grants or self.retired or self.drop_grants or self.drop_retired or self.prune)
+        return bool(self.grants or self.retired or self.drop_grants or self.drop_retired or self.prune
+                    or self.evidence)
 
 
 _STOP = object()
@@ -220,6 +242,18 @@ class GrantStore:
             ).fetchall()
             retired = [Retired(*r) for r in rows]
         return grants, retired
+
+    def load_evidence(self, limit: int) -> list[EvidenceRow]:
+        """The newest ``limit`` evidence rows, oldest first (after :meth:`load` created the file)."""
+        try:
+            with contextlib.closing(self._connect()) as db:
+                db.executescript(_SCHEMA)
+                rows = db.execute("SELECT * FROM evidence ORDER BY at DESC LIMIT ?", (limit,)).fetchall()
+        except sqlite3.Error as exc:
+            event(log, logging.WARNING, f"{DB_FILE}: the evidence could not be read ({type(exc).__name__}); "
+                  "starting without it")
+            return []
+        return [EvidenceRow(*r) for r in reversed(rows)]
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
@@ -313,6 +347,9 @@ class GrantStore:
 
 
 def _write(db: sqlite3.Connection, c: Change) -> None:
+    if c.evidence:
+        db.executemany("INSERT OR REPLACE INTO evidence VALUES (?, ?, ?, ?, ?)",
+                       [(e.app, e.label, e.egress_ip, e.kind, e.at) for e in c.evidence])
     if c.drop_grants:
         db.executemany("DELETE FROM grants WHERE grant_key = ?", [(k,) for k in c.drop_grants])
         db.executemany("DELETE FROM retired WHERE grant_key = ?", [(k,) for k in c.drop_grants])
@@ -340,6 +377,8 @@ def _write(db: sqlite3.Connection, c: Change) -> None:
             "OVER (PARTITION BY grant_key ORDER BY retired_at DESC) AS n FROM retired) WHERE n > ?)",
             (p.retired_per_grant,),
         )
+        db.execute("DELETE FROM evidence WHERE (app, egress_ip) NOT IN "
+                   "(SELECT app, egress_ip FROM evidence ORDER BY at DESC LIMIT ?)", (p.evidence_max,))
 
 
 # -- reading, for the CLI (no key needed, nothing secret in the output) ---------------------------

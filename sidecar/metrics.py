@@ -162,6 +162,27 @@ class Metrics:
             "1 when no QuotaGuard upstream is configured (token calls leave from this host's IP).",
             registry=r,
         )
+        self.egress_ip_refused = Gauge(
+            f"{NS}_egress_ip_refused",
+            "Apps (client_ids) whose latest redemption through this egress IP Salesforce refused as \"ip restricted\" "
+            "(within SIDECAR_EVIDENCE_TTL): the IP is missing from their Refresh Token IP Allowlist.",
+            ("egress_ip",),
+            registry=r,
+        )
+        self.allowlist_disagreement = Gauge(
+            f"{NS}_allowlist_disagreement",
+            "1 when SIDECAR_ALLOWLIST and Salesforce's answers disagree about this egress IP (listed but refused, "
+            "or not listed but accepted), else 0.",
+            ("egress_ip",),
+            registry=r,
+        )
+        self.ip_restricted_retries = Counter(
+            f"{NS}_ip_restricted_retries_total",
+            "Token calls refused as \"ip restricted\" and sent once more through another egress IP, by the outcome "
+            "of that second attempt.",
+            ("outcome",),
+            registry=r,
+        )
         self.client_tls_failures = Counter(
             f"{NS}_client_tls_failures_total",
             "Client TLS handshakes with the sidecar that failed, by reason (unknown_ca: the client does not trust "

@@ -32,12 +32,17 @@ class Recorder:
         self.metrics.token_requests.labels(grant, call.member, call.egress_ip, call.outcome).inc()
         if call.duration is not None and call.outcome != "blocked":
             self.metrics.token_duration.labels(call.member, call.egress_ip).observe(call.duration)
+        if call.retried_from:  # Salesforce's first answer counts too: it is what the allowlist alerts look at
+            member, ip = call.retried_from
+            self.metrics.token_requests.labels(grant, member, ip, "ip_restricted").inc()
         fields = call.log_fields()
-        level = logging.INFO if call.outcome == "success" else logging.WARNING
+        level = logging.INFO if call.outcome == "success" and not call.retried_from else logging.WARNING
         event(log, level, _message(call), **fields)
         with self._lock:
             self.recent.append(fields)
             self.by_egress.setdefault(call.egress_ip, Counter())[call.outcome] += 1
+            if call.retried_from:
+                self.by_egress.setdefault(call.retried_from[1], Counter())["ip_restricted"] += 1
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
@@ -50,6 +55,9 @@ class Recorder:
 def _message(call: TokenCall) -> str:
     via = f"via {call.member} ({call.egress_ip})" if call.route == "pair" else call.route
     text = f"token call {call.grant_type} {via}: {call.outcome}"
+    if call.retried_from:
+        text += (f" (retried: Salesforce first refused egress IP {call.retried_from[1]} as ip restricted; add it to "
+                 "the External Client App's Refresh Token IP Allowlist)")
     if call.outcome == "ip_restricted":
         text += (
             f" - Salesforce rejected egress IP {call.egress_ip}: add it to the External Client App's "

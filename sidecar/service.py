@@ -37,6 +37,8 @@ from sidecar.discovery import Prober
 from sidecar.forward import Forwarder
 from sidecar.frontdoor import HEAD_TIMEOUT, FrontDoor, Handoff
 from sidecar.grants import GrantTracker
+from sidecar.evidence import Evidence
+from sidecar.grantstore import DB_FILE, GrantStore, load_or_create_key
 from sidecar.guard import Guard
 from sidecar.hosts import TokenHosts
 from sidecar.lane import Lane
@@ -76,7 +78,8 @@ class Sidecar:
         self.confdir = prepare_confdir(settings.confdir_path)
         self.metrics = Metrics()
         self.pair: Pair = build_pair(settings)
-        self.guard = Guard(self.pair, settings.allowlist_ranges, settings.guard_mode)
+        self.evidence = Evidence(self.metrics, settings.evidence_ttl, settings.allowlist_ranges)
+        self.guard = Guard(self.pair, settings.allowlist_ranges, settings.guard_mode, self.evidence)
         self.recorder = Recorder(self.metrics)
         self.hosts = TokenHosts(settings.token_hosts)
         self.prober = Prober(self.pair, self.guard, self.metrics, settings)
@@ -103,6 +106,7 @@ class Sidecar:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
         self.core = TokenCore(self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
+                              self.evidence, retry_ip_restricted=settings.retry_on_ip_restricted,
                               observers=(self.grants.on_call,))
 
     def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
@@ -216,7 +220,10 @@ class Sidecar:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.prepare()
-        self.grants.open_confdir(self.confdir)  # loads grants.sqlite3, starts its writer thread
+        # grants.key and grants.sqlite3: refresh token tracking and Salesforce's evidence per egress IP.
+        key, store = load_or_create_key(self.confdir), GrantStore(self.confdir / DB_FILE)
+        self.grants.open(key, store)  # loads the grants, starts the writer thread
+        self.evidence.open(key, store)
         admin = self.settings.admin_address
         try:
             self.admin = AdminServer(admin.host, admin.port, self, render_page)

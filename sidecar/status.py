@@ -83,14 +83,39 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
         elif m.egress_ip is None:
             lines.append(f"Egress IP of pair member {m.label} is not known yet (probe pending).")
             level = "critical" if level == "critical" else "warning"
-    if not guard.allowlist:
+    facts = guard.evidence.facts() if guard.evidence is not None else []
+    refused = [f for f in facts if f.kind == "refused"]
+    accepted = sorted({f.egress_ip for f in facts if f.kind == "allowed"} - {f.egress_ip for f in refused})
+    for f in refused[:EVIDENCE_LINES]:
+        listed = bool(guard.allowlist) and guard.allowlist.contains(f.egress_ip)
         lines.append(
-            "No allowlist is configured (SIDECAR_ALLOWLIST): set it to the entries of the External Client "
-            "App's Refresh Token IP Allowlist so the sidecar can check the pair against it."
+            f"Salesforce refused egress IP {f.egress_ip} for app {f.app.label} at {when(f.at)} (ip restricted by app "
+            f"developer){', although SIDECAR_ALLOWLIST lists it' if listed else ''}: add {f.egress_ip} to that "
+            "External Client App's Refresh Token IP Allowlist (External Client App Manager → Edit Settings). "
+            + ("Until then the guard keeps that app's redemptions off it, so the pair has no redundancy."
+               if guard.mode == "enforce" else "Until then its redemptions through that IP fail.")
         )
-        level = "critical" if level == "critical" else "warning"
+        level = "critical"
+    if len(refused) > EVIDENCE_LINES:
+        lines.append(f"... and {len(refused) - EVIDENCE_LINES} more refusals: see `evidence` in /status.")
+    if not guard.allowlist:
+        if guard.mode == "observe":
+            lines.append(
+                "No allowlist is configured (SIDECAR_ALLOWLIST) and the guard observes: set the allowlist, or let the "
+                "guard enforce (the default with a pair), so that refreshes stay off refused egress IPs."
+            )
+            level = "critical" if level == "critical" else "warning"
     else:
+        unlisted_accepted = [d.fact for d in guard.evidence.disagreements() if not d.listed] if guard.evidence else []
+        for f in unlisted_accepted[:EVIDENCE_LINES]:
+            lines.append(
+                f"Salesforce accepted a redemption through egress IP {f.egress_ip} for app {f.app.label} at "
+                f"{when(f.at)}, but SIDECAR_ALLOWLIST does not list it: add it there (the guard follows Salesforce)."
+            )
+            level = "critical" if level == "critical" else "warning"
         for ip in guard.missing_ips():
+            if ip in accepted or ip in {f.egress_ip for f in refused}:
+                continue  # Salesforce's answers said it already (the lines above)
             share = "about half of" if n == 2 else "some"
             if guard.mode == "enforce":
                 lines.append(
@@ -108,8 +133,30 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
             level = "critical"
     if not lines:
         ips = ", ".join(pair.egress_ips())
-        lines.append(f"All {n} pair members are up and every egress IP ({ips}) is on the allowlist.")
+        if guard.allowlist:
+            lines.append(f"All {n} pair members are up and every egress IP ({ips}) is on the allowlist.")
+        else:
+            confirmed = f"Salesforce accepted redemptions through {', '.join(accepted)}" if accepted else \
+                "no redemption has been answered yet"
+            lines.append(f"All {n} pair members are up ({ips or 'egress IPs not known yet'}); {confirmed}, and it "
+                         "refused none. No SIDECAR_ALLOWLIST is set: the guard follows Salesforce's answers.")
     return Verdict(level, lines)
+
+
+EVIDENCE_LINES = 5  # per kind; /status has them all
+
+
+def when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def evidence_rows(guard: Guard) -> list[dict[str, Any]]:
+    now = time.time()
+    facts = guard.evidence.facts() if guard.evidence is not None else []
+    return [{"app": f.app.label, "egress_ip": f.egress_ip, "evidence": f.kind, "at": when(f.at),
+             "age_seconds": round(now - f.at, 1),
+             "allowlist_says": None if not guard.allowlist else guard.allowlist.contains(f.egress_ip)}
+            for f in facts]
 
 
 TLS_RECENT_SECONDS = 600.0  # client TLS failures this recent make the verdict say so
@@ -146,6 +193,7 @@ def build_status(sidecar: StatusSource) -> dict[str, Any]:
         "pair": member_rows(sidecar.pair, sidecar.guard),
         "probe_rounds": facts["probe_rounds"],
         "client_tls": facts["client_tls"],
+        "evidence": evidence_rows(sidecar.guard),
         "verdict": {"level": v.level, "lines": v.lines},
         **facts["calls"],
     }
@@ -241,6 +289,13 @@ def render_page(status: dict[str, Any]) -> str:
         if restricted
         else ""
     )
+    evidence_rows_html = "".join(
+        f"<tr class='evidence{' flagged' if r['evidence'] == 'refused' else ''}' data-egress='{e(r['egress_ip'])}'>"
+        f"<td>{e(r['app'])}</td><td class='ip'>{e(r['egress_ip'])}</td>"
+        f"<td class='{'bad' if r['evidence'] == 'refused' else 'good'}'>{e(r['evidence'])}</td>"
+        f"<td>{e(r['at'])}</td><td>{e(_listed(r.get('allowlist_says')))}</td></tr>"
+        for r in status.get("evidence") or []
+    )
     recent = list(reversed(status.get("recent") or []))[:_RECENT_ROWS]
     recent_rows = "".join(
         f"<tr class='call'><td>{e(str(c.get('grant_type')))}</td><td>{e(str(c.get('member')))}</td>"
@@ -285,12 +340,18 @@ up {e(_uptime(status.get('uptime_seconds')))} · version {e(status['version'])}<
 <h2>Token call outcomes by egress IP (since start)</h2>
 <table id="outcomes">{outcome_head + outcome_rows if outcome_rows else '<tr><td>no token calls yet</td></tr>'}</table>
 {hint}
+<h2>What Salesforce answered, per app and egress IP</h2>
+<table id="evidence">{'<tr><th>app (client_id)</th><th>egress IP</th><th>last answer</th><th>when</th><th>SIDECAR_ALLOWLIST</th></tr>' + evidence_rows_html if evidence_rows_html else '<tr><td>no redemption answered yet</td></tr>'}</table>
 <h2>Recent token calls (newest first)</h2>
 <table id="recent">{'<tr><th>grant type</th><th>member</th><th>egress IP</th><th>outcome</th><th>status</th><th>ms</th></tr>' + recent_rows if recent_rows else '<tr><td>none yet</td></tr>'}</table>
 <p>Allowlist: <code id="allowlist">{e(status['allowlist'] or 'not configured')}</code></p>
 <p><a href="/metrics">/metrics</a> · <a href="/status">/status</a> · <a href="/ca.pem">/ca.pem</a> · refreshes every 10 s</p>
 </body></html>
 """
+
+
+def _listed(value: object) -> str:
+    return {True: "lists it", False: "does not list it", None: "not set"}.get(value, "?")  # type: ignore[call-overload]
 
 
 def _uptime(seconds: object) -> str:

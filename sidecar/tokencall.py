@@ -7,11 +7,12 @@ ever carrying a token, a secret or a customer's identity.
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from dataclasses import dataclass, field
 from typing import Literal
-from urllib.parse import parse_qs, unquote
+from urllib.parse import parse_qs, unquote, unquote_plus
 
 TOKEN_PATH = "/services/oauth2/token"
 
@@ -110,8 +111,25 @@ def single_field(fields: dict[str, list[str]], name: str) -> str | None:
 
 def grant_type(content_type: str | None, body: bytes, query: str = "") -> GrantType:
     """The grant type of a token request, reduced to the fixed set. Absent or ambiguous is ``other``."""
-    value = single_field(request_fields(content_type, body, query), "grant_type")
+    return grant_of(request_fields(content_type, body, query))
+
+
+def grant_of(fields: dict[str, list[str]]) -> GrantType:
+    value = single_field(fields, "grant_type")
     return _GRANTS.get(value.strip(), "other") if value else "other"
+
+
+def client_id(fields: dict[str, list[str]], authorization: str | None) -> str | None:
+    """The app a token request is for, as Salesforce sees it: HTTP Basic client credentials (form-encoded,
+    RFC 6749 2.3.1) or the ``client_id`` parameter. None when absent or ambiguous. Never raises."""
+    if authorization and authorization[:6].lower() == "basic ":
+        try:
+            user = base64.b64decode(authorization[6:].strip(), validate=True).decode("utf-8").partition(":")[0]
+        except (ValueError, UnicodeDecodeError):
+            user = ""
+        if user:
+            return unquote_plus(user)
+    return single_field(fields, "client_id")
 
 
 @dataclass(frozen=True)
@@ -195,6 +213,8 @@ class TokenCall:
     local: bool = False  # the sidecar answered the app itself (blocked, refused, upstream failure)
     in_flight: bool = False  # being routed and sent (the client may leave meanwhile)
     client_gone: bool = False
+    app: str | None = None  # the client_id, shortened (sidecar.evidence.short_client_id)
+    retried_from: tuple[str, str] | None = None  # (member, egress IP) Salesforce refused as "ip restricted"
 
     def log_fields(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -210,6 +230,11 @@ class TokenCall:
             "sf_error": self.error_code,
             "duration_ms": None if self.duration is None else round(self.duration * 1000, 2),
         }
+        if self.app:
+            out["app"] = self.app
+        if self.retried_from:
+            out["retried_from"] = {"member": self.retried_from[0], "egress_ip": self.retried_from[1],
+                                   "outcome": "ip_restricted"}
         if len(self.attempts) > 1:
             out["attempts"] = self.attempts
         if self.detail:

@@ -11,18 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import traceback
 from collections.abc import Callable
 
 from sidecar import responses
+from sidecar.evidence import App, Evidence
 from sidecar.guard import Decision, Guard
 from sidecar.hosts import TokenHosts
+from sidecar.http1 import first
 from sidecar.logs import event
 from sidecar.messages import Answer, TokenRequest
 from sidecar.metrics import EGRESS_NONE, EGRESS_UNKNOWN, MEMBER_DIRECT, MEMBER_NONE, Metrics
 from sidecar.pair import Member, Pair
 from sidecar.record import Recorder
 from sidecar.sender import SendResult, TokenSender, Unsendable
-from sidecar.tokencall import TokenCall, classify_response, grant_type, host_class, is_token_request
+from sidecar.tokencall import (
+    ALLOWLISTED_GRANTS,
+    TokenCall,
+    classify_response,
+    client_id,
+    grant_of,
+    host_class,
+    is_token_request,
+    request_fields,
+    subject_to_allowlist,
+)
 
 log = logging.getLogger("egress_sidecar.route")
 MAX_TOKEN_REQUEST_BYTES = 64 * 1024  # a token request is a few hundred bytes of form fields
@@ -41,9 +54,12 @@ CLOSE = Close()
 
 class TokenCore:
     def __init__(self, pair: Pair, guard: Guard, hosts: TokenHosts, recorder: Recorder, route_mode: str,
-                 sender: TokenSender, metrics: Metrics, observers: tuple[Observer, ...] = ()) -> None:
+                 sender: TokenSender, metrics: Metrics, evidence: Evidence, *, retry_ip_restricted: bool = False,
+                 observers: tuple[Observer, ...] = ()) -> None:
         self.pair = pair
         self.guard = guard
+        self.evidence = evidence
+        self.retry_ip_restricted = retry_ip_restricted
         self.hosts = hosts
         self.recorder = recorder
         self.route_mode = route_mode
@@ -92,8 +108,8 @@ class TokenCore:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 - never let a token call go out any other way
-            event(log, logging.ERROR, f"token call failed inside the sidecar ({type(exc).__name__})")
-            log.debug("token call failed", exc_info=True)
+            event(log, logging.ERROR, f"token call failed inside the sidecar ({type(exc).__name__}: {exc})"[:300])
+            log.debug("token call failed: %s", traceback.format_exc())
             call.outcome, call.local = "upstream_error", True
             return responses.failed_after_send(_via(call), "an internal error in the sidecar")
         finally:
@@ -103,8 +119,12 @@ class TokenCore:
     async def _route_and_send(self, call: TokenCall, req: TokenRequest) -> Answer:
         if len(req.body) > MAX_TOKEN_REQUEST_BYTES:
             return self.too_large(call, len(req.body))
-        call.grant_type = grant_type(req.content_type, req.body, req.query)
-        decision = self.guard.choose(call.grant_type)
+        fields = request_fields(req.content_type, req.body, req.query)
+        call.grant_type = grant_of(fields)
+        authorization = first(req.headers, b"authorization")
+        app = self.evidence.app(client_id(fields, authorization.decode("latin-1") if authorization else None))
+        call.app = app.label if app else None
+        decision = self.guard.choose(call.grant_type, app=app)
         call.guard = decision.verdict
         if decision.blocked:
             call.route, call.member, call.egress_ip = "blocked", MEMBER_NONE, EGRESS_NONE
@@ -112,17 +132,59 @@ class TokenCore:
             return responses.blocked(self.guard, decision.reason or "")
         self._describe_route(call, decision.member)
         self._warn_if_not_allowlisted(call, decision)
-        grant = call.grant_type
-
-        def next_member(tried: list[Member]) -> Member | None:
-            return self.guard.choose(grant, exclude=tuple(tried)).member
-
         try:
-            result = await self.sender.send(req, decision.member, next_member)
+            return await self._send_and_retry(call, req, decision.member, app)
         except Unsendable as exc:
             return self._refuse(call, 400, "token_request_malformed",
                                 f"the token request cannot be sent as HTTP/1.1 ({exc}); it was not sent anywhere")
-        return self._after_send(call, result)
+
+    async def _send_and_retry(self, call: TokenCall, req: TokenRequest, member: Member | None,
+                              app: App | None) -> Answer:
+        grant = call.grant_type
+
+        def next_member(tried: list[Member]) -> Member | None:
+            return self.guard.choose(grant, app=app, exclude=tuple(tried)).member
+
+        result = await self.sender.send(req, member, next_member)
+        answer = self._after_send(call, result, app)
+        if result.answer is None or result.member is None:
+            return answer
+        self._learn(call, app, result.member, answer)
+        if not (self.retry_ip_restricted and call.outcome == "ip_restricted" and subject_to_allowlist(grant)):
+            return answer
+        # Salesforce refused the redemption because of the IP: nothing was redeemed, so the same call may
+        # go once more, through an IP it has not refused for this app. Never for any other answer.
+        refused = result.member
+
+        def retry_next(tried: list[Member]) -> Member | None:
+            return self.guard.retry_member(app, refused, exclude=tuple(tried))
+
+        other = retry_next([])
+        if other is None:
+            return answer
+        first_answer, first_route = answer, (call.route, call.member, call.egress_ip, call.guard)
+        call.retried_from = (call.member, call.egress_ip)
+        retry = await self.sender.send(req, other, retry_next)
+        if retry.answer is None and not retry.sent:  # the retry never reached Salesforce: its refusal stands
+            self.metrics.ip_restricted_retries.labels("upstream_error").inc()
+            call.retried_from = None
+            call.route, call.member, call.egress_ip, call.guard = first_route
+            call.detail = f"a retry through another egress IP could not be sent: {retry.detail}"
+            return first_answer
+        answer = self._after_send(call, retry, app)
+        if retry.answer is not None and retry.member is not None:
+            self._learn(call, app, retry.member, answer)
+        self.metrics.ip_restricted_retries.labels(call.outcome or "upstream_error").inc()
+        return answer
+
+    def _learn(self, call: TokenCall, app: App | None, member: Member, answer: Answer) -> None:
+        """Classify Salesforce's answer and keep what it says about the member's egress IP for the app."""
+        classified = classify_response(answer.status, answer.content())
+        call.outcome, call.error_code = classified.outcome, classified.error_code
+        if call.outcome == "ip_restricted":
+            self.evidence.record(app, member.egress_ip, "refused")
+        elif call.outcome == "success" and call.grant_type in ALLOWLISTED_GRANTS:
+            self.evidence.record(app, member.egress_ip, "allowed")
 
     def _describe_route(self, call: TokenCall, member: Member | None) -> None:
         if member is None:
@@ -131,13 +193,15 @@ class TokenCore:
             call.route, call.member = "pair", member.label
             call.egress_ip = member.egress_ip or EGRESS_UNKNOWN
 
-    def _after_send(self, call: TokenCall, result: SendResult) -> Answer:
-        call.attempts = [a.member.label if a.member else MEMBER_DIRECT for a in result.attempts]
-        if len(result.attempts) > 1:
-            self.metrics.failovers.inc(len(result.attempts) - 1)
+    def _after_send(self, call: TokenCall, result: SendResult, app: App | None) -> Answer:
+        labels = [a.member.label if a.member else MEMBER_DIRECT for a in result.attempts]
+        if len(labels) > 1:
+            self.metrics.failovers.inc(len(labels) - 1)
+        if len(labels) > 1 or call.attempts:  # failed over, or retried: the route is the last attempt's
             self._describe_route(call, result.member)
             if result.member is not None:
-                call.guard = self.guard.verdict_for(result.member, call.grant_type)
+                call.guard = self.guard.verdict_for(result.member, call.grant_type, app)
+        call.attempts += labels
         if result.answer is not None:
             return result.answer
         call.outcome, call.detail, call.local = "upstream_error", result.detail, True
@@ -168,7 +232,7 @@ class TokenCore:
     # -- classify and record ------------------------------------------------------------------
     def finish(self, call: TokenCall, req: TokenRequest | None, answer: Answer) -> None:
         """Classify the answer the app got and record the call, just after the answer went out."""
-        if not call.local:
+        if not call.local and call.outcome is None:  # (the core classified what it sent itself)
             classified = classify_response(answer.status, answer.content())
             call.outcome, call.error_code = classified.outcome, classified.error_code
         call.status = answer.status

@@ -35,6 +35,9 @@ CONTRACT_METRICS = frozenset({
     "egress_sidecar_guard_enforcing",
     "egress_sidecar_direct_mode",
     "egress_sidecar_client_tls_failures_total",
+    "egress_sidecar_egress_ip_refused",
+    "egress_sidecar_allowlist_disagreement",
+    "egress_sidecar_ip_restricted_retries_total",
 })
 
 # Label names per metric, as the rules and the dashboard use them (Prometheus adds job, instance).
@@ -55,6 +58,9 @@ CONTRACT_LABELS = {
     "egress_sidecar_guard_enforcing": (),
     "egress_sidecar_direct_mode": (),
     "egress_sidecar_client_tls_failures_total": ("reason",),
+    "egress_sidecar_egress_ip_refused": ("egress_ip",),
+    "egress_sidecar_allowlist_disagreement": ("egress_ip",),
+    "egress_sidecar_ip_restricted_retries_total": ("outcome",),
 }
 assert set(CONTRACT_LABELS) == CONTRACT_METRICS
 

@@ -41,6 +41,8 @@ EXPECTED_ALERTS = {
     "SalesforceRefreshTokenIdle",
     "SalesforceRefreshTokenReuse",
     "EgressSidecarClientTLSFailing",
+    "SalesforceEgressIPRefused",
+    "SalesforceAllowlistDisagreement",
 }
 SEVERITIES = {"page", "warning", "ticket"}
 ANNOTATIONS = {"summary", "description", "runbook"}

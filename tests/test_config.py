@@ -46,11 +46,17 @@ def test_upstream_and_pair() -> None:
     assert s.pinned_egress == {HostPort("10.0.0.5", 9293): "52.1.2.3"}
 
 
-def test_guard_defaults_to_enforce_with_allowlist() -> None:
+def test_guard_defaults_to_enforce_whenever_a_pair_is_configured() -> None:
     pair = {"QUOTAGUARDSTATIC_URL": "http://u:p@h:9293"}
     assert load_settings({**pair, "SIDECAR_ALLOWLIST": "52.1.2.3"}).guard_mode == "enforce"
+    assert load_settings(pair).guard_mode == "enforce"  # on Salesforce's answers alone
     assert load_settings({**pair, "SIDECAR_ALLOWLIST": "52.1.2.3", "SIDECAR_GUARD": "observe"}).guard_mode == "observe"
     assert load_settings({"SIDECAR_ALLOWLIST": "52.1.2.3"}).guard_mode == "observe"  # direct mode: nothing to enforce
+    # The retry of a refused redemption follows the guard unless set; the evidence TTL has a default.
+    assert load_settings(pair).retry_on_ip_restricted is True
+    assert load_settings({**pair, "SIDECAR_GUARD": "observe"}).retry_on_ip_restricted is False
+    assert load_settings({**pair, "SIDECAR_RETRY_IP_RESTRICTED": "false"}).retry_on_ip_restricted is False
+    assert load_settings(pair).evidence_ttl == 900.0
 
 
 @pytest.mark.parametrize(
@@ -61,7 +67,8 @@ def test_guard_defaults_to_enforce_with_allowlist() -> None:
         ({"SIDECAR_ADMIN_LISTEN": "x:y"}, "SIDECAR_ADMIN_LISTEN", "HOST:PORT"),
         ({"SIDECAR_ROUTE": "everything"}, "SIDECAR_ROUTE", "token, salesforce, all"),
         ({"SIDECAR_GUARD": "strict"}, "SIDECAR_GUARD", "observe or enforce"),
-        ({"SIDECAR_GUARD": "enforce", "QUOTAGUARDSTATIC_URL": "http://u:p@h:9293"}, "SIDECAR_GUARD", "SIDECAR_ALLOWLIST"),
+        ({"SIDECAR_EVIDENCE_TTL": "0"}, "SIDECAR_EVIDENCE_TTL", "greater than or equal to 1"),
+        ({"SIDECAR_RETRY_IP_RESTRICTED": "sometimes"}, "SIDECAR_RETRY_IP_RESTRICTED", "valid boolean"),
         ({"SIDECAR_GUARD": "enforce", "SIDECAR_ALLOWLIST": "1.2.3.4"}, "SIDECAR_GUARD", "QUOTAGUARDSTATIC_URL"),
         ({"SIDECAR_TOKEN_HOSTS": "login*.salesforce.com"}, "SIDECAR_TOKEN_HOSTS", "may only lead"),
         ({"SIDECAR_LOG_FORMAT": "xml"}, "SIDECAR_LOG_FORMAT", "json or text"),

@@ -131,6 +131,9 @@ def test_the_required_panels_are_there():
         "egress IP changes": lambda p, e: "egress_sidecar_egress_ip_changes_total" in e,
         "refresh token reuse": lambda p, e: "egress_sidecar_refresh_token_reuse_total" in e,
         "idle grants": lambda p, e: 'egress_sidecar_grants_idle' in e,
+        "what Salesforce refused": lambda p, e: "egress_sidecar_egress_ip_refused" in e
+        and "egress_sidecar_allowlist_disagreement" in e,
+        "client TLS failures": lambda p, e: "egress_sidecar_client_tls_failures_total" in e and "by (reason)" in e,
     }
     missing = [name for name, predicate in required.items() if not find_panels(d, predicate)]
     assert not missing, f"no panel for: {missing}"

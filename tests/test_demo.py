@@ -9,18 +9,24 @@ import sys
 from tests.harness import ROOT
 
 
-def test_demo_reports_both_phases_with_the_right_counts() -> None:
+def test_demo_reports_all_three_phases_with_the_right_counts() -> None:
     out = subprocess.run([sys.executable, "-m", "sidecar", "demo", "--calls", "10"], capture_output=True,
                          text=True, timeout=120, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
     text = out.stdout
-    phase1, phase2 = text.split("Phase 1:")[1].split("Phase 2:")
-    assert "10 refresh token redemptions: 5 succeeded, 5 failed with 'ip restricted by app developer'" in phase1
+    phase1, rest = text.split("Phase 1:")[1].split("Phase 2:")
+    phase2, phase3 = rest.split("Phase 3:")
+    assert "10 refresh token redemptions: 5 succeeded, the app saw 5 fail" in phase1
     assert re.search(r"egress IP 127\.0\.0\.2\s+5 success", phase1)
     assert re.search(r"egress IP 127\.0\.0\.3\s+5 ip_restricted", phase1)
-    assert "Egress IP 127.0.0.3 is not on the allowlist" in phase1
-    assert "10 refresh token redemptions: 10 succeeded, 0 failed" in phase2
+    assert "Salesforce refused egress IP 127.0.0.3 for app 3MVG9demo" in phase1
+    assert "10 refresh token redemptions: 10 succeeded, the app saw 0 fail" in phase2
     assert "127.0.0.3" not in phase2.split("verdict:")[0]
+    # No allowlist configured: the guard learns it from Salesforce's one refusal, the app sees none.
+    assert "NO SIDECAR_ALLOWLIST" in phase3
+    assert "10 refresh token redemptions: 10 succeeded, the app saw 0 fail (Salesforce refused 1" in phase3
+    assert re.search(r"egress IP 127\.0\.0\.3\s+1 ip_restricted", phase3)
+    assert "Salesforce refused egress IP 127.0.0.3" in phase3.split("verdict:")[1]
     assert "/metrics" in text and "/status" in text
     log_path = text.strip().splitlines()[-1].split(": ", 1)[1]
     log = open(log_path).read()

@@ -48,8 +48,8 @@ def test_token_calls_alternate_between_members(world: World, make_sidecar_proc: 
 def test_partial_allowlist_failures_are_exactly_the_other_member(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
-    # Salesforce allows only 127.0.0.2; the sidecar observes (no allowlist configured).
-    sc = make_sidecar_proc(world.pair_env())
+    # Salesforce allows only 127.0.0.2; the sidecar observes (no allowlist configured): what an app sees today.
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_GUARD": "observe"})
     results = []
     with sc.session() as s:
         for _ in range(10):
@@ -69,7 +69,7 @@ def test_partial_allowlist_failures_are_exactly_the_other_member(
 
 
 def test_egress_ip_label_once_discovered(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
-    sc = make_sidecar_proc(world.pair_env())
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_GUARD": "observe"})  # round-robin, no retry
     from tests.harness import wait_until
 
     assert wait_until(sc.egress_discovered, timeout=10)

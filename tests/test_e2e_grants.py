@@ -113,9 +113,9 @@ def test_a_client_that_keeps_redeeming_its_first_token_shows_one_reuse_per_extra
 
 
 def test_retrying_after_ip_restricted_is_not_reuse(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
-    # Only 127.0.0.2 is allowlisted: every other call is refused before Salesforce looks at the
-    # token, so the app correctly retries the same token. That is not reuse.
-    sc = make_sidecar_proc(world.pair_env())
+    # Only 127.0.0.2 is allowlisted and the guard only observes: every other call is refused before
+    # Salesforce looks at the token, so the app correctly retries the same token. That is not reuse.
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_GUARD": "observe"})
     token = world.salesforce.issue_refresh_token()
     outcomes = []
     with sc.session() as s:

@@ -203,3 +203,24 @@ def test_token_path_lookalikes_pass_the_guard_like_the_token_path(
     calls = sc.log_events()
     assert len(calls) == len(forms) and {c["egress_ip"] for c in calls} == {"127.0.0.2"}
     assert all(c["guard"] == "allow" and c["grant_type"] == "refresh_token" for c in calls)
+
+
+def test_check_includes_what_salesforce_answered_a_running_sidecar(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], tmp_path: Path, test_ca: TestCA
+) -> None:
+    """SIDECAR_ALLOWLIST wrongly lists both IPs: the probes alone would pass; the running sidecar knows
+    Salesforce refused 127.0.0.3, and `check` says so and fails."""
+    both = {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2,127.0.0.3"}
+    sc = make_sidecar_proc(both)
+    assert wait_until(sc.egress_discovered, timeout=10)
+    redeem_chain(sc, world.salesforce, 6)  # one of them is refused through .3 and retried through .2
+    out = run_check(tmp_path, test_ca, {**both, "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{sc.admin_port}"})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "Salesforce refused egress IP 127.0.0.3 for app 3MVG9demo" in out.stdout
+    report = json.loads(run_check(tmp_path, test_ca, both, "--json", "--admin-url", sc.admin_url).stdout)
+    assert report["running_sidecar"] == sc.admin_url and report["ok"] is False
+    assert {(r["egress_ip"], r["evidence"]) for r in report["evidence"]} == {("127.0.0.3", "refused"),
+                                                                            ("127.0.0.2", "allowed")}
+    # No sidecar at the admin URL: the probes alone decide, and they pass.
+    alone = run_check(tmp_path, test_ca, both, "--admin-url", "http://127.0.0.1:9")
+    assert alone.returncode == 0, alone.stdout + alone.stderr

@@ -315,5 +315,9 @@ def test_partial_allowlist_seen_and_alerted_by_real_prometheus(
     assert [(a["labels"]["egress_ip"], a["state"]) for a in not_allowlisted] == [(BAD_IP, "firing")], summary
     # Nothing else is wrong with the pair: no member down, no IP change, nothing blocked, no token reuse.
     # (SalesforceTokenFailureRateHigh may join: half the calls fail; Alertmanager inhibits it.)
-    allowed = {"SalesforcePartialAllowlist", "SalesforceEgressNotAllowlisted", "SalesforceTokenFailureRateHigh"}
+    # (SalesforceEgressIPRefused may join too: Salesforce refused BAD_IP; it must name that IP only.)
+    allowed = {"SalesforcePartialAllowlist", "SalesforceEgressNotAllowlisted", "SalesforceTokenFailureRateHigh",
+               "SalesforceEgressIPRefused"}
     assert {a["labels"]["alertname"] for a in alerts} <= allowed, summary
+    assert {a["labels"]["egress_ip"] for a in alerts if a["labels"]["alertname"] == "SalesforceEgressIPRefused"} <= \
+        {BAD_IP}, summary

@@ -323,10 +323,15 @@ def test_status_page_in_headless_chromium(
     verdict = root.by_id("verdict")
     assert verdict.attrs.get("data-level") == "critical"
     words = verdict.all_text()
-    assert f"Egress IP {BAD_IP} is not on the allowlist" in words, words
-    assert "about half of refresh token redemptions will fail" in words, words
+    assert f"Salesforce refused egress IP {BAD_IP} for app 3MVG9demo" in words, words
+    assert "redemptions through that IP fail" in words, words
     assert "External Client App Manager" in words, words
     assert GOOD_IP not in words.replace(BAD_IP, ""), f"the verdict blames the allowlisted IP too: {words}"
+    # What Salesforce answered, per app and egress IP: the refused one is flagged.
+    answered = {row.attrs["data-egress"]: row for row in root.by_id("evidence").find_all("tr")
+                if "data-egress" in row.attrs}
+    assert "refused" in answered[BAD_IP].all_text() and "flagged" in answered[BAD_IP].attrs.get("class", "")
+    assert "allowed" in answered[GOOD_IP].all_text() and "flagged" not in answered[GOOD_IP].attrs.get("class", "")
 
     # Self-contained: nothing in the DOM points at another origin, and the page requested nothing else.
     assert not root.find_all("script"), "the page needs no script"
