@@ -22,6 +22,7 @@ LABELS = {
     "sidecar-nogrants": "sidecar, refresh token tracking off",
     "sidecar-nolog": "sidecar, per-call log line off",
     "sidecar-bare": "sidecar, both off",
+    "sidecar-noshield": "sidecar, rotation shield off",
 }
 NA = "n/a"
 
@@ -119,6 +120,13 @@ def render(res: Results) -> str:
         ["start to ready < 2 s", f"{max(starts):.2f} s worst of {len(starts)} starts (cold {res.startup['cold'][0]:.2f} s)"
          if starts else NA, _verdict(None if not starts else max(starts) < 2.0)],
     ]
+    ab = res.ablation
+    if "sidecar" in ab and "sidecar-noshield" in ab:
+        shield_cost = _p(ab["sidecar"].samples, 0.5) - _p(ab["sidecar-noshield"].samples, 0.5)
+        rows.append(["rotation shield: no measurable latency on a token call with nothing to coalesce "
+                     "(p50 shipped − shield off ≤ 0.10 ms)",
+                     f"{shield_cost:+.2f} ms p50 ({_cpu_per_call(ab['sidecar'])} vs "
+                     f"{_cpu_per_call(ab['sidecar-noshield'])} ms CPU per call)", _verdict(shield_cost <= 0.10)])
     rest_rate = {n: _per_cpu_s(m) for n, m in res.rest.items()}
     rest_ratio = rest_rate.get("sidecar", float("nan")) / rest_rate.get("mitmdump", float("nan"))
     rows.append(["REST calls on a token host (keep-alive): requests per proxy CPU-second ≥ 3× plain mitmdump",

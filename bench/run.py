@@ -183,6 +183,14 @@ def _cpu(pid: int | None) -> float:
     return proc_cpu_seconds(pid) if pid else 0.0
 
 
+def charge_cpu(out: Measured, pid: int | None, work: Callable[[], object]) -> None:
+    """Run ``work``, adding the proxy process's CPU over it to ``out``."""
+    c0 = _cpu(pid)
+    work()
+    if pid:
+        out.cpu_s = (out.cpu_s or 0.0) + _cpu(pid) - c0
+
+
 def interleaved(names: list[str], rounds: int, segment: Callable[[str], None]) -> None:
     for r in range(rounds):
         k = r % len(names)
@@ -407,11 +415,7 @@ def measure_rest(res: Results, plan: Plan, workdir: Path, world: WorldProcess, r
             calls(n, plan.ka_warmup, Samples())
 
         def segment(n: str) -> None:
-            pid = pid_of.get(n)
-            c0 = _cpu(pid)
-            calls(n, plan.rest_calls, res.rest[n].samples)
-            if pid:
-                res.rest[n].cpu_s = (res.rest[n].cpu_s or 0.0) + _cpu(pid) - c0
+            charge_cpu(res.rest[n], pid_of.get(n), lambda: calls(n, plan.rest_calls, res.rest[n].samples))
 
         interleaved(list(rts), plan.rounds, segment)
     finally:
@@ -431,6 +435,7 @@ ABLATIONS = {
     "sidecar-nogrants": ("refresh token tracking off", {"BENCH_DISABLE": "grants"}),
     "sidecar-nolog": ("per-call INFO log line off (SIDECAR_LOG_LEVEL=WARNING)", {"SIDECAR_LOG_LEVEL": "WARNING"}),
     "sidecar-bare": ("both off", {"BENCH_DISABLE": "grants", "SIDECAR_LOG_LEVEL": "WARNING"}),
+    "sidecar-noshield": ("rotation shield off", {"BENCH_DISABLE": "shield"}),
 }
 
 
@@ -461,10 +466,7 @@ def measure_ablation(res: Results, plan: Plan, workdir: Path, world: WorldProces
         def segment(n: str) -> None:
             proc = procs[n].proc if n in procs else None
             pid = proc.pid if proc is not None else pids.get(n)
-            c0 = _cpu(pid)
-            runners[n].run(plan.ablation_calls, res.ablation[n].samples)
-            if pid:
-                res.ablation[n].cpu_s = (res.ablation[n].cpu_s or 0.0) + _cpu(pid) - c0
+            charge_cpu(res.ablation[n], pid, lambda: runners[n].run(plan.ablation_calls, res.ablation[n].samples))
 
         interleaved(list(runners), plan.rounds, segment)
     finally:

@@ -3,8 +3,9 @@
 - ``BENCH_PROFILE_PREFIX`` set: SIGUSR1 starts a fresh cProfile, SIGUSR2 stops it and writes
   ``PREFIX-N.prof`` (then an empty ``PREFIX-N.done``, so the bench knows the write finished). The
   window lets the bench profile only the token calls it sends, not the start or the probes.
-- ``BENCH_DISABLE=grants``: refresh token tracking (``GrantTracker.on_call``) does nothing, to
-  measure what it costs per call. Anything else is the unmodified ``sidecar.cli.main``.
+- ``BENCH_DISABLE=grants``: refresh token tracking (``GrantTracker.on_call``) does nothing;
+  ``BENCH_DISABLE=shield``: the rotation shield is left out of the token core; to measure what each
+  costs per call. Anything else is the unmodified ``sidecar.cli.main``.
 """
 
 from __future__ import annotations
@@ -46,10 +47,20 @@ def disable(parts: set[str]) -> None:
     if "grants" in parts:
         from sidecar.grants import GrantTracker
 
-        def on_call(self: object, call: object, flow: object) -> None:
+        def on_call(self: object, *args: object) -> None:
             return None
 
         GrantTracker.on_call = on_call  # type: ignore[method-assign]
+    if "shield" in parts:
+        from sidecar.tokencore import TokenCore
+
+        original = TokenCore.__init__
+
+        def without_shield(self: TokenCore, *args: object, **kwargs: object) -> None:
+            kwargs["shield"] = None
+            original(self, *args, **kwargs)  # type: ignore[arg-type]
+
+        TokenCore.__init__ = without_shield  # type: ignore[method-assign]
 
 
 def main() -> int:

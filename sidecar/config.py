@@ -119,6 +119,18 @@ def parse_upstream_url(value: str) -> Upstream:
     )
 
 
+def decode_key(text: str) -> bytes:
+    """A 32-byte key given as 64 hex digits or base64 (SIDECAR_REDIS_KEY). Raises ValueError."""
+    text = text.strip()
+    try:
+        key = bytes.fromhex(text) if len(text) == 64 else base64.b64decode(text, validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ValueError("is not 32 bytes as 64 hex digits or base64 (make one with: openssl rand -hex 32)")
+    return key
+
+
 def _split_list(value: Any) -> Any:
     if isinstance(value, str):
         return [item.strip() for item in re.split(r"[,\s]+", value) if item.strip()]
@@ -216,6 +228,26 @@ class Settings(BaseSettings):
         doc="Directory where the sidecar writes the files apps need to trust it (`ca.pem`, `ca-bundle.pem`, and "
         "later a Java truststore). Public files only: give the app this directory, read-only.",
     )
+    replay_window: float = _setting(
+        60.0,
+        ge=0.0,
+        le=3600.0,
+        doc="Seconds during which a refresh token redemption that succeeded is answered again, from memory, to "
+        "an identical request (same client credentials, same refresh token) instead of being sent: Salesforce "
+        "would refuse it as a reuse. `0` turns replay off; concurrent identical redemptions are coalesced "
+        "either way.",
+    )
+    redis_url: SecretStr | None = _setting(
+        None,
+        shown_default="unset (state stays in this process and `grants.sqlite3`)",
+        doc="`redis://` or `rediss://` URL of a Redis the app's replicas share: the rotation shield (coalescing "
+        "and replay) and refresh token tracking then work across replicas. Needs `SIDECAR_REDIS_KEY`.",
+    )
+    redis_key: SecretStr | None = _setting(
+        None,
+        doc="32-byte secret shared by the replicas (64 hex digits, or base64): encrypts the answers kept in Redis "
+        "(AES-GCM) and keys the hashes of tokens, so replicas agree on them. E.g. `openssl rand -hex 32`.",
+    )
     ca_cert: Path | None = _setting(
         None,
         doc="Use this CA certificate (PEM) instead of generating one. Goes with `SIDECAR_CA_KEY`: both or "
@@ -281,7 +313,23 @@ class Settings(BaseSettings):
             return value or None
         return value
 
-    @field_validator("quotaguardstatic_url", "proxy_auth", "allowlist", mode="before")
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            scheme = urlsplit(value.get_secret_value().strip()).scheme
+            if scheme not in ("redis", "rediss"):
+                raise ValueError(f"scheme {scheme or '(none)'!r} is not supported: use redis:// or rediss:// (TLS)")
+        return value
+
+    @field_validator("redis_key")
+    @classmethod
+    def _check_redis_key(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            decode_key(value.get_secret_value())
+        return value
+
+    @field_validator("quotaguardstatic_url", "proxy_auth", "allowlist", "redis_url", "redis_key", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -407,7 +455,7 @@ class Settings(BaseSettings):
 
 
 # Settings whose value must never be echoed back in an error message.
-_SECRET_FIELDS = {"quotaguardstatic_url", "proxy_auth"}
+_SECRET_FIELDS = {"quotaguardstatic_url", "proxy_auth", "redis_url", "redis_key"}
 
 # The environment load_settings() was given, for the duration of that call (None: the process's).
 _GIVEN_ENV: ContextVar[Mapping[str, str] | None] = ContextVar("egress_sidecar_given_env", default=None)
@@ -468,6 +516,7 @@ _HINTS = {
     "egress_ips": "Example: SIDECAR_EGRESS_IPS=10.0.0.5:9293=52.1.2.3,10.0.0.6:9293=52.1.2.4.",
     "allowlist": "Copy the entries of the External Client App's Refresh Token IP Allowlist.",
     "proxy_auth": "Example: SIDECAR_PROXY_AUTH=app:long-random-password.",
+    "redis_url": "Example: SIDECAR_REDIS_URL=redis://redis:6379/0.",
 }
 
 
@@ -504,6 +553,11 @@ def _check_files(settings: Settings) -> None:
         path = getattr(settings, field)
         if path is not None and not Path(path).expanduser().is_file():
             raise ConfigError(f"{env_name(field)}: {str(path)!r} is not a readable file. Point it at a PEM file.")
+    if (settings.redis_url is None) != (settings.redis_key is None):
+        raise ConfigError(
+            "SIDECAR_REDIS_URL and SIDECAR_REDIS_KEY go together: the key encrypts what the replicas share in "
+            "Redis. Set both (SIDECAR_REDIS_KEY=$(openssl rand -hex 32), the same on every replica) or neither."
+        )
     if (settings.ca_cert is None) != (settings.ca_key is None):
         raise ConfigError(
             "SIDECAR_CA_CERT and SIDECAR_CA_KEY go together: set both (the CA certificate and its key) or neither."

@@ -18,7 +18,9 @@ tokens, each for at most ``retired_ttl`` (30 days). So at most 50,000 grants and
 
 from __future__ import annotations
 
+import asyncio
 import bisect
+import itertools
 import logging
 import threading
 import time
@@ -43,6 +45,8 @@ from sidecar.grantstore import (
 from sidecar.logs import SCRUBBER, event
 from sidecar.messages import Answer, TokenRequest
 from sidecar.metrics import Metrics
+from sidecar.shared import SharedState
+from sidecar.shield import Unavailable
 from sidecar.tokencall import TokenCall, issued_refresh_token, request_fields, single_field
 
 log = logging.getLogger("egress_sidecar.grants")
@@ -51,6 +55,7 @@ DAY = 86_400.0
 # egress_sidecar_grants_idle{window}: grants whose last redemption is older than the window.
 WINDOWS: dict[str, float] = {"7d": 7 * DAY, "25d": 25 * DAY, "30d": 30 * DAY}
 MAX_BODY = 1_048_576  # token bodies are a few hundred bytes; anything larger is not looked at
+QUEUE_SHARED = 10_000  # observations waiting for Redis; beyond, on_call drops them (counted as a dropped write)
 
 
 @dataclass(frozen=True)
@@ -84,6 +89,9 @@ class GrantTracker:
         self.clock = clock
         self.limits = limits
         self.store: GrantStore | None = None
+        self.shared: SharedState | None = None
+        self._pending: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
+        self._consumer: asyncio.Task[None] | None = None
         self._key: bytes | None = None
         self._lock = threading.Lock()
         self._grants: OrderedDict[bytes, GrantRow] = OrderedDict()  # least recently redeemed first
@@ -149,8 +157,8 @@ class GrantTracker:
     # -- the token route's observer (on the event loop: memory only, never the disk) -------------
     def on_call(self, call: TokenCall, req: TokenRequest | None, answer: Answer | None) -> None:
         """The token core's observer: a finished call, its request and the answer the app got."""
-        if self._key is None or call.outcome is None:
-            return
+        if self._key is None or call.outcome is None or call.shielded:
+            return  # (an answer the rotation shield gave never reached Salesforce: nothing was redeemed)
         if call.grant_type != "refresh_token" and call.outcome != "success":
             return
         try:
@@ -161,9 +169,83 @@ class GrantTracker:
             issued = None
             if call.outcome == "success" and answer is not None:
                 issued = issued_refresh_token(answer.content()[:MAX_BODY])
-            self.observe(call.grant_type, call.outcome, presented, issued, status=call.status, sf_error=call.error_code)
+            seen = (call.grant_type, call.outcome, presented, issued, call.status, call.error_code)
+            if self.shared is not None:
+                try:
+                    self._pending.put_nowait(seen)  # in order, after what the other replicas know is read
+                except asyncio.QueueFull:
+                    self._count_drop(1)
+                return
+            self.observe(*seen[:4], status=seen[4], sf_error=seen[5])
         except Exception as exc:  # noqa: BLE001 - an observer must never break a token call
             event(log, logging.ERROR, f"grant tracking failed ({type(exc).__name__}); the token call was not affected")
+
+    # -- across replicas (SIDECAR_REDIS_URL) --------------------------------------------------------
+    def share(self, shared: SharedState) -> None:
+        """Track grants with the other replicas: before a token hash this replica does not know is
+        judged, what Redis knows of it is read; every change is mirrored there."""
+        self.shared = shared
+        self._pending = asyncio.Queue(maxsize=QUEUE_SHARED)
+        self._consumer = asyncio.get_running_loop().create_task(self._observe_shared(), name="grants-shared")
+
+    async def stop_sharing(self) -> None:
+        """Judge what is still queued (bounded), then stop reading from Redis."""
+        if self._consumer is None:
+            return
+        for _ in range(200):  # bounded: at most ~2 s
+            if self._pending.empty():
+                break
+            await asyncio.sleep(0.01)
+        self._consumer.cancel()
+        await asyncio.gather(self._consumer, return_exceptions=True)
+        self._consumer = None
+
+    async def _observe_shared(self) -> None:
+        assert self.shared is not None and self._key is not None
+        for _ in itertools.count():  # one observation at a time, in the order the calls finished
+            grant_type, outcome, presented, issued, status, sf_error = await self._pending.get()
+            try:
+                if presented:
+                    await self._hydrate(token_hash(self._key, presented))
+                self.observe(grant_type, outcome, presented, issued, status=status, sf_error=sf_error)
+            except Exception as exc:  # noqa: BLE001 - tracking must outlive a bad observation
+                event(log, logging.ERROR, f"grant tracking failed ({type(exc).__name__}); the token call was not "
+                      "affected")
+
+    async def _hydrate(self, h: bytes) -> None:
+        with self._lock:
+            known = h in self._current or h in self._retired
+        if known or self.shared is None or not self.shared.usable():
+            return
+        try:
+            row, olds = await self.shared.grant_state(h)
+        except Unavailable:
+            return
+        if row is not None:
+            self._adopt(row, olds)
+
+    def _adopt(self, row: GrantRow, olds: list[Retired]) -> None:
+        """Take in a grant another replica tracked (the newer view of it wins)."""
+        change = Change()
+        with self._lock:
+            mine = self._grants.get(row.key)
+            if mine is not None and mine.last_used >= row.last_used:
+                return
+            if mine is None:
+                while len(self._grants) >= self.limits.max_grants:
+                    change.drop_grants.append(self._forget_oldest_grant())
+            else:
+                self._current.pop(mine.current, None)
+            self._grants[row.key] = replace(row)
+            self._grants.move_to_end(row.key)
+            self._current[row.current] = row.key
+            for r in olds:
+                if r.token not in self._retired and r.token != row.current:
+                    self._retire(r, change)
+            change.grants.append(row.values())
+            self.metrics.grants_tracked.set(len(self._grants))
+        if self.store is not None and change:
+            self.store.submit(change)  # (not back to Redis: it came from there)
 
     # -- the decision -------------------------------------------------------------------------
     def observe(
@@ -319,6 +401,11 @@ class GrantTracker:
     def _submit(self, change: Change) -> None:
         if self.store is not None and change:
             self.store.submit(change)
+        if self.shared is not None and change:
+            self.shared.write(change, self._retired_rows)
+
+    def _retired_rows(self, grant: bytes) -> list[Retired]:
+        return [self._retired[t] for t in self._retired_of.get(grant, ()) if t in self._retired]
 
     # -- maintenance: eviction by age, the idle gauges ------------------------------------------
     def _prune_rule(self, now: float, full: bool = True) -> Prune:

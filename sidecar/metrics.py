@@ -183,6 +183,16 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
+        self.shield_answers = Counter(
+            f"{NS}_shield_answers_total",
+            "Refresh token redemptions the rotation shield answered without sending them: coalesced (an identical "
+            "one was in flight) or replayed (an identical one succeeded within SIDECAR_REPLAY_WINDOW).",
+            ("kind",),
+            registry=r,
+        )
+        for kind in ("coalesced", "replayed"):
+            self.shield_answers.labels(kind)
+        self._redis_up: Gauge | None = None
         self.client_tls_failures = Counter(
             f"{NS}_client_tls_failures_total",
             "Client TLS handshakes with the sidecar that failed, by reason (unknown_ca: the client does not trust "
@@ -195,6 +205,14 @@ class Metrics:
         self.tls_failures_seen: Tally[str] = Tally()  # for /status, since start
         self.tls_failure_last: float | None = None
         self.ready = Gauge(f"{NS}_ready", "1 once the proxy listens (see /readyz for whether a refresh could be routed).", registry=r)
+
+    @property
+    def redis_up(self) -> Gauge:
+        """Registered only when SIDECAR_REDIS_URL is set: a sidecar without Redis exports no such series."""
+        if self._redis_up is None:
+            self._redis_up = Gauge(f"{NS}_redis_up", "1 while the Redis the replicas share (SIDECAR_REDIS_URL) "
+                                   "answers, 0 while the sidecar serves on its local state.", registry=self.registry)
+        return self._redis_up
 
     def client_tls_failed(self, reason: str) -> None:
         self.client_tls_failures.labels(reason).inc()

@@ -52,3 +52,15 @@ def unreachable(tried: list[str], detail: str) -> Answer:
         f"no byte of the token request was sent (tried {', '.join(tried)}): {detail}. It is safe to retry.",
     )
 
+
+
+_LOCAL_OUTCOMES = {"egress_not_allowlisted": "blocked", "upstream_failed_after_send": "upstream_error",
+                   "upstream_unreachable": "upstream_error"}
+
+
+def local_outcome(answer: Answer) -> str | None:
+    """The outcome of one of the answers above, from its X-Egress-Sidecar header (None: not local)."""
+    if not answer.local:
+        return None
+    error = next((v.decode() for k, v in answer.headers if k == b"X-Egress-Sidecar"), "")
+    return _LOCAL_OUTCOMES.get(error, "client_error")

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from sidecar.mitm import Master, addon_module, new_master  # isort: skip  (first: keeps mitmproxy's default addons out)
 from mitmproxy import exceptions as mitm_exceptions
@@ -32,7 +33,7 @@ from sidecar.ca import (
     trust_context,
     upstream_trust,
 )
-from sidecar.config import ConfigError, HostPort, Settings
+from sidecar.config import ConfigError, HostPort, Settings, decode_key
 from sidecar.discovery import Prober
 from sidecar.forward import Forwarder
 from sidecar.frontdoor import HEAD_TIMEOUT, FrontDoor, Handoff
@@ -49,6 +50,8 @@ from sidecar.pair import Member, Pair, build_pair
 from sidecar.record import Recorder
 from sidecar.status import build_status, render_page
 from sidecar.sender import TokenSender
+from sidecar.shared import SharedState
+from sidecar.shield import Shield
 from sidecar.tokencore import TokenCore
 from sidecar.upstream import ConnectFailure, UpstreamPool
 
@@ -93,6 +96,8 @@ class Sidecar:
             SCRUBBER.add(upstream.password.get_secret_value(), upstream.proxy_authorization.decode()[6:])
         if settings.proxy_auth is not None:
             SCRUBBER.add(settings.proxy_auth.get_secret_value().partition(":")[2])
+        if settings.redis_url is not None and settings.redis_key is not None:
+            SCRUBBER.add(urlsplit(settings.redis_url.get_secret_value()).password, settings.redis_key.get_secret_value())
         self.metrics.direct_mode.set(1 if self.pair.direct else 0)
         self.metrics.guard_enforcing.set(1 if self.guard.mode == "enforce" else 0)
         # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
@@ -105,8 +110,13 @@ class Sidecar:
         self.frontdoor: FrontDoor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
+        # Shared with the app's other replicas (SIDECAR_REDIS_URL), or None: everything stays in this process.
+        self.shared = SharedState(settings.redis_url.get_secret_value(), decode_key(
+            settings.redis_key.get_secret_value()), self.metrics) if settings.redis_url and settings.redis_key else None
+        self.shield = Shield(self.metrics, settings.replay_window,
+                             settings.connect_timeout + settings.response_timeout + 1.0, self.shared)
         self.core = TokenCore(self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
-                              self.evidence, retry_ip_restricted=settings.retry_on_ip_restricted,
+                              self.evidence, retry_ip_restricted=settings.retry_on_ip_restricted, shield=self.shield,
                               observers=(self.grants.on_call,))
 
     def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
@@ -142,6 +152,11 @@ class Sidecar:
         last = self.metrics.tls_failure_last
         return {"upstream": upstream.redacted() if upstream else None, "route": self.settings.route,
                 "probe_rounds": self.prober.rounds, "calls": self.recorder.snapshot(),
+                "shield": {"replay_window_seconds": self.settings.replay_window,
+                           "coalesced": _count(self.metrics.shield_answers, "coalesced"),
+                           "replayed": _count(self.metrics.shield_answers, "replayed"),
+                           "answers_kept": self.shield.cached,
+                           "redis": self.shared.status() if self.shared is not None else {"configured": False}},
                 "client_tls": {"failures": dict(self.metrics.tls_failures_seen),
                                "last_age_seconds": None if last is None else round(time.time() - last, 1)}}
 
@@ -220,10 +235,17 @@ class Sidecar:
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.prepare()
-        # grants.key and grants.sqlite3: refresh token tracking and Salesforce's evidence per egress IP.
-        key, store = load_or_create_key(self.confdir), GrantStore(self.confdir / DB_FILE)
+        # grants.sqlite3: refresh token tracking and Salesforce's evidence per egress IP, as keyed hashes.
+        # The key is grants.key, or, with Redis, one derived from SIDECAR_REDIS_KEY so replicas agree.
+        if self.shared is not None:
+            await self.shared.start()
+        key = self.shared.hash_key if self.shared is not None else load_or_create_key(self.confdir)
+        store = GrantStore(self.confdir / DB_FILE)
         self.grants.open(key, store)  # loads the grants, starts the writer thread
         self.evidence.open(key, store)
+        self.shield.hash_key = key
+        if self.shared is not None:
+            self.grants.share(self.shared)
         admin = self.settings.admin_address
         try:
             self.admin = AdminServer(admin.host, admin.port, self, render_page)
@@ -245,7 +267,10 @@ class Sidecar:
                 await self.frontdoor.stop()
             self.pool.close_all()
             self.admin.stop()
+            await self.grants.stop_sharing()
             await asyncio.to_thread(self.grants.close)  # writes what is queued (bounded)
+            if self.shared is not None:
+                await self.shared.close()
             self._listening.clear()
             self.metrics.ready.set(0)
 
@@ -340,6 +365,15 @@ class Sidecar:
                     "the QuotaGuard host resolves to a single address; both static IPs may still be used "
                     "behind it. Set SIDECAR_PAIR to the members if you know them.",
                 )
+
+
+def _count(counter: Any, label: str) -> int:
+    """A labelled counter's value, from the registry's own samples."""
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and label in sample.labels.values():
+                return int(sample.value)
+    return 0
 
 
 class _Lifecycle:

@@ -175,10 +175,21 @@ def with_client_tls(v: Verdict, tls: dict[str, Any]) -> Verdict:
     return Verdict("critical" if v.level == "critical" else "warning", [*v.lines, line])
 
 
+def with_shared_state(v: Verdict, redis: dict[str, Any]) -> Verdict:
+    """The verdict, with a line while the Redis the replicas share cannot be reached."""
+    if not redis.get("configured") or redis.get("up") is not False:
+        return v
+    line = (f"Redis (SIDECAR_REDIS_URL) is unreachable since {redis.get('down_since')}: this replica serves on its "
+            "own state, so a refresh token redeemed through another replica at the same time is not coalesced, "
+            "and a reuse there is not seen here. Token calls keep working.")
+    return Verdict("critical" if v.level == "critical" else "warning", [*v.lines, line])
+
+
 def build_status(sidecar: StatusSource) -> dict[str, Any]:
     ready, why = sidecar.is_ready()
     facts = sidecar.status_facts()
-    v = with_client_tls(verdict(sidecar.pair, sidecar.guard), facts["client_tls"])
+    v = with_shared_state(with_client_tls(verdict(sidecar.pair, sidecar.guard), facts["client_tls"]),
+                          facts["shield"]["redis"])
     return {
         "version": __version__,
         "mode": "direct" if sidecar.pair.direct else "pair",
@@ -193,6 +204,7 @@ def build_status(sidecar: StatusSource) -> dict[str, Any]:
         "pair": member_rows(sidecar.pair, sidecar.guard),
         "probe_rounds": facts["probe_rounds"],
         "client_tls": facts["client_tls"],
+        "shield": facts["shield"],
         "evidence": evidence_rows(sidecar.guard),
         "verdict": {"level": v.level, "lines": v.lines},
         **facts["calls"],
@@ -296,6 +308,12 @@ def render_page(status: dict[str, Any]) -> str:
         f"<td>{e(r['at'])}</td><td>{e(_listed(r.get('allowlist_says')))}</td></tr>"
         for r in status.get("evidence") or []
     )
+    sh = status.get("shield") or {}
+    redis = sh.get("redis") or {}
+    shield_line = e(f"{sh.get('coalesced', 0)} redemptions coalesced with an identical one in flight, "
+                    f"{sh.get('replayed', 0)} answered again within the {sh.get('replay_window_seconds', 0):g} s "
+                    "replay window; " + ("state shared on Redis (" + ("up" if redis.get("up") else "UNREACHABLE")
+                                         + ")" if redis.get("configured") else "state kept in this process") + ".")
     recent = list(reversed(status.get("recent") or []))[:_RECENT_ROWS]
     recent_rows = "".join(
         f"<tr class='call'><td>{e(str(c.get('grant_type')))}</td><td>{e(str(c.get('member')))}</td>"
@@ -342,6 +360,7 @@ up {e(_uptime(status.get('uptime_seconds')))} · version {e(status['version'])}<
 {hint}
 <h2>What Salesforce answered, per app and egress IP</h2>
 <table id="evidence">{'<tr><th>app (client_id)</th><th>egress IP</th><th>last answer</th><th>when</th><th>SIDECAR_ALLOWLIST</th></tr>' + evidence_rows_html if evidence_rows_html else '<tr><td>no redemption answered yet</td></tr>'}</table>
+<p id="shield">Rotation shield: {shield_line}</p>
 <h2>Recent token calls (newest first)</h2>
 <table id="recent">{'<tr><th>grant type</th><th>member</th><th>egress IP</th><th>outcome</th><th>status</th><th>ms</th></tr>' + recent_rows if recent_rows else '<tr><td>none yet</td></tr>'}</table>
 <p>Allowlist: <code id="allowlist">{e(status['allowlist'] or 'not configured')}</code></p>

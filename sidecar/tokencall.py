@@ -215,6 +215,7 @@ class TokenCall:
     client_gone: bool = False
     app: str | None = None  # the client_id, shortened (sidecar.evidence.short_client_id)
     retried_from: tuple[str, str] | None = None  # (member, egress IP) Salesforce refused as "ip restricted"
+    shielded: str | None = None  # "coalesced" / "replayed": the rotation shield answered, nothing was sent
 
     def log_fields(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -232,6 +233,8 @@ class TokenCall:
         }
         if self.app:
             out["app"] = self.app
+        if self.shielded:
+            out["shield"] = self.shielded
         if self.retried_from:
             out["retried_from"] = {"member": self.retried_from[0], "egress_ip": self.retried_from[1],
                                    "outcome": "ip_restricted"}

@@ -25,6 +25,7 @@ from sidecar.metrics import EGRESS_NONE, EGRESS_UNKNOWN, MEMBER_DIRECT, MEMBER_N
 from sidecar.pair import Member, Pair
 from sidecar.record import Recorder
 from sidecar.sender import SendResult, TokenSender, Unsendable
+from sidecar.shield import Shield, request_key
 from sidecar.tokencall import (
     ALLOWLISTED_GRANTS,
     TokenCall,
@@ -55,7 +56,8 @@ CLOSE = Close()
 class TokenCore:
     def __init__(self, pair: Pair, guard: Guard, hosts: TokenHosts, recorder: Recorder, route_mode: str,
                  sender: TokenSender, metrics: Metrics, evidence: Evidence, *, retry_ip_restricted: bool = False,
-                 observers: tuple[Observer, ...] = ()) -> None:
+                 shield: Shield | None = None, observers: tuple[Observer, ...] = ()) -> None:
+        self.shield = shield  # one redemption per refresh token (coalescing, replay)
         self.pair = pair
         self.guard = guard
         self.evidence = evidence
@@ -124,6 +126,20 @@ class TokenCore:
         authorization = first(req.headers, b"authorization")
         app = self.evidence.app(client_id(fields, authorization.decode("latin-1") if authorization else None))
         call.app = app.label if app else None
+        shield = self.shield
+        if call.grant_type == "refresh_token" and shield is not None and shield.hash_key is not None:
+            key = request_key(shield.hash_key, fields, authorization.decode("latin-1") if authorization else None)
+            answer, how = await shield.redeem(key, lambda: self._guarded(call, req, app))
+            if how != "sent":  # another call's answer: nothing of this one was sent
+                call.shielded = how
+                call.route, call.member, call.egress_ip, call.guard = how, MEMBER_NONE, EGRESS_NONE, "allow"
+                call.outcome = responses.local_outcome(answer)  # (None: Salesforce's answer, classified in finish)
+                call.local = call.outcome is not None
+            return answer
+        return await self._guarded(call, req, app)
+
+    async def _guarded(self, call: TokenCall, req: TokenRequest, app: App | None) -> Answer:
+        """The guard's choice, then the send (and, once, the retry of an "ip restricted" refusal)."""
         decision = self.guard.choose(call.grant_type, app=app)
         call.guard = decision.verdict
         if decision.blocked:

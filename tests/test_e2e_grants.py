@@ -89,7 +89,8 @@ def test_a_client_that_keeps_redeeming_its_first_token_shows_one_reuse_per_extra
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
-    sc = make_sidecar_proc(world.pair_env())
+    # Replay off: within the window the rotation shield would answer these again with the rotated token.
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_REPLAY_WINDOW": "0"})
     first = world.salesforce.issue_refresh_token()
     with sc.session() as s:
         assert redeem(s, first).status_code == 200  # the new token in this answer is never saved
@@ -196,7 +197,7 @@ def test_no_token_secret_or_password_is_written_anywhere(
     """Every scenario above in one sidecar, then every file, log line, metric, status and command
     output it produced is searched for every secret the run used, and for its 12-character prefix."""
     world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
-    sc = make_sidecar_proc(world.pair_env())
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_REPLAY_WINDOW": "0"})  # the lost token really is reused
     secrets: list[str] = [PROXY_PASS, CLIENT_SECRET, base64.b64encode(f"{PROXY_USER}:{PROXY_PASS}".encode()).decode()]
 
     def keep(resp: requests.Response) -> requests.Response:

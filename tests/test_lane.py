@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sidecar.sim.certs import TestCA
-from tests.harness import SidecarProcess, World, metric_value, redeem, wait_until
+from tests.harness import SidecarProcess, World, free_port, metric_value, redeem, wait_until
 from tests.scripted_origin import ScriptedOrigin, ok, token_body
 
 BIG = 16 * 1024 * 1024
@@ -212,10 +212,7 @@ def test_origin_failures_are_clear_502s_and_the_lane_keeps_serving(
         conn.close()
     assert sum(1 for _, r in origin.requests if b"/then-close" in r) == 3
     # Nothing is left to a port nobody listens on.
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    dead_port = dead.getsockname()[1]
-    dead.close()
+    dead_port = free_port()  # nobody listens there
     conn = https_via(sc, dead_port)
     try:
         status, body, _ = get(conn, "GET", "/")

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from sidecar.sim.certs import TestCA
-from tests.harness import SidecarProcess, wait_until
+from tests.harness import SidecarProcess, free_port, wait_until
 from tests.scripted_origin import ScriptedOrigin, ok, token_body
 from tests.test_lane import get, https_via, read_all, tls_tunnel
 
@@ -204,10 +204,7 @@ def test_upload_to_an_unreachable_origin_gets_the_502_not_a_reset(
     request body unread: the socket is closed with data pending, the kernel resets the connection and
     the client's upload fails with ECONNRESET/EPIPE instead of showing the 502 (the refusal and
     BadRequest paths linger for exactly this reason; mitmproxy reads the body and answers 502)."""
-    dead = socket.socket()
-    dead.bind(("127.0.0.1", 0))
-    dead_port = dead.getsockname()[1]
-    dead.close()
+    dead_port = free_port()  # nobody listens there
     conn = https_via(lane_sidecar, dead_port)
     try:
         try:

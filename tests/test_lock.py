@@ -202,8 +202,8 @@ def test_find_python_prefers_the_image_python() -> None:
 def test_checks_catch_an_added_a_removed_and_an_out_of_range_dependency() -> None:
     pins = parse_lock(RUNTIME_LOCK.read_text())
     project = pyproject()
-    project["project"]["dependencies"] = [*project["project"]["dependencies"], "redis>=5"]
-    assert disagreements(_groups_for(RUNTIME_LOCK, project), pins) == ["redis>=5 is not in the lock"]
+    project["project"]["dependencies"] = [*project["project"]["dependencies"], "tomli-w>=1"]
+    assert disagreements(_groups_for(RUNTIME_LOCK, project), pins) == ["tomli-w>=1 is not in the lock"]
 
     project = pyproject()
     project["project"]["dependencies"] = [d for d in project["project"]["dependencies"] if not d.startswith("h11")]

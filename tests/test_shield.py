@@ -1,0 +1,320 @@
+"""The rotation shield: one redemption per refresh token, its answer given to every identical caller,
+within one sidecar and across sidecars that share a real redis-server. Loopback only; the tests start
+and stop their Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from sidecar.messages import Answer
+from sidecar.metrics import Metrics
+from sidecar.shield import Shield, request_key
+from tests.harness import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    SidecarProcess,
+    World,
+    free_port,
+    iter_written_files,
+    metric_value,
+    redeem,
+    require_tool,
+    wait_until,
+)
+
+REDIS_KEY = "5f" * 32
+BOTH = ["127.0.0.2", "127.0.0.3"]
+
+
+# -- the shield on its own: plain code, a fake clock ---------------------------------------------------
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def answer(status: int = 200, token: str = "RT2") -> Answer:
+    return Answer(status, [(b"Content-Type", b"application/json")], json.dumps({"refresh_token": token}).encode())
+
+
+def test_identical_redemptions_in_flight_share_one_send_and_its_answer() -> None:
+    async def run() -> tuple[list[str], int]:
+        shield = Shield(Metrics(), 60, 5)
+        sent = 0
+        gate = asyncio.Event()
+
+        async def send() -> Answer:
+            nonlocal sent
+            sent += 1
+            await gate.wait()
+            return answer()
+
+        key = request_key(b"k" * 32, {"grant_type": ["refresh_token"], "refresh_token": ["RT1"]}, None)
+        tasks = [asyncio.create_task(shield.redeem(key, send)) for _ in range(6)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert {a.body for a, _ in results} == {answer().body}
+        return sorted(how for _, how in results), sent
+
+    hows, sent = asyncio.run(run())
+    assert sent == 1 and hows == ["coalesced"] * 5 + ["sent"]
+
+
+def test_replay_only_of_successes_only_within_the_window_and_bounded() -> None:
+    async def run() -> None:
+        clock = Clock()
+        shield = Shield(Metrics(), 30, 5, clock=clock, max_answers=2)
+        calls: list[int] = []
+
+        def sender(status: int) -> Callable[[], asyncio.Future[Answer]]:
+            async def send() -> Answer:
+                calls.append(status)
+                return answer(status)
+            return send  # type: ignore[return-value]
+
+        k1, k2, k3, bad = (bytes([i]) * 16 for i in range(4))
+        assert (await shield.redeem(k1, sender(200)))[1] == "sent"
+        assert (await shield.redeem(k1, sender(200)))[1] == "replayed"
+        assert (await shield.redeem(bad, sender(400)))[1] == "sent"
+        assert (await shield.redeem(bad, sender(400)))[1] == "sent"  # a failure is never replayed
+        clock.now += 31
+        assert (await shield.redeem(k1, sender(200)))[1] == "sent"  # expired
+        await shield.redeem(k2, sender(200))
+        await shield.redeem(k3, sender(200))
+        assert shield.cached == 2  # bounded: the oldest went
+        assert (await shield.redeem(k1, sender(200)))[1] == "sent"
+        off = Shield(Metrics(), 0, 5)
+        await off.redeem(k1, sender(200))
+        assert (await off.redeem(k1, sender(200)))[1] == "sent" and off.cached == 0  # window 0: no replay
+
+    asyncio.run(run())
+
+
+def test_a_failure_of_the_leader_reaches_every_waiter() -> None:
+    async def run() -> list[BaseException | tuple[Answer, str]]:
+        shield = Shield(Metrics(), 60, 5)
+
+        async def send() -> Answer:
+            await asyncio.sleep(0.05)
+            raise ConnectionError("boom")
+
+        return await asyncio.gather(*(shield.redeem(b"k" * 16, send) for _ in range(3)), return_exceptions=True)
+
+    assert [type(r) for r in asyncio.run(run())] == [ConnectionError] * 3
+
+
+def test_the_key_separates_callers_without_the_same_credentials() -> None:
+    k = b"k" * 32
+    base = {"grant_type": ["refresh_token"], "refresh_token": ["RT1"], "client_id": ["app"]}
+    one = request_key(k, {**base, "client_secret": ["s1"]}, None)
+    assert one == request_key(k, {"client_secret": ["s1"], **base}, None)  # field order does not matter
+    assert one != request_key(k, {**base, "client_secret": ["s2"]}, None)
+    assert request_key(k, base, "Basic YXBwOnMx") != request_key(k, base, "Basic YXBwOnMy")
+    assert one != request_key(b"j" * 32, {**base, "client_secret": ["s1"]}, None)
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+def concurrent_redemptions(sidecars: list[SidecarProcess], token: str, n: int) -> list[requests.Response]:
+    """``n`` redemptions of one refresh token released at once, spread over ``sidecars``."""
+    barrier = threading.Barrier(n)
+    out: list[requests.Response | BaseException] = [RuntimeError("not run")] * n
+
+    def worker(i: int) -> None:
+        with sidecars[i % len(sidecars)].session() as s:
+            try:
+                barrier.wait(10)
+                out[i] = redeem(s, token)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                out[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(isinstance(r, requests.Response) for r in out), out
+    return out  # type: ignore[return-value]
+
+
+def redemptions_of(world: World, token: str) -> int:
+    return sum(1 for r in world.salesforce.seen if r.grant_type == "refresh_token" and token.encode() in r.body)
+
+
+def test_six_concurrent_redemptions_then_one_more_get_the_same_rotated_token(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    world.salesforce.set_allowlist(BOTH)
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH)})
+    token = world.salesforce.issue_refresh_token()
+    answers = concurrent_redemptions([sc], token, 6)
+    time.sleep(1.0)
+    with sc.session() as s:
+        answers.append(redeem(s, token))
+    assert [r.status_code for r in answers] == [200] * 7, [r.text for r in answers]
+    rotated = {r.json()["refresh_token"] for r in answers}
+    assert len(rotated) == 1 and world.salesforce.refresh_token_valid(rotated.pop())
+    assert redemptions_of(world, token) == 1  # Salesforce saw exactly one
+    text = sc.metrics()
+    coalesced = metric_value(text, "egress_sidecar_shield_answers_total", kind="coalesced")
+    replayed = metric_value(text, "egress_sidecar_shield_answers_total", kind="replayed")
+    assert coalesced + replayed == 6 and replayed >= 1
+    assert metric_value(text, "egress_sidecar_refresh_token_reuse_total") == 0  # none of them was a reuse
+    shields = Counter(c.get("shield") for c in sc.log_events())
+    assert shields[None] == 1 and shields["coalesced"] + shields["replayed"] == 6
+    status = sc.status()["shield"]
+    assert status["coalesced"] + status["replayed"] == 6 and status["redis"] == {"configured": False}
+    log = sc.log_text()
+    assert token not in log and not [r.json()["access_token"] for r in answers if r.json()["access_token"] in log]
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+    """Start (and stop) real redis-servers on loopback, no persistence."""
+    binary = require_tool(("redis-server",), "REDIS_SERVER", "apt-get install redis-server")
+    servers: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        port = free_port()
+        workdir = tmp_path / f"redis-{port}"
+        workdir.mkdir()
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                 "no", "--dir", str(workdir), "--protected-mode", "yes"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers.append(RedisServer(f"redis://127.0.0.1:{port}/0", port, proc))
+        assert wait_until(lambda: _pong(port), timeout=10), "redis-server did not start"
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+            server.proc.wait(timeout=10)
+
+
+def _pong(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+            c.sendall(b"PING\r\n")
+            return c.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def redis_dump(url: str) -> list[bytes]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return [k + b"=" + (client.dump(k) or b"") for k in client.keys("*")]
+    finally:
+        client.close()
+
+
+def test_two_sidecars_sharing_redis_redeem_a_token_once_for_everyone(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
+) -> None:
+    world.salesforce.set_allowlist(BOTH)
+    url = redis_server().url
+    env = {**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": url,
+           "SIDECAR_REDIS_KEY": REDIS_KEY}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    token = world.salesforce.issue_refresh_token()
+    answers = concurrent_redemptions([a, b], token, 6)
+    assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+    rotated = {r.json()["refresh_token"] for r in answers}
+    assert len(rotated) == 1
+    assert redemptions_of(world, token) == 1
+    served = {name: sum(1 for c in sc.log_events() if c.get("shield")) for name, sc in (("a", a), ("b", b))}
+    assert sum(served.values()) == 5
+    assert all(metric_value(sc.metrics(), "egress_sidecar_redis_up") == 1 for sc in (a, b))
+    assert a.status()["shield"]["redis"]["up"] is True
+    # A redemption of the same token a second later, through the sidecar that did not send it: replayed.
+    sender = a if not served["a"] else b
+    other = b if sender is a else a
+    with other.session() as s:
+        again = redeem(s, token)
+    assert again.status_code == 200 and again.json()["refresh_token"] in rotated
+    assert redemptions_of(world, token) == 1
+    # Nothing in Redis or on either disk is a raw token: answers are sealed, the rest are keyed hashes.
+    secrets = {token, *rotated, *(r.json()["access_token"] for r in answers), CLIENT_SECRET}
+    dumped = b"\n".join(redis_dump(url))
+    assert dumped and not [t for t in secrets if t.encode() in dumped]
+    for sc in (a, b):
+        written = b"".join(p.read_bytes() for p in iter_written_files(sc.confdir))
+        assert not [t for t in secrets if t.encode() in written]
+        assert REDIS_KEY not in sc.log_text()
+
+
+def test_a_reuse_through_another_replica_is_seen_through_redis(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
+) -> None:
+    """Replay off, so the second redemption of a rotated-away token reaches Salesforce (and fails):
+    the replica that sees it knows the token was rotated away by the other one."""
+    world.salesforce.set_allowlist(BOTH)
+    env = {**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": redis_server().url,
+           "SIDECAR_REDIS_KEY": REDIS_KEY, "SIDECAR_REPLAY_WINDOW": "0"}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    token = world.salesforce.issue_refresh_token()
+    with a.session() as s:
+        assert redeem(s, token).status_code == 200
+    time.sleep(0.3)  # A's change reaches Redis off the request path
+    with b.session() as s:
+        stale = redeem(s, token)
+    assert stale.status_code == 400 and stale.json()["error_description"] == "expired access/refresh token"
+    assert wait_until(lambda: metric_value(b.metrics(), "egress_sidecar_refresh_token_reuse_total") == 1, timeout=5)
+    assert "refresh token reuse" in b.log_text()
+
+
+def test_redis_killed_mid_run_calls_keep_working(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
+) -> None:
+    world.salesforce.set_allowlist(BOTH)
+    redis = redis_server()
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": redis.url,
+                            "SIDECAR_REDIS_KEY": REDIS_KEY})
+    token = world.salesforce.issue_refresh_token()
+    with sc.session() as s:
+        for _ in range(3):
+            resp = redeem(s, token)
+            assert resp.status_code == 200
+            token = resp.json()["refresh_token"]
+    redis.kill()
+    assert not _pong(redis.port)
+    with sc.session() as s:
+        for _ in range(5):  # a rotating chain, every call answered
+            resp = redeem(s, token)
+            assert resp.status_code == 200, resp.text
+            token = resp.json()["refresh_token"]
+        answers = concurrent_redemptions([sc], token, 4)  # coalescing still works within the replica
+    assert [r.status_code for r in answers] == [200] * 4 and len({r.json()["refresh_token"] for r in answers}) == 1
+    assert metric_value(sc.metrics(), "egress_sidecar_redis_up") == 0
+    status = sc.status()
+    assert status["shield"]["redis"]["up"] is False and status["verdict"]["level"] == "warning"
+    assert any("Redis (SIDECAR_REDIS_URL) is unreachable" in line for line in status["verdict"]["lines"])
+    assert sc.log_text().count("Redis is unreachable") == 1  # said once, not per call
