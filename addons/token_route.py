@@ -14,6 +14,7 @@ import time
 
 from mitmproxy import connection, http
 
+from sidecar.destinations import DestinationRefused, Destinations
 from sidecar.messages import Answer, TokenRequest
 from sidecar.pair import Member, Pair
 from sidecar.tokencall import TokenCall
@@ -44,18 +45,31 @@ def _declared(req: http.Request) -> int | None:
 
 
 class TokenRoute:
-    def __init__(self, core: TokenCore, pair: Pair) -> None:
+    def __init__(self, core: TokenCore, pair: Pair, destinations: Destinations) -> None:
         self.core = core
         self.pair = pair
+        self.destinations = destinations
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    async def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         req = flow.request
         host = flow.client_conn.sni or req.host  # where the bytes really go, not the Host header
         call = self.core.detect(host, req.method, req.path, req.timestamp_start)
         if call is None:
-            route_to(flow, self.core.other_member(self.core.hosts.matches(host)))
+            member = self.core.other_member(self.core.hosts.matches(host))
+            try:  # a member resolves names itself; direct, this is where the name is resolved
+                if member is None:
+                    await self.destinations.resolve(req.host, req.port)
+                else:
+                    self.destinations.check_literal(req.host, req.port)
+            except DestinationRefused as exc:
+                flow.response = http.Response.make(403, f"egress-sidecar: refused: {exc}\n".encode(),
+                                                   {"Content-Type": "text/plain; charset=utf-8"})
+                return
+            except OSError:
+                pass  # does not resolve: mitmproxy answers that itself
+            route_to(flow, member)
             req.stream = True
             return
         flow.metadata[CALL] = call

@@ -281,6 +281,12 @@ class Settings(BaseSettings):
     proxy_auth: SecretStr | None = _setting(
         None, doc="`user:pass` required from proxy clients (Basic). Without it only loopback clients are served."
     )
+    allow_private_destinations: bool = _setting(
+        False,
+        doc="With `SIDECAR_PROXY_AUTH` (a shared proxy), also connect to destinations in private ranges (10/8, "
+        "172.16/12, 192.168/16, 100.64/10, fc00::/7). Loopback and link-local (169.254/16, fe80::/10) stay refused; "
+        "the sidecar's own ports always are.",
+    )
     log_format: Literal["json", "text"] = _setting("json", doc="`json` (one object per line) or `text`.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", doc="`DEBUG`, `INFO`, `WARNING`, `ERROR`."

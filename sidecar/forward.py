@@ -29,6 +29,10 @@ class Upstream502(Exception):
     """Forwarding failed before anything of the response reached the client."""
 
 
+class Refused(Exception):
+    """The destination rules refuse the request's destination (sidecar.destinations): a 403."""
+
+
 class ClientGone(Exception):
     """The client left (or its connection failed) in the middle of its request."""
 
@@ -63,7 +67,7 @@ class Forwarder:
             try:
                 conn, reused = await self.pool.acquire(member, host, port)
             except ConnectFailure as exc:
-                raise Upstream502(exc.detail) from None
+                raise (Refused if exc.refused else Upstream502)(exc.detail) from None
             try:
                 async with asyncio.timeout(self.idle_timeout) as deadline:  # moved on by every chunk sent
                     await conn.http.send(head)

@@ -28,6 +28,7 @@ import h11
 
 from sidecar.access import Access
 from sidecar.config import Upstream
+from sidecar.destinations import DestinationRefused, Destinations
 from sidecar.hosts import TokenHosts
 from sidecar.http1 import MAX_HEAD, HttpConnection, ProtocolError, closing_events, error_events
 from sidecar.lane import Lane
@@ -100,7 +101,8 @@ async def _connect_without_host(seen: bytes, sock: socket.socket) -> tuple[HttpC
 class FrontDoor:
     def __init__(self, hosts: TokenHosts, metrics: Metrics, access: Access, *, connect_timeout: float,
                  idle_timeout: float, handoff: Handoff, lane: Lane, upstream: Upstream | None,
-                 tunnel_member: Callable[[], Member | None]) -> None:
+                 tunnel_member: Callable[[], Member | None], destinations: Destinations) -> None:
+        self.destinations = destinations
         self.hosts = hosts
         self.metrics = metrics
         self.access = access
@@ -208,6 +210,12 @@ class FrontDoor:
         if request.method == b"CONNECT" and target is None:
             await self._refuse(client, *error_events(400, "a CONNECT target must be HOST:PORT"))
             return False
+        if target is not None:
+            try:
+                self.destinations.check_literal(*target)
+            except DestinationRefused as exc:
+                await self._refuse(client, *error_events(403, f"refused: {exc}"))
+                return False
         if target is None or is_ip(target[0]):
             await self._handoff(sock, bytes(stream.seen))
             return True
@@ -238,8 +246,11 @@ class FrontDoor:
         member = self.tunnel_member()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                target = await open_target(host, port, member, self.upstream)
+                target = await open_target(host, port, member, self.upstream, self.destinations)
         except (ConnectFailure, TimeoutError) as exc:
+            if isinstance(exc, ConnectFailure) and exc.refused:
+                await self._refuse(client, *error_events(403, f"refused: {exc.detail}"))
+                return
             detail = exc.detail if isinstance(exc, ConnectFailure) else f"connecting to {host}:{port} timed out"
             await self._refuse(client, *closing_events(502, b"text/plain", f"egress-sidecar: {detail}".encode()))
             return

@@ -20,7 +20,7 @@ import time
 
 import h11
 
-from sidecar.forward import ClientGone, Forwarder, Upstream502
+from sidecar.forward import ClientGone, Forwarder, Refused, Upstream502
 from sidecar.http1 import CONTINUE, HttpConnection, ProtocolError, error_events, raw_headers, reason, values
 from sidecar.leafcerts import LeafContexts
 from sidecar.logs import event
@@ -157,8 +157,9 @@ class Lane:
     async def _forward(self, client: HttpConnection, request: h11.Request, host: str, port: int) -> bool:
         try:
             return await self.forwarder.forward(client, request, host, port, self.core.other_member(True))
-        except Upstream502 as exc:
-            await _quietly(client, error_events(502, str(exc)), self.idle_timeout)
+        except (Upstream502, Refused) as exc:
+            status, text = (403, f"refused: {exc}") if isinstance(exc, Refused) else (502, str(exc))
+            await _quietly(client, error_events(status, text), self.idle_timeout)
             await _linger(client.stream.sock)  # the request body may be unread: let the client read the 502
             return False
 

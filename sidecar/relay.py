@@ -16,6 +16,7 @@ import struct
 import termios
 
 from sidecar.config import Upstream
+from sidecar.destinations import DestinationRefused, Destinations
 from sidecar.pair import Member
 from sidecar.streams import CHUNK, SocketStream, abort, open_tcp, quickack
 from sidecar.upstream import ConnectFailure, describe_error, open_tunnel
@@ -23,12 +24,19 @@ from sidecar.upstream import ConnectFailure, describe_error, open_tunnel
 MAX_WAKEUPS = 10_000_000  # bounded: idle checks of one tunnel
 
 
-async def open_target(host: str, port: int, member: Member | None, upstream: Upstream | None) -> SocketStream:
+async def open_target(host: str, port: int, member: Member | None, upstream: Upstream | None,
+                      destinations: Destinations) -> SocketStream:
     """A connection to host:port, direct or through ``member``'s tunnel (the caller sets the deadline).
-    Raises ConnectFailure."""
+    Raises ConnectFailure (``refused`` when the destination rules say no: nothing was connected)."""
     where = f"pair member {member.label}" if member else f"{host}:{port}"
     try:
-        sock = await open_tcp(*(member.address.address if member else (host, port)))
+        if member is not None:
+            destinations.check_literal(host, port)  # a name is the member's to resolve
+            sock = await open_tcp(*member.address.address)
+        else:
+            sock = await open_tcp(host, port, destinations.resolve)
+    except DestinationRefused as exc:
+        raise ConnectFailure("refused", str(exc), member_fault=False, ejects=False, refused=True) from None
     except OSError as exc:
         raise ConnectFailure("unreachable", f"cannot connect to {where}: {describe_error(exc)}") from None
     if member is None:

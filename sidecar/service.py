@@ -34,6 +34,7 @@ from sidecar.ca import (
     upstream_trust,
 )
 from sidecar.config import ConfigError, HostPort, Settings, decode_key
+from sidecar.destinations import Destinations
 from sidecar.discovery import Prober
 from sidecar.forward import Forwarder
 from sidecar.frontdoor import HEAD_TIMEOUT, FrontDoor, Handoff
@@ -103,7 +104,9 @@ class Sidecar:
         # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
         self.grants = GrantTracker(self.metrics)
         self.upstream_trust = upstream_trust(settings, self.confdir)
-        self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout)
+        self.destinations = Destinations(shared_proxy=settings.proxy_auth is not None,
+                                         allow_private=settings.allow_private_destinations)
+        self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout, self.destinations)
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
         self.access = Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
                              settings.max_connections)
@@ -196,7 +199,7 @@ class Sidecar:
         master.addons.add(
             ClientAccess(self.access),
             SelectiveIntercept(self.metrics, self._passthrough_member),
-            TokenRoute(self.core, self.pair),
+            TokenRoute(self.core, self.pair, self.destinations),
             _Lifecycle(self),
         )
         trust = self.upstream_trust
@@ -311,9 +314,12 @@ class Sidecar:
         self.frontdoor = FrontDoor(
             self.hosts, self.metrics, self.access, connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
             handoff=handoff, lane=lane, upstream=s.upstream, tunnel_member=self._passthrough_member,
+            destinations=self.destinations,
         )
         listen = s.listen_address
-        return await self.frontdoor.start(listen.host, listen.port)
+        address = await self.frontdoor.start(listen.host, listen.port)
+        self.destinations.listening(*address)
+        return address
 
     def on_listening(self, address: tuple[str, int]) -> None:
         # mitmproxy creates (or loads) its CA in TlsConfig's `running` hook, which has run by now.
@@ -392,6 +398,10 @@ class _Lifecycle:
             ctx.master.shutdown()
             return
         self.sidecar.access.internal_addresses = {(str(a[0]), int(a[1])) for a in ps.listen_addrs()}
+        for host, port in self.sidecar.access.internal_addresses:
+            self.sidecar.destinations.listening(host, port)
+        if self.sidecar.admin is not None:
+            self.sidecar.destinations.listening(*self.sidecar.admin.address)
         try:
             address = await self.sidecar.open_front_door(instances[0].handle_stream)
         except OSError as exc:

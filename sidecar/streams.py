@@ -15,6 +15,7 @@ import contextlib
 import socket
 import ssl
 import struct
+from collections.abc import Awaitable, Callable
 
 CHUNK = 64 * 1024  # per read: a stream holds at most about this much per direction
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
@@ -67,12 +68,21 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-async def open_tcp(host: str, port: int) -> socket.socket:
-    """A connected non-blocking TCP socket with Nagle off; the caller sets the deadline."""
+Resolver = Callable[[str, int], Awaitable[list[tuple[int, int, int, tuple[object, ...]]]]]
+
+
+async def _getaddrinfo(host: str, port: int) -> list[tuple[int, int, int, tuple[object, ...]]]:
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    return [(family, type_, proto, addr) for family, type_, proto, _, addr in infos]
+
+
+async def open_tcp(host: str, port: int, resolve: Resolver | None = None) -> socket.socket:
+    """A connected non-blocking TCP socket with Nagle off; the caller sets the deadline. ``resolve``
+    (sidecar.destinations.Destinations.resolve) may refuse what a name resolves to."""
     loop = asyncio.get_running_loop()
-    infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
+    infos = await (resolve or _getaddrinfo)(host, port)
     error: OSError = OSError(f"{host} has no address")
-    for family, type_, proto, _, addr in infos:
+    for family, type_, proto, addr in infos:
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)
         try:

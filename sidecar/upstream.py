@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import h11
 
 from sidecar.config import Upstream
+from sidecar.destinations import DestinationRefused, Destinations
 from sidecar.http1 import HttpConnection, ProtocolError, raw_headers
 from sidecar.messages import Answer
 from sidecar.pair import Member
@@ -33,12 +34,14 @@ MAX_INTERIM = 10  # 1xx answers skipped before the final one
 class ConnectFailure(Exception):
     """The connection could not be set up; no byte of the request was sent."""
 
-    def __init__(self, reason: str, detail: str, member_fault: bool = True, ejects: bool = True) -> None:
+    def __init__(self, reason: str, detail: str, member_fault: bool = True, ejects: bool = True,
+                 refused: bool = False) -> None:
         super().__init__(detail)
         self.reason = reason  # one of metrics.FAILURE_REASONS, or "tls"
         self.detail = detail
         self.member_fault = member_fault  # another member might do better: fail over
         self.ejects = ejects  # evidence the member itself is broken (not the target behind it)
+        self.refused = refused  # the destination rules refused it (sidecar.destinations): a 403, not a 502
 
 
 class SendFailure(Exception):
@@ -155,10 +158,12 @@ class UpstreamPool:
     token endpoint's answers ever travel on theirs, so a misbehaving endpoint elsewhere on the same host
     cannot put bytes in front of a token call, however late they arrive."""
 
-    def __init__(self, upstream: Upstream | None, ssl_context: ssl.SSLContext, connect_timeout: float) -> None:
+    def __init__(self, upstream: Upstream | None, ssl_context: ssl.SSLContext, connect_timeout: float,
+                 destinations: Destinations | None = None) -> None:
         self.upstream = upstream
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
+        self.destinations = destinations  # checked for direct connections (a member resolves its own)
         self._idle: dict[PoolKey, deque[UpstreamConn]] = defaultdict(deque)
 
     async def acquire(self, member: Member | None, host: str, port: int, server_name: str | None = None,
@@ -194,9 +199,12 @@ class UpstreamPool:
         where = f"pair member {member.label}" if member else f"{host}:{port}"
         # One deadline for the whole set-up: TCP, the member's CONNECT answer and the TLS handshake.
         deadline = asyncio.get_running_loop().time() + self.connect_timeout
+        resolve = self.destinations.resolve if self.destinations is not None and member is None else None
         try:
             async with asyncio.timeout_at(deadline):
-                sock = await open_tcp(*target)
+                sock = await open_tcp(*target, resolve)
+        except DestinationRefused as exc:
+            raise ConnectFailure("refused", str(exc), member_fault=False, ejects=False, refused=True) from None
         except (OSError, TimeoutError) as exc:
             raise ConnectFailure(_classify_oserror(exc), f"cannot connect to {where}: {describe_error(exc)}") from None
         stream = SocketStream(sock)

@@ -1,0 +1,86 @@
+"""Where the sidecar may connect on a client's behalf.
+
+Never to itself: a client that asks for the sidecar's own proxy, admin or internal (mitmproxy) port,
+on a loopback address or on the address it listens on, is refused (a loop, or a way around the admin
+server's loopback binding). And when it serves as a shared proxy (``SIDECAR_PROXY_AUTH`` set, so clients
+may come from other hosts), not to loopback, link-local (169.254.0.0/16, fe80::/10: cloud metadata
+services live there), unspecified addresses, and, unless ``SIDECAR_ALLOW_PRIVATE_DESTINATIONS`` is set,
+private ranges. Checked on the addresses a name resolves to, before any connection is opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_CGNAT = ipaddress.ip_network("100.64.0.0/10")
+
+
+class DestinationRefused(Exception):
+    """A destination the rules refuse; the message says why and is meant for the client."""
+
+
+def parse_ip(host: str) -> IPAddress | None:
+    try:
+        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+    except ValueError:
+        return None
+    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
+
+
+class Destinations:
+    def __init__(self, *, shared_proxy: bool, allow_private: bool = False) -> None:
+        self.shared_proxy = shared_proxy  # SIDECAR_PROXY_AUTH is set
+        self.allow_private = allow_private  # SIDECAR_ALLOW_PRIVATE_DESTINATIONS
+        self.own_ports: set[int] = set()  # the proxy, admin and internal ports, once they listen
+        self.own_hosts: set[IPAddress] = set()  # the addresses they listen on (besides loopback)
+
+    def listening(self, host: str, port: int) -> None:
+        """Register an address the sidecar listens on."""
+        self.own_ports.add(port)
+        ip = parse_ip(host)
+        if ip is not None and not ip.is_unspecified:
+            self.own_hosts.add(ip)
+
+    def refusal(self, ip: IPAddress, port: int) -> str | None:
+        """Why a connection to ip:port is refused, or None."""
+        if port in self.own_ports and (ip.is_loopback or ip.is_unspecified or ip in self.own_hosts):
+            return f"{_show(ip, port)} is the sidecar itself; it does not connect to its own ports"
+        if not self.shared_proxy:
+            return None
+        if ip.is_loopback or ip.is_unspecified:
+            return (f"{_show(ip, port)} is on this host; as a shared proxy (SIDECAR_PROXY_AUTH) the sidecar does not "
+                    "connect to loopback destinations")
+        if ip.is_link_local:
+            return (f"{_show(ip, port)} is link-local (cloud metadata services live there); as a shared proxy the "
+                    "sidecar never connects there")
+        if (ip.is_private or ip in _CGNAT) and not self.allow_private and not ip.is_global:
+            return (f"{_show(ip, port)} is in a private range; as a shared proxy (SIDECAR_PROXY_AUTH) the sidecar "
+                    "only connects there with SIDECAR_ALLOW_PRIVATE_DESTINATIONS=true")
+        return None
+
+    def check_literal(self, host: str, port: int) -> None:
+        """Raise DestinationRefused when ``host`` is an IP literal the rules refuse (names pass)."""
+        ip = parse_ip(host)
+        if ip is not None and (why := self.refusal(ip, port)) is not None:
+            raise DestinationRefused(why)
+
+    async def resolve(self, host: str, port: int) -> list[tuple[int, int, int, tuple[object, ...]]]:
+        """``getaddrinfo`` for host:port, every address checked; raises DestinationRefused when the rules
+        refuse one of them (a name that also points somewhere refused is not half-trusted), OSError when
+        the name does not resolve."""
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             proto=socket.IPPROTO_TCP)
+        out = []
+        for family, type_, proto, _, addr in infos:
+            ip = parse_ip(str(addr[0]))
+            if ip is not None and (why := self.refusal(ip, port)) is not None:
+                raise DestinationRefused(why if parse_ip(host) is not None else f"{host} resolves to {why}")
+            out.append((family, type_, proto, addr))
+        return out
+
+
+def _show(ip: IPAddress, port: int) -> str:
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
