@@ -24,7 +24,7 @@ from sidecar.ca import trust_context
 from sidecar.config import Settings, Upstream
 from sidecar.guard import Guard
 from sidecar.logs import event
-from sidecar.metrics import EGRESS_UNKNOWN, Metrics
+from sidecar.metrics import EGRESS_UNKNOWN, PROBE_RESULTS, Metrics
 from sidecar.pair import Member, Pair
 from sidecar.http1 import HttpConnection
 from sidecar.streams import SocketStream, Stream, TlsStream, open_tcp
@@ -199,14 +199,20 @@ class Prober:
         member.last_error = error
         was_up = member.up
         if not seen and not member_down:
+            # The member answered (its CONNECT, its proxy auth): it is up; only the echo behind it failed,
+            # so its egress IP is not re-verified this round and keeps its last known value.
+            self.metrics.probes.labels(member.label, "echo_failed").inc()
+            member.up = True
             event(log, logging.WARNING, f"probe through pair member {member.label} reached the member but not the "
-                  f"IP echo ({error}); keeping its last known state", member=member.label)
+                  f"IP echo ({error}); the member routes on, its egress IP is not re-verified", member=member.label)
             return
         if not seen:
+            self.metrics.probes.labels(member.label, "member_down").inc()
             member.up = False
             if was_up is not False:
                 event(log, logging.WARNING, f"pair member {member.label} is down: {error}", member=member.label)
             return
+        self.metrics.probes.labels(member.label, "ok" if len(set(seen)) == 1 else "unstable").inc()
         member.up = True
         if was_up is False:
             event(log, logging.INFO, f"pair member {member.label} is up again", member=member.label)
@@ -229,8 +235,14 @@ class Prober:
                 )
                 member.samples.clear()
             elif before is None and not member.samples:
-                event(log, logging.INFO, f"pair member {member.label} leaves from {new}", member=member.label,
-                      egress_ip=new, allowlisted=self.guard.is_allowlisted(new))
+                listed = self.guard.is_allowlisted(new)
+                if listed is False:
+                    event(log, logging.WARNING, f"pair member {member.label} leaves from {new}, which is not on "
+                          "SIDECAR_ALLOWLIST: add it to the External Client App's Refresh Token IP Allowlist (and to "
+                          "SIDECAR_ALLOWLIST)", member=member.label, egress_ip=new, allowlisted=False)
+                else:
+                    event(log, logging.INFO, f"pair member {member.label} leaves from {new}", member=member.label,
+                          egress_ip=new, allowlisted=listed)
             member.samples.extend(seen)
         else:
             member.samples.extend(seen)
@@ -258,10 +270,14 @@ class Prober:
         """
         for m in self.pair.members:
             self.metrics.egress_changes.labels(m.label)
+            for result in PROBE_RESULTS:
+                self.metrics.probes.labels(m.label, result)
             if m.egress_ip:
                 for grant in ALLOWLISTED_GRANTS:
                     for outcome in ("success", "ip_restricted"):
                         self.metrics.token_requests.labels(grant, m.label, m.egress_ip, outcome)
+            if m.up is None:
+                continue  # not probed yet: no series, so a restart never looks like a member going down
             ip = m.egress_ip or EGRESS_UNKNOWN
             old = self._member_up_ip.get(m.label)
             if old is not None and old != ip:

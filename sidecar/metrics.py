@@ -46,6 +46,8 @@ MEMBER_NONE = "none"
 EGRESS_UNKNOWN = "unknown"
 EGRESS_NONE = "none"
 FAILURE_REASONS = ("refused", "unreachable", "timeout", "proxy_error", "auth_failed", "reset")
+# A member's probe round: its samples agreed, disagreed, only the echo behind it failed, or the member failed.
+PROBE_RESULTS = ("ok", "unstable", "echo_failed", "member_down")
 
 
 def _dist_version(name: str) -> str:
@@ -105,7 +107,8 @@ class Metrics:
         )
         self.member_up = Gauge(
             f"{NS}_pair_member_up",
-            "1 if the pair member answered its last probe, else 0.",
+            "1 if the pair member answered its last probe round (even when only the IP echo behind it failed), 0 if "
+            "it could not be reached or refused the credentials; absent until its first round.",
             ("member", "egress_ip"),
             registry=r,
         )
@@ -118,6 +121,14 @@ class Metrics:
         self.allowlist_coverage = Gauge(
             f"{NS}_allowlist_coverage_ratio",
             "Share of observed egress IPs that are on the allowlist (0..1).",
+            registry=r,
+        )
+        self.probes = Counter(
+            f"{NS}_probes_total",
+            "Egress probe rounds per pair member, by result: ok, unstable (samples disagreed), echo_failed (the "
+            "member answered, the IP echo behind it did not: the member is up), member_down (connect or proxy "
+            "auth failed).",
+            ("member", "result"),
             registry=r,
         )
         self.member_failures = Counter(

@@ -36,7 +36,10 @@ class Recorder:
             member, ip = call.retried_from
             self.metrics.token_requests.labels(grant, member, ip, "ip_restricted").inc()
         fields = call.log_fields()
-        level = logging.INFO if call.outcome == "success" and not call.retried_from else logging.WARNING
+        # One line per call, and the only one: what the guard saw (observe mode lets a call leave from an IP
+        # that is not allowlisted) is said here, not in a second line.
+        level = logging.INFO if call.outcome == "success" and not call.retried_from and call.guard != \
+            "not_allowlisted" else logging.WARNING
         event(log, level, _message(call), **fields)
         with self._lock:
             self.recent.append(fields)
@@ -58,7 +61,10 @@ def _message(call: TokenCall) -> str:
     if call.retried_from:
         text += (f" (retried: Salesforce first refused egress IP {call.retried_from[1]} as ip restricted; add it to "
                  "the External Client App's Refresh Token IP Allowlist)")
-    if call.outcome == "ip_restricted":
+    if call.guard == "not_allowlisted" and not call.retried_from:
+        text += (f" - it left from {call.egress_ip}, which is not allowlisted (SIDECAR_ALLOWLIST, or Salesforce "
+                 "refused it before); the guard observes, SIDECAR_GUARD=enforce would route around it")
+    elif call.outcome == "ip_restricted":
         text += (
             f" - Salesforce rejected egress IP {call.egress_ip}: add it to the External Client App's "
             "Refresh Token IP Allowlist"

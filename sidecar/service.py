@@ -295,11 +295,18 @@ class Sidecar:
         if self.frontdoor is not None:
             self.frontdoor.close_listener()
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + min(self.settings.response_timeout, DRAIN_SECONDS)
+        started, waiting = loop.time(), self.core.in_flight
+        deadline = started + min(self.settings.response_timeout, DRAIN_SECONDS)
         while self.core.in_flight and loop.time() < deadline:
             await asyncio.sleep(0.02)
-        if self.core.in_flight:
-            event(log, logging.WARNING, f"stopping with {self.core.in_flight} token call(s) still in flight")
+        left, clients = self.core.in_flight, self.access.active
+        event(log, logging.WARNING if left else logging.INFO,
+              f"stopping: {waiting - left} of {waiting} token call(s) in flight finished and were answered"
+              + (f", {left} did not finish within {deadline - started:.0f}s (their apps get no answer; if one "
+                 "was a refresh, its rotated token may be lost)" if left else "")
+              + f"; closing {clients} client connection(s)",
+              drained=waiting - left, abandoned=left, clients=clients,
+              waited_seconds=round(loop.time() - started, 2))
         await asyncio.sleep(0.05)  # their records are written just after their answers
         self.master.shutdown()
 

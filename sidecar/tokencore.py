@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 from sidecar import responses
 from sidecar.evidence import App, Evidence
-from sidecar.guard import Decision, Guard
+from sidecar.guard import Guard
 from sidecar.hosts import TokenHosts
 from sidecar.http1 import first
 from sidecar.logs import event
@@ -147,7 +147,6 @@ class TokenCore:
             call.outcome, call.detail, call.local = "blocked", decision.reason, True
             return responses.blocked(self.guard, decision.reason or "")
         self._describe_route(call, decision.member)
-        self._warn_if_not_allowlisted(call, decision)
         try:
             return await self._send_and_retry(call, req, decision.member, app)
         except Unsendable as exc:
@@ -229,13 +228,6 @@ class TokenCore:
         """Refuse a malformed token call without sending it anywhere."""
         _mark_refused(call, description)
         return responses.local_answer(status, error, description)
-
-    def _warn_if_not_allowlisted(self, call: TokenCall, decision: Decision) -> None:
-        if decision.verdict == "not_allowlisted":
-            event(log, logging.WARNING,
-                  f"token call leaves from {call.egress_ip}, which is not on SIDECAR_ALLOWLIST "
-                  "(guard observes; SIDECAR_GUARD=enforce would route around it)",
-                  member=call.member, egress_ip=call.egress_ip)
 
     def other_member(self, on_token_host: bool) -> Member | None:
         """The route of anything that is not a token call: direct unless SIDECAR_ROUTE says otherwise."""

@@ -38,6 +38,7 @@ CONTRACT_METRICS = frozenset({
     "egress_sidecar_egress_ip_refused",
     "egress_sidecar_allowlist_disagreement",
     "egress_sidecar_ip_restricted_retries_total",
+    "egress_sidecar_probes_total",
 })
 
 # Label names per metric, as the rules and the dashboard use them (Prometheus adds job, instance).
@@ -61,6 +62,7 @@ CONTRACT_LABELS = {
     "egress_sidecar_egress_ip_refused": ("egress_ip",),
     "egress_sidecar_allowlist_disagreement": ("egress_ip",),
     "egress_sidecar_ip_restricted_retries_total": ("outcome",),
+    "egress_sidecar_probes_total": ("member", "result"),
 }
 assert set(CONTRACT_LABELS) == CONTRACT_METRICS
 

@@ -43,6 +43,7 @@ EXPECTED_ALERTS = {
     "EgressSidecarClientTLSFailing",
     "SalesforceEgressIPRefused",
     "SalesforceAllowlistDisagreement",
+    "QuotaGuardEgressProbesFailing",
 }
 SEVERITIES = {"page", "warning", "ticket"}
 ANNOTATIONS = {"summary", "description", "runbook"}

@@ -187,3 +187,26 @@ def test_echo_outage_does_not_take_a_member_down() -> None:
     assert guard.ready() and guard.choose("refresh_token").member is m
     prober.apply_round(m, [], "cannot connect to the member: connection refused", member_down=True)
     assert m.up is False and not guard.ready()
+
+
+def test_probe_health_counts_rounds_and_an_echo_outage_never_takes_a_member_down() -> None:
+    pair = make_pair(None, None)
+    for m in pair.members:
+        m.up = None  # not probed yet
+    prober, metrics, _ = prober_for(pair)
+    prober.update_metrics()
+    a, b = pair.members
+    # Before the first round there is no member_up series at all: a restart never looks like "down".
+    assert value(metrics, "egress_sidecar_pair_member_up", member=a.label, egress_ip="unknown") is None
+    assert value(metrics, "egress_sidecar_probes_total", member=a.label, result="member_down") == 0
+    prober.apply_round(a, [], "echo did not answer within 3s", member_down=False)
+    prober.apply_round(b, [], "cannot connect to the member: connection refused", member_down=True)
+    prober.update_metrics()
+    assert a.up is True and b.up is False
+    assert value(metrics, "egress_sidecar_pair_member_up", member=a.label, egress_ip="unknown") == 1
+    assert value(metrics, "egress_sidecar_pair_member_up", member=b.label, egress_ip="unknown") == 0
+    assert value(metrics, "egress_sidecar_probes_total", member=a.label, result="echo_failed") == 1
+    assert value(metrics, "egress_sidecar_probes_total", member=a.label, result="member_down") == 0
+    assert value(metrics, "egress_sidecar_probes_total", member=b.label, result="member_down") == 1
+    prober.apply_round(a, ["52.0.0.1", "52.0.0.2"], None)
+    assert value(metrics, "egress_sidecar_probes_total", member=a.label, result="unstable") == 1
