@@ -47,7 +47,7 @@ from sidecar.messages import Answer, TokenRequest
 from sidecar.metrics import Metrics
 from sidecar.shared import SharedState
 from sidecar.shield import Unavailable
-from sidecar.tokencall import TokenCall, issued_refresh_token, request_fields, single_field
+from sidecar.tokencall import TokenCall, issued_refresh_token, single_field
 
 log = logging.getLogger("egress_sidecar.grants")
 
@@ -164,7 +164,7 @@ class GrantTracker:
         try:
             presented = None
             if call.grant_type == "refresh_token" and req is not None:
-                fields = request_fields(req.content_type, req.body, req.query)
+                fields = req.fields()
                 presented = single_field(fields, "refresh_token")
             issued = None
             if call.outcome == "success" and answer is not None:

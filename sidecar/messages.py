@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 from mitmproxy.net import encoding
 
 from sidecar.http1 import Headers, first
+from sidecar.tokencall import request_fields
 
 MAX_DECODED_BYTES = 8 * 1024 * 1024  # a token answer is ~2 KB; never inflate more than this to read it
 
@@ -28,6 +29,14 @@ class TokenRequest:
     scheme: str = "https"
     address: tuple[str, int] | None = None  # where to connect, when not (host, port): an IP-literal CONNECT
     started: float = field(default_factory=time.time)
+    _fields: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
+
+    def fields(self) -> dict[str, list[str]]:
+        """The request's parameters (form body and query), parsed once: the core, the shield and the grant
+        observer all read them."""
+        if self._fields is None:
+            self._fields = request_fields(self.content_type, self.body, self.query)
+        return self._fields
 
     @property
     def path(self) -> str:

@@ -34,7 +34,6 @@ from sidecar.tokencall import (
     grant_of,
     host_class,
     is_token_request,
-    request_fields,
     subject_to_allowlist,
 )
 
@@ -121,7 +120,7 @@ class TokenCore:
     async def _route_and_send(self, call: TokenCall, req: TokenRequest) -> Answer:
         if len(req.body) > MAX_TOKEN_REQUEST_BYTES:
             return self.too_large(call, len(req.body))
-        fields = request_fields(req.content_type, req.body, req.query)
+        fields = req.fields()
         call.grant_type = grant_of(fields)
         authorization = first(req.headers, b"authorization")
         app = self.evidence.app(client_id(fields, authorization.decode("latin-1") if authorization else None))
