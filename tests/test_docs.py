@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from sidecar.admin import ENDPOINTS
+from sidecar.ca import client_env
 from sidecar.cli import ENV_HELP, build_parser
 from sidecar.config import (
     SETTINGS_PAGE,
@@ -32,6 +33,7 @@ OBSERVABILITY = DOCS["observability.md"]
 RUNNING = DOCS["running.md"]
 RULES = ROOT / "deploy" / "prometheus" / "egress-sidecar.rules.yml"
 DEPLOYMENT = ROOT / "deploy" / "kubernetes" / "deployment.yaml"
+README_MAX_LINES = 150  # read in five minutes; the rest lives in docs/
 
 
 def table_rows(page: str) -> list[list[str]]:
@@ -120,6 +122,61 @@ def test_quickstart_has_the_two_commands() -> None:
     assert "make test" in (ROOT / ".ci" / "run").read_text()
 
 
+def test_the_readme_is_short() -> None:
+    lines = len(README.splitlines())
+    assert lines <= README_MAX_LINES, f"README.md has {lines} lines: move details to a page in docs/"
+
+
+APP_TRUST_DIR, APP_PROXY = Path("/home/app/.egress-sidecar"), "http://127.0.0.1:3128"  # the README's example
+
+
+def app_environment_problems(readme: str) -> list[str]:
+    """Where the README's table of the app's environment differs from what `exec` sets (and `run` logs)
+    for the table's trust directory: a variable missing or extra, a value that differs, a path that is
+    not absolute. An abbreviated value (with `...`) must consist of words of the real one."""
+    table: dict[str, str] = {}
+    for row in table_rows(section(readme, "The app's environment"))[2:]:
+        for name in re.findall(r"`([^`]+)`", row[0]):
+            table[name] = row[1]
+    want = client_env(APP_TRUST_DIR, APP_PROXY)
+    problems = [f"{n} is missing" for n in want.keys() - table.keys()]
+    problems += [f"{n} is not set by the sidecar" for n in table.keys() - want.keys()]
+    for name in want.keys() & table.keys():
+        value = re.fullmatch(r"`([^`]+)`", table[name])
+        if value is None:
+            problems.append(f"{name}: the value is not one code span: {table[name]!r}")
+            continue
+        shown = value.group(1)
+        words = shown.split()
+        if "..." in words:
+            if not set(words) - {"..."} <= set(want[name].split()):
+                problems.append(f"{name}: {shown!r} is not part of {want[name]!r}")
+        elif shown != want[name]:
+            problems.append(f"{name}: the README says {shown!r}, the sidecar sets {want[name]!r}")
+        problems += [f"{name}: {path} is not absolute" for path in re.findall(r"([^\s=]*\.(?:pem|p12))\b", shown)
+                     if not path.startswith("/")]
+    return sorted(problems)
+
+
+def test_the_readme_gives_the_app_environment_the_sidecar_sets() -> None:
+    problems = app_environment_problems(README)
+    assert not problems, "README.md, The app's environment:\n" + "\n".join(problems)
+
+
+def test_the_app_environment_check_catches_a_missing_a_wrong_and_a_relative_value() -> None:
+    row = next(line for line in README.splitlines() if line.startswith("| `CURL_CA_BUNDLE` |"))
+    assert app_environment_problems(README.replace(row + "\n", "")) == ["CURL_CA_BUNDLE is missing"]
+    tilde = README.replace(row, row.replace("/home/app/", "~/"))
+    assert app_environment_problems(tilde) == [
+        f"CURL_CA_BUNDLE: the README says '~/.egress-sidecar/ca-bundle.pem', the sidecar sets "
+        f"'{APP_TRUST_DIR}/ca-bundle.pem'",
+        "CURL_CA_BUNDLE: ~/.egress-sidecar/ca-bundle.pem is not absolute",
+    ]
+    java = next(line for line in README.splitlines() if line.startswith("| `JAVA_TOOL_OPTIONS` |"))
+    wrong = README.replace(java, java.replace("-Dhttps.proxyPort=3128", "-Dhttps.proxyPort=8080"))
+    assert app_environment_problems(wrong) and app_environment_problems(wrong)[0].startswith("JAVA_TOOL_OPTIONS")
+
+
 def test_the_kubernetes_page_names_every_variable_the_app_container_gets() -> None:
     deployment = yaml.safe_load(DEPLOYMENT.read_text())
     app = next(c for c in deployment["spec"]["template"]["spec"]["containers"] if c["name"] == "app")
@@ -181,6 +238,13 @@ def test_the_link_check_catches_a_missing_file_and_a_missing_heading() -> None:
     assert github_anchor("Heroku, Render, Fly: `egress-sidecar exec`") == "heroku-render-fly-egress-sidecar-exec"
 
 
+def test_every_docs_page_is_linked_from_the_readme() -> None:
+    assert {"clients.md", "architecture.md", "configuration.md", "observability.md", "running.md",
+            "failure-handling.md"} <= set(DOCS)
+    linked = set(re.findall(r"\]\(docs/([^)#]+\.md)(?:#[^)]*)?\)", README))
+    assert set(DOCS) <= linked, f"pages not linked from README.md: {sorted(set(DOCS) - linked)}"
+
+
 def test_every_docs_page_starts_with_what_it_is_for() -> None:
     for name, text in DOCS.items():
         title, blank, first, *_ = text.splitlines()
@@ -231,6 +295,12 @@ def test_table_check_catches_a_wrong_default_a_missing_and_an_unknown_setting() 
     ]
     stale = page.replace("| `SIDECAR_LISTEN` | `127.0.0.1:3128` |", "| `SIDECAR_LISTEN` | `:3128` |")
     assert with_settings_table(stale) == page
+
+
+def test_the_settings_table_is_only_on_its_page() -> None:
+    for path, text in all_pages().items():
+        if path != ROOT / SETTINGS_PAGE:
+            assert SETTINGS_TABLE_START not in text, f"{path.relative_to(ROOT)} has a second settings table"
 
 
 def test_run_help_lists_every_setting_with_its_default_and_meaning() -> None:
