@@ -138,8 +138,8 @@ def _split_list(value: Any) -> Any:
 
 
 def _setting(default: Any = ..., *, doc: str, shown_default: str | None = None, **kwargs: Any) -> Any:
-    """A setting's Field: ``doc`` is its one help text (the README table and ``--help`` are made
-    from it); ``shown_default`` describes a default that is not a plain value (Markdown)."""
+    """A setting's Field: ``doc`` is its one help text (the table in docs/configuration.md and ``--help``
+    are made from it); ``shown_default`` describes a default that is not a plain value (Markdown)."""
     extra = {"shown_default": shown_default} if shown_default is not None else None
     return Field(default, description=doc, json_schema_extra=extra, **kwargs)
 
@@ -149,8 +149,8 @@ class Settings(BaseSettings):
 
     Field ``foo`` is ``SIDECAR_FOO`` (``env_prefix``) unless a validation alias names the variable
     (``QUOTAGUARDSTATIC_URL``, QuotaGuard's own). Names are matched case-insensitively. Each Field's
-    description is the setting's only help text: the README's configuration table and the
-    ``--help`` epilog are generated from it (tests/test_docs.py checks the README).
+    description is the setting's only help text: the configuration table in docs/configuration.md and
+    the ``--help`` epilog are generated from it (tests/test_docs.py checks the table).
     """
 
     model_config = SettingsConfigDict(env_prefix="SIDECAR_", extra="ignore", frozen=True)
@@ -225,8 +225,8 @@ class Settings(BaseSettings):
     trust_dir: Path | None = _setting(
         None,
         shown_default="`SIDECAR_CONFDIR`",
-        doc="Directory where the sidecar writes the files apps need to trust it (`ca.pem`, `ca-bundle.pem`, and "
-        "later a Java truststore). Public files only: give the app this directory, read-only.",
+        doc="Directory where the sidecar writes the files apps need to trust it (`ca.pem`, `ca-bundle.pem`, "
+        "`truststore.p12`). Public files only: give the app this directory, read-only.",
     )
     replay_window: float = _setting(
         60.0,
@@ -596,6 +596,8 @@ def _shown_default(info: FieldInfo) -> str:
         return "unset"
     if isinstance(value, list):
         value = ",".join(value)
+    elif isinstance(value, bool):  # as the environment spells it (SIDECAR_X=false), not Python's False
+        value = str(value).lower()
     elif isinstance(value, float):
         value = f"{value:g}"
     return f"`{value}`"
@@ -611,31 +613,33 @@ def setting_docs() -> list[SettingDoc]:
 
 
 def settings_markdown() -> str:
-    """The README's configuration table."""
+    """The configuration table of docs/configuration.md."""
     rows = [f"| `{d.name}` | {d.default} | {d.meaning} |" for d in setting_docs()]
     return "\n".join(["| Variable | Default | Meaning |", "|---|---|---|", *rows]) + "\n"
 
 
 def settings_help(width: int = 100) -> str:
     """The ``--help`` epilog: every variable with its default and meaning, as plain text."""
-    lines = ["configuration (environment variables; the README's Configuration section has the same table):"]
+    lines = ["configuration (environment variables; docs/configuration.md has the same table):"]
     for d in setting_docs():
         lines.append(f"  {d.name}  (default: {d.default.replace('`', '')})")
         lines += textwrap.wrap(d.meaning.replace("`", ""), width, initial_indent="      ", subsequent_indent="      ")
     return "\n".join(lines) + "\n"
 
 
-README_TABLE_START = "<!-- settings table: generated from sidecar/config.py by `make docs`; do not edit -->"
-README_TABLE_END = "<!-- end of settings table -->"
+# The page that holds the generated table (relative to the repository root), between these markers.
+SETTINGS_PAGE = "docs/configuration.md"
+SETTINGS_TABLE_START = "<!-- settings table: generated from sidecar/config.py by `make docs`; do not edit -->"
+SETTINGS_TABLE_END = "<!-- end of settings table -->"
 
 
-def readme_with_settings_table(readme: str) -> str:
-    """``readme`` with the text between the two markers replaced by :func:`settings_markdown`."""
-    start, end = readme.index(README_TABLE_START), readme.index(README_TABLE_END)
-    return readme[: start + len(README_TABLE_START)] + "\n" + settings_markdown() + readme[end:]
+def with_settings_table(page: str) -> str:
+    """``page`` with the text between the two markers replaced by :func:`settings_markdown`."""
+    start, end = page.index(SETTINGS_TABLE_START), page.index(SETTINGS_TABLE_END)
+    return page[: start + len(SETTINGS_TABLE_START)] + "\n" + settings_markdown() + page[end:]
 
 
-def write_settings_table(path: str | Path) -> None:
-    """`make docs`: rewrite the README's configuration table from the Fields."""
+def write_settings_table(path: str | Path = SETTINGS_PAGE) -> None:
+    """`make docs`: rewrite the configuration table of ``path`` (docs/configuration.md) from the Fields."""
     p = Path(path)
-    p.write_text(readme_with_settings_table(p.read_text()))
+    p.write_text(with_settings_table(p.read_text()))
