@@ -97,8 +97,11 @@ def test_observe_metrics_show_the_per_ip_split(world: World, make_sidecar_proc: 
     text = sc.metrics()
     assert metric_value(text, TOKENS, egress_ip="127.0.0.2", outcome="success") == 4
     assert metric_value(text, TOKENS, egress_ip="127.0.0.3", outcome="ip_restricted") == 4
-    warned = [json.loads(line) for line in sc.log_text().splitlines() if "not on SIDECAR_ALLOWLIST" in line]
-    assert len(warned) == 4 and all(w["egress_ip"] == "127.0.0.3" for w in warned)
+    # One line per call, and each call from the IP that is not allowlisted says so, as a warning.
+    calls = [json.loads(line) for line in sc.log_text().splitlines() if '"token call ' in line]
+    warned = [c for c in calls if "which is not allowlisted" in c["msg"]]
+    assert len(calls) == 8 and len(warned) == 4
+    assert all(w["egress_ip"] == "127.0.0.3" and w["level"] == "warning" for w in warned)
 
 
 def test_egress_change_is_detected_and_the_guard_follows(
