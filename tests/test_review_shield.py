@@ -1,0 +1,64 @@
+"""Review findings on the rotation shield (sidecar/shield.py, its wiring in sidecar/service.py): found by
+an independent review of the data path; each test failed before its fix. Real sidecars, a real
+redis-server, the simulated pair and Salesforce; loopback only."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import requests
+
+from tests.harness import SidecarProcess, World, redeem, wait_until
+from tests.test_shield import REDIS_KEY, RedisServer, redis_server  # noqa: F401 - the fixture
+
+SLOW = 4.0  # seconds the fake Salesforce takes for every answer
+
+
+def test_a_leader_slowed_by_the_ip_restricted_retry_keeps_its_lock_and_the_token_is_redeemed_once(
+    make_world: Callable[..., World], make_sidecar_proc: Callable[..., SidecarProcess],
+    redis_server: Callable[[], RedisServer],  # noqa: F811
+) -> None:
+    """Was: the shield's Redis lock lives ``connect + response timeout + 1 s``, but a leader may legitimately
+    take longer: failover over members and, in enforce mode, the one retry of an "ip restricted" refusal
+    (two whole sends). When the lock expired under a leader still in flight, a waiting replica took the
+    lock and sent the same refresh token again (and a waiter that could not get the lock sent anyway):
+    Salesforce saw the token twice and that caller got ``invalid_grant`` instead of the rotated token.
+
+    Salesforce allows only 127.0.0.3 and answers in 4 s; sidecar A's first choice is 127.0.0.2 (refused,
+    then retried through 127.0.0.3: ~8 s), B gets the identical redemption 1 s after A."""
+    world = make_world(allowlist=("127.0.0.3",))
+    env = {**world.pair_env(), "SIDECAR_REDIS_URL": redis_server().url, "SIDECAR_REDIS_KEY": REDIS_KEY,
+           "SIDECAR_CONNECT_TIMEOUT": "1", "SIDECAR_RESPONSE_TIMEOUT": "6"}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    assert wait_until(a.egress_discovered, timeout=10) and wait_until(b.egress_discovered, timeout=10)
+    token = world.salesforce.issue_refresh_token()
+    world.salesforce.slow_seconds = SLOW
+    world.salesforce.fail_mode = "slow"
+    out: dict[str, requests.Response | BaseException] = {}
+
+    def call(name: str, sc: SidecarProcess) -> None:
+        with sc.session() as s:
+            try:
+                out[name] = redeem(s, token)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                out[name] = exc
+
+    first = threading.Thread(target=call, args=("a", a))
+    second = threading.Thread(target=call, args=("b", b))
+    try:
+        first.start()
+        time.sleep(1.0)  # A holds the lock and is sending
+        second.start()
+        first.join(40)
+        second.join(40)
+    finally:
+        world.salesforce.fail_mode = None
+    got = {name: (r.status_code, r.json().get("refresh_token")) if isinstance(r, requests.Response) else r
+           for name, r in out.items()}
+    assert isinstance(out.get("a"), requests.Response) and got["a"][0] == 200, got
+    sent_for_token = [r for r in world.salesforce.seen if r.grant_type == "refresh_token" and token.encode() in r.body]
+    # A: one refusal through 127.0.0.2, one redemption through 127.0.0.3; B must send nothing.
+    assert len(sent_for_token) == 2, [(r.source_ip, r.status) for r in sent_for_token]
+    assert got["b"] == got["a"], got  # B gets A's answer, the rotated token included
