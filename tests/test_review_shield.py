@@ -4,12 +4,16 @@ redis-server, the simulated pair and Salesforce; loopback only."""
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 
 import requests
 
+from sidecar.messages import Answer
+from sidecar.metrics import Metrics
+from sidecar.shield import Shield
 from tests.harness import SidecarProcess, World, redeem, wait_until
 from tests.test_shield import REDIS_KEY, RedisServer, redis_server  # noqa: F401 - the fixture
 
@@ -62,3 +66,48 @@ def test_a_leader_slowed_by_the_ip_restricted_retry_keeps_its_lock_and_the_token
     # A: one refusal through 127.0.0.2, one redemption through 127.0.0.3; B must send nothing.
     assert len(sent_for_token) == 2, [(r.source_ip, r.status) for r in sent_for_token]
     assert got["b"] == got["a"], got  # B gets A's answer, the rotated token included
+
+
+class _AlwaysLocked:
+    """Shared state in which another replica holds the lock for good and never publishes an answer."""
+
+    def usable(self) -> bool:
+        return True
+
+    async def replay(self, key: bytes) -> None:
+        return None
+
+    async def lock(self, key: bytes, ttl: float) -> bool:
+        return False
+
+    async def locked(self, key: bytes) -> bool:
+        return True
+
+    async def done(self, key: bytes) -> None:
+        return None
+
+    async def publish(self, *args: object) -> None:
+        raise AssertionError("nothing was sent, nothing to publish")
+
+    async def unlock(self, key: bytes) -> None:
+        raise AssertionError("never locked")
+
+
+def test_a_waiter_that_never_gets_the_lock_does_not_send() -> None:
+    """Was: after waiting its longest, a replica that still could not take the lock sent the redemption
+    anyway, while the replica holding the lock may be sending the very same refresh token."""
+    sent: list[int] = []
+
+    async def send() -> Answer:
+        sent.append(1)
+        return Answer(200, [], b"{}")
+
+    async def run() -> object:
+        shield = Shield(Metrics(), 60, 0.1, _AlwaysLocked())  # type: ignore[arg-type]
+        try:
+            return await shield.redeem(b"k" * 16, send)
+        except Exception as exc:  # noqa: BLE001 - the shield may refuse; it must not send
+            return exc
+
+    asyncio.run(run())
+    assert sent == [], "the redemption was sent while another replica held its lock"
