@@ -1,0 +1,45 @@
+"""Review findings on the destination rules (sidecar/destinations.py, sidecar/frontdoor.py): found by an
+independent review of the data path; each test failed before its fix. Real sidecar, loopback only."""
+
+from __future__ import annotations
+
+import base64
+import socket
+from collections.abc import Callable
+
+from tests.harness import SidecarProcess, World, read_until_closed
+
+AUTH = "app:d3st-pw"
+# The shorthand IPv4 forms resolvers accept (inet_aton): each one is 127.0.0.1.
+LOOPBACK_SPELLINGS = ("127.1", "0177.0.0.1", "2130706433", "0x7f.0.0.1", "0x7f000001", "127.000.000.001")
+
+
+def connect(sc: SidecarProcess, target: str, auth: str | None = None) -> bytes:
+    header = f"Proxy-Authorization: Basic {base64.b64encode(auth.encode()).decode()}\r\n" if auth else ""
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{header}\r\n".encode())
+        head = c.recv(4096)
+        if head.startswith(b"HTTP/1.1 200"):  # show what the tunnel reached
+            c.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            head += read_until_closed(c)[:200]
+        return head
+
+
+def test_shorthand_ip_literals_do_not_get_around_the_destination_rules(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """Was: the front door checks IP literals with ``ipaddress``, which reads none of these forms, and hands
+    them to mitmproxy (they are IP literals), which relays the tunnel untouched to what the resolver makes
+    of them: 127.0.0.1. A shared proxy (SIDECAR_PROXY_AUTH) then reached loopback (here: its own admin
+    server, whose /status answered through the tunnel) and, spelled 2852039166, the cloud metadata
+    service; without SIDECAR_PROXY_AUTH the sidecar connected to its own ports."""
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_PROXY_AUTH": AUTH})
+    reached = {}
+    for spelling in LOOPBACK_SPELLINGS:
+        own = connect(sc, f"{spelling}:{sc.admin_port}", AUTH)
+        other = connect(sc, f"{spelling}:{world.echo.address[1]}", AUTH)
+        if not (own.startswith(b"HTTP/1.1 403") and b"its own ports" in own
+                and other.startswith(b"HTTP/1.1 403") and b"loopback" in other):
+            reached[spelling] = (own[:120], other[:120])
+    assert not reached, reached
+    assert not world.echo.hits
