@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_SHORTHAND = re.compile(r"[0-9a-fA-FxX.]+")  # what an inet_aton IPv4 literal is made of
 
 
 class DestinationRefused(Exception):
@@ -23,10 +25,19 @@ class DestinationRefused(Exception):
 
 
 def parse_ip(host: str) -> IPAddress | None:
+    """The address an IP literal stands for, in every form a resolver reads as one: the standard forms,
+    and the IPv4 shorthands ``inet_aton`` (and so ``getaddrinfo``) accepts: ``127.1``, ``2130706433``,
+    ``0x7f.1``, ``0177.0.0.1`` (octal). None for a name."""
+    text = host.strip("[]").split("%", 1)[0]
     try:
-        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        return None
+        if not _SHORTHAND.fullmatch(text):
+            return None
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
     return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
 
 
