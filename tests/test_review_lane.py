@@ -55,3 +55,19 @@ def test_a_malformed_request_never_puts_its_secrets_in_the_log_or_the_error(
     assert "refused a malformed request" in lane_sidecar.log_text()  # (the lane did log them)
     assert SECRET not in lane_sidecar.log_text()
     assert not origin.requests
+
+
+def test_a_connect_to_a_host_name_no_resolver_accepts_gets_an_answer(
+    make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """Was: a label over 63 characters or an empty one (``ex..ample.com``) made the resolver raise
+    UnicodeError, which nothing caught: the client's CONNECT got no answer at all (a bare close) and the
+    sidecar logged an unexpected error. On a token host (``*.my.salesforce.com``) the same name reached
+    the lane, whose token calls were answered "sent: unknown" although nothing had been sent."""
+    sc = make_sidecar_proc({})
+    for target in ("a" * 64 + ".example.com:443", "ex..ample.com:443", "a" * 64 + ".my.salesforce.com:443"):
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+            c.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            answer = read_until_closed(c)
+        assert answer.startswith(b"HTTP/1.1 400"), (target, answer)
+    assert "UnicodeError" not in sc.log_text()
