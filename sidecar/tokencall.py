@@ -104,9 +104,11 @@ def request_fields(content_type: str | None, body: bytes, query: str = "") -> di
 
 
 def single_field(fields: dict[str, list[str]], name: str) -> str | None:
-    """The value of a parameter given exactly once and not empty; None when absent or ambiguous."""
-    values = fields.get(name, [])
-    return values[0] if len(values) == 1 and values[0] else None
+    """The value of a parameter, not empty; None when absent or ambiguous. A parameter given more than once
+    with the same value (in the query string and the form, as some clients send ``client_id``) is not
+    ambiguous: Salesforce reads that value whichever copy it takes."""
+    values = set(fields.get(name, []))
+    return values.pop() if len(values) == 1 and "" not in values else None
 
 
 def grant_type(content_type: str | None, body: bytes, query: str = "") -> GrantType:
