@@ -49,3 +49,33 @@ def test_a_chunked_token_call_through_mitmproxy_is_cut_at_the_cap_not_read_whole
         conn.close()
     assert answer == b"" or answer.startswith(b"HTTP/1.1 413"), answer[:200]
     assert not [r for r in world.salesforce.seen if r.path == "/services/oauth2/token"]
+
+
+# DESIGN QUESTION (not fixed on this branch; see the review report). mitmproxy 12 has no limit on the size
+# of a request head, and its watchdog only ends connections on which nothing moves: a head that keeps
+# growing is held whole, in memory, for as long as the client sends it. The front door caps the first
+# head at 64 KiB (431) and the lane caps every head; on mitmproxy's connections (tunnels to IP literals
+# with a token host's SNI, and every request after the first on a plain-HTTP keep-alive connection)
+# nothing does. Options: serve IP-literal tunnels with a token SNI in the lane; keep plain-HTTP
+# connections to one request each (the front door reads every head) or serve plain HTTP outside mitmproxy.
+@pytest.mark.xfail(strict=True, reason="design question: mitmproxy holds a request head of any size")
+def test_a_request_head_through_mitmproxy_is_capped_like_everywhere_else(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc(world.pair_env())
+    conn = via_ip_literal(sc, world)
+    tls = conn.sock
+    answer = b"<still reading>"
+    try:
+        tls.sendall(b"GET /services/data/ HTTP/1.1\r\nHost: login.salesforce.com\r\nX-Pad: ")
+        for _ in range(8):  # an 8 MiB header, never finished
+            tls.sendall(b"a" * (1 << 20))
+        tls.settimeout(3.0)
+        answer = tls.recv(4096)
+    except TimeoutError:
+        pass
+    except (OSError, ssl.SSLError):
+        answer = b""  # cut: what the lane does past 64 KiB (after its 431)
+    finally:
+        conn.close()
+    assert answer == b"" or answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 400")), answer[:200]
