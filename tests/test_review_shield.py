@@ -13,7 +13,8 @@ import requests
 
 from sidecar.messages import Answer
 from sidecar.metrics import Metrics
-from sidecar.shield import Shield
+from sidecar.shared import SharedState
+from sidecar.shield import Shield, request_key
 from tests.harness import SidecarProcess, World, redeem, wait_until
 from tests.test_shield import REDIS_KEY, RedisServer, redis_server  # noqa: F401 - the fixture
 
@@ -111,3 +112,48 @@ def test_a_waiter_that_never_gets_the_lock_does_not_send() -> None:
 
     asyncio.run(run())
     assert sent == [], "the redemption was sent while another replica held its lock"
+
+
+def test_a_waiting_replica_gets_the_answer_in_flight_not_an_earlier_one(
+    redis_server: Callable[[], RedisServer],  # noqa: F811
+) -> None:
+    """Was: the answer a redemption publishes for the replicas waiting on it (``done``) outlives the
+    redemption by the longest one may take, and a waiter looks for it first: a redemption that failed
+    (here a 502) and was sent again at once left its failure behind, and a replica waiting on the second
+    redemption was handed the first one's failure at once instead of the answer in flight (the rotated
+    token). Two shields on a real redis-server, as two replicas."""
+    url = redis_server().url
+    key = request_key(bytes.fromhex(REDIS_KEY), {"grant_type": ["refresh_token"], "refresh_token": ["RT1"]}, None)
+
+    async def run() -> tuple[Answer, str]:
+        replicas = [SharedState(url, bytes.fromhex(REDIS_KEY), Metrics()) for _ in range(2)]
+        for shared in replicas:
+            await shared.start()
+        a, b = (Shield(Metrics(), 60, 5.0, shared) for shared in replicas)
+        gate = asyncio.Event()
+
+        async def failed() -> Answer:
+            return Answer(502, [], b'{"error":"upstream_failed_after_send"}')
+
+        async def rotated() -> Answer:
+            await gate.wait()
+            return Answer(200, [], b'{"refresh_token":"RT2"}')
+
+        async def never() -> Answer:
+            raise AssertionError("the waiting replica sent the redemption")
+
+        try:
+            await a.redeem(key, failed)  # the first redemption fails; its answer is published
+            leader = asyncio.create_task(a.redeem(key, rotated))  # sent again, in flight
+            await asyncio.sleep(0.2)
+            waiter = asyncio.create_task(b.redeem(key, never))
+            await asyncio.sleep(0.5)
+            gate.set()
+            await leader
+            return await asyncio.wait_for(waiter, 10)
+        finally:
+            for shared in replicas:
+                await shared.close()
+
+    answer, how = asyncio.run(run())
+    assert (answer.status, answer.body, how) == (200, b'{"refresh_token":"RT2"}', "coalesced"), (answer, how)
