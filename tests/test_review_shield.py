@@ -157,3 +157,39 @@ def test_a_waiting_replica_gets_the_answer_in_flight_not_an_earlier_one(
 
     answer, how = asyncio.run(run())
     assert (answer.status, answer.body, how) == (200, b'{"refresh_token":"RT2"}', "coalesced"), (answer, how)
+
+
+def test_a_replica_that_coalesced_on_the_sidecars_own_answer_records_it_as_such(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess],
+    redis_server: Callable[[], RedisServer],  # noqa: F811
+) -> None:
+    """Was: an answer shared through Redis lost its "local" mark (the sidecar's own answer, not
+    Salesforce's), so the replica that coalesced on the sidecar's own 502 (Salesforce did not answer in
+    time) recorded it as Salesforce's: outcome ``server_error``, the outcome the Salesforce-side alerts
+    count, instead of ``upstream_error``."""
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    env = {**world.pair_env(), "SIDECAR_REDIS_URL": redis_server().url, "SIDECAR_REDIS_KEY": REDIS_KEY,
+           "SIDECAR_RESPONSE_TIMEOUT": "2"}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    token = world.salesforce.issue_refresh_token()
+    world.salesforce.slow_seconds = 4.0  # past the response deadline
+    world.salesforce.fail_mode = "slow"
+    statuses: dict[str, int] = {}
+
+    def call(name: str, sc: SidecarProcess) -> None:
+        with sc.session() as s:
+            statuses[name] = redeem(s, token).status_code
+
+    threads = [threading.Thread(target=call, args=("a", a)), threading.Thread(target=call, args=("b", b))]
+    try:
+        threads[0].start()
+        time.sleep(0.5)  # A holds the lock and waits for Salesforce
+        threads[1].start()
+        for t in threads:
+            t.join(30)
+    finally:
+        world.salesforce.fail_mode = None
+    assert statuses == {"a": 502, "b": 502}, statuses
+    (leader,), (waiter,) = a.log_events(), b.log_events()
+    assert waiter.get("shield") == "coalesced", waiter
+    assert (leader["outcome"], waiter["outcome"]) == ("upstream_error", "upstream_error"), (leader, waiter)
