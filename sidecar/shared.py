@@ -119,7 +119,7 @@ class SharedState:
         plain = json.dumps({
             "status": answer.status, "reason": base64.b64encode(answer.reason).decode(),
             "headers": [[base64.b64encode(k).decode(), base64.b64encode(v).decode()] for k, v in answer.headers],
-            "body": base64.b64encode(answer.body).decode(),
+            "body": base64.b64encode(answer.body).decode(), "local": answer.local,
         }).encode()
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, plain, name.encode())
@@ -130,7 +130,8 @@ class SharedState:
         try:
             data = json.loads(self._aead.decrypt(sealed[:12], sealed[12:], name.encode()))
             return Answer(int(data["status"]), [(base64.b64decode(k), base64.b64decode(v)) for k, v in data["headers"]],
-                          base64.b64decode(data["body"]), reason=base64.b64decode(data["reason"]))
+                          base64.b64decode(data["body"]), reason=base64.b64decode(data["reason"]),
+                          local=bool(data.get("local", False)))
         except Exception:  # noqa: BLE001 - a value we cannot open (another key, tampered) is no answer
             return None
 
