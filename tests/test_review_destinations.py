@@ -7,6 +7,9 @@ import base64
 import socket
 from collections.abc import Callable
 
+import pytest
+
+from sidecar.destinations import Destinations, parse_ip
 from tests.harness import SidecarProcess, World, read_until_closed
 
 AUTH = "app:d3st-pw"
@@ -43,3 +46,33 @@ def test_shorthand_ip_literals_do_not_get_around_the_destination_rules(
             reached[spelling] = (own[:120], other[:120])
     assert not reached, reached
     assert all(h.source_ip != "127.0.0.1" for h in world.echo.hits)  # (the probes come from the members)
+
+
+def _local_address() -> str:
+    """A non-loopback address of this host (the source address it would use towards TEST-NET-1; a UDP
+    connect sends nothing), or skip."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("192.0.2.1", 9))
+            address = str(s.getsockname()[0])
+    except OSError:
+        address = ""
+    if not address or address.startswith("127."):
+        pytest.skip("this host has no non-loopback IPv4 address")
+    return address
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["loopback clients", "shared proxy"])
+def test_listening_on_every_interface_the_sidecar_knows_all_its_own_addresses(shared: bool) -> None:
+    """Was: listening on 0.0.0.0 (the admin server's default; SIDECAR_LISTEN in Docker) registered no
+    address, so only loopback and 0.0.0.0 counted as the sidecar itself: CONNECT <pod IP>:9464 reached the
+    admin server, CONNECT <pod IP>:3128 looped into the proxy (with SIDECAR_ALLOW_PRIVATE_DESTINATIONS as
+    well). No connection is made: the rules are asked about this host's own address."""
+    rules = Destinations(shared_proxy=shared, allow_private=True)
+    rules.listening("127.0.0.1", 3128)
+    rules.listening("0.0.0.0", 9464)
+    own = parse_ip(_local_address())
+    assert own is not None
+    why = rules.refusal(own, 9464)
+    assert why is not None and "its own ports" in why, why
+    assert rules.refusal(own, 9465) is None  # another port on this host: a local service, not the sidecar
