@@ -95,7 +95,9 @@ def request_fields(content_type: str | None, body: bytes, query: str = "") -> di
             pass
     for source in sources:
         try:
-            parsed = parse_qs(source, keep_blank_values=True, max_num_fields=100)
+            # No field limit: a token request's body is capped (64 KiB) before it is read, and dropping a
+            # long form whole would hide the grant and the app Salesforce reads in it.
+            parsed = parse_qs(source, keep_blank_values=True)
         except ValueError:
             continue
         for name, values in parsed.items():
