@@ -1,8 +1,8 @@
 """Where the sidecar may connect on a client's behalf.
 
 Never to itself: a client that asks for the sidecar's own proxy, admin or internal (mitmproxy) port,
-on a loopback address or on the address it listens on, is refused (a loop, or a way around the admin
-server's loopback binding). And when it serves as a shared proxy (``SIDECAR_PROXY_AUTH`` set, so clients
+on a loopback address or on the address it listens on (any address of this host when it listens on
+all of them), is refused (a loop, or a way around the admin server's loopback binding). And when it serves as a shared proxy (``SIDECAR_PROXY_AUTH`` set, so clients
 may come from other hosts), not to loopback, link-local (169.254.0.0/16, fe80::/10: cloud metadata
 services live there), unspecified addresses, and, unless ``SIDECAR_ALLOW_PRIVATE_DESTINATIONS`` is set,
 private ranges. Checked on the addresses a name resolves to, before any connection is opened.
@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_SHORTHAND = re.compile(r"[0-9a-fA-FxX.]+")  # what an inet_aton IPv4 literal is made of
 
 
 class DestinationRefused(Exception):
@@ -23,10 +25,19 @@ class DestinationRefused(Exception):
 
 
 def parse_ip(host: str) -> IPAddress | None:
+    """The address an IP literal stands for, in every form a resolver reads as one: the standard forms,
+    and the IPv4 shorthands ``inet_aton`` (and so ``getaddrinfo``) accepts: ``127.1``, ``2130706433``,
+    ``0x7f.1``, ``0177.0.0.1`` (octal). None for a name."""
+    text = host.strip("[]").split("%", 1)[0]
     try:
-        ip = ipaddress.ip_address(host.strip("[]").split("%", 1)[0])
+        ip = ipaddress.ip_address(text)
     except ValueError:
-        return None
+        if not _SHORTHAND.fullmatch(text):
+            return None
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(text))
+        except OSError:
+            return None
     return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
 
 
@@ -36,6 +47,7 @@ class Destinations:
         self.allow_private = allow_private  # SIDECAR_ALLOW_PRIVATE_DESTINATIONS
         self.own_ports: set[int] = set()  # the proxy, admin and internal ports, once they listen
         self.own_hosts: set[IPAddress] = set()  # the addresses they listen on (besides loopback)
+        self.every_interface = False  # one of them listens on 0.0.0.0 / ::: every address of this host is its
 
     def listening(self, host: str, port: int) -> None:
         """Register an address the sidecar listens on."""
@@ -43,10 +55,13 @@ class Destinations:
         ip = parse_ip(host)
         if ip is not None and not ip.is_unspecified:
             self.own_hosts.add(ip)
+        elif ip is not None:
+            self.every_interface = True
 
     def refusal(self, ip: IPAddress, port: int) -> str | None:
         """Why a connection to ip:port is refused, or None."""
-        if port in self.own_ports and (ip.is_loopback or ip.is_unspecified or ip in self.own_hosts):
+        if port in self.own_ports and (ip.is_loopback or ip.is_unspecified or ip in self.own_hosts
+                                       or (self.every_interface and _is_local(ip))):
             return f"{_show(ip, port)} is the sidecar itself; it does not connect to its own ports"
         if not self.shared_proxy:
             return None
@@ -80,6 +95,16 @@ class Destinations:
                 raise DestinationRefused(why if parse_ip(host) is not None else f"{host} resolves to {why}")
             out.append((family, type_, proto, addr))
         return out
+
+
+def _is_local(ip: IPAddress) -> bool:
+    """Whether ``ip`` is an address of this host: only those can be bound to."""
+    try:
+        with socket.socket(socket.AF_INET6 if ip.version == 6 else socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind((str(ip), 0))
+    except OSError:
+        return False
+    return True
 
 
 def _show(ip: IPAddress, port: int) -> str:

@@ -47,13 +47,18 @@ _ESTABLISHED = h11.Response(status_code=200, reason=b"Connection established", h
 
 
 def parse_authority(target: bytes) -> tuple[str, int] | None:
-    """``(host, port)`` of a CONNECT target ``host:port`` / ``[v6]:port``, else None."""
+    """``(host, port)`` of a CONNECT target ``host:port`` / ``[v6]:port``, else None (a host name no resolver
+    would accept included)."""
     try:
         parts = urlsplit("//" + target.decode("ascii"))
         host, port = parts.hostname, parts.port
     except (UnicodeDecodeError, ValueError):
         return None
     if not host or port is None or not 0 < port < 65536 or parts.path or parts.query or parts.username:
+        return None
+    try:  # what a resolver will accept: no empty label, none over 63 characters
+        host.encode("idna")
+    except UnicodeError:
         return None
     return host.lower(), port
 

@@ -126,10 +126,18 @@ class HttpConnection:
 
 
 def _describe(exc: h11.RemoteProtocolError) -> str:
-    text = str(exc) or "malformed HTTP/1.1"
     if exc.error_status_hint == 431:
         return f"head larger than {MAX_HEAD} bytes"
-    return text[:200]
+    return h11_message(exc)
+
+
+_QUOTED = re.compile(r":?\s*(?:bytearray\()?b['\"].*", re.S)
+
+
+def h11_message(exc: h11.ProtocolError) -> str:
+    """h11's description of what is wrong, without the bytes it quotes: h11 repeats the offending request
+    line, header line or value whole, and a token or a password may be in it. For logs and answers."""
+    return _QUOTED.sub("", str(exc))[:200] or "malformed HTTP/1.1"
 
 
 # -- headers ----------------------------------------------------------------------------------------

@@ -53,9 +53,17 @@ def unreachable(tried: list[str], detail: str) -> Answer:
     )
 
 
+def redemption_in_flight() -> Answer:
+    return local_answer(
+        503, "redemption_in_flight",
+        "an identical redemption of this refresh token is still in flight on another replica (SIDECAR_REDIS_URL); "
+        "this one was not sent, so the token was not redeemed twice. Retry shortly: once that redemption is "
+        "answered, an identical one gets its answer again.",
+    )
+
 
 _LOCAL_OUTCOMES = {"egress_not_allowlisted": "blocked", "upstream_failed_after_send": "upstream_error",
-                   "upstream_unreachable": "upstream_error"}
+                   "upstream_unreachable": "upstream_error", "redemption_in_flight": "upstream_error"}
 
 
 def local_outcome(answer: Answer) -> str | None:

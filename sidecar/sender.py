@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import h11
 
-from sidecar.http1 import end_to_end, has
+from sidecar.http1 import end_to_end, h11_message, has
 from sidecar.messages import Answer, TokenRequest, origin_target
 from sidecar.pair import Member
 from sidecar.upstream import ConnectFailure, SendFailure, UpstreamPool, describe_error, read_answer
@@ -52,8 +52,10 @@ def request_events(req: TokenRequest) -> tuple[h11.Event, ...]:
     headers.append((b"Content-Length", b"%d" % len(req.body)))
     try:
         head = h11.Request(method=req.method.encode(), target=origin_target(req.target), headers=headers)
-    except (h11.LocalProtocolError, UnicodeError) as exc:
-        raise Unsendable(str(exc)) from None
+    except h11.LocalProtocolError as exc:
+        raise Unsendable(h11_message(exc)) from None
+    except UnicodeError:
+        raise Unsendable("the request target is not ASCII") from None
     return head, h11.Data(data=req.body), h11.EndOfMessage()
 
 

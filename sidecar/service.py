@@ -116,8 +116,8 @@ class Sidecar:
         # Shared with the app's other replicas (SIDECAR_REDIS_URL), or None: everything stays in this process.
         self.shared = SharedState(settings.redis_url.get_secret_value(), decode_key(
             settings.redis_key.get_secret_value()), self.metrics) if settings.redis_url and settings.redis_key else None
-        self.shield = Shield(self.metrics, settings.replay_window,
-                             settings.connect_timeout + settings.response_timeout + 1.0, self.shared)
+        self.shield = Shield(self.metrics, settings.replay_window, longest_redemption(settings, len(self.pair.members)),
+                             self.shared)
         self.core = TokenCore(self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
                               self.evidence, retry_ip_restricted=settings.retry_on_ip_restricted, shield=self.shield,
                               observers=(self.grants.on_call,))
@@ -378,6 +378,16 @@ class Sidecar:
                     "the QuotaGuard host resolves to a single address; both static IPs may still be used "
                     "behind it. Set SIDECAR_PAIR to the members if you know them.",
                 )
+
+
+def longest_redemption(settings: Settings, members: int) -> float:
+    """The longest one token call can be in flight: the sender tries each member once while nothing is
+    sent (a connect deadline each), then waits the response deadline; the retry of an "ip restricted"
+    refusal is a second such send. The rotation shield's waiters wait this long, and its Redis lock lives
+    this long: a lock that expired under a leader still in flight would let another replica redeem the
+    same refresh token again."""
+    one = max(1, members) * settings.connect_timeout + settings.response_timeout
+    return one * (2 if settings.retry_on_ip_restricted else 1) + 1.0
 
 
 def _count(counter: Any, label: str) -> int:

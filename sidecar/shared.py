@@ -41,6 +41,10 @@ MAX_WRITES = 1000  # grant changes queued for Redis; beyond, they are dropped (m
 GRANT_TTL = 90 * 86400  # as grants.Limits.grant_retention
 RETIRED_TTL = 30 * 86400  # as grants.Limits.retired_ttl
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+# Take the lock and, in the same step, drop the answer an earlier redemption left for its waiters: whoever
+# waits on this lock must get this redemption's answer, not the one before.
+_LOCK = ("if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then redis.call('del', KEYS[2]) return 1 "
+         "else return 0 end")
 T = TypeVar("T")
 
 
@@ -115,7 +119,7 @@ class SharedState:
         plain = json.dumps({
             "status": answer.status, "reason": base64.b64encode(answer.reason).decode(),
             "headers": [[base64.b64encode(k).decode(), base64.b64encode(v).decode()] for k, v in answer.headers],
-            "body": base64.b64encode(answer.body).decode(),
+            "body": base64.b64encode(answer.body).decode(), "local": answer.local,
         }).encode()
         nonce = os.urandom(12)
         return nonce + self._aead.encrypt(nonce, plain, name.encode())
@@ -126,7 +130,8 @@ class SharedState:
         try:
             data = json.loads(self._aead.decrypt(sealed[:12], sealed[12:], name.encode()))
             return Answer(int(data["status"]), [(base64.b64decode(k), base64.b64decode(v)) for k, v in data["headers"]],
-                          base64.b64decode(data["body"]), reason=base64.b64decode(data["reason"]))
+                          base64.b64decode(data["body"]), reason=base64.b64decode(data["reason"]),
+                          local=bool(data.get("local", False)))
         except Exception:  # noqa: BLE001 - a value we cannot open (another key, tampered) is no answer
             return None
 
@@ -143,8 +148,8 @@ class SharedState:
         return self._open(name, await self._call(lambda r: r.get(name)))
 
     async def lock(self, key: bytes, ttl: float) -> bool:
-        name = self._name("lock", key)
-        return bool(await self._call(lambda r: r.set(name, self._owner, nx=True, px=max(1, int(ttl * 1000)))))
+        name, done = self._name("lock", key), self._name("done", key)
+        return bool(await self._call(lambda r: r.eval(_LOCK, 2, name, done, self._owner, max(1, int(ttl * 1000)))))
 
     async def locked(self, key: bytes) -> bool:
         name = self._name("lock", key)

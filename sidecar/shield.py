@@ -56,6 +56,12 @@ class Unavailable(Exception):
     """Shared state cannot be reached right now."""
 
 
+class Contended(Exception):
+    """Another replica still holds the lock on this redemption after the longest a redemption takes
+    (it crashed and a third one took over, or clocks disagree): nothing was sent, and sending now could
+    redeem the refresh token twice."""
+
+
 def request_key(hash_key: bytes, fields: dict[str, list[str]], authorization: str | None) -> bytes:
     """The keyed hash that identifies one redemption: every form field and the Basic credentials."""
     mac = hmac.new(hash_key, _CONTEXT, hashlib.sha256)
@@ -72,7 +78,7 @@ class Shield:
                  max_bytes: int = MAX_ANSWER_BYTES) -> None:
         self.metrics = metrics
         self.window = window  # SIDECAR_REPLAY_WINDOW; 0: no replay
-        self.wait_limit = wait_limit  # the longest a redemption can take: connect + response deadline
+        self.wait_limit = wait_limit  # the longest a redemption can take (service.longest_redemption)
         self.shared = shared
         self.clock = clock
         self.max_answers = max_answers
@@ -126,6 +132,8 @@ class Shield:
                     if answer is not None:
                         return answer, "coalesced"
                     locked = await shared.lock(key, self.wait_limit)  # it vanished without one
+                    if not locked:  # someone else's again: never a second redemption in flight
+                        raise Contended()
             except Unavailable:
                 shared = None
         answer = await send()

@@ -95,7 +95,9 @@ def request_fields(content_type: str | None, body: bytes, query: str = "") -> di
             pass
     for source in sources:
         try:
-            parsed = parse_qs(source, keep_blank_values=True, max_num_fields=100)
+            # No field limit: a token request's body is capped (64 KiB) before it is read, and dropping a
+            # long form whole would hide the grant and the app Salesforce reads in it.
+            parsed = parse_qs(source, keep_blank_values=True)
         except ValueError:
             continue
         for name, values in parsed.items():
@@ -104,9 +106,11 @@ def request_fields(content_type: str | None, body: bytes, query: str = "") -> di
 
 
 def single_field(fields: dict[str, list[str]], name: str) -> str | None:
-    """The value of a parameter given exactly once and not empty; None when absent or ambiguous."""
-    values = fields.get(name, [])
-    return values[0] if len(values) == 1 and values[0] else None
+    """The value of a parameter, not empty; None when absent or ambiguous. A parameter given more than once
+    with the same value (in the query string and the form, as some clients send ``client_id``) is not
+    ambiguous: Salesforce reads that value whichever copy it takes."""
+    values = set(fields.get(name, []))
+    return values.pop() if len(values) == 1 and "" not in values else None
 
 
 def grant_type(content_type: str | None, body: bytes, query: str = "") -> GrantType:

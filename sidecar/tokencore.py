@@ -25,7 +25,7 @@ from sidecar.metrics import EGRESS_NONE, EGRESS_UNKNOWN, MEMBER_DIRECT, MEMBER_N
 from sidecar.pair import Member, Pair
 from sidecar.record import Recorder
 from sidecar.sender import SendResult, TokenSender, Unsendable
-from sidecar.shield import Shield, request_key
+from sidecar.shield import Contended, Shield, request_key
 from sidecar.tokencall import (
     ALLOWLISTED_GRANTS,
     TokenCall,
@@ -128,7 +128,10 @@ class TokenCore:
         shield = self.shield
         if call.grant_type == "refresh_token" and shield is not None and shield.hash_key is not None:
             key = request_key(shield.hash_key, fields, authorization.decode("latin-1") if authorization else None)
-            answer, how = await shield.redeem(key, lambda: self._guarded(call, req, app))
+            try:
+                answer, how = await shield.redeem(key, lambda: self._guarded(call, req, app))
+            except Contended:
+                answer, how = responses.redemption_in_flight(), "coalesced"
             if how != "sent":  # another call's answer: nothing of this one was sent
                 call.shielded = how
                 call.route, call.member, call.egress_ip, call.guard = how, MEMBER_NONE, EGRESS_NONE, "allow"

@@ -20,7 +20,7 @@ import h11
 
 from sidecar.config import Upstream
 from sidecar.destinations import DestinationRefused, Destinations
-from sidecar.http1 import HttpConnection, ProtocolError, raw_headers
+from sidecar.http1 import HttpConnection, ProtocolError, h11_message, raw_headers
 from sidecar.messages import Answer
 from sidecar.pair import Member
 from sidecar.streams import SocketStream, Stream, TlsStream, open_tcp
@@ -56,6 +56,8 @@ def describe_error(exc: BaseException) -> str:
         return "connection refused"
     if isinstance(exc, ProtocolError):
         return exc.message
+    if isinstance(exc, h11.ProtocolError):
+        return h11_message(exc)
     if isinstance(exc, ssl.SSLError):
         return (exc.reason or str(exc)).lower().replace("_", " ")[:120]
     text = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
