@@ -41,6 +41,17 @@ def parse_ip(host: str) -> IPAddress | None:
     return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
 
 
+def is_ip(host: str) -> bool:
+    """An IP literal, including the shorthand forms resolvers accept (127.1, 2130706433, 0x7f.1):
+    for those only the TLS SNI can tell whether it is a token call."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        last = host.rstrip(".").rsplit(".", 1)[-1]
+        return not any(c.isalpha() for c in last) or last.lower().startswith("0x")
+    return True
+
+
 class Destinations:
     def __init__(self, *, shared_proxy: bool, allow_private: bool = False) -> None:
         self.shared_proxy = shared_proxy  # SIDECAR_PROXY_AUTH is set
@@ -81,6 +92,15 @@ class Destinations:
         ip = parse_ip(host)
         if ip is not None and (why := self.refusal(ip, port)) is not None:
             raise DestinationRefused(why)
+
+    async def check_route(self, host: str, port: int, through_member: bool) -> None:
+        """Raise DestinationRefused when a request to host:port is refused. Through a pair member only an
+        IP literal is checked (the member resolves names itself); direct, the name is resolved and every
+        address checked (OSError when it does not resolve)."""
+        if through_member:
+            self.check_literal(host, port)
+        else:
+            await self.resolve(host, port)
 
     async def resolve(self, host: str, port: int) -> list[tuple[int, int, int, tuple[object, ...]]]:
         """``getaddrinfo`` for host:port, every address checked; raises DestinationRefused when the rules

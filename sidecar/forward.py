@@ -46,10 +46,11 @@ class Forwarder:
         deadline.reschedule(asyncio.get_running_loop().time() + self.idle_timeout)
 
     async def forward(self, client: HttpConnection, req: h11.Request, host: str, port: int,
-                      member: Member | None) -> bool:
+                      member: Member | None, address: tuple[str, int] | None = None) -> bool:
         """Forward one request whose head was read from ``client``; True when the exchange completed
         (the connection may serve another), False when it must close. Raises Upstream502 while the
-        client has seen nothing of an answer, ProtocolError / ClientGone for the client's faults."""
+        client has seen nothing of an answer, ProtocolError / ClientGone for the client's faults.
+        ``address``: where to connect when not ``(host, port)`` (an IP-literal CONNECT; ``host`` is the SNI)."""
         upgrade = b"upgrade" in tokens(req.headers, b"connection") and has(req.headers, b"upgrade")
         head = self._upstream_head(req, host, port, upgrade)
         bodyless = not has(req.headers, b"transfer-encoding") and values(req.headers, b"content-length") in ([], [b"0"])
@@ -65,7 +66,7 @@ class Forwarder:
         where = f"{host}:{port}" + (f" via pair member {member.label}" if member else "")
         for attempt in range(2 if bodyless and req.method in _RETRYABLE else 1):
             try:
-                conn, reused = await self.pool.acquire(member, host, port)
+                conn, reused = await self.pool.acquire(member, *(address or (host, port)), host)
             except ConnectFailure as exc:
                 raise (Refused if exc.refused else Upstream502)(exc.detail) from None
             try:

@@ -9,16 +9,18 @@ engine that serves it:
   (:mod:`sidecar.lane`);
 - a ``CONNECT`` to any other host name: answered and relayed here as raw bytes (:mod:`sidecar.relay`),
   direct, or through a pair member with ``SIDECAR_ROUTE=all``;
-- everything else (a ``CONNECT`` to an IP literal, whose TLS SNI decides whether it is a token call
-  and which mitmproxy reads; plain-HTTP proxy requests) is handed to mitmproxy, socket and bytes read
-  so far, as if mitmproxy had accepted it itself.
+- a ``CONNECT`` to an IP literal: answered, then the SNI of the client's TLS ClientHello decides: a
+  token host's goes to the lane, anything else is relayed;
+- a plain proxy request (``GET http://...``): a token call is served by the lane (refused over
+  ``http://``); anything else is handed to mitmproxy, socket and bytes read so far, as if mitmproxy had
+  accepted it itself. mitmproxy closes each such connection after one answer, so every request head
+  on it comes through here (capped and timed) first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -28,15 +30,15 @@ import h11
 
 from sidecar.access import Access
 from sidecar.config import Upstream
-from sidecar.destinations import DestinationRefused, Destinations
+from sidecar.destinations import DestinationRefused, Destinations, is_ip
 from sidecar.hosts import TokenHosts
-from sidecar.http1 import MAX_HEAD, HttpConnection, ProtocolError, closing_events, error_events
+from sidecar.http1 import MAX_HEAD, HttpConnection, ProtocolError, closing_events, error_events, parse_authority
 from sidecar.lane import Lane
 from sidecar.logs import event
 from sidecar.metrics import Metrics
 from sidecar.pair import Member
-from sidecar.relay import open_target, pipe_both
-from sidecar.streams import CHUNK, SocketStream
+from sidecar.relay import UnfinishedHello, client_hello_sni, open_target, pipe_both
+from sidecar.streams import CHUNK, SocketStream, linger
 from sidecar.upstream import ConnectFailure, describe_error
 
 log = logging.getLogger("egress_sidecar.frontdoor")
@@ -44,34 +46,6 @@ log = logging.getLogger("egress_sidecar.frontdoor")
 HEAD_TIMEOUT = 30.0  # at most this long (and at most SIDECAR_IDLE_TIMEOUT) for a client's first head
 Handoff = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 _ESTABLISHED = h11.Response(status_code=200, reason=b"Connection established", headers=[])
-
-
-def parse_authority(target: bytes) -> tuple[str, int] | None:
-    """``(host, port)`` of a CONNECT target ``host:port`` / ``[v6]:port``, else None (a host name no resolver
-    would accept included)."""
-    try:
-        parts = urlsplit("//" + target.decode("ascii"))
-        host, port = parts.hostname, parts.port
-    except (UnicodeDecodeError, ValueError):
-        return None
-    if not host or port is None or not 0 < port < 65536 or parts.path or parts.query or parts.username:
-        return None
-    try:  # what a resolver will accept: no empty label, none over 63 characters
-        host.encode("idna")
-    except UnicodeError:
-        return None
-    return host.lower(), port
-
-
-def is_ip(host: str) -> bool:
-    """An IP literal, including the shorthand forms resolvers accept (127.1, 2130706433, 0x7f.1):
-    for those only the TLS SNI can tell whether it is a token call, and only mitmproxy looks at it."""
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        last = host.rstrip(".").rsplit(".", 1)[-1]
-        return not any(c.isalpha() for c in last) or last.lower().startswith("0x")
-    return True
 
 
 class _Recording(SocketStream):
@@ -221,21 +195,25 @@ class FrontDoor:
             except DestinationRefused as exc:
                 await self._refuse(client, *error_events(403, f"refused: {exc}"))
                 return False
-        if target is None or is_ip(target[0]):
-            await self._handoff(sock, bytes(stream.seen))
-            return True
+        if target is None:
+            return await self._plain(client, sock, request, bytes(stream.seen))
         host, port = target
-        if self.hosts.matches(host):
+        if is_ip(host):
+            await self._ip_literal(client, sock, host, port)
+        elif self.hosts.matches(host):
             await client.send(_ESTABLISHED)
             await self.lane.serve(sock, host, port, client.h11.trailing_data[0])
-            return False
-        await self._relay(client, sock, host, port)
+        else:
+            await self._relay(client, sock, host, port)
         return False
 
     async def _refuse(self, client: HttpConnection, *events: h11.Event) -> None:
+        """Answer and close, lingering: a client still sending (a trickled head, an unread body) would
+        otherwise get a reset that can destroy the answer before it reads it."""
         with contextlib.suppress(OSError, TimeoutError, h11.LocalProtocolError):
             async with asyncio.timeout(self.connect_timeout):
                 await client.send(*events)
+        await linger(client.stream.sock)
 
     async def _handoff(self, sock: socket.socket, seen: bytes) -> None:
         """Give the connection to mitmproxy as if it had accepted it, the bytes read so far first."""
@@ -247,21 +225,73 @@ class FrontDoor:
         writer = asyncio.StreamWriter(transport, protocol, reader, loop)
         await self.handoff(reader, writer)
 
-    async def _relay(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
-        member = self.tunnel_member()
+    async def _plain(self, client: HttpConnection, sock: socket.socket, request: h11.Request, seen: bytes) -> bool:
+        """A plain proxy request: a token call is served by the lane; a refused destination gets 403;
+        anything else goes to mitmproxy (True: handed off)."""
+        plain = self.lane.plain_token_call(request)
+        if plain is not None:
+            await self.lane.serve_plain(client, request, *plain)
+            return False
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                target = await open_target(host, port, member, self.upstream, self.destinations)
-        except (ConnectFailure, TimeoutError) as exc:
-            if isinstance(exc, ConnectFailure) and exc.refused:
-                await self._refuse(client, *error_events(403, f"refused: {exc.detail}"))
-                return
-            detail = exc.detail if isinstance(exc, ConnectFailure) else f"connecting to {host}:{port} timed out"
-            await self._refuse(client, *closing_events(502, b"text/plain", f"egress-sidecar: {detail}".encode()))
+            url = urlsplit(request.target.decode("latin-1"))
+            host, port = url.hostname, url.port or (443 if url.scheme.lower() == "https" else 80)
+        except ValueError:
+            host = None  # mitmproxy answers a target it cannot use itself
+        if host:
+            try:
+                member = self.lane.core.other_member(self.hosts.matches(host))
+                await self.destinations.check_route(host, port, member is not None)
+            except DestinationRefused as exc:
+                await self._refuse(client, *error_events(403, f"refused: {exc}"))
+                return False
+            except OSError:
+                pass  # does not resolve: mitmproxy answers that itself
+        await self._handoff(sock, seen)
+        return True
+
+    async def _ip_literal(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
+        """A CONNECT to an IP literal: answered first (the client sends its ClientHello only then), then
+        served by the lane when the SNI names a token host, else relayed as it came."""
+        await client.send(_ESTABLISHED)
+        try:
+            sni, first = await client_hello_sni(sock, client.h11.trailing_data[0], self.head_timeout)
+        except UnfinishedHello as exc:
+            event(log, logging.INFO, f"closed a tunnel to {host}:{port}: {exc}")
             return
-        self.metrics.tunnels.labels("pair" if member else "direct").inc()
+        if sni is not None and self.hosts.matches(sni):
+            await self.lane.serve(sock, sni.lower(), port, first, address=(host, port))
+            return
+        target = await self._open(host, port)
+        if isinstance(target, str):
+            event(log, logging.INFO, f"closed a tunnel: {target}")  # answered 200 already: only a close is left
+            return
+        try:
+            await pipe_both(SocketStream(sock), target, self.idle_timeout, first)
+        finally:
+            target.close()
+
+    async def _relay(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
+        target = await self._open(host, port)
+        if isinstance(target, str):
+            status = 403 if target.startswith("refused: ") else 502
+            await self._refuse(client, *error_events(status, target))
+            return
         try:
             await client.send(_ESTABLISHED)
             await pipe_both(SocketStream(sock), target, self.idle_timeout, client.h11.trailing_data[0])
         finally:
             target.close()
+
+    async def _open(self, host: str, port: int) -> SocketStream | str:
+        """The tunnel's target, direct or through a pair member (``SIDECAR_ROUTE=all``), counted; or why
+        not (starting ``refused: `` when the destination rules say no)."""
+        member = self.tunnel_member()
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                target = await open_target(host, port, member, self.upstream, self.destinations)
+        except ConnectFailure as exc:
+            return f"refused: {exc.detail}" if exc.refused else exc.detail
+        except TimeoutError:
+            return f"connecting to {host}:{port} timed out"
+        self.metrics.tunnels.labels("pair" if member else "direct").inc()
+        return target

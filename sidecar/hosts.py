@@ -36,7 +36,3 @@ class TokenHosts:
             if pattern.startswith("*.") and regex.match(host):
                 return pattern
         return host
-
-    def mitmproxy_allow_hosts(self) -> list[str]:
-        """Regexes for mitmproxy's ``allow_hosts``, which it matches against ``host:port``."""
-        return ["^(?:" + "|".join(_pattern_regex(p) for p in self.patterns) + r")\.?:\d+$"]

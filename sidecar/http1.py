@@ -13,6 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from http import HTTPStatus
+from urllib.parse import urlsplit
 
 import h11
 
@@ -199,3 +200,20 @@ def closing_response(status: int, content_type: bytes, body: bytes, extra: Itera
 
 def error_events(status: int, message: str) -> tuple[h11.Event, ...]:
     return closing_events(status, b"text/plain; charset=utf-8", f"egress-sidecar: {message}\n".encode())
+
+
+def parse_authority(target: bytes) -> tuple[str, int] | None:
+    """``(host, port)`` of a CONNECT target ``host:port`` / ``[v6]:port``, else None (a host name no resolver
+    would accept included)."""
+    try:
+        parts = urlsplit("//" + target.decode("ascii"))
+        host, port = parts.hostname, parts.port
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not host or port is None or not 0 < port < 65536 or parts.path or parts.query or parts.username:
+        return None
+    try:  # what a resolver will accept: no empty label, none over 63 characters
+        host.encode("idna")
+    except UnicodeError:
+        return None
+    return host.lower(), port

@@ -1,5 +1,5 @@
-"""The token lane: serve an app's connection to a Salesforce token host name, after the front door
-answered its CONNECT.
+"""The token lane: serve an app's connection to a Salesforce token host, after the front door
+answered its CONNECT (to the host's name, or to an IP literal whose TLS SNI names a token host).
 
 The lane terminates TLS (:mod:`sidecar.streams`, with the leaf certificate mitmproxy's certificate
 store issues for the host, from the CA the app trusts) and reads HTTP/1.1 requests with h11: a token
@@ -17,6 +17,7 @@ import logging
 import socket
 import ssl
 import time
+from urllib.parse import urlsplit
 
 import h11
 
@@ -26,14 +27,12 @@ from sidecar.leafcerts import LeafContexts
 from sidecar.logs import event
 from sidecar.messages import Answer, TokenRequest, origin_path
 from sidecar.metrics import Metrics
-from sidecar.streams import CHUNK, PeerClosed, SocketStream, TlsStream, handshake_failure
+from sidecar.streams import PeerClosed, SocketStream, TlsStream, handshake_failure, linger
 from sidecar.tokencore import CLOSE, MAX_TOKEN_REQUEST_BYTES, TokenCore
 from sidecar.upstream import describe_error
 
 log = logging.getLogger("egress_sidecar.lane")
 
-LINGER_SECONDS = 5.0
-LINGER_BYTES = 64 * 1024 * 1024  # an upload refused before it was read is drained up to this much
 MAX_REQUESTS = 1_000_000  # bounded: requests on one keep-alive connection
 
 
@@ -47,9 +46,12 @@ class Lane:
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
 
-    async def serve(self, sock: socket.socket, host: str, port: int, prefix: bytes = b"") -> None:
+    async def serve(self, sock: socket.socket, host: str, port: int, prefix: bytes = b"",
+                    address: tuple[str, int] | None = None) -> None:
         """Serve one client connection after its CONNECT was answered (``prefix``: bytes the client sent
-        right behind the CONNECT head); returns when it is done (the caller closes the socket)."""
+        right behind the CONNECT head); returns when it is done (the caller closes the socket). ``host``
+        is the token host (the CONNECT name or the TLS SNI); ``address``, when the CONNECT named an IP
+        literal, is where to connect instead of resolving ``host``."""
         try:
             tls = TlsStream.server(SocketStream(sock, prefix), self.contexts.get(host))
         except (ValueError, OSError, ssl.SSLError) as exc:
@@ -73,37 +75,66 @@ class Lane:
                     request = await client.next_event()
                 if not isinstance(request, h11.Request):
                     return  # the client closed (or left mid-head)
-                if not await self._one(client, request, host, port):
+                if not await self._one(client, request, host, port, address):
                     return
             except ProtocolError as exc:
                 event(log, logging.INFO, f"refused a malformed request to {host}: {exc.message}")
                 await _quietly(client, error_events(exc.status, exc.message), self.idle_timeout)
-                await _linger(sock)
+                await linger(sock)
                 return
             except (OSError, TimeoutError, ClientGone):
                 return
             if not client.next_cycle():
                 return
 
-    async def _one(self, client: HttpConnection, request: h11.Request, host: str, port: int) -> bool:
+    async def serve_plain(self, client: HttpConnection, request: h11.Request, host: str, port: int,
+                          scheme: str) -> None:
+        """Serve a token call that came as a plain proxy request (``POST http[s]://host/...``, no CONNECT),
+        its head already read by the front door: over ``http`` it is refused, over ``https`` the core
+        sends it as any other. One request: the caller closes the connection after it."""
+        with contextlib.suppress(OSError, TimeoutError, ClientGone):
+            try:
+                await self._one(client, request, host, port, None, scheme, last=True)
+            except ProtocolError as exc:
+                await _quietly(client, error_events(exc.status, exc.message), self.idle_timeout)
+                await linger(client.stream.sock)
+
+    def plain_token_call(self, request: h11.Request) -> tuple[str, int, str] | None:
+        """(host, port, scheme) when a plain proxy request's head is a token call to a token host."""
+        target = request.target.decode("latin-1")
+        scheme, _, rest = target.partition("://")
+        if scheme.lower() not in ("http", "https") or not rest:
+            return None
+        try:
+            url = urlsplit(target)
+            host, port = url.hostname, url.port
+        except ValueError:
+            return None
+        if not host or self.core.detect(host, request.method.decode("ascii"), origin_path(request.target), 0.0) is None:
+            return None
+        return host, port or (443 if scheme.lower() == "https" else 80), scheme.lower()
+
+    async def _one(self, client: HttpConnection, request: h11.Request, host: str, port: int,
+                   address: tuple[str, int] | None = None, scheme: str = "https", last: bool = False) -> bool:
         """Serve one request; whether the exchange completed (the connection may carry another)."""
         started = time.time()
         if request.method == b"CONNECT" or not (request.target.startswith(b"/") or b"://" in request.target[:10]):
             raise ProtocolError(400, "unsupported request target inside the tunnel")
         call = self.core.detect(host, request.method.decode("ascii"), origin_path(request.target), started)
         if call is None:
-            return await self._forward(client, request, host, port)
+            return await self._forward(client, request, host, port, address)
         headers = raw_headers(request)
         declared = values(request.headers, b"content-length")
-        refusal = self.core.refusal(call, "https", int(declared[0]) if declared else None)
+        refusal = self.core.refusal(call, scheme, int(declared[0]) if declared else None)
         if refusal is CLOSE:
             return False
         if isinstance(refusal, Answer):  # the body is left unread: the connection ends with it
             await self._answer(client, refusal, close=True)
             self.core.finish(call, None, refusal)
-            await _linger(client.stream.sock)
+            await linger(client.stream.sock)
             return False
-        req = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers, started=started)
+        req = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers,
+                           scheme=scheme, address=address, started=started)
         try:
             body = await self._read_body(client)
         except (PeerClosed, OSError, TimeoutError) as exc:
@@ -115,12 +146,12 @@ class Lane:
             answer = self.core.too_large(call)
             await self._answer(client, answer, close=True)
             self.core.finish(call, req, answer)
-            await _linger(client.stream.sock)
+            await linger(client.stream.sock)
             return False
         req.body = body
         answer = await self.core.answer(call, req)
         try:
-            await self._answer(client, answer)
+            await self._answer(client, answer, close=last)
         except (OSError, TimeoutError):
             return False  # the app left; the call is recorded with what really happened
         finally:
@@ -154,13 +185,14 @@ class Lane:
             await client.send(h11.Response(status_code=answer.status, reason=answer.reason or reason(answer.status),
                                            headers=headers), h11.Data(data=answer.body), h11.EndOfMessage())
 
-    async def _forward(self, client: HttpConnection, request: h11.Request, host: str, port: int) -> bool:
+    async def _forward(self, client: HttpConnection, request: h11.Request, host: str, port: int,
+                       address: tuple[str, int] | None) -> bool:
         try:
-            return await self.forwarder.forward(client, request, host, port, self.core.other_member(True))
+            return await self.forwarder.forward(client, request, host, port, self.core.other_member(True), address)
         except (Upstream502, Refused) as exc:
             status, text = (403, f"refused: {exc}") if isinstance(exc, Refused) else (502, str(exc))
             await _quietly(client, error_events(status, text), self.idle_timeout)
-            await _linger(client.stream.sock)  # the request body may be unread: let the client read the 502
+            await linger(client.stream.sock)  # the request body may be unread: let the client read the 502
             return False
 
 
@@ -168,17 +200,3 @@ async def _quietly(client: HttpConnection, events: tuple[h11.Event, ...], timeou
     with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, h11.LocalProtocolError):
         async with asyncio.timeout(timeout):
             await client.send(*events)
-
-
-async def _linger(sock: socket.socket) -> None:
-    """Close after an answer sent before the request was read to its end: stop sending, then read and
-    drop what the client still sends (bounded), so the kernel does not answer it with a reset that
-    can destroy the answer before the client has read it (what HTTP servers call a lingering close)."""
-    loop = asyncio.get_running_loop()
-    with contextlib.suppress(OSError, TimeoutError):  # the caller closes the socket next
-        sock.shutdown(socket.SHUT_WR)
-        async with asyncio.timeout(LINGER_SECONDS):
-            for _ in range(LINGER_BYTES // CHUNK):  # bounded in reads, bytes and time
-                if not await loop.sock_recv(sock, CHUNK):
-                    return
-

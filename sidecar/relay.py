@@ -1,5 +1,7 @@
 """Tunnels the sidecar does not decrypt: bytes copied both ways between the app and the target (direct,
 or through a pair member with ``SIDECAR_ROUTE=all``), never buffered beyond one chunk per direction.
+And the one look the sidecar takes into a tunnel to an IP literal: the SNI of its TLS ClientHello (read
+with mitmproxy's parser), which tells whether it is a token host's (served by the lane) or relayed.
 
 Half-closes and resets are passed on; a tunnel on which nothing moved for ``SIDECAR_IDLE_TIMEOUT`` is
 cut with a reset; progress of a send to a slow reader (bytes leaving the kernel's send queue) counts as
@@ -15,6 +17,8 @@ import socket
 import struct
 import termios
 
+from mitmproxy.proxy.layers.tls import parse_client_hello
+
 from sidecar.config import Upstream
 from sidecar.destinations import DestinationRefused, Destinations
 from sidecar.pair import Member
@@ -22,6 +26,46 @@ from sidecar.streams import CHUNK, SocketStream, abort, open_tcp, quickack
 from sidecar.upstream import ConnectFailure, describe_error, open_tunnel
 
 MAX_WAKEUPS = 10_000_000  # bounded: idle checks of one tunnel
+MAX_CLIENT_HELLO = 64 * 1024  # a ClientHello is a few hundred bytes to a few KiB (post-quantum key shares)
+FIRST_BYTES_WAIT = 1.0  # a client that sends nothing first (a server-speaks-first protocol) is relayed after this
+
+
+class UnfinishedHello(Exception):
+    """The client began a TLS ClientHello and did not finish it (in time, or within MAX_CLIENT_HELLO)."""
+
+
+async def client_hello_sni(sock: socket.socket, data: bytes, deadline: float) -> tuple[str | None, bytes]:
+    """The SNI of the TLS ClientHello a client sends first in a tunnel, and the bytes read to find it
+    (``data``: those already read). None when the client speaks something else than TLS, sends no SNI, or
+    sends nothing within FIRST_BYTES_WAIT. Raises UnfinishedHello for a ClientHello begun and not finished
+    within ``deadline`` seconds: never relayed as is, or an unfinished token host's hello would leave
+    unguarded."""
+    loop = asyncio.get_running_loop()
+    buf = bytearray(data)
+    try:
+        async with asyncio.timeout(deadline):
+            for _ in range(MAX_CLIENT_HELLO + 1):  # bounded: each read adds at least one byte
+                if buf:
+                    try:
+                        hello = parse_client_hello(bytes(buf))
+                    except ValueError:
+                        return None, bytes(buf)  # not TLS (or not a ClientHello): relayed untouched
+                    if hello is not None:
+                        return hello.sni, bytes(buf)
+                    if len(buf) > MAX_CLIENT_HELLO:
+                        break
+                    chunk = await loop.sock_recv(sock, CHUNK)
+                else:
+                    try:
+                        chunk = await asyncio.wait_for(loop.sock_recv(sock, CHUNK), FIRST_BYTES_WAIT)
+                    except TimeoutError:
+                        return None, b""
+                if not chunk:
+                    break
+                buf += chunk
+    except TimeoutError:
+        pass
+    raise UnfinishedHello(f"no whole TLS ClientHello from the client ({len(buf)} bytes, then it closed or stalled)")
 
 
 async def open_target(host: str, port: int, member: Member | None, upstream: Upstream | None,

@@ -18,8 +18,7 @@ from mitmproxy import exceptions as mitm_exceptions
 from mitmproxy import options
 
 from addons.client_access import ClientAccess
-from addons.intercept import SelectiveIntercept
-from addons.token_route import TokenRoute
+from addons.plain_http import PlainHttp
 from sidecar import __version__
 from sidecar.access import Access
 from sidecar.admin import AdminServer
@@ -198,8 +197,7 @@ class Sidecar:
             master.addons.add(addon_module("proxyauth").ProxyAuth())
         master.addons.add(
             ClientAccess(self.access),
-            SelectiveIntercept(self.metrics, self._passthrough_member),
-            TokenRoute(self.core, self.pair, self.destinations),
+            PlainHttp(self.core, self.pair, self.destinations),
             _Lifecycle(self),
         )
         trust = self.upstream_trust
@@ -207,10 +205,8 @@ class Sidecar:
             master.options.update(
                 mode=["regular"],
                 connection_strategy="lazy",
-                allow_hosts=self.hosts.mitmproxy_allow_hosts(),
-                # No size-based streaming: every non-token flow is streamed explicitly by TokenRoute, and
-                # mitmproxy switching a large *token* request to streaming would send it on its own
-                # connection, bypassing the guard and the sender.
+                # mitmproxy sees no token call (the front door serves those) and PlainHttp streams every
+                # body explicitly; no size-based switching.
                 stream_large_bodies=None,
                 http2=False,
                 tcp_timeout=s.idle_timeout,

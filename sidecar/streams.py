@@ -219,3 +219,21 @@ class TlsStream:
 
 
 Stream = SocketStream | TlsStream
+
+
+LINGER_SECONDS = 5.0
+LINGER_BYTES = 64 * 1024 * 1024  # an upload refused before it was read is drained up to this much
+
+
+async def linger(sock: socket.socket) -> None:
+    """Close after an answer sent before the request was read to its end: stop sending, then read and
+    drop what the client still sends (bounded), so the kernel does not answer it with a reset that
+    can destroy the answer before the client has read it (what HTTP servers call a lingering close)."""
+    loop = asyncio.get_running_loop()
+    with contextlib.suppress(OSError, TimeoutError):  # the caller closes the socket next
+        sock.shutdown(socket.SHUT_WR)
+        async with asyncio.timeout(LINGER_SECONDS):
+            for _ in range(LINGER_BYTES // CHUNK):  # bounded in reads, bytes and time
+                if not await loop.sock_recv(sock, CHUNK):
+                    return
+

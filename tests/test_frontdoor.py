@@ -1,5 +1,5 @@
-"""The front door: CONNECT tunnels to non-token hosts are relayed without mitmproxy, everything else is
-handed over whole; partial heads, failures and idle tunnels are handled."""
+"""The front door: CONNECT tunnels to non-token hosts are relayed without mitmproxy, plain proxy requests
+are handed to mitmproxy whole; partial heads, failures and idle tunnels are handled."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.frontdoor import parse_authority
+from sidecar.http1 import parse_authority
 from sidecar.sim.certs import TestCA
 from sidecar.sim.echo import FakeIPEcho
 from tests.harness import (
@@ -269,8 +269,8 @@ def _trickle(port: int, head: bytes, limit: int = 40) -> tuple[int, bytes]:
 def test_heads_trickled_byte_by_byte_are_cut_within_the_idle_timeout(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess], auth: str | None
 ) -> None:
-    """Whatever engine would serve it (mitmproxy for plain HTTP and IP literals, the relay for host
-    names), no connection is handed over before its first head is complete; a slow one gets 408."""
+    """Whatever would serve it (mitmproxy for plain HTTP, the relay or the lane for CONNECTs), no
+    connection is handed over before its first head is complete; a slow one gets 408."""
     env = {**world.pair_env(), "SIDECAR_IDLE_TIMEOUT": "2"}
     if auth:
         env["SIDECAR_PROXY_AUTH"] = auth

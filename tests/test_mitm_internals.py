@@ -1,5 +1,6 @@
-"""What the sidecar relies on inside mitmproxy (sidecar/mitm.py, addons/intercept.py). pyproject pins
-mitmproxy to the tested major version; these tests fail on an upgrade that breaks one of them."""
+"""What the sidecar relies on inside mitmproxy (sidecar/mitm.py; the ClientHello parser sidecar/relay.py
+reads an IP-literal tunnel's SNI with). pyproject pins mitmproxy to the tested major version; these tests
+fail on an upgrade that breaks one of them."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import asyncio
 import json
 import logging
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Callable
@@ -39,7 +41,8 @@ def test_new_master_leaves_no_mitmproxy_handler_on_the_root_logger() -> None:
 def test_route_all_sends_an_ip_literal_passthrough_through_a_member(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
-    """addons/intercept.py builds mitmproxy's own upstream-proxy layer for tunnels it does not intercept."""
+    """An IP-literal tunnel that is not a token host's (here not even TLS) is relayed by the front door,
+    through a member with SIDECAR_ROUTE=all."""
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ROUTE": "all"})
     with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
         target = f"127.0.0.1:{world.echo.address[1]}"
@@ -49,3 +52,32 @@ def test_route_all_sends_an_ip_literal_passthrough_through_a_member(
         answer = read_until_closed(c)
     assert json.loads(answer.partition(b"\r\n\r\n")[2])["ip"] in ("127.0.0.2", "127.0.0.3")
     assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="pair") == 1
+
+
+def client_hello(server_name: str | None) -> bytes:
+    """The first flight of a real TLS client (Python's ssl), as it would cross a tunnel."""
+    out = ssl.MemoryBIO()
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = server_name is not None
+    tls = ctx.wrap_bio(ssl.MemoryBIO(), out, server_hostname=server_name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return out.read()
+
+
+def test_mitmproxys_client_hello_parser_reads_the_sni() -> None:
+    from mitmproxy.proxy.layers.tls import parse_client_hello
+
+    hello = client_hello("login.salesforce.com")
+    parsed = parse_client_hello(hello)
+    assert parsed is not None and parsed.sni == "login.salesforce.com"
+    assert parse_client_hello(hello[:-10]) is None  # not complete yet: read on
+    without = parse_client_hello(client_hello(None))
+    assert without is not None and without.sni is None
+    try:
+        parse_client_hello(b"GET / HTTP/1.1\r\n\r\n")
+        raise AssertionError("not TLS must raise ValueError")
+    except ValueError:
+        pass

@@ -1,6 +1,6 @@
-"""Token calls that mitmproxy serves: a tunnel to an IP literal whose TLS SNI is a token host (only a
-look at the ClientHello tells it is one). The mitmproxy addon is a thin adapter over the same token
-core as the lane: detection, guard, sender, record; these tests show the adapter wires each of them."""
+"""Token calls in a tunnel to an IP literal whose TLS SNI is a token host (only a look at the ClientHello
+tells it is one): the front door reads the SNI and the lane serves them like any token call, connecting
+to the IP with the SNI's name. Detection, guard, sender and record are wired as for a CONNECT to the name."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def post(conn: http.client.HTTPConnection, body: str | list[bytes], chunked: boo
     return resp.status, resp.read()
 
 
-def test_token_calls_through_mitmproxy_take_the_core_path(
+def test_token_calls_to_an_ip_literal_take_the_core_path(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})  # enforce
@@ -74,7 +74,7 @@ def test_token_calls_through_mitmproxy_take_the_core_path(
                         outcome="success") == 5
 
 
-def test_mitmproxy_path_blocks_and_reports_failures_like_the_lane(
+def test_ip_literal_token_calls_are_blocked_and_reported_like_any_other(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.9"}, wait_ready=False)

@@ -1,29 +1,23 @@
-"""Review findings on the mitmproxy engine's token path (addons/token_route.py): found by an independent
-review of the data path. Real sidecar, the simulated pair and Salesforce, loopback only."""
+"""Review findings on IP-literal token tunnels, which mitmproxy used to serve: it bounded neither a request
+head nor a chunked token body it had to hold whole. Both now go to the lane (its caps apply), and plain
+HTTP keeps one request per mitmproxy connection (tests/test_engines.py). Found by an independent review
+of the data path. Real sidecar, the simulated pair and Salesforce, loopback only."""
 
 from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
 
-import pytest
 
 from tests.harness import SidecarProcess, World
-from tests.test_mitm_path import via_ip_literal
+from tests.test_ip_literal import via_ip_literal
 
 CHUNK = 64 * 1024
 
 
-# DESIGN QUESTION (not fixed on this branch; see the review report). mitmproxy reads a token call's body
-# whole before the `request` hook runs (token calls cannot be streamed: streaming makes mitmproxy send
-# the request upstream itself), and with no Content-Length nothing bounds it: the 64 KiB cap is only
-# applied once the whole body is in memory. mitmproxy's body_size_limit would bound it, but it also
-# refuses any other upload through this engine whose declared length is over the limit (it is checked
-# before any addon can mark a flow as streamed). Options: refuse chunked token calls on this engine
-# (411), accept that limit for non-token uploads through mitmproxy, or serve IP-literal tunnels whose SNI
-# is a token host in the lane (which reads a chunked body only up to the cap).
-@pytest.mark.xfail(strict=True, reason="design question: mitmproxy holds a chunked token request body whole")
-def test_a_chunked_token_call_through_mitmproxy_is_cut_at_the_cap_not_read_whole(
+# Was: mitmproxy read a chunked token body whole before any addon could cap it (2 MiB here, any size in
+# fact). The lane answers 413 past 64 KiB.
+def test_a_chunked_token_call_to_an_ip_literal_is_cut_at_the_cap_not_read_whole(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     """The lane answers 413 once a chunked token request passes 64 KiB (README: "a chunked body is read
@@ -51,15 +45,9 @@ def test_a_chunked_token_call_through_mitmproxy_is_cut_at_the_cap_not_read_whole
     assert not [r for r in world.salesforce.seen if r.path == "/services/oauth2/token"]
 
 
-# DESIGN QUESTION (not fixed on this branch; see the review report). mitmproxy 12 has no limit on the size
-# of a request head, and its watchdog only ends connections on which nothing moves: a head that keeps
-# growing is held whole, in memory, for as long as the client sends it. The front door caps the first
-# head at 64 KiB (431) and the lane caps every head; on mitmproxy's connections (tunnels to IP literals
-# with a token host's SNI, and every request after the first on a plain-HTTP keep-alive connection)
-# nothing does. Options: serve IP-literal tunnels with a token SNI in the lane; keep plain-HTTP
-# connections to one request each (the front door reads every head) or serve plain HTTP outside mitmproxy.
-@pytest.mark.xfail(strict=True, reason="design question: mitmproxy holds a request head of any size")
-def test_a_request_head_through_mitmproxy_is_capped_like_everywhere_else(
+# Was: mitmproxy 12 has no head size limit; a head that kept growing was held whole, in memory. The lane
+# answers 431 past 64 KiB and closes.
+def test_a_request_head_to_an_ip_literal_is_capped_like_everywhere_else(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     sc = make_sidecar_proc(world.pair_env())

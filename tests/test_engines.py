@@ -1,0 +1,200 @@
+"""Which engine serves what, and that no request gets past the front door's limits on the way: token
+calls only ever in the lane (whether they came as a CONNECT to a name, to an IP literal with a token
+SNI, or as a plain proxy request), plain non-token requests in mitmproxy, one per connection, so the
+front door reads every head. Real sidecar, the simulated pair and Salesforce, loopback only."""
+
+from __future__ import annotations
+
+import json
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from sidecar.sim.certs import TestCA
+from tests.harness import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    SF_HOST,
+    SidecarProcess,
+    World,
+    metric_value,
+    read_until_closed,
+)
+
+
+def refresh_body(world: World) -> bytes:
+    token = world.salesforce.issue_refresh_token()
+    return (f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}"
+            f"&client_secret={CLIENT_SECRET}").encode()
+
+
+def token_posts(world: World) -> list[str]:
+    return [r.source_ip for r in world.salesforce.seen if r.path == "/services/oauth2/token"]
+
+
+def test_plain_http_connections_carry_one_request_so_the_front_door_reads_every_head(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """mitmproxy answers a plain request with ``Connection: close`` and closes: the next request on a
+    keep-alive connection is never read by mitmproxy (which bounds no head), here an endless header."""
+    sc = make_sidecar_proc(world.pair_env())
+    echo = f"127.0.0.1:{world.echo.address[1]}"
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"GET http://{echo}/ HTTP/1.1\r\nHost: {echo}\r\n\r\n".encode())
+        answer = b""
+        for _ in range(100):  # bounded: the whole answer, then the close
+            chunk = c.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200") and b"\r\nconnection: close" in head.lower(), head
+        assert json.loads(body)["ip"] == "127.0.0.1"
+        try:  # closed: nothing more is read from this connection
+            c.sendall(b"GET http://" + echo.encode() + b"/ HTTP/1.1\r\nX-Pad: " + b"a" * (1 << 20))
+            c.sendall(b"a" * (1 << 20))
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+    assert sc.proc is not None and sc.proc.poll() is None
+
+
+def test_a_token_call_pipelined_behind_a_plain_request_is_never_sent(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    sc = make_sidecar_proc(world.pair_env())
+    world.salesforce.reset_seen()
+    echo = f"127.0.0.1:{world.echo.address[1]}"
+    body = refresh_body(world)
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"GET http://{echo}/ HTTP/1.1\r\nHost: {echo}\r\n\r\n".encode()
+                  + b"POST https://login.salesforce.com/services/oauth2/token HTTP/1.1\r\nHost: login.salesforce.com\r\n"
+                  b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        answer = read_until_closed(c)
+    assert answer.count(b"HTTP/1.1 ") == 1 and answer.startswith(b"HTTP/1.1 200"), answer[:300]
+    assert token_posts(world) == []
+    assert sc.log_events() == []
+
+
+def test_a_plain_proxy_request_for_an_https_token_url_is_served_by_the_core(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """``POST https://login.salesforce.com/...`` sent to the proxy without a CONNECT (some HTTP libraries
+    can): the sidecar sends it over TLS like any token call, through the allowlisted member; over
+    ``http://`` it is refused without being sent."""
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})
+    world.salesforce.reset_seen()
+    for scheme, status in (("https", 200), ("http", 400)):
+        body = refresh_body(world)
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+            c.sendall(f"POST {scheme}://login.salesforce.com/services/oauth2/token HTTP/1.1\r\nHost: {SF_HOST}\r\n"
+                      "Content-Type: application/x-www-form-urlencoded\r\n".encode()
+                      + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            answer = read_until_closed(c)
+        assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:300]
+        assert b"\r\nconnection: close" in answer.partition(b"\r\n\r\n")[0].lower()
+        if status == 200:
+            assert b"refresh_token" in answer and token_posts(world) == ["127.0.0.2"]
+        else:
+            assert b"token_call_not_https" in answer and token_posts(world) == ["127.0.0.2"]
+    assert [(c["outcome"], c["route"]) for c in sc.log_events()] == [("success", "pair"), ("client_error", "refused")]
+
+
+@contextmanager
+def speaks_first(greeting: bytes) -> Iterator[tuple[str, int]]:
+    """A server that talks before the client does (as SMTP or SSH do), then echoes one line."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(10)
+
+    def serve() -> None:
+        try:
+            conn, _ = server.accept()
+        except OSError:
+            return
+        with conn:
+            conn.settimeout(10)
+            conn.sendall(greeting)
+            try:
+                conn.sendall(b"echo: " + conn.recv(1024))
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield server.getsockname()[:2]
+    finally:
+        server.close()
+        thread.join(timeout=10)
+
+
+def test_a_tunnel_to_an_ip_literal_whose_server_speaks_first_is_relayed(
+    make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """The front door waits a moment for a TLS ClientHello; a client that sends nothing first is relayed."""
+    sc = make_sidecar_proc({})
+    with speaks_first(b"220 hello\r\n") as (host, port), \
+            socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        head = c.recv(4096)
+        assert head.startswith(b"HTTP/1.1 200")
+        greeting = head.partition(b"\r\n\r\n")[2] or c.recv(4096)
+        assert greeting == b"220 hello\r\n"
+        c.sendall(b"EHLO me\r\n")
+        assert c.recv(4096) == b"echo: EHLO me\r\n"
+    assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="direct") == 1
+
+
+def test_an_unfinished_client_hello_to_an_ip_literal_is_closed_not_relayed(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """Relayed as it came, a token host's ClientHello finished later would reach Salesforce unguarded: a
+    ClientHello not finished within the head deadline closes the tunnel, and nothing is connected."""
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_IDLE_TIMEOUT": "2"})
+    incoming = ssl.MemoryBIO()
+    outgoing = ssl.MemoryBIO()
+    ctx = ssl.create_default_context()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=SF_HOST)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    hello = outgoing.read()
+    assert len(hello) > 20
+    target = f"127.0.0.1:{world.salesforce.address[1]}"
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        c.sendall(hello[:-10])  # all but the end of the ClientHello, then nothing
+        started = time.monotonic()
+        assert read_until_closed(c) == b""
+        assert time.monotonic() - started < 8
+    assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="direct") == 0
+    assert "did not finish" not in sc.log_text() and "no whole TLS ClientHello" in sc.log_text()
+
+
+def test_a_tunnel_to_an_ip_literal_with_a_token_sni_gets_the_lanes_certificate(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], tmp_path
+) -> None:
+    """The lane issues the leaf for the SNI (the CONNECT named only an IP); the app checks it against the
+    sidecar's CA, as for a CONNECT to the name."""
+    sc = make_sidecar_proc(world.pair_env())
+    target = f"127.0.0.1:{world.salesforce.address[1]}"
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        with ssl.create_default_context(cafile=str(sc.ca_bundle)).wrap_socket(c, server_hostname=SF_HOST) as tls:
+            cert = tls.getpeercert()
+    assert ("DNS", SF_HOST) in cert["subjectAltName"]
+    other = TestCA(tmp_path / "other-ca")  # a CA the sidecar did not use: its leaf must not verify there
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        try:
+            ssl.create_default_context(cafile=str(other.ca_path)).wrap_socket(c, server_hostname=SF_HOST)
+            raise AssertionError("the lane's leaf verified against another CA")
+        except ssl.SSLCertVerificationError:
+            pass
+    assert metric_value(sc.metrics(), "egress_sidecar_intercepted_connections_total") == 1
