@@ -1,19 +1,25 @@
-"""The token core's own request and answer: what every engine (the lane, mitmproxy's addon) hands the
+"""The token core's own request and answer: what the engine serving a token call (the lane) hands the
 core and gets back. Plain data, no engine types, so the core is written and tested once.
 """
 
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from mitmproxy.net import encoding
+import brotli
+
+try:
+    from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+except ImportError:
+    from backports import zstd
 
 from sidecar.http1 import Headers, first
 from sidecar.tokencall import request_fields
 
-MAX_DECODED_BYTES = 8 * 1024 * 1024  # a token answer is ~2 KB; never inflate more than this to read it
+MAX_DECODED_BYTES = 1024 * 1024  # a token answer is ~2 KB; never inflate more than this to read it
 
 
 @dataclass(slots=True)
@@ -68,16 +74,33 @@ class Answer:
     finished: float = field(default_factory=time.time)
 
     def content(self) -> bytes:
-        """The body with its Content-Encoding undone (Salesforce gzips when the app accepts it); the raw
-        body when it cannot be decoded. Never raises."""
+        """The body with its Content-Encoding undone (Salesforce gzips when the app accepts it), at most
+        MAX_DECODED_BYTES of it; the raw body when it cannot be decoded. Never raises."""
         coding = first(self.headers, b"content-encoding")
         if not coding or not self.body:
             return self.body
-        try:
-            decoded = encoding.decode(self.body, coding.decode("latin-1").strip().lower())
-        except (ValueError, TypeError, LookupError):
-            return self.body
-        return decoded[:MAX_DECODED_BYTES] if isinstance(decoded, bytes) else self.body
+        return decode_bounded(self.body, coding.decode("latin-1").strip().lower(), MAX_DECODED_BYTES)
+
+
+def decode_bounded(body: bytes, coding: str, limit: int) -> bytes:
+    """``body`` decoded from ``coding`` (gzip, deflate, br, zstd), never more than ``limit`` bytes of output
+    (a small answer that inflates to gigabytes is cut, not inflated); the raw body for an unknown coding
+    or one that fails."""
+    try:
+        if coding in ("gzip", "x-gzip"):
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, limit)
+        if coding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some servers send
+            try:
+                return zlib.decompressobj(zlib.MAX_WBITS).decompress(body, limit)
+            except zlib.error:
+                return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, limit)
+        if coding == "br":
+            return brotli.Decompressor().process(body, output_buffer_limit=limit)[:limit]
+        if coding == "zstd":
+            return zstd.ZstdDecompressor().decompress(body, max_length=limit)
+    except (zlib.error, brotli.error, zstd.ZstdError, ValueError):
+        return body
+    return body
 
 
 def origin_path(target: bytes) -> str:

@@ -10,9 +10,9 @@ customer who must authorise again. The sidecar sees every redemption, so it can 
 - **replay**: a redemption that succeeded less than ``SIDECAR_REPLAY_WINDOW`` seconds ago is answered
   again, from memory, instead of being sent (Salesforce would refuse it as a reuse).
 
-"Identical" means the same request as far as Salesforce is concerned: the same form fields (grant,
-refresh token, client credentials, scope...) and the same HTTP Basic credentials, compared as a keyed
-hash; a caller without the app's credentials never gets another caller's answer. Only ``refresh_token``
+"Identical" means the same request as far as Salesforce is concerned: the same token host, the same
+form fields (grant, refresh token, client credentials, scope...) and the same HTTP Basic credentials,
+compared as a keyed hash; a caller without the app's credentials never gets another caller's answer. Only ``refresh_token``
 redemptions are shielded and only successful answers are replayed. Answers live in memory, bounded in
 count and bytes, dropped when they expire, never logged or written to disk; with ``SIDECAR_REDIS_URL`` the
 replicas share them through Redis, encrypted (:mod:`sidecar.shared`).
@@ -62,9 +62,11 @@ class Contended(Exception):
     redeem the refresh token twice."""
 
 
-def request_key(hash_key: bytes, fields: dict[str, list[str]], authorization: str | None) -> bytes:
-    """The keyed hash that identifies one redemption: every form field and the Basic credentials."""
+def request_key(hash_key: bytes, fields: dict[str, list[str]], authorization: str | None, host: str = "") -> bytes:
+    """The keyed hash that identifies one redemption: the token host it goes to (the same credentials
+    sent to login and to test are two redemptions), every form field and the Basic credentials."""
     mac = hmac.new(hash_key, _CONTEXT, hashlib.sha256)
+    mac.update(b"\0h" + host.lower().rstrip(".").encode("utf-8", "surrogatepass"))
     for name in sorted(fields):
         for value in fields[name]:
             mac.update(b"\0f" + name.encode("utf-8", "surrogatepass") + b"\0" + value.encode("utf-8", "surrogatepass"))

@@ -127,7 +127,8 @@ class TokenCore:
         call.app = app.label if app else None
         shield = self.shield
         if call.grant_type == "refresh_token" and shield is not None and shield.hash_key is not None:
-            key = request_key(shield.hash_key, fields, authorization.decode("latin-1") if authorization else None)
+            key = request_key(shield.hash_key, fields, authorization.decode("latin-1") if authorization else None,
+                              req.host)
             try:
                 answer, how = await shield.redeem(key, lambda: self._guarded(call, req, app))
             except Contended:

@@ -167,19 +167,33 @@ class UpstreamPool:
         self.connect_timeout = connect_timeout
         self.destinations = destinations  # checked for direct connections (a member resolves its own)
         self._idle: dict[PoolKey, deque[UpstreamConn]] = defaultdict(deque)
+        self._swept = time.monotonic()
 
     async def acquire(self, member: Member | None, host: str, port: int, server_name: str | None = None,
                       purpose: str = "other") -> tuple[UpstreamConn, bool]:
         """A connection ready for a request, and whether it was reused. Raises ConnectFailure."""
         key = (purpose, member.label if member else None, host, port, server_name or host)
-        idle = self._idle[key]
         now = time.monotonic()
+        if now - self._swept > POOL_IDLE_SECONDS:
+            self._sweep(now)
+        idle = self._idle.get(key)
         while idle:
             conn = idle.pop()
             if now - conn.last_used < POOL_IDLE_SECONDS and conn.http.reusable():
                 return conn, True
             conn.close()
         return await self._open(member, key), False
+
+    def _sweep(self, now: float) -> None:
+        """Close the connections idle past POOL_IDLE_SECONDS and forget hosts with none left: the pool
+        holds no socket, and no entry, for a host (an org's My Domain) it will not see again."""
+        self._swept = now
+        for key in list(self._idle):
+            idle = self._idle[key]
+            while idle and now - idle[0].last_used >= POOL_IDLE_SECONDS:  # oldest first (appended in order)
+                idle.popleft().close()
+            if not idle:
+                del self._idle[key]
 
     def release(self, conn: UpstreamConn) -> None:
         """Back to the pool if its exchange ended cleanly and nothing is left unread; else closed."""

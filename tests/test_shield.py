@@ -124,6 +124,9 @@ def test_the_key_separates_callers_without_the_same_credentials() -> None:
     assert one != request_key(k, {**base, "client_secret": ["s2"]}, None)
     assert request_key(k, base, "Basic YXBwOnMx") != request_key(k, base, "Basic YXBwOnMy")
     assert one != request_key(b"j" * 32, {**base, "client_secret": ["s1"]}, None)
+    login = request_key(k, base, None, "login.salesforce.com")
+    assert login == request_key(k, base, None, "LOGIN.salesforce.com.")  # one host, however it is written
+    assert login != request_key(k, base, None, "test.salesforce.com")  # login and sandbox: two redemptions
 
 
 # -- end to end ------------------------------------------------------------------------------------------

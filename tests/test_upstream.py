@@ -19,7 +19,7 @@ from sidecar.messages import TokenRequest
 from sidecar.sender import TokenSender, Unsendable, request_events
 from sidecar.sim.certs import TestCA
 from sidecar.streams import SocketStream
-from sidecar.upstream import SendFailure, UpstreamPool, read_answer
+from sidecar.upstream import POOL_IDLE_SECONDS, SendFailure, UpstreamPool, read_answer
 from tests.harness import SidecarProcess, redeem
 from tests.scripted_origin import ScriptedOrigin, ok, token_body
 from tests.test_lane import get, https_via
@@ -188,3 +188,26 @@ def test_no_call_ever_reads_another_exchanges_bytes(
                 assert (plain.status_code, plain.content) == (200, b"ok")
     calls = sc.log_events()
     assert len(calls) == 3 and all(c["outcome"] == "success" for c in calls)
+
+
+class _IdleConn:
+    def __init__(self, last_used: float) -> None:
+        self.last_used = last_used
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_pool_forgets_hosts_it_no_longer_uses() -> None:
+    """Idle connections past POOL_IDLE_SECONDS are closed, and a host with none left is forgotten, even
+    if it is never asked for again (one per org's My Domain would otherwise pile up, sockets and all)."""
+    pool = UpstreamPool(None, ssl.create_default_context(), 1.0)
+    now = time.monotonic()
+    stale = [_IdleConn(now - POOL_IDLE_SECONDS - 5) for _ in range(3)]
+    fresh = _IdleConn(now - 1)
+    pool._idle[("other", None, "acme.my.salesforce.com", 443, "acme.my.salesforce.com")].extend(stale)
+    pool._idle[("token", None, "login.salesforce.com", 443, "login.salesforce.com")].append(fresh)
+    pool._sweep(now)
+    assert all(c.closed for c in stale) and not fresh.closed
+    assert list(pool._idle) == [("token", None, "login.salesforce.com", 443, "login.salesforce.com")]
