@@ -5,7 +5,7 @@ The lane terminates TLS (:mod:`sidecar.streams`, with the leaf certificate mitmp
 store issues for the host, from the CA the app trusts) and reads HTTP/1.1 requests with h11: a token
 call goes to the token core (detect, refuse, guard, send, record); anything else on that host goes to
 the :class:`~sidecar.forward.Forwarder`. This is the engine for nearly all real token traffic, so it
-stays small and fast: mitmproxy's per-request layers cost ~1.9 ms of CPU per call, the lane a fraction.
+stays small and fast: plain mitmdump burns about twice its CPU per token call (bench/RESULTS.md).
 Only HTTP/1.1 is offered (ALPN).
 """
 
