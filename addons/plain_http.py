@@ -50,13 +50,10 @@ class PlainHttp:
         req.stream = True
 
     def responseheaders(self, flow: http.HTTPFlow) -> None:
+        """Every answer, the sidecar's own 403 included (mitmproxy calls this hook for those too)."""
         if flow.response is not None:
             flow.response.stream = True
             flow.response.headers["Connection"] = "close"  # the next request comes through the front door
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        if flow.response is not None:  # an answer of the sidecar's own (no responseheaders hook for those)
-            flow.response.headers["Connection"] = "close"
 
     def http_connect_upstream(self, flow: http.HTTPFlow) -> None:
         """Credentials go on the CONNECT to the member only, never on the inner request."""

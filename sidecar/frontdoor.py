@@ -24,7 +24,6 @@ import contextlib
 import logging
 import socket
 from collections.abc import Awaitable, Callable
-from urllib.parse import urlsplit
 
 import h11
 
@@ -32,13 +31,23 @@ from sidecar.access import Access
 from sidecar.config import Upstream
 from sidecar.destinations import DestinationRefused, Destinations, is_ip
 from sidecar.hosts import TokenHosts
-from sidecar.http1 import MAX_HEAD, HttpConnection, ProtocolError, closing_events, error_events, parse_authority
+from sidecar.http1 import (
+    MAX_HEAD,
+    HttpConnection,
+    ProtocolError,
+    absolute_target,
+    closing_events,
+    error_events,
+    parse_authority,
+)
 from sidecar.lane import Lane
 from sidecar.logs import event
+from sidecar.messages import origin_path
 from sidecar.metrics import Metrics
 from sidecar.pair import Member
 from sidecar.relay import UnfinishedHello, client_hello_sni, open_target, pipe_both
 from sidecar.streams import CHUNK, SocketStream, linger
+from sidecar.tokencall import is_token_request
 from sidecar.upstream import ConnectFailure, describe_error
 
 log = logging.getLogger("egress_sidecar.frontdoor")
@@ -228,16 +237,12 @@ class FrontDoor:
     async def _plain(self, client: HttpConnection, sock: socket.socket, request: h11.Request, seen: bytes) -> bool:
         """A plain proxy request: a token call is served by the lane; a refused destination gets 403;
         anything else goes to mitmproxy (True: handed off)."""
-        plain = self.lane.plain_token_call(request)
-        if plain is not None:
-            await self.lane.serve_plain(client, request, *plain)
-            return False
-        try:
-            url = urlsplit(request.target.decode("latin-1"))
-            host, port = url.hostname, url.port or (443 if url.scheme.lower() == "https" else 80)
-        except ValueError:
-            host = None  # mitmproxy answers a target it cannot use itself
-        if host:
+        target = absolute_target(request.target)  # None: mitmproxy answers a target it cannot use itself
+        if target is not None:
+            scheme, host, port = target
+            if self.hosts.matches(host) and is_token_request(request.method.decode("ascii"), origin_path(request.target)):
+                await self.lane.serve_plain(client, request, host, port, scheme)
+                return False
             try:
                 member = self.lane.core.other_member(self.hosts.matches(host))
                 await self.destinations.check_route(host, port, member is not None)

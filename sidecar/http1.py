@@ -217,3 +217,16 @@ def parse_authority(target: bytes) -> tuple[str, int] | None:
     except UnicodeError:
         return None
     return host.lower(), port
+
+
+def absolute_target(target: bytes) -> tuple[str, str, int] | None:
+    """``(scheme, host, port)`` of a plain proxy request's absolute-form target (``http://host/...`` or
+    ``https://...``), else None."""
+    try:
+        parts = urlsplit(target.decode("latin-1"))
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:
+        return None
+    if scheme not in ("http", "https") or not host:
+        return None
+    return scheme, host, port or (443 if scheme == "https" else 80)

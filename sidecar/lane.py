@@ -17,7 +17,6 @@ import logging
 import socket
 import ssl
 import time
-from urllib.parse import urlsplit
 
 import h11
 
@@ -98,21 +97,6 @@ class Lane:
             except ProtocolError as exc:
                 await _quietly(client, error_events(exc.status, exc.message), self.idle_timeout)
                 await linger(client.stream.sock)
-
-    def plain_token_call(self, request: h11.Request) -> tuple[str, int, str] | None:
-        """(host, port, scheme) when a plain proxy request's head is a token call to a token host."""
-        target = request.target.decode("latin-1")
-        scheme, _, rest = target.partition("://")
-        if scheme.lower() not in ("http", "https") or not rest:
-            return None
-        try:
-            url = urlsplit(target)
-            host, port = url.hostname, url.port
-        except ValueError:
-            return None
-        if not host or self.core.detect(host, request.method.decode("ascii"), origin_path(request.target), 0.0) is None:
-            return None
-        return host, port or (443 if scheme.lower() == "https" else 80), scheme.lower()
 
     async def _one(self, client: HttpConnection, request: h11.Request, host: str, port: int,
                    address: tuple[str, int] | None = None, scheme: str = "https", last: bool = False) -> bool:

@@ -72,14 +72,17 @@ class Answer:
     reason: bytes = b""
     local: bool = False
     finished: float = field(default_factory=time.time)
+    _content: bytes | None = field(default=None, repr=False, compare=False)
 
     def content(self) -> bytes:
         """The body with its Content-Encoding undone (Salesforce gzips when the app accepts it), at most
-        MAX_DECODED_BYTES of it; the raw body when it cannot be decoded. Never raises."""
-        coding = first(self.headers, b"content-encoding")
-        if not coding or not self.body:
-            return self.body
-        return decode_bounded(self.body, coding.decode("latin-1").strip().lower(), MAX_DECODED_BYTES)
+        MAX_DECODED_BYTES of it; the raw body when it cannot be decoded. Decoded once: the core classifies
+        it and the grant tracking reads the rotated token from it. Never raises."""
+        if self._content is None:
+            coding = first(self.headers, b"content-encoding")
+            self._content = decode_bounded(self.body, coding.decode("latin-1").strip().lower(), MAX_DECODED_BYTES) \
+                if coding and self.body else self.body
+        return self._content
 
 
 def decode_bounded(body: bytes, coding: str, limit: int) -> bytes:
