@@ -38,7 +38,6 @@ from sidecar.grantstore import (
     Prune,
     Retired,
     key_fingerprint,
-    load_or_create_key,
     read_grants,
     token_hash,
 )
@@ -104,10 +103,6 @@ class GrantTracker:
         self._maintainer: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def open_confdir(self, confdir: Path) -> None:
-        """Production start: the key and ``grants.sqlite3`` from the confdir. Blocking; before listening."""
-        self.open(load_or_create_key(confdir), GrantStore(confdir / DB_FILE))
-
     def open(self, key: bytes, store: GrantStore | None = None, *, background: bool = True) -> None:
         """Load the stored grants and start the writer and the periodic maintenance."""
         SCRUBBER.add(key.hex())

@@ -149,10 +149,6 @@ def render_response(status: int, body: bytes = b"", headers: Mapping[str, str] |
         h11.EndOfMessage()))
 
 
-def peer_ip(writer: asyncio.StreamWriter) -> str:
-    return str(writer.get_extra_info("peername")[0])
-
-
 @dataclass
 class _Tracked:
     tasks: set[asyncio.Task[None]] = field(default_factory=set)
