@@ -240,11 +240,12 @@ class FrontDoor:
         target = absolute_target(request.target)  # None: mitmproxy answers a target it cannot use itself
         if target is not None:
             scheme, host, port = target
-            if self.hosts.matches(host) and is_token_request(request.method.decode("ascii"), origin_path(request.target)):
+            on_token_host = self.hosts.matches(host)
+            if on_token_host and is_token_request(request.method.decode("ascii"), origin_path(request.target)):
                 await self.lane.serve_plain(client, request, host, port, scheme)
                 return False
             try:
-                member = self.lane.core.other_member(self.hosts.matches(host))
+                member = self.lane.core.other_member(on_token_host)
                 await self.destinations.check_route(host, port, member is not None)
             except DestinationRefused as exc:
                 await self._refuse(client, *error_events(403, f"refused: {exc}"))

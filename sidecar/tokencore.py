@@ -1,10 +1,11 @@
 """A token call's whole journey, once, for every engine: detect → refuse → route (the guard) → send →
 classify → record.
 
-The engines that serve clients (the token lane, mitmproxy's addon) are thin adapters: they turn their
-own request into a :class:`~sidecar.messages.TokenRequest`, call :meth:`TokenCore.refusal` on its head
-and :meth:`TokenCore.answer` on the whole request, write the :class:`~sidecar.messages.Answer` back
-and call :meth:`TokenCore.finish`. Nothing here knows an engine's types.
+The engine that serves token calls (the token lane, for every way a token call arrives) is a thin
+adapter: it turns its own request into a :class:`~sidecar.messages.TokenRequest`, calls
+:meth:`TokenCore.refusal` on its head and :meth:`TokenCore.answer` on the whole request, writes the
+:class:`~sidecar.messages.Answer` back and calls :meth:`TokenCore.finish`. Nothing here knows an
+engine's types.
 """
 
 from __future__ import annotations
