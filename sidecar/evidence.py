@@ -14,7 +14,6 @@ them.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import logging
 import threading
@@ -33,6 +32,8 @@ log = logging.getLogger("egress_sidecar.evidence")
 
 Kind = Literal["allowed", "refused"]
 MAX_FACTS = 10_000  # (app, egress IP) pairs kept; the least recently updated go first
+STORE_EVERY = 60.0  # seconds between writes of an unchanged answer
+MAX_APPS_CACHED = 1024  # client_id -> App hashes kept (cleared when full: a flood of made-up ids costs only CPU)
 _APP_CONTEXT = b"egress-sidecar app"
 
 
@@ -53,6 +54,7 @@ class Fact:
     egress_ip: str
     kind: Kind
     at: float
+    stored: float = 0.0  # when this answer was last written to grants.sqlite3
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,23 +80,31 @@ class Evidence:
         self._facts: OrderedDict[tuple[bytes, str], Fact] = OrderedDict()  # least recently updated first
         self._lock = threading.Lock()
         self._gauged: set[str] = set()
+        self._apps: dict[str, App] = {}  # client_id -> App, for this key
 
     def open(self, key: bytes, store: GrantStore | None = None) -> None:
         """Take the install key and the facts kept in ``store`` (those a restart must not forget)."""
         self._key = key
+        self._apps.clear()
         self.store = store
         if store is not None:
             with self._lock:
                 for row in store.load_evidence(self.max_facts):
-                    fact = Fact(App(row.app, row.label), row.egress_ip, row.kind, row.at)  # type: ignore[arg-type]
+                    fact = Fact(App(row.app, row.label), row.egress_ip, row.kind, row.at, row.at)  # type: ignore[arg-type]
                     self._facts[(row.app, row.egress_ip)] = fact
         self.update_metrics()
 
     def app(self, client_id: str | None) -> App | None:
         if self._key is None or not client_id:
             return None
-        digest = hmac.new(self._key, _APP_CONTEXT + client_id.encode("utf-8"), hashlib.sha256).digest()[:16]
-        return App(digest, short_client_id(client_id))
+        app = self._apps.get(client_id)  # an install has a few apps: hashed once each, not per call
+        if app is None:
+            digest = hmac.digest(self._key, _APP_CONTEXT + client_id.encode("utf-8"), "sha256")[:16]
+            app = App(digest, short_client_id(client_id))
+            if len(self._apps) >= MAX_APPS_CACHED:
+                self._apps.clear()
+            self._apps[client_id] = app
+        return app
 
     # -- learning -------------------------------------------------------------------------------
     def record(self, app: App | None, egress_ip: str | None, kind: Kind) -> Fact | None:
@@ -103,15 +113,19 @@ class Evidence:
         if app is None or not egress_ip:
             return None
         now = self.clock()
-        fact = Fact(app, egress_ip, kind, now)
         with self._lock:
             before = self._facts.pop((app.key, egress_ip), None)
+            news = before is None or before.kind != kind or not self._live(before, now)
+            # The same answer again (every successful refresh says it): written at most every STORE_EVERY
+            # seconds, not once per call; a restart then knows it from at most that long ago.
+            stored = before.stored if before is not None else 0.0
+            store = self.store is not None and (news or now - stored >= STORE_EVERY)
+            fact = Fact(app, egress_ip, kind, now, now if store else stored)
             self._facts[(app.key, egress_ip)] = fact
             while len(self._facts) > self.max_facts:
                 self._facts.popitem(last=False)
-        if self.store is not None:
+        if store and self.store is not None:
             self.store.submit(Change(evidence=[EvidenceRow(app.key, app.label, egress_ip, kind, now)]))
-        news = before is None or before.kind != kind or not self._live(before, now)
         if news:
             self.update_metrics()
         if kind == "refused" and news:

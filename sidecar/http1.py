@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import NoReturn
 from http import HTTPStatus
 from urllib.parse import urlsplit
 
@@ -50,6 +51,7 @@ class HttpConnection:
         self._server = role is h11.SERVER
         self._head: bytearray | None = None  # bytes of the head being read, for the obs-fold check
         self._eof = False
+        self._error: h11.RemoteProtocolError | None = None  # found by buffered_event()
 
     def _reading_head(self) -> bool:
         return self.h11.their_state is (h11.IDLE if self._server else h11.SEND_RESPONSE)
@@ -58,6 +60,8 @@ class HttpConnection:
         """The peer's next event (``ConnectionClosed`` at a clean end); reads as needed. Raises
         ProtocolError for anything malformed, PeerClosed when the peer left in the middle of a
         message, OSError from the stream."""
+        if self._error is not None:
+            self._fail(self._error)
         for _ in range(MAX_EVENTS):
             head = self._reading_head()
             if head and self._head is None:
@@ -65,9 +69,7 @@ class HttpConnection:
             try:
                 event = self.h11.next_event()
             except h11.RemoteProtocolError as exc:
-                if self._eof:
-                    raise PeerClosed("the peer closed the connection in the middle of a message") from None
-                raise ProtocolError(exc.error_status_hint, _describe(exc)) from None
+                self._fail(exc)
             if event is h11.NEED_DATA:
                 data = await self.stream.recv(CHUNK)
                 self._eof = not data
@@ -82,14 +84,21 @@ class HttpConnection:
             return event
         raise ProtocolError(400, "too many reads for one HTTP event")
 
+    def _fail(self, exc: h11.RemoteProtocolError) -> NoReturn:
+        self._error = None
+        if self._eof:
+            raise PeerClosed("the peer closed the connection in the middle of a message") from None
+        raise ProtocolError(exc.error_status_hint, _describe(exc)) from None
+
     def buffered_event(self) -> h11.Event | None:
         """The next event if the bytes already received hold it (no I/O; never a head), else None."""
         if self._reading_head():
             return None
         try:
             event = self.h11.next_event()
-        except h11.RemoteProtocolError:
-            return None  # next_event() raises it with the details
+        except h11.RemoteProtocolError as exc:
+            self._error = exc  # next_event() raises it, with h11's details (h11 repeats only a vaguer one)
+            return None
         return None if event is h11.NEED_DATA else event
 
     def _check_head(self, event: h11.Request | h11.Response | h11.InformationalResponse) -> None:

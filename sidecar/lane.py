@@ -147,16 +147,21 @@ class Lane:
         if client.h11.they_are_waiting_for_100_continue:  # as mitmproxy does: answered here, not passed on
             await client.send(CONTINUE)
         body = bytearray()
-        async with asyncio.timeout(self.idle_timeout):
-            for _ in range(MAX_TOKEN_REQUEST_BYTES + 2):  # bounded: each Data event holds at least one byte
-                chunk = await client.next_event()
-                if isinstance(chunk, h11.EndOfMessage):
-                    return bytes(body)
-                if not isinstance(chunk, h11.Data):
-                    raise PeerClosed("the client closed in the middle of a request body")
-                body += chunk.data
-                if len(body) > MAX_TOKEN_REQUEST_BYTES:
-                    return None
+        deadline: float | None = None  # one for the whole body, set at the first wait (a small body came with its head)
+        for _ in range(MAX_TOKEN_REQUEST_BYTES + 2):  # bounded: each Data event holds at least one byte
+            chunk = client.buffered_event()
+            if chunk is None:
+                if deadline is None:
+                    deadline = asyncio.get_running_loop().time() + self.idle_timeout
+                async with asyncio.timeout_at(deadline):
+                    chunk = await client.next_event()
+            if isinstance(chunk, h11.EndOfMessage):
+                return bytes(body)
+            if not isinstance(chunk, h11.Data):
+                raise PeerClosed("the client closed in the middle of a request body")
+            body += chunk.data
+            if len(body) > MAX_TOKEN_REQUEST_BYTES:
+                return None
         return None
 
     async def _answer(self, client: HttpConnection, answer: Answer, close: bool = False) -> None:

@@ -162,6 +162,8 @@ class TlsStream:
         return cls(raw, ctx.wrap_bio(incoming, outgoing, server_hostname=server_hostname), incoming, outgoing)
 
     async def _flush(self) -> None:
+        if not self._out.pending and not self._sending.locked():  # nothing to send (most reads): no lock
+            return
         async with self._sending:
             data = self._out.read()
             if data:

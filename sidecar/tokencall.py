@@ -8,6 +8,7 @@ ever carrying a token, a secret or a customer's identity.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -67,6 +68,7 @@ def is_token_request(method: str, path: str) -> bool:
     return method.upper() == "POST" and normalized_path(path) == TOKEN_PATH
 
 
+@functools.lru_cache(maxsize=512)  # an app asks for a handful of paths, over and over
 def normalized_path(path: str) -> str:
     """``path`` (no query) as a lenient server would resolve it: decoded once, dot segments removed,
     empty segments and path parameters dropped, lower case."""

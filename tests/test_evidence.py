@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.allowlist import parse_allowlist
-from sidecar.evidence import Evidence, short_client_id
+from sidecar.evidence import MAX_APPS_CACHED, STORE_EVERY, Evidence, short_client_id
 from sidecar.grantstore import GrantStore, Prune
 from sidecar.guard import Guard
 from sidecar.metrics import Metrics
@@ -100,6 +100,50 @@ def test_facts_are_bounded_and_survive_a_restart_without_the_client_id(tmp_path:
     assert again.state(again.app(ids[3]), "52.0.0.2") == "refused"
     raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
     assert not [c for c in ids if c.encode() in raw]  # only keyed hashes and short labels are written
+
+
+def test_the_same_answer_again_is_written_at_most_every_store_every_seconds(tmp_path: Path) -> None:
+    """Every successful refresh repeats "allowed": memory follows each one, the file only news and one
+    refresh per STORE_EVERY (a write per token call would cost every call a queue hand-off and a commit)."""
+    store = GrantStore(tmp_path / "grants.sqlite3")
+    store.load("fp", Prune(max_grants=10, grants_before=0, retired_per_grant=2, retired_before=0))
+    written: list[float] = []
+    submit = store.submit
+    store.submit = lambda change: written.extend(r.at for r in change.evidence) or submit(change)  # type: ignore[method-assign]
+    store.start()
+    clock = Clock()
+    ev = Evidence(Metrics(), 900, parse_allowlist(None), clock=clock)
+    ev.open(KEY, store)
+    app = ev.app("3MVG9demo")
+    start = clock.now
+    for _ in range(20):  # twenty refreshes within a few seconds: one write
+        clock.now += 0.25
+        ev.record(app, "52.0.0.2", "allowed")
+    assert written == [start + 0.25]
+    assert ev.facts()[0].at == clock.now  # memory has the latest
+    clock.now = start + 0.25 + STORE_EVERY
+    ev.record(app, "52.0.0.2", "allowed")  # STORE_EVERY later: written again
+    clock.now += 1
+    ev.record(app, "52.0.0.2", "refused")  # news: written at once
+    ev.record(ev.app("3MVG9other"), "52.0.0.2", "allowed")  # another app's first answer: news
+    assert written == [start + 0.25, start + 0.25 + STORE_EVERY, clock.now, clock.now]
+    assert store.flush()
+    store.close()
+    again = Evidence(Metrics(), 900, parse_allowlist(None), clock=clock)
+    again.open(KEY, GrantStore(tmp_path / "grants.sqlite3"))
+    assert again.state(again.app("3MVG9demo"), "52.0.0.2") == "refused"
+
+
+def test_an_app_is_hashed_once_per_key() -> None:
+    ev, _, _ = evidence()
+    first = ev.app("3MVG9demo")
+    assert ev.app("3MVG9demo") is first  # cached: not hashed again on every call
+    ev.open(bytes(range(1, 33)))  # another key: another hash
+    other = ev.app("3MVG9demo")
+    assert other is not None and first is not None and other.key != first.key
+    for i in range(MAX_APPS_CACHED + 5):  # made-up ids do not grow the cache without bound
+        ev.app(f"made-up-{i}")
+    assert len(ev._apps) <= MAX_APPS_CACHED
 
 
 def test_the_guard_keeps_an_app_off_the_ip_salesforce_refused_it() -> None:

@@ -126,3 +126,22 @@ def test_a_connection_with_unread_bytes_is_not_reusable() -> None:
             return results[0], results[1]
 
     assert asyncio.run(run()) == (True, False)
+
+
+def test_a_malformed_body_found_without_reading_is_reported_with_its_details() -> None:
+    """buffered_event() (no I/O) meets the bad chunk first; next_event() then says what h11 said of it,
+    not h11's vaguer second word ("peer state is ERROR")."""
+    async def run() -> None:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with a, b:
+            conn = HttpConnection(SocketStream(a), h11.SERVER)
+            b.sendall(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
+            assert isinstance(await asyncio.wait_for(conn.next_event(), 5), h11.Request)
+            assert conn.buffered_event() is None
+            with pytest.raises(ProtocolError) as caught:
+                await asyncio.wait_for(conn.next_event(), 5)
+            assert caught.value.status == 400 and "chunk" in caught.value.message
+            assert "zz" not in caught.value.message  # h11 quotes the bytes; they never reach an answer
+
+    asyncio.run(run())

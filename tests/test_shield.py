@@ -5,6 +5,8 @@ and stop their Redis."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import json
 import subprocess
 import threading
@@ -127,6 +129,17 @@ def test_the_key_separates_callers_without_the_same_credentials() -> None:
     login = request_key(k, base, None, "login.salesforce.com")
     assert login == request_key(k, base, None, "LOGIN.salesforce.com.")  # one host, however it is written
     assert login != request_key(k, base, None, "test.salesforce.com")  # login and sandbox: two redemptions
+
+
+def test_the_key_is_stable_across_versions() -> None:
+    """Replicas of two versions share Redis during a rolling update: the key must not change with the code.
+    The expected value is the HMAC-SHA256 (truncated to 16 bytes) of the documented layout."""
+    fields = {"refresh_token": ["RT1"], "grant_type": ["refresh_token"], "client_id": ["a", "b"]}
+    layout = (b"egress-sidecar shield" + b"\0h" + b"login.salesforce.com" + b"\0fclient_id\0a" + b"\0fclient_id\0b"
+              + b"\0fgrant_type\0refresh_token" + b"\0frefresh_token\0RT1" + b"\0aBasic eA==")
+    expected = hmac.new(b"k" * 32, layout, hashlib.sha256).digest()[:16]
+    assert request_key(b"k" * 32, fields, "Basic eA==", "Login.Salesforce.com.") == expected
+    assert expected.hex() == "6fa17b3ab6c85c809a3cf36c46cdab1a"
 
 
 # -- end to end ------------------------------------------------------------------------------------------
