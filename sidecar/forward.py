@@ -15,7 +15,18 @@ import contextlib
 
 import h11
 
-from sidecar.http1 import CONTINUE, HttpConnection, ProtocolError, end_to_end, has, raw_headers, tokens, values
+from sidecar.http1 import (
+    CONTINUE,
+    HttpConnection,
+    ProtocolError,
+    end_to_end,
+    has,
+    raw_headers,
+    request_event,
+    response_event,
+    tokens,
+    values,
+)
 from sidecar.messages import origin_target
 from sidecar.pair import Member
 from sidecar.streams import CHUNK, PeerClosed, Stream
@@ -103,13 +114,15 @@ class Forwarder:
         """The request for the server: origin-form, hop-by-hop headers dropped, framing restated."""
         raw = raw_headers(req)
         headers = end_to_end(raw, drop=(b"expect",))
+        parsed = True  # the client's headers as h11 read them, and fixed ones of ours
         if not has(headers, b"host"):
             headers.insert(0, (b"Host", host.encode("idna") + (b":%d" % port if port != 443 else b"")))
+            parsed = False
         if has(raw, b"transfer-encoding"):
             headers.append((b"Transfer-Encoding", b"chunked"))
         if upgrade:
             headers += [(b"Connection", b"Upgrade")] + [(b"Upgrade", v) for v in values(raw, b"upgrade")]
-        return h11.Request(method=req.method, target=origin_target(req.target), headers=headers)
+        return request_event(req.method, origin_target(req.target), headers, parsed=parsed)
 
     async def _send_body(self, client: HttpConnection, conn: UpstreamConn, deadline: asyncio.Timeout) -> None:
         for _ in range(MAX_CHUNKS):
@@ -151,8 +164,8 @@ class Forwarder:
             raise Upstream502(str(exc)) from None
         if not isinstance(event, h11.Response):
             raise Upstream502(f"{where} sent no final answer")
-        pending: list[h11.Event] = [h11.Response(status_code=event.status_code, reason=event.reason,
-                                                 headers=end_to_end(raw_headers(event)))]
+        pending: list[h11.Event] = [response_event(event.status_code, bytes(event.reason),
+                                                   end_to_end(raw_headers(event)), parsed=True)]
         answered = False  # whether any byte of the answer went to the client
         try:
             async with asyncio.timeout(self.idle_timeout) as deadline:

@@ -178,6 +178,21 @@ def end_to_end(headers: Iterable[tuple[bytes, bytes]], drop: Iterable[bytes] = (
     return [(k, v) for k, v in pairs if k.lower() not in gone]
 
 
+def request_event(method: bytes, target: bytes, headers: Headers, *, parsed: bool) -> h11.Request:
+    """``h11.Request``. ``parsed``: every header name and value was read by h11 from a peer (so checked by it)
+    or is the sidecar's own of a fixed form, and h11's per-header regex check is not run again; the
+    framing headers are still normalised and the method and target checked. This is h11's private
+    ``_parsed`` flag, which its own reader passes the same way (h11 pinned in pyproject.toml;
+    tests/test_http1.py fails on an h11 without it)."""
+    return h11.Request(method=method, target=target, headers=headers, _parsed=parsed)
+
+
+def response_event(status: int, reason: bytes, headers: Headers, *, parsed: bool) -> h11.Response:
+    """``h11.Response``; ``parsed`` as for :func:`request_event` (the reason too was read by h11, or is a
+    standard phrase)."""
+    return h11.Response(status_code=status, reason=reason, headers=headers, _parsed=parsed)
+
+
 def raw_headers(event: h11.Request | h11.Response | h11.InformationalResponse) -> Headers:
     """Header names as the peer wrote them (h11 lower-cases ``event.headers``)."""
     return [(bytes(k), bytes(v)) for k, v in event.headers.raw_items()]

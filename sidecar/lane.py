@@ -21,7 +21,16 @@ import time
 import h11
 
 from sidecar.forward import ClientGone, Forwarder, Refused, Upstream502
-from sidecar.http1 import CONTINUE, HttpConnection, ProtocolError, error_events, raw_headers, reason, values
+from sidecar.http1 import (
+    CONTINUE,
+    HttpConnection,
+    ProtocolError,
+    error_events,
+    raw_headers,
+    reason,
+    response_event,
+    values,
+)
 from sidecar.leafcerts import LeafContexts
 from sidecar.logs import event
 from sidecar.messages import Answer, TokenRequest, origin_path
@@ -118,7 +127,7 @@ class Lane:
             await linger(client.stream.sock)
             return False
         req = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers,
-                           scheme=scheme, address=address, started=started)
+                           scheme=scheme, address=address, started=started, parsed=True)
         try:
             body = await self._read_body(client)
         except (PeerClosed, OSError, TimeoutError) as exc:
@@ -171,8 +180,8 @@ class Lane:
         if close:
             headers.append((b"Connection", b"close"))
         async with asyncio.timeout(self.idle_timeout):  # a client that stops reading is cut
-            await client.send(h11.Response(status_code=answer.status, reason=answer.reason or reason(answer.status),
-                                           headers=headers), h11.Data(data=answer.body), h11.EndOfMessage())
+            await client.send(response_event(answer.status, answer.reason or reason(answer.status), headers,
+                                             parsed=answer.parsed), h11.Data(data=answer.body), h11.EndOfMessage())
 
     async def _forward(self, client: HttpConnection, request: h11.Request, host: str, port: int,
                        address: tuple[str, int] | None) -> bool:

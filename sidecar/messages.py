@@ -35,6 +35,7 @@ class TokenRequest:
     scheme: str = "https"
     address: tuple[str, int] | None = None  # where to connect, when not (host, port): an IP-literal CONNECT
     started: float = field(default_factory=time.time)
+    parsed: bool = False  # headers as h11 read them from the app (checked once, not again when sent on)
     _fields: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
 
     def fields(self) -> dict[str, list[str]]:
@@ -72,6 +73,7 @@ class Answer:
     reason: bytes = b""
     local: bool = False
     finished: float = field(default_factory=time.time)
+    parsed: bool = False  # headers and reason as h11 read them from Salesforce (checked once, not again)
     _content: bytes | None = field(default=None, repr=False, compare=False)
 
     def content(self) -> bytes:

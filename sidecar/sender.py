@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import h11
 
-from sidecar.http1 import end_to_end, h11_message, has
+from sidecar.http1 import end_to_end, h11_message, has, request_event
 from sidecar.messages import Answer, TokenRequest, origin_target
 from sidecar.pair import Member
 from sidecar.upstream import ConnectFailure, SendFailure, UpstreamPool, describe_error, read_answer
@@ -46,12 +46,14 @@ def request_events(req: TokenRequest) -> tuple[h11.Event, ...]:
     """The request for Salesforce: origin-form, hop-by-hop headers dropped, an exact Content-Length (a
     chunked request from the app is sent on with its length, read whole). Raises Unsendable."""
     headers = end_to_end(req.headers, drop=(b"content-length", b"expect"))
-    if not has(headers, b"host"):
+    parsed = req.parsed  # the app's headers, read (and checked) by h11, and a length of our own
+    if not has(headers, b"host"):  # (HTTP/1.0) the name the app connected to, checked as any header
         host = req.host.encode("idna") + (b":%d" % req.port if req.port != 443 else b"")
         headers.insert(0, (b"Host", host))
+        parsed = False
     headers.append((b"Content-Length", b"%d" % len(req.body)))
     try:
-        head = h11.Request(method=req.method.encode(), target=origin_target(req.target), headers=headers)
+        head = request_event(req.method.encode(), origin_target(req.target), headers, parsed=parsed)
     except h11.LocalProtocolError as exc:
         raise Unsendable(h11_message(exc)) from None
     except UnicodeError:

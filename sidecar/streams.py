@@ -197,13 +197,15 @@ class TlsStream:
     async def recv(self, n: int = CHUNK) -> bytes:
         """Some decrypted bytes (at most ``n``); b"" once the peer has closed."""
         while True:
-            try:
-                return self.obj.read(n)
-            except ssl.SSLWantReadError:
-                await self._flush()  # post-handshake messages (key updates)
-                if not await self._fill():
+            if self._in.pending or self.obj.pending():  # else read() can only say "want read": skip the exception
+                try:
+                    return self.obj.read(n)
+                except ssl.SSLWantReadError:
+                    pass  # part of a record, or a post-handshake message (a ticket, a key update)
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
                     return b""
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            await self._flush()  # what reading produced (a key update's answer)
+            if not await self._fill():
                 return b""
 
     async def send(self, data: bytes) -> None:

@@ -131,7 +131,7 @@ async def read_answer(http: HttpConnection, method: bytes, cap: int = MAX_RESPON
                 raise SendFailure(f"response too large (more than {cap} bytes)")
         elif isinstance(event, h11.EndOfMessage):
             assert head is not None
-            return Answer(head.status_code, raw_headers(head), bytes(body), reason=bytes(head.reason))
+            return Answer(head.status_code, raw_headers(head), bytes(body), reason=bytes(head.reason), parsed=True)
         else:  # ConnectionClosed, PAUSED
             raise SendFailure("the connection closed before a complete response")
     raise SendFailure("too many interim (1xx) answers")  # pragma: no cover - bounded above

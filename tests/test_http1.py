@@ -145,3 +145,41 @@ def test_a_malformed_body_found_without_reading_is_reported_with_its_details() -
             assert "zz" not in caught.value.message  # h11 quotes the bytes; they never reach an answer
 
     asyncio.run(run())
+
+
+def test_events_from_parsed_headers_skip_only_the_per_header_check() -> None:
+    """request_event/response_event rely on h11's private ``_parsed`` flag (its reader passes it the same way):
+    this fails on an h11 that drops or changes it. The bytes written are the same either way; without
+    ``parsed`` a bad header is refused as before; with it, framing is still normalised and checked."""
+    from sidecar.http1 import request_event, response_event
+
+    headers = [(b"Host", b"login.salesforce.com"), (b"Content-Type", b"application/x-www-form-urlencoded"),
+               (b"Content-Length", b"3")]
+    for parsed in (True, False):
+        conn = h11.Connection(h11.CLIENT)
+        out = conn.send(request_event(b"POST", b"/services/oauth2/token", headers, parsed=parsed))
+        assert out == (b"POST /services/oauth2/token HTTP/1.1\r\nHost: login.salesforce.com\r\n"
+                       b"Content-Type: application/x-www-form-urlencoded\r\nContent-Length: 3\r\n\r\n")
+        server = h11.Connection(h11.SERVER)
+        server.receive_data(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        server.next_event()
+        out = server.send(response_event(200, b"OK", [(b"X-A", b"1"), (b"Content-Length", b"0")], parsed=parsed))
+        assert out == b"HTTP/1.1 200 OK\r\nX-A: 1\r\nContent-Length: 0\r\n\r\n"
+    with pytest.raises(h11.LocalProtocolError):
+        request_event(b"POST", b"/", [(b"Host", b"x"), (b"X-A", b"a\r\nX-B: b")], parsed=False)
+    with pytest.raises(h11.LocalProtocolError):  # framing is checked even for parsed headers
+        response_event(200, b"OK", [(b"Content-Length", b"1"), (b"Content-Length", b"2")], parsed=True)
+    with pytest.raises(h11.LocalProtocolError):
+        request_event(b"POST", b"/a b", [(b"Host", b"x")], parsed=True)  # and the target
+
+
+def test_a_token_call_without_a_host_header_gets_one_that_is_checked() -> None:
+    from sidecar.messages import TokenRequest
+    from sidecar.sender import Unsendable, request_events
+
+    req = TokenRequest("login.salesforce.com", 443, "POST", b"/services/oauth2/token", [], b"x=1", parsed=True)
+    head = request_events(req)[0]
+    assert isinstance(head, h11.Request) and (b"host", b"login.salesforce.com") in list(head.headers)
+    bad = TokenRequest("login\x00.my.salesforce.com", 443, "POST", b"/services/oauth2/token", [], b"x=1", parsed=True)
+    with pytest.raises(Unsendable):
+        request_events(bad)
