@@ -27,11 +27,19 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from sidecar.allowlist import Allowlist, AllowlistError, parse_allowlist
 
+# My Domain login hosts: production, then the partitioned forms Salesforce gives sandboxes, Developer
+# Edition orgs, scratch orgs, patch orgs, demo orgs and Trailhead playgrounds (the DomainPartition values
+# of the Tooling API's OrgDomainLog: NAME.develop.my.salesforce.com, ...); ISVs build on the last few.
 DEFAULT_TOKEN_HOSTS = (
     "login.salesforce.com",
     "test.salesforce.com",
     "*.my.salesforce.com",
     "*.sandbox.my.salesforce.com",
+    "*.develop.my.salesforce.com",
+    "*.scratch.my.salesforce.com",
+    "*.patch.my.salesforce.com",
+    "*.demo.my.salesforce.com",
+    "*.trailblaze.my.salesforce.com",
     "*.my.site.com",
 )
 DEFAULT_CONFDIR = Path("~/.egress-sidecar")
@@ -172,7 +180,9 @@ class Settings(BaseSettings):
     )
     token_hosts: Annotated[list[str], NoDecode] = _setting(
         default_factory=lambda: list(DEFAULT_TOKEN_HOSTS),
-        doc="Hosts whose TLS is intercepted. `*.` stands for exactly one DNS label. Add custom domains here.",
+        doc="Hosts whose TLS is intercepted. `*.` stands for exactly one DNS label. The defaults cover login, test "
+        "and every My Domain login host (production, sandbox, Developer Edition, scratch, patch, demo, Trailhead "
+        "playground). Add custom domains here.",
     )
     route: Literal["token", "salesforce", "all"] = _setting(
         "token",

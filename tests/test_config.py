@@ -134,6 +134,10 @@ def test_token_host_patterns() -> None:
     assert hosts.matches("LOGIN.salesforce.com.")
     assert hosts.matches("acme.my.salesforce.com")
     assert hosts.matches("acme--uat.sandbox.my.salesforce.com")
+    for partition in ("develop", "scratch", "patch", "demo", "trailblaze"):  # partitioned My Domains (ISV orgs)
+        assert hosts.matches(f"acme-dev-ed.{partition}.my.salesforce.com"), partition
+        assert hosts.certificate_name(f"acme-dev-ed.{partition}.my.salesforce.com") == f"*.{partition}.my.salesforce.com"
+    assert not hosts.matches("a.b.develop.my.salesforce.com")
     assert hosts.matches("acme.my.site.com")
     assert not hosts.matches("evil-login.salesforce.com")
     assert not hosts.matches("my.salesforce.com")

@@ -149,6 +149,7 @@ def test_unknown_grants_are_treated_as_subject_to_the_allowlist() -> None:
         ("test.salesforce.com", "test"),
         ("acme.my.salesforce.com", "my_domain"),
         ("acme--uat.sandbox.my.salesforce.com", "sandbox_my_domain"),
+        ("acme-dev-ed.develop.my.salesforce.com", "my_domain"),  # partitioned: still the org's My Domain
         ("acme.my.site.com", "experience_cloud"),
         ("auth.acme.com", "custom"),
     ],
