@@ -53,7 +53,7 @@ from bench.contenders import (
     proc_rss_kib,
     proxy_auth_header,
 )
-from bench.hotspots import Profile, from_cprofile, from_pyspy
+from bench.hotspots import Profile, from_cprofile, from_pyspy, h11_per_call_ms
 from tests.harness import ROOT, SF_HOST
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -125,6 +125,7 @@ class Results:
     profile_ka: Profile | None = None
     profile_new: Profile | None = None
     notes: list[str] = field(default_factory=list)
+    h11_ms: float | None = None  # h11's own work per keep-alive token call, in isolation (bench.hotspots)
     profiled: dict[str, Samples] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
@@ -610,6 +611,7 @@ def run(plan: Plan, keep_tmp: bool = False, profiler: str = "auto") -> Results:
     res = Results(plan, machine_facts())
     workdir = Path(tempfile.mkdtemp(prefix="egress-bench-"))
     say(f"{plan.name} run in {workdir}")
+    res.h11_ms = min(h11_per_call_ms(200 if plan.name == "quick" else 2000) for _ in range(3))  # before anything runs
     stack = contextlib.ExitStack()
     try:
         world = WorldProcess(workdir).start()

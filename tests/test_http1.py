@@ -183,3 +183,11 @@ def test_a_token_call_without_a_host_header_gets_one_that_is_checked() -> None:
     bad = TokenRequest("login\x00.my.salesforce.com", 443, "POST", b"/services/oauth2/token", [], b"x=1", parsed=True)
     with pytest.raises(Unsendable):
         request_events(bad)
+
+
+def test_the_bench_measures_h11_with_the_sidecar_s_own_event_builders() -> None:
+    """bench/hotspots.py times h11's share of a token call with sidecar.http1's builders: it must keep
+    running the lane's and the sender's sequence as the code changes (no timing is asserted here)."""
+    from bench.hotspots import h11_per_call_ms
+
+    assert h11_per_call_ms(3) > 0
