@@ -30,6 +30,7 @@ from sidecar.allowlist import Allowlist, AllowlistError, parse_allowlist
 # My Domain login hosts: production, then the partitioned forms Salesforce gives sandboxes, Developer
 # Edition orgs, scratch orgs, patch orgs, demo orgs and Trailhead playgrounds (the DomainPartition values
 # of the Tooling API's OrgDomainLog: NAME.develop.my.salesforce.com, ...); ISVs build on the last few.
+# Experience Cloud sites (my.site.com) take the same partitions.
 DEFAULT_TOKEN_HOSTS = (
     "login.salesforce.com",
     "test.salesforce.com",
@@ -41,6 +42,12 @@ DEFAULT_TOKEN_HOSTS = (
     "*.demo.my.salesforce.com",
     "*.trailblaze.my.salesforce.com",
     "*.my.site.com",
+    "*.sandbox.my.site.com",
+    "*.develop.my.site.com",
+    "*.scratch.my.site.com",
+    "*.patch.my.site.com",
+    "*.demo.my.site.com",
+    "*.trailblaze.my.site.com",
 )
 DEFAULT_CONFDIR = Path("~/.egress-sidecar")
 DEFAULT_ECHO_URL = "http://ip.quotaguard.com/"
@@ -182,7 +189,7 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_TOKEN_HOSTS),
         doc="Hosts whose TLS is intercepted. `*.` stands for exactly one DNS label. The defaults cover login, test "
         "and every My Domain login host (production, sandbox, Developer Edition, scratch, patch, demo, Trailhead "
-        "playground). Add custom domains here.",
+        "playground) and Experience Cloud site (the same forms under my.site.com). Add custom domains here.",
     )
     route: Literal["token", "salesforce", "all"] = _setting(
         "token",

@@ -33,6 +33,7 @@ log = logging.getLogger("egress_sidecar.evidence")
 Kind = Literal["allowed", "refused"]
 MAX_FACTS = 10_000  # (app, egress IP) pairs kept; the least recently updated go first
 STORE_EVERY = 60.0  # seconds between writes of an unchanged answer
+MAX_CACHED_ID = 256  # longer client_ids are hashed each time, never kept
 MAX_APPS_CACHED = 1024  # client_id -> App hashes kept (cleared when full: a flood of made-up ids costs only CPU)
 _APP_CONTEXT = b"egress-sidecar app"
 
@@ -101,9 +102,10 @@ class Evidence:
         if app is None:
             digest = hmac.digest(self._key, _APP_CONTEXT + client_id.encode("utf-8"), "sha256")[:16]
             app = App(digest, short_client_id(client_id))
-            if len(self._apps) >= MAX_APPS_CACHED:
-                self._apps.clear()
-            self._apps[client_id] = app
+            if len(client_id) <= MAX_CACHED_ID:  # (a consumer key is ~85 characters; a made-up 64 KiB one is not kept)
+                if len(self._apps) >= MAX_APPS_CACHED:
+                    self._apps.clear()
+                self._apps[client_id] = app
         return app
 
     # -- learning -------------------------------------------------------------------------------
@@ -117,9 +119,11 @@ class Evidence:
             before = self._facts.pop((app.key, egress_ip), None)
             news = before is None or before.kind != kind or not self._live(before, now)
             # The same answer again (every successful refresh says it): written at most every STORE_EVERY
-            # seconds, not once per call; a restart then knows it from at most that long ago.
+            # seconds (a refusal: every half SIDECAR_EVIDENCE_TTL at most, so a restart never loads a live
+            # refusal as expired), not once per call; a restart then knows it from at most that long ago.
             stored = before.stored if before is not None else 0.0
-            store = self.store is not None and (news or now - stored >= STORE_EVERY)
+            every = STORE_EVERY if kind == "allowed" else min(STORE_EVERY, self.ttl / 2)  # a refusal expires
+            store = self.store is not None and (news or now - stored >= every)
             fact = Fact(app, egress_ip, kind, now, now if store else stored)
             self._facts[(app.key, egress_ip)] = fact
             while len(self._facts) > self.max_facts:

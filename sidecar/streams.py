@@ -150,6 +150,7 @@ class TlsStream:
         self._in = incoming
         self._out = outgoing
         self._sending = asyncio.Lock()  # reads flush too (key updates): one sender at a time, records in order
+        self._ended = False  # the peer's side ended (close_notify or EOF): every later recv() says b"" at once
 
     @classmethod
     def server(cls, raw: SocketStream, ctx: ssl.SSLContext) -> TlsStream:
@@ -196,17 +197,23 @@ class TlsStream:
 
     async def recv(self, n: int = CHUNK) -> bytes:
         """Some decrypted bytes (at most ``n``); b"" once the peer has closed."""
-        while True:
+        while not self._ended:
             if self._in.pending or self.obj.pending():  # else read() can only say "want read": skip the exception
                 try:
-                    return self.obj.read(n)
+                    data = self.obj.read(n)
                 except ssl.SSLWantReadError:
                     pass  # part of a record, or a post-handshake message (a ticket, a key update)
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                    return b""
+                    break
+                else:
+                    if data:
+                        return data
+                    break  # (the ssl module says close_notify with b"" as well)
             await self._flush()  # what reading produced (a key update's answer)
             if not await self._fill():
-                return b""
+                break
+        self._ended = True
+        return b""
 
     async def send(self, data: bytes) -> None:
         self.obj.write(data)

@@ -68,10 +68,18 @@ def is_token_request(method: str, path: str) -> bool:
     return method.upper() == "POST" and normalized_path(path) == TOKEN_PATH
 
 
-@functools.lru_cache(maxsize=512)  # an app asks for a handful of paths, over and over
 def normalized_path(path: str) -> str:
     """``path`` (no query) as a lenient server would resolve it: decoded once, dot segments removed,
     empty segments and path parameters dropped, lower case."""
+    # An app asks for a handful of paths over and over: each is worked out once (a long made-up one is
+    # not kept).
+    return _normalized_cached(path) if len(path) <= MAX_CACHED_PATH else _normalized(path)
+
+
+MAX_CACHED_PATH = 1024
+
+
+def _normalized(path: str) -> str:
     segments: list[str] = []
     for segment in unquote(path.partition("?")[0]).replace("\\", "/").split("/"):
         segment = segment.partition(";")[0]
@@ -83,6 +91,9 @@ def normalized_path(path: str) -> str:
             continue
         segments.append(segment)
     return ("/" + "/".join(segments)).lower()
+
+
+_normalized_cached = functools.lru_cache(maxsize=512)(_normalized)
 
 
 def request_fields(content_type: str | None, body: bytes, query: str = "") -> dict[str, list[str]]:

@@ -138,6 +138,8 @@ def test_token_host_patterns() -> None:
         assert hosts.matches(f"acme-dev-ed.{partition}.my.salesforce.com"), partition
         assert hosts.certificate_name(f"acme-dev-ed.{partition}.my.salesforce.com") == f"*.{partition}.my.salesforce.com"
     assert not hosts.matches("a.b.develop.my.salesforce.com")
+    for partition in ("sandbox", "develop", "scratch", "patch", "demo", "trailblaze"):  # Experience Cloud sites too
+        assert hosts.matches(f"acme--uat.{partition}.my.site.com"), partition
     assert hosts.matches("acme.my.site.com")
     assert not hosts.matches("evil-login.salesforce.com")
     assert not hosts.matches("my.salesforce.com")

@@ -144,6 +144,30 @@ def test_an_app_is_hashed_once_per_key() -> None:
     for i in range(MAX_APPS_CACHED + 5):  # made-up ids do not grow the cache without bound
         ev.app(f"made-up-{i}")
     assert len(ev._apps) <= MAX_APPS_CACHED
+    ev._apps.clear()
+    huge = "x" * 65536  # a client_id as long as a token body allows: hashed, never kept
+    assert ev.app(huge) == ev.app(huge) and not ev._apps
+
+
+def test_a_repeated_refusal_is_written_often_enough_to_survive_a_restart(tmp_path: Path) -> None:
+    """With SIDECAR_EVIDENCE_TTL under STORE_EVERY, a refusal that Salesforce keeps repeating is written at
+    least every half TTL: after a restart it is still live, as it was in memory."""
+    store = GrantStore(tmp_path / "grants.sqlite3")
+    store.load("fp", Prune(max_grants=10, grants_before=0, retired_per_grant=2, retired_before=0))
+    store.start()
+    clock = Clock()
+    ev = Evidence(Metrics(), 20, parse_allowlist(None), clock=clock)
+    ev.open(KEY, store)
+    app = ev.app("3MVG9demo")
+    for _ in range(8):  # refused again every 5 s for 40 s: live in memory all along
+        ev.record(app, "52.0.0.2", "refused")
+        clock.now += 5
+    assert ev.state(app, "52.0.0.2") == "refused"
+    assert store.flush()
+    store.close()
+    again = Evidence(Metrics(), 20, parse_allowlist(None), clock=clock)
+    again.open(KEY, GrantStore(tmp_path / "grants.sqlite3"))
+    assert again.state(again.app("3MVG9demo"), "52.0.0.2") == "refused"
 
 
 def test_the_guard_keeps_an_app_off_the_ip_salesforce_refused_it() -> None:

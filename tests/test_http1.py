@@ -4,6 +4,7 @@ real sockets (a socketpair), with hypothesis throwing arbitrary bytes at it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
 import h11
@@ -191,3 +192,41 @@ def test_the_bench_measures_h11_with_the_sidecar_s_own_event_builders() -> None:
     from bench.hotspots import h11_per_call_ms
 
     assert h11_per_call_ms(3) > 0
+
+
+def test_a_tls_stream_says_end_at_once_after_the_peer_s_close_notify() -> None:
+    """The peer sends close_notify but keeps TCP open: the first recv() says b"" and so does every later one,
+    at once (not after waiting on a socket that will bring nothing more)."""
+    import ssl
+    import subprocess
+    import tempfile
+    from pathlib import Path
+
+    from sidecar.streams import TlsStream
+
+    with tempfile.TemporaryDirectory() as tmp:
+        key, cert = Path(tmp, "k.pem"), Path(tmp, "c.pem")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+                        "-keyout", key, "-out", cert, "-days", "1", "-subj", "/CN=localhost"],
+                       check=True, capture_output=True, timeout=30)
+        server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server_ctx.load_cert_chain(cert, key)
+        client_ctx = ssl.create_default_context(cafile=str(cert))
+
+        async def run() -> None:
+            a, b = socket.socketpair()
+            a.setblocking(False)
+            b.setblocking(False)
+            with a, b:
+                server = TlsStream.server(SocketStream(a), server_ctx)
+                client = TlsStream.client(SocketStream(b), client_ctx, "localhost")
+                await asyncio.wait_for(asyncio.gather(server.handshake(), client.handshake()), 10)
+                await client.send(b"hello")
+                assert await asyncio.wait_for(server.recv(), 5) == b"hello"
+                with contextlib.suppress(ssl.SSLWantReadError):
+                    client.obj.unwrap()  # close_notify, the TCP connection stays open
+                await client._flush()
+                assert await asyncio.wait_for(server.recv(), 5) == b""
+                assert await asyncio.wait_for(server.recv(), 1) == b""  # again, at once
+
+        asyncio.run(run())

@@ -156,3 +156,17 @@ def test_unknown_grants_are_treated_as_subject_to_the_allowlist() -> None:
 )
 def test_host_class_is_bounded(host: str, cls: str) -> None:
     assert host_class(host) == cls
+
+
+def test_long_paths_are_judged_the_same_and_never_kept() -> None:
+    """Paths are normalised once each (cached), except long ones, which are worked out every time: a client
+    cannot fill memory with made-up 64 KiB paths, and the answer is the same either way."""
+    from sidecar.tokencall import MAX_CACHED_PATH, _normalized_cached
+
+    _normalized_cached.cache_clear()
+    long_token_path = "/" * (MAX_CACHED_PATH + 10) + "services/./oauth2/token"
+    assert is_token_request("POST", long_token_path)
+    assert not is_token_request("POST", "/services/data/" + "x" * (MAX_CACHED_PATH + 10))
+    assert _normalized_cached.cache_info().currsize == 0
+    assert is_token_request("POST", "//services/oauth2/token")
+    assert _normalized_cached.cache_info().currsize == 1
