@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.allowlist import parse_allowlist
-from sidecar.evidence import MAX_APPS_CACHED, STORE_EVERY, Evidence, short_client_id
+from sidecar.evidence import MAX_APPS_CACHED, MAX_FACTS, STORE_EVERY, Evidence, short_client_id
 from sidecar.grantstore import GrantStore, Prune
 from sidecar.guard import Guard
 from sidecar.metrics import Metrics
@@ -34,6 +34,21 @@ def evidence(allowlist: str | None = None, ttl: float = 900.0) -> tuple[Evidence
     ev = Evidence(metrics, ttl, parse_allowlist(allowlist), clock=clock)
     ev.open(KEY)
     return ev, clock, metrics
+
+
+def started_store(tmp_path: Path) -> GrantStore:
+    """grants.sqlite3 in ``tmp_path``, loaded and its writer started (the caller closes it)."""
+    store = GrantStore(tmp_path / "grants.sqlite3")
+    store.load("fp", Prune(max_grants=10, grants_before=0, retired_per_grant=2, retired_before=0))
+    store.start()
+    return store
+
+
+def restarted(tmp_path: Path, clock: Clock, ttl: float = 900, max_facts: int = MAX_FACTS) -> Evidence:
+    """What a restarted sidecar knows: a new Evidence opened on the same file."""
+    again = Evidence(Metrics(), ttl, parse_allowlist(None), clock=clock, max_facts=max_facts)
+    again.open(KEY, GrantStore(tmp_path / "grants.sqlite3"))
+    return again
 
 
 def test_apps_are_known_by_a_keyed_hash_and_a_short_label() -> None:
@@ -79,9 +94,7 @@ def test_disagreements_with_the_typed_allowlist() -> None:
 
 
 def test_facts_are_bounded_and_survive_a_restart_without_the_client_id(tmp_path: Path) -> None:
-    store = GrantStore(tmp_path / "grants.sqlite3")
-    store.load("fp", Prune(max_grants=10, grants_before=0, retired_per_grant=2, retired_before=0))
-    store.start()
+    store = started_store(tmp_path)
     clock = Clock()
     ev = Evidence(Metrics(), 900, parse_allowlist(None), clock=clock, max_facts=3)
     ev.open(KEY, store)
@@ -93,8 +106,7 @@ def test_facts_are_bounded_and_survive_a_restart_without_the_client_id(tmp_path:
     assert [f.app.label for f in ev.facts()] == labels[:1:-1]  # the newest three, in memory
     assert store.flush()
     store.close()
-    again = Evidence(Metrics(), 900, parse_allowlist(None), clock=clock, max_facts=3)
-    again.open(KEY, GrantStore(tmp_path / "grants.sqlite3"))
+    again = restarted(tmp_path, clock, max_facts=3)
     assert {(f.app.label, f.kind) for f in again.facts()} == {(labels[4], "allowed"), (labels[3], "refused"),
                                                               (labels[2], "allowed")}
     assert again.state(again.app(ids[3]), "52.0.0.2") == "refused"
@@ -105,12 +117,10 @@ def test_facts_are_bounded_and_survive_a_restart_without_the_client_id(tmp_path:
 def test_the_same_answer_again_is_written_at_most_every_store_every_seconds(tmp_path: Path) -> None:
     """Every successful refresh repeats "allowed": memory follows each one, the file only news and one
     refresh per STORE_EVERY (a write per token call would cost every call a queue hand-off and a commit)."""
-    store = GrantStore(tmp_path / "grants.sqlite3")
-    store.load("fp", Prune(max_grants=10, grants_before=0, retired_per_grant=2, retired_before=0))
+    store = started_store(tmp_path)
     written: list[float] = []
     submit = store.submit
     store.submit = lambda change: written.extend(r.at for r in change.evidence) or submit(change)  # type: ignore[method-assign]
-    store.start()
     clock = Clock()
     ev = Evidence(Metrics(), 900, parse_allowlist(None), clock=clock)
     ev.open(KEY, store)
@@ -129,8 +139,7 @@ def test_the_same_answer_again_is_written_at_most_every_store_every_seconds(tmp_
     assert written == [start + 0.25, start + 0.25 + STORE_EVERY, clock.now, clock.now]
     assert store.flush()
     store.close()
-    again = Evidence(Metrics(), 900, parse_allowlist(None), clock=clock)
-    again.open(KEY, GrantStore(tmp_path / "grants.sqlite3"))
+    again = restarted(tmp_path, clock)
     assert again.state(again.app("3MVG9demo"), "52.0.0.2") == "refused"
 
 
@@ -152,9 +161,7 @@ def test_an_app_is_hashed_once_per_key() -> None:
 def test_a_repeated_refusal_is_written_often_enough_to_survive_a_restart(tmp_path: Path) -> None:
     """With SIDECAR_EVIDENCE_TTL under STORE_EVERY, a refusal that Salesforce keeps repeating is written at
     least every half TTL: after a restart it is still live, as it was in memory."""
-    store = GrantStore(tmp_path / "grants.sqlite3")
-    store.load("fp", Prune(max_grants=10, grants_before=0, retired_per_grant=2, retired_before=0))
-    store.start()
+    store = started_store(tmp_path)
     clock = Clock()
     ev = Evidence(Metrics(), 20, parse_allowlist(None), clock=clock)
     ev.open(KEY, store)
@@ -165,8 +172,7 @@ def test_a_repeated_refusal_is_written_often_enough_to_survive_a_restart(tmp_pat
     assert ev.state(app, "52.0.0.2") == "refused"
     assert store.flush()
     store.close()
-    again = Evidence(Metrics(), 20, parse_allowlist(None), clock=clock)
-    again.open(KEY, GrantStore(tmp_path / "grants.sqlite3"))
+    again = restarted(tmp_path, clock, ttl=20)
     assert again.state(again.app("3MVG9demo"), "52.0.0.2") == "refused"
 
 
