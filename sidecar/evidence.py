@@ -20,7 +20,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from sidecar.allowlist import Allowlist
@@ -140,6 +140,19 @@ class Evidence:
             event(log, logging.INFO, f"Salesforce accepted egress IP {egress_ip} for app {app.label} again",
                   egress_ip=egress_ip, app=app.label)
         return fact if news else None
+
+    def flush(self) -> None:
+        """Write the answers whose latest time has not reached grants.sqlite3 yet (repeats within
+        STORE_EVERY), at shutdown: a restart then knows each answer from when Salesforce last gave it."""
+        if self.store is None:
+            return
+        with self._lock:
+            behind = [(k, f) for k, f in self._facts.items() if f.at > f.stored]
+            for k, f in behind:
+                self._facts[k] = replace(f, stored=f.at)  # (in place: the order stays least recently updated first)
+        if behind:
+            self.store.submit(Change(evidence=[EvidenceRow(f.app.key, f.app.label, f.egress_ip, f.kind, f.at)
+                                               for _, f in behind]))
 
     def _live(self, fact: Fact, now: float) -> bool:
         return fact.kind == "allowed" or now - fact.at < self.ttl

@@ -267,6 +267,7 @@ class Sidecar:
             self.pool.close_all()
             self.admin.stop()
             await self.grants.stop_sharing()
+            self.evidence.flush()  # the latest time of each answer, before the store closes
             await asyncio.to_thread(self.grants.close)  # writes what is queued (bounded)
             if self.shared is not None:
                 await self.shared.close()

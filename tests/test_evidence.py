@@ -143,6 +143,23 @@ def test_the_same_answer_again_is_written_at_most_every_store_every_seconds(tmp_
     assert again.state(again.app("3MVG9demo"), "52.0.0.2") == "refused"
 
 
+def test_at_shutdown_each_answer_is_written_with_its_latest_time(tmp_path: Path) -> None:
+    store = started_store(tmp_path)
+    clock = Clock()
+    ev = Evidence(Metrics(), 900, parse_allowlist(None), clock=clock)
+    ev.open(KEY, store)
+    app = ev.app("3MVG9demo")
+    for _ in range(5):
+        clock.now += 2
+        ev.record(app, "52.0.0.2", "allowed")  # written once, at the first
+    latest = clock.now
+    ev.flush()
+    ev.flush()  # nothing new: nothing written twice
+    assert store.flush()
+    store.close()
+    assert [f.at for f in restarted(tmp_path, clock).facts()] == [latest]
+
+
 def test_an_app_is_hashed_once_per_key() -> None:
     ev, _, _ = evidence()
     first = ev.app("3MVG9demo")
