@@ -36,6 +36,7 @@ from sidecar.logs import event
 from sidecar.messages import Answer, TokenRequest, origin_path
 from sidecar.metrics import Metrics
 from sidecar.streams import PeerClosed, SocketStream, TlsStream, handshake_failure, linger
+from sidecar.tokencall import TokenCall
 from sidecar.tokencore import CLOSE, MAX_TOKEN_REQUEST_BYTES, TokenCore
 from sidecar.upstream import describe_error
 
@@ -87,8 +88,7 @@ class Lane:
                     return
             except ProtocolError as exc:
                 event(log, logging.INFO, f"refused a malformed request to {host}: {exc.message}")
-                await _quietly(client, error_events(exc.status, exc.message), self.idle_timeout)
-                await linger(sock)
+                await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
                 return
             except (OSError, TimeoutError, ClientGone):
                 return
@@ -104,8 +104,7 @@ class Lane:
             try:
                 await self._one(client, request, host, port, None, scheme, last=True)
             except ProtocolError as exc:
-                await _quietly(client, error_events(exc.status, exc.message), self.idle_timeout)
-                await linger(client.stream.sock)
+                await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
 
     async def _one(self, client: HttpConnection, request: h11.Request, host: str, port: int,
                    address: tuple[str, int] | None = None, scheme: str = "https", last: bool = False) -> bool:
@@ -122,10 +121,7 @@ class Lane:
         if refusal is CLOSE:
             return False
         if isinstance(refusal, Answer):  # the body is left unread: the connection ends with it
-            await self._answer(client, refusal, close=True)
-            self.core.finish(call, None, refusal)
-            await linger(client.stream.sock)
-            return False
+            return await self._unsent(client, call, None, refusal)
         req = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers,
                            scheme=scheme, address=address, started=started, parsed=True)
         try:
@@ -136,11 +132,7 @@ class Lane:
                                 "(nothing was sent)", time.time())
             return False
         if body is None:
-            answer = self.core.too_large(call)
-            await self._answer(client, answer, close=True)
-            self.core.finish(call, req, answer)
-            await linger(client.stream.sock)
-            return False
+            return await self._unsent(client, call, req, self.core.too_large(call))
         req.body = body
         answer = await self.core.answer(call, req)
         try:
@@ -150,6 +142,14 @@ class Lane:
         finally:
             self.core.finish(call, req, answer)
         return True
+
+    async def _unsent(self, client: HttpConnection, call: TokenCall, req: TokenRequest | None, answer: Answer) -> bool:
+        """Answer a token call that was not sent anywhere (its body may be unread), record it, and end the
+        connection (False) after a lingering close."""
+        await self._answer(client, answer, close=True)
+        self.core.finish(call, req, answer)
+        await linger(client.stream.sock)
+        return False
 
     async def _read_body(self, client: HttpConnection) -> bytes | None:
         """The token request's body, read whole (chunked or not); None when it exceeds the cap."""
@@ -189,12 +189,14 @@ class Lane:
             return await self.forwarder.forward(client, request, host, port, self.core.other_member(True), address)
         except (Upstream502, Refused) as exc:
             status, text = (403, f"refused: {exc}") if isinstance(exc, Refused) else (502, str(exc))
-            await _quietly(client, error_events(status, text), self.idle_timeout)
-            await linger(client.stream.sock)  # the request body may be unread: let the client read the 502
+            await _refuse(client, error_events(status, text), self.idle_timeout)
             return False
 
 
-async def _quietly(client: HttpConnection, events: tuple[h11.Event, ...], timeout: float) -> None:
+async def _refuse(client: HttpConnection, events: tuple[h11.Event, ...], timeout: float) -> None:
+    """Send the sidecar's own closing answer (whatever fails, quietly), then linger: the request may be
+    unread, and the client must still read the answer."""
     with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, h11.LocalProtocolError):
         async with asyncio.timeout(timeout):
             await client.send(*events)
+    await linger(client.stream.sock)

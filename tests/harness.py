@@ -281,6 +281,11 @@ def make_sidecar(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> Sidecar
                           proxy_port=proxy_port, admin_port=admin_port)
 
 
+def refresh_form(token: str) -> str:
+    """The form body of a refresh redemption of the test app, for tests that write the request themselves."""
+    return f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+
+
 def redeem(session: requests.Session, refresh_token: str, url: str = TOKEN_URL) -> requests.Response:
     return session.post(
         url,

@@ -17,8 +17,6 @@ import requests
 from sidecar.access import Access
 
 from tests.harness import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     TOKEN_URL,
     SidecarProcess,
     World,
@@ -26,6 +24,7 @@ from tests.harness import (
     read_until_closed,
     redeem,
     redeem_chain,
+    refresh_form,
     wait_until,
 )
 
@@ -338,7 +337,7 @@ def test_client_leaving_mid_call_does_not_lose_the_record(
     world.salesforce.slow_seconds = 1.0
     world.salesforce.fail_mode = "slow"
     token = world.salesforce.issue_refresh_token()
-    body = f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}".encode()
+    body = refresh_form(token).encode()
     with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
         c.sendall(b"CONNECT login.salesforce.com:443 HTTP/1.1\r\nHost: login.salesforce.com:443\r\n\r\n")
         assert c.recv(4096).startswith(b"HTTP/1.1 200")
@@ -374,7 +373,7 @@ def test_chunked_token_request_reaches_salesforce_with_a_content_length(
     """Some Node Salesforce clients always stream the token POST; it is read (bounded) and sent on whole."""
     sc = make_sidecar_proc(both_allowlisted(world))
     token = world.salesforce.issue_refresh_token()
-    form = f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
+    form = refresh_form(token)
     with sc.session() as s:
         resp = s.post(TOKEN_URL, data=iter([form[:20].encode(), form[20:].encode()]), timeout=10,
                       headers={"Content-Type": "application/x-www-form-urlencoded"})

@@ -15,20 +15,17 @@ from contextlib import contextmanager
 
 from sidecar.sim.certs import TestCA
 from tests.harness import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     SF_HOST,
     SidecarProcess,
     World,
     metric_value,
     read_until_closed,
+    refresh_form,
 )
 
 
 def refresh_body(world: World) -> bytes:
-    token = world.salesforce.issue_refresh_token()
-    return (f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}"
-            f"&client_secret={CLIENT_SECRET}").encode()
+    return refresh_form(world.salesforce.issue_refresh_token()).encode()
 
 
 def token_posts(world: World) -> list[str]:

@@ -10,13 +10,12 @@ import ssl
 from collections.abc import Callable
 
 from tests.harness import (
-    CLIENT_ID,
-    CLIENT_SECRET,
     SF_HOST,
     SidecarProcess,
     World,
     metric_value,
     read_until_closed,
+    refresh_form,
     wait_until,
 )
 
@@ -31,10 +30,6 @@ def via_ip_literal(sc: SidecarProcess, world: World) -> http.client.HTTPConnecti
     conn = http.client.HTTPConnection(SF_HOST, timeout=10)
     conn.sock = tls
     return conn
-
-
-def refresh_form(token: str) -> str:
-    return f"grant_type=refresh_token&refresh_token={token}&client_id={CLIENT_ID}&client_secret={CLIENT_SECRET}"
 
 
 def post(conn: http.client.HTTPConnection, body: str | list[bytes], chunked: bool = False) -> tuple[int, bytes]:
