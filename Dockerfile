@@ -2,7 +2,7 @@
 # QuotaGuard Static proxy pair (allowlisted static IPs). Build from the repository root:
 #   docker build -t egress-sidecar:0.1.0 .
 #
-# Tested without a Docker engine by tests/test_dockerfile.py: hadolint must be clean, the
+# Tested without a Docker engine by tests/deploy/test_dockerfile.py: hadolint must be clean, the
 # HEALTHCHECK command must tell a healthy admin port from a broken one, and the COPY + pip
 # install steps below are replayed in a fresh virtualenv (a missing COPY fails that test).
 

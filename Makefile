@@ -41,7 +41,7 @@ $(STAMP): pyproject.toml requirements-dev.lock
 # hashes for every platform, serves the image (Linux, the Dockerfile's Python), CI and a developer's
 # Mac, whatever interpreter runs `make lock`; pip-compile resolves only for the interpreter it runs on.
 # Both files are plain requirements files, installed by pip with --require-hashes; uv is not needed to
-# install them. The Python version is the Dockerfile's (tests/test_lock.py checks they agree).
+# install them. The Python version is the Dockerfile's (tests/deploy/test_lock.py checks they agree).
 UV_VERSION := 0.13.9
 LOCK_VENV := .venv-lock
 IMAGE_PYTHON := $(shell sed -n 's/^FROM python:\(3\.[0-9][0-9]*\)-slim.*/\1/p' Dockerfile | head -n 1)

@@ -3,7 +3,7 @@
 mitmproxy listens on an internal loopback port; every app connection arrives at the front door on
 ``SIDECAR_LISTEN``, which applies the limits (loopback or proxy credentials, the connection cap, the
 head deadline) before it hands a connection over. A local process dialling the internal port directly
-is refused here. The decisions themselves live in :mod:`sidecar.access`.
+is refused here. The decisions themselves live in :mod:`sidecar.proxy.access`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import logging
 
 from mitmproxy import connection
 
-from sidecar.access import Access
 from sidecar.logs import event
+from sidecar.proxy.access import Access
 
 log = logging.getLogger("egress_sidecar.access")
 

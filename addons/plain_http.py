@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from mitmproxy import connection, http
 
-from sidecar.destinations import DestinationRefused, Destinations
-from sidecar.pair import Member, Pair
-from sidecar.tokencore import TokenCore
+from sidecar.egress.pair import Member, Pair
+from sidecar.proxy.destinations import DestinationRefused, Destinations
+from sidecar.token.core import TokenCore
 
 
 def route_to(flow: http.HTTPFlow, member: Member | None) -> None:

@@ -24,7 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from tests.harness import ECHO_HOST, PROXY_PASS, PROXY_USER, ROOT, free_port, sidecar_env
+from tests.harness import (
+    ECHO_HOST,
+    PROXY_PASS,
+    PROXY_USER,
+    ROOT,
+    free_port,
+    sidecar_env,
+)
 
 STOP_TIMEOUT = 10.0
 SQUID = "/usr/sbin/squid"

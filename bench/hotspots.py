@@ -47,11 +47,11 @@ STAGES: list[tuple[str, tuple[str, ...]]] = [
     ("refresh token tracking on the event loop (`GrantTracker.on_call`)", ("GrantTracker.",)),
     ("metrics and the JSON log line (`Recorder.record`)", ("Recorder.record ",)),
     ("classify the answer (`TokenCore.finish`)", ("TokenCore.finish ", "TokenCore._finish ")),
-    ("sending through the member (`sidecar/sender.py`, `sidecar/upstream.py`: pool, TLS, write, read)",
+    ("sending through the member (`sidecar/token/sender.py`, `sidecar/net/upstream.py`: pool, TLS, write, read)",
      ("TokenSender.", "UpstreamPool.", "read_answer ", "request_events ")),
     ("routing: detect, grant type, guard (`TokenCore`)", ("TokenCore.",)),
-    ("HTTP/1.1 framing (h11, `sidecar/http1.py`)", ("HttpConnection.", "(h11/")),
-    ("TLS and sockets (`ssl` module, `sidecar/streams.py`)", ("TlsStream.", "SocketStream.", "LeafContexts.")),
+    ("HTTP/1.1 framing (h11, `sidecar/net/http1.py`)", ("HttpConnection.", "(h11/")),
+    ("TLS and sockets (`ssl` module, `sidecar/net/streams.py`)", ("TlsStream.", "SocketStream.", "LeafContexts.")),
     ("token lane: serving a request (`Lane`)", ("Lane.",)),
     ("other sidecar addons and code (`addons/`, `sidecar/`)", ("(addons/", "(sidecar/")),
     ("mitmproxy: client-side TLS (pyOpenSSL, certificates)", ("layers/tls.py", "(OpenSSL/", "tlsconfig.py",
@@ -169,12 +169,12 @@ _BUILTIN_GROUPS: list[tuple[str, tuple[str, ...]]] = [
     ("sidecar: refresh token tracking (grants, sqlite)", ("sqlite3",)),
 ]
 CPROFILE_KEYS = [
-    ("`Lane._one` (one request on the lane)", "sidecar/lane.py", "_one"),
-    ("`TokenCore.answer` (grant type, guard, send)", "sidecar/tokencore.py", "answer"),
-    ("`TokenSender.send` (pool, write, read)", "sidecar/sender.py", "send"),
-    ("`TokenCore.finish` (classify, then record soon)", "sidecar/tokencore.py", "finish"),
-    ("`Recorder.record` (metrics + log line)", "sidecar/record.py", "record"),
-    ("`GrantTracker.on_call` (rotation tracking)", "sidecar/grants.py", "on_call"),
+    ("`Lane._one` (one request on the lane)", "sidecar/proxy/lane.py", "_one"),
+    ("`TokenCore.answer` (grant type, guard, send)", "sidecar/token/core.py", "answer"),
+    ("`TokenSender.send` (pool, write, read)", "sidecar/token/sender.py", "send"),
+    ("`TokenCore.finish` (classify, then record soon)", "sidecar/token/core.py", "finish"),
+    ("`Recorder.record` (metrics + log line)", "sidecar/ops/record.py", "record"),
+    ("`GrantTracker.on_call` (rotation tracking)", "sidecar/state/grants.py", "on_call"),
 ]
 
 
@@ -248,14 +248,14 @@ _ANSWER = (b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nContent-T
 
 def h11_per_call_ms(calls: int = 2000) -> float:
     """What h11 costs one keep-alive token call on this machine, in isolation (no I/O, warm caches): the
-    events the lane and the sender go through, built as they build them (sidecar.http1): the app's
+    events the lane and the sender go through, built as they build them (sidecar.net.http1): the app's
     request read, the request written to Salesforce, its answer read, the answer written back, both
     connections made ready for the next call. Under load the same steps cost more (colder caches)."""
     import time
 
     import h11
 
-    from sidecar.http1 import raw_headers, request_event, response_event
+    from sidecar.net.http1 import raw_headers, request_event, response_event
 
     server, client = h11.Connection(h11.SERVER), h11.Connection(h11.CLIENT)
     t0 = time.perf_counter()

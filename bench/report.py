@@ -293,7 +293,7 @@ def render_time(d: Doc, res: Results, pair_ka: float, sc_ka: float) -> None:
           f"from the request head having been read to Salesforce's answer being read (`duration_ms`: reading the "
           f"body, grant type, the guard, and the round trip through the member). The client saw {_ms(sc_ka)} ms, "
           f"so about **{sc_ka - mi:.2f} ms** go to the rest: the request reaching the sidecar and being decrypted "
-          f"and parsed by the token lane (`sidecar/lane.py`, h11), and the answer being encrypted and written back "
+          f"and parsed by the token lane (`sidecar/proxy/lane.py`, h11), and the answer being encrypted and written back "
           f"(the record itself, log line and refresh token tracking, runs just after the answer went out). "
           f"Straight to the pair, the whole call takes {_ms(pair_ka)} ms.", "")
     ab = res.ablation
@@ -384,7 +384,7 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
             own = _stage_ms(pk, "sending through the member") + _stage_ms(pk, "routing")
             lane = _stage_ms(pk, "TLS and sockets") + _stage_ms(pk, "HTTP/1.1 framing") + _stage_ms(pk, "token lane")
             text += (f"In the profile, TLS, sockets and h11 framing on both sides take ~{lane:.2f} ms of the "
-                     f"event loop per call, the sender (`sidecar/sender.py`: the pooled connection, write, read) "
+                     f"event loop per call, the sender (`sidecar/token/sender.py`: the pooled connection, write, read) "
                      f"and routing ~{own:.2f} ms; socket writes account for {_share(pk, 'socket `send()`')} of the "
                      "event loop's wall time (on loopback the kernel delivers the bytes to the peer inside the "
                      "sender's `send()`, and on 2 CPUs the woken peer often runs before the sidecar gets its CPU "
@@ -427,7 +427,7 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
         notes.append(text)
     if held and max(held) * 1024 / 1e6 >= 100:
         idle_kib = res.memory.get("idle (after start)", {}).get("VmRSS")
-        imp = [v for k, v in res.import_rss.items() if "sidecar.service" in k]
+        imp = [v for k, v in res.import_rss.items() if "sidecar.app.service" in k]
         bare_py = res.import_rss.get("Python alone")
         per = (max(held) - idle_kib) * 1024 / 1e3 / res.plan.hold if idle_kib else float("nan")  # KB per connection
         text = f"**Memory.** Idle the sidecar already holds {_mb(idle_kib)} MB. "

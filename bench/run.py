@@ -282,8 +282,8 @@ def rss(pid: int) -> dict[str, int]:
 def import_footprint(res: Results) -> None:
     """RSS of a bare Python, and of one that imports the sidecar's service module (mitmproxy and all), nothing started."""
     code = "import {m}; print(open('/proc/self/status').read().split('VmRSS:')[1].split()[0])"
-    for label, module in (("Python alone", "sys"), ("Python + `import sidecar.service` (nothing started)",
-                                                    "sidecar.service")):
+    for label, module in (("Python alone", "sys"), ("Python + `import sidecar.app.service` (nothing started)",
+                                                    "sidecar.app.service")):
         out = subprocess.run([sys.executable, "-c", code.format(m=module)], check=False, capture_output=True, text=True,
                              timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
         if out.returncode == 0 and out.stdout.strip().isdigit():

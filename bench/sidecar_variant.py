@@ -5,7 +5,7 @@
   window lets the bench profile only the token calls it sends, not the start or the probes.
 - ``BENCH_DISABLE=grants``: refresh token tracking (``GrantTracker.on_call``) does nothing;
   ``BENCH_DISABLE=shield``: the rotation shield is left out of the token core; to measure what each
-  costs per call. Anything else is the unmodified ``sidecar.cli.main``.
+  costs per call. Anything else is the unmodified ``sidecar.app.cli.main``.
 """
 
 from __future__ import annotations
@@ -45,14 +45,14 @@ def install_profiler(prefix: str) -> None:
 
 def disable(parts: set[str]) -> None:
     if "grants" in parts:
-        from sidecar.grants import GrantTracker
+        from sidecar.state.grants import GrantTracker
 
         def on_call(self: object, *args: object) -> None:
             return None
 
         GrantTracker.on_call = on_call  # type: ignore[method-assign]
     if "shield" in parts:
-        from sidecar.tokencore import TokenCore
+        from sidecar.token.core import TokenCore
 
         original = TokenCore.__init__
 
@@ -68,7 +68,7 @@ def main() -> int:
     if prefix:
         install_profiler(prefix)
     disable({p.strip() for p in os.environ.pop("BENCH_DISABLE", "").split(",") if p.strip()})
-    from sidecar.cli import main as sidecar_main
+    from sidecar.app.cli import main as sidecar_main
 
     return sidecar_main(sys.argv[1:])
 

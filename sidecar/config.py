@@ -22,10 +22,16 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    SettingsConfigDict,
+    SettingsError,
+)
 from pydantic_settings.sources.utils import parse_env_vars
 
-from sidecar.allowlist import Allowlist, AllowlistError, parse_allowlist
+from sidecar.egress.allowlist import Allowlist, AllowlistError, parse_allowlist
 
 # My Domain login hosts: production, then the partitioned forms Salesforce gives sandboxes, Developer
 # Edition orgs, scratch orgs, patch orgs, demo orgs and Trailhead playgrounds (the DomainPartition values

@@ -23,7 +23,7 @@ from prometheus_client import (
 )
 
 from sidecar import __version__
-from sidecar.streams import HANDSHAKE_FAILURES
+from sidecar.net.streams import HANDSHAKE_FAILURES
 
 # `*_created` series double the output and no alert or dashboard here uses them.
 disable_created_metrics()

@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 
 from sidecar.sim.certs import TestCA
-from tests.harness import SF_HOST, SidecarProcess, World, make_sidecar, start_world, stop_world
+from tests.harness import (
+    SF_HOST,
+    SidecarProcess,
+    World,
+    make_sidecar,
+    start_world,
+    stop_world,
+)
 
 
 @pytest.fixture(scope="session")

@@ -11,9 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from sidecar.admin import ENDPOINTS
-from sidecar.ca import client_env
-from sidecar.cli import ENV_HELP, build_parser
+from sidecar.app.cli import ENV_HELP, build_parser
 from sidecar.config import (
     SETTINGS_PAGE,
     SETTINGS_TABLE_END,
@@ -24,6 +22,8 @@ from sidecar.config import (
     with_settings_table,
 )
 from sidecar.metrics import Metrics
+from sidecar.ops.admin import ENDPOINTS
+from sidecar.ops.trust import client_env
 from tests.harness import ROOT
 
 README = (ROOT / "README.md").read_text()

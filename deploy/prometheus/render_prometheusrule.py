@@ -22,7 +22,7 @@ RESOURCE = DEPLOY / "kubernetes" / "prometheusrule.yaml"
 HEADER = """\
 # GENERATED from deploy/prometheus/egress-sidecar.rules.yml by
 # deploy/prometheus/render_prometheusrule.py: edit the rules file and re-run the script, do not edit
-# this file (tests/test_alert_rules.py fails when they differ).
+# this file (tests/deploy/test_alert_rules.py fails when they differ).
 #
 # kube-prometheus-stack only loads PrometheusRules whose labels match its ruleSelector (by default
 # `release: <helm release name>`): add that label here, or through kustomize, if yours needs it.

@@ -21,7 +21,14 @@ from urllib.parse import quote, urlsplit
 
 import h11
 
-from ._server import BadRequest, HttpRequest, HttpServerConnection, ThreadedServer, close_writer, send
+from ._server import (
+    BadRequest,
+    HttpRequest,
+    HttpServerConnection,
+    ThreadedServer,
+    close_writer,
+    send,
+)
 
 Address = tuple[str, int]
 _HOP_HEADERS = frozenset({

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What the client matrix (tests/test_clients.py) needs beyond the Python test extra: a JDK for the Java
+# What the client matrix (tests/e2e/test_clients.py) needs beyond the Python test extra: a JDK for the Java
 # client (java runs SalesforceRefresh.java from source), Node and npm, and the Node clients' packages
 # pinned by tests/clients/node/package-lock.json. Called by .ci/run; run it once on a dev machine too.
 # Installs Debian packages only when missing (as root); idempotent.

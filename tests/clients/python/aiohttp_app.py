@@ -4,7 +4,6 @@ its default SSL context reads SSL_CERT_FILE."""
 import asyncio
 
 import aiohttp
-
 from common import refresh_form, report, token_url
 
 

@@ -1,7 +1,6 @@
 """httpx, sync: no proxy or trust code; trust_env (the default) reads HTTPS_PROXY and SSL_CERT_FILE."""
 
 import httpx
-
 from common import refresh_form, report, token_url
 
 with httpx.Client(timeout=15) as http:

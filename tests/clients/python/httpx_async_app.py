@@ -3,7 +3,6 @@
 import asyncio
 
 import httpx
-
 from common import refresh_form, report, token_url
 
 

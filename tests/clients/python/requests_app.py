@@ -1,7 +1,6 @@
 """Python requests: no proxy or trust code; HTTPS_PROXY and REQUESTS_CA_BUNDLE come from the environment."""
 
 import requests
-
 from common import refresh_form, report, token_url
 
 with requests.Session() as http:

@@ -1,0 +1,217 @@
+"""The ``egress-sidecar`` command. It parses arguments and calls into the service; nothing more.
+
+Exit codes: 0 success; 1 a check failed or the service stopped on an error; 2 bad configuration
+(the message names the setting and the fix).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+
+from sidecar import __version__
+from sidecar.config import (
+    ConfigError,
+    HostPort,
+    Settings,
+    load_settings,
+    settings_help,
+    unknown_settings,
+)
+from sidecar.logs import setup_logging
+
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+
+log = logging.getLogger("egress_sidecar")
+
+# Every setting with its default and meaning, generated from the Field descriptions in sidecar/config.py.
+ENV_HELP = settings_help()
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    for name in unknown_settings():
+        print(f"egress-sidecar: warning: {name} is not a setting of egress-sidecar (ignored)", file=sys.stderr)
+    return settings
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    settings = _settings()
+    setup_logging(settings.log_format, settings.log_level_number)
+    from sidecar.app.service import Sidecar
+
+    sidecar = Sidecar(settings)
+    return asyncio.run(serve(sidecar))
+
+
+async def serve(sidecar: object) -> int:
+    from sidecar.app.service import Sidecar
+
+    assert isinstance(sidecar, Sidecar)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, sidecar.shutdown)
+    await sidecar.run()
+    return EXIT_OK if sidecar.proxy_address is not None else EXIT_FAIL
+
+
+def _local_admin_url(settings: Settings) -> str:
+    hp = settings.admin_address
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(hp.host, hp.host)
+    return f"http://{HostPort(host, hp.port)}"
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from sidecar.ops.preflight import run_check
+
+    settings = _settings()
+    setup_logging(settings.log_format, logging.ERROR if not args.verbose else logging.INFO)
+    admin_url = args.admin_url or _local_admin_url(settings)
+    report = asyncio.run(run_check(settings, admin_url))
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        print(report.as_text())
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from sidecar.app.demo import run_demo
+
+    phases = run_demo(calls=args.calls)
+    observe, enforce, learn = phases
+    ok = (observe.total.get("ip_restricted", 0) > 0 and enforce.total.get("success", 0) == args.calls
+          and learn.app_failures == 0)
+    return EXIT_OK if ok else EXIT_FAIL
+
+
+def cmd_grants(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from sidecar.state.grants import format_report, grants_report
+
+    confdir = Path(args.confdir).expanduser() if args.confdir else _settings().confdir_path
+    try:
+        report = grants_report(confdir)
+    except FileNotFoundError:
+        print(f"egress-sidecar: no grants file in {confdir} (the sidecar creates grants.sqlite3 there when it "
+              "starts); is SIDECAR_CONFDIR the sidecar's?", file=sys.stderr)
+        return EXIT_FAIL
+    except ValueError as exc:
+        print(f"egress-sidecar: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    return EXIT_OK
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        print("egress-sidecar exec: give the command to run, e.g. egress-sidecar exec -- gunicorn app:app",
+              file=sys.stderr)
+        return EXIT_CONFIG
+    settings = _settings()
+    setup_logging(settings.log_format, settings.log_level_number)
+    from sidecar.app.exec import run_wrapped
+    from sidecar.app.service import Sidecar
+
+    return asyncio.run(run_wrapped(Sidecar(settings), argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="egress-sidecar",
+        description="Forward-proxy sidecar that sends Salesforce token calls through an allowlisted "
+        "QuotaGuard Static IP. Point the app's HTTPS_PROXY at it and trust its CA.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"egress-sidecar {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = sub.add_parser(
+        "run",
+        help="run the sidecar (the default command)",
+        description="Run the proxy and the admin server until SIGTERM/SIGINT. Configured by environment.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.set_defaults(func=cmd_run)
+    check = sub.add_parser(
+        "check",
+        help="preflight: probe each pair member's egress IP and check it against the allowlist",
+        description="Validate the configuration, resolve the pair, probe every member's egress IP through "
+        "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST; when a sidecar is running (--admin-url), add what "
+        "Salesforce answered it through each egress IP. Exit 0 when every observed egress IP is allowlisted, "
+        "every member is reachable and stable and Salesforce refused none; 1 otherwise; 2 on bad "
+        "configuration. Usable as a deploy gate.",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    check.add_argument("--admin-url", metavar="URL", default=None,
+                       help="admin URL of a running sidecar whose evidence (what Salesforce answered through "
+                       "each egress IP) the check includes; default: the address SIDECAR_ADMIN_LISTEN gives "
+                       "(0.0.0.0 read as 127.0.0.1). No sidecar there: not an error")
+    check.add_argument("--json", action="store_true", help="print the report as JSON")
+    check.add_argument("-v", "--verbose", action="store_true", help="log probe details to stderr")
+    check.set_defaults(func=cmd_check)
+    grants = sub.add_parser(
+        "grants",
+        help="list the refresh token grants the sidecar tracks (rotation, reuse, idle time)",
+        description="List the grants (refresh token rotation chains) recorded in SIDECAR_CONFDIR/grants.sqlite3: "
+        "grant id (a keyed-hash prefix, never a token), last redemption, idle age, rotations, reuses and state, "
+        "most idle first. Salesforce expires a refresh token unused for 30 days.",
+    )
+    grants.add_argument("--json", action="store_true", help="print the grants as JSON")
+    grants.add_argument("--confdir", help="the sidecar's confdir (default: SIDECAR_CONFDIR)")
+    grants.set_defaults(func=cmd_grants)
+    wrap = sub.add_parser(
+        "exec",
+        help="run COMMAND with the sidecar beside it (Heroku-style wrapper)",
+        description="Start the sidecar, wait until it is ready, then run COMMAND with HTTPS_PROXY, HTTP_PROXY, "
+        "NO_PROXY (loopback; each also in lower case), REQUESTS_CA_BUNDLE, SSL_CERT_FILE, CURL_CA_BUNDLE, "
+        "NODE_EXTRA_CA_CERTS, NODE_USE_ENV_PROXY=1 and JAVA_TOOL_OPTIONS (proxy and truststore properties, "
+        "appended to the command's own) set for it, with absolute paths. SIGTERM and SIGINT are forwarded to COMMAND; the exit status is COMMAND's (127 when it is "
+        "not found). Procfile: web: egress-sidecar exec -- gunicorn app:app",
+        epilog=ENV_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    wrap.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS]", help="the command to run")
+    wrap.set_defaults(func=cmd_exec)
+    demo = sub.add_parser(
+        "demo",
+        help="show the partial-allowlist failure and the fix on loopback, no credentials needed",
+        description="Start a simulated QuotaGuard pair (127.0.0.2, 127.0.0.3), a simulated Salesforce that "
+        "allowlists only 127.0.0.2, and the sidecar, all on loopback in this process; redeem refresh tokens "
+        "with the guard observing, then enforcing; print a report. Ends by itself; exit 0 when the "
+        "demo showed what it should.",
+    )
+    demo.add_argument("--calls", type=int, default=20, metavar="N",
+                      help="refresh token redemptions per phase (default 20)")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        args = parser.parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"egress-sidecar: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `egress-sidecar grants | head`: the reader left, nothing to report
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK

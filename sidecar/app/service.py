@@ -1,0 +1,425 @@
+"""The running sidecar: builds mitmproxy with our addons, the admin server and the egress prober,
+and owns their lifecycle. The CLI only parses arguments and calls into this module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from sidecar.proxy.mitm import Master, addon_module, new_master  # isort: skip  (first: keeps mitmproxy's default addons out)
+from mitmproxy import exceptions as mitm_exceptions
+from mitmproxy import options
+
+from addons.client_access import ClientAccess
+from addons.plain_http import PlainHttp
+from sidecar import __version__
+from sidecar.config import ConfigError, HostPort, Settings, decode_key
+from sidecar.egress.discovery import Prober
+from sidecar.egress.evidence import Evidence
+from sidecar.egress.guard import Guard
+from sidecar.egress.pair import Member, Pair, build_pair
+from sidecar.logs import SCRUBBER, event
+from sidecar.metrics import Metrics
+from sidecar.net.upstream import ConnectFailure, UpstreamPool
+from sidecar.ops.admin import AdminServer
+from sidecar.ops.record import Recorder
+from sidecar.ops.status import build_status, render_page
+from sidecar.ops.trust import (
+    client_env,
+    export_ca,
+    install_given_ca,
+    prepare_confdir,
+    prepare_dir,
+    shell_assignments,
+    trust_context,
+    upstream_trust,
+)
+from sidecar.proxy.access import Access
+from sidecar.proxy.destinations import Destinations
+from sidecar.proxy.forward import Forwarder
+from sidecar.proxy.frontdoor import HEAD_TIMEOUT, FrontDoor, Handoff
+from sidecar.proxy.lane import Lane
+from sidecar.proxy.leafcerts import LeafContexts
+from sidecar.state.grants import GrantTracker
+from sidecar.state.redis import SharedState
+from sidecar.state.sqlite import DB_FILE, GrantStore, load_or_create_key
+from sidecar.token.core import TokenCore
+from sidecar.token.hosts import TokenHosts
+from sidecar.token.sender import TokenSender
+from sidecar.token.shield import Shield
+
+log = logging.getLogger("egress_sidecar")
+DRAIN_SECONDS = 10.0  # at most this long a stop waits for token calls in flight
+
+
+def check_bindable(setting: str, hp: HostPort) -> None:
+    """Fail at start with the setting's name when its address cannot be bound."""
+    family = socket.AF_INET6 if ":" in hp.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(hp.address)
+        except OSError as exc:
+            raise ConfigError(
+                f"{setting}: cannot listen on {hp} ({exc.strerror or exc}). "
+                "Pick a free port or stop what is using it."
+            ) from None
+
+
+class Sidecar:
+    """One sidecar instance. ``run()`` serves until ``shutdown()``; safe to build in tests."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.confdir = prepare_confdir(settings.confdir_path)
+        self.metrics = Metrics()
+        self.pair: Pair = build_pair(settings)
+        self.evidence = Evidence(self.metrics, settings.evidence_ttl, settings.allowlist_ranges)
+        self.guard = Guard(self.pair, settings.allowlist_ranges, settings.guard_mode, self.evidence)
+        self.recorder = Recorder(self.metrics)
+        self.hosts = TokenHosts(settings.token_hosts)
+        self.prober = Prober(self.pair, self.guard, self.metrics, settings)
+        self.started = time.time()
+        self.proxy_address: tuple[str, int] | None = None
+        self.admin: AdminServer | None = None
+        self.master: Master | None = None
+        self._listening = threading.Event()
+        upstream = settings.upstream
+        if upstream is not None:
+            SCRUBBER.add(upstream.password.get_secret_value(), upstream.proxy_authorization.decode()[6:])
+        if settings.proxy_auth is not None:
+            SCRUBBER.add(settings.proxy_auth.get_secret_value().partition(":")[2])
+        if settings.redis_url is not None and settings.redis_key is not None:
+            SCRUBBER.add(urlsplit(settings.redis_url.get_secret_value()).password, settings.redis_key.get_secret_value())
+        self.metrics.direct_mode.set(1 if self.pair.direct else 0)
+        self.metrics.guard_enforcing.set(1 if self.guard.mode == "enforce" else 0)
+        # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
+        self.grants = GrantTracker(self.metrics)
+        self.upstream_trust = upstream_trust(settings, self.confdir)
+        self.destinations = Destinations(shared_proxy=settings.proxy_auth is not None,
+                                         allow_private=settings.allow_private_destinations)
+        self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout, self.destinations)
+        sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
+        self.access = Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
+                             settings.max_connections)
+        self.frontdoor: FrontDoor | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._draining = False
+        # Shared with the app's other replicas (SIDECAR_REDIS_URL), or None: everything stays in this process.
+        self.shared = SharedState(settings.redis_url.get_secret_value(), decode_key(
+            settings.redis_key.get_secret_value()), self.metrics) if settings.redis_url and settings.redis_key else None
+        self.shield = Shield(self.metrics, settings.replay_window, longest_redemption(settings, len(self.pair.members)),
+                             self.shared)
+        self.core = TokenCore(self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
+                              self.evidence, retry_ip_restricted=settings.retry_on_ip_restricted, shield=self.shield,
+                              observers=(self.grants.on_call,))
+
+    def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
+        self.metrics.member_failures.labels(member.label, failure.reason).inc()
+        ejected_for = member.record_connect_failure() if failure.ejects else None
+        event(log, logging.WARNING, f"pair member {member.label}: {failure.detail}", member=member.label,
+              reason=failure.reason)
+        if ejected_for is not None:
+            event(log, logging.WARNING,
+                  f"pair member {member.label} ejected for {ejected_for:g}s after "
+                  f"{member.consecutive_failures} consecutive connect failures; a successful probe re-admits it",
+                  member=member.label)
+
+    def _member_ok(self, member: Member) -> None:
+        member.record_connect_success()
+
+    # -- what the admin server reads ----------------------------------------------------------
+    def metrics_text(self) -> bytes:
+        return self.metrics.render()
+
+    def is_ready(self) -> tuple[bool, str]:
+        if not self._listening.is_set():
+            return False, "proxy not listening yet"
+        if not self.guard.ready():
+            return False, self.guard.explain_block()
+        return True, "ok"
+
+    def status(self) -> dict[str, Any]:
+        return build_status(self)
+
+    def status_facts(self) -> dict[str, Any]:
+        upstream = self.settings.upstream
+        last = self.metrics.tls_failure_last
+        return {"upstream": upstream.redacted() if upstream else None, "route": self.settings.route,
+                "probe_rounds": self.prober.rounds, "calls": self.recorder.snapshot(),
+                "shield": {"replay_window_seconds": self.settings.replay_window,
+                           "coalesced": _count(self.metrics.shield_answers, "coalesced"),
+                           "replayed": _count(self.metrics.shield_answers, "replayed"),
+                           "answers_kept": self.shield.cached,
+                           "redis": self.shared.status() if self.shared is not None else {"configured": False}},
+                "client_tls": {"failures": dict(self.metrics.tls_failures_seen),
+                               "last_age_seconds": None if last is None else round(time.time() - last, 1)}}
+
+    @property
+    def trust_dir(self) -> Path:
+        """Where the files apps need to trust the sidecar are written (ca.pem, ca-bundle.pem, truststore.p12):
+        SIDECAR_TRUST_DIR, by default the confdir."""
+        return self.settings.trust_dir_path
+
+    def ca_path(self) -> Path | None:
+        return self.trust_dir / "ca.pem"
+
+    @property
+    def proxy_url(self) -> str:
+        host, port = self.proxy_address or self.settings.listen_address.address
+        host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        return f"http://{HostPort(host, port)}"
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def _build_master(self) -> Master:
+        s = self.settings
+        # mitmproxy listens on an internal loopback port; apps connect to the front door on SIDECAR_LISTEN,
+        # which hands it every connection it does not relay itself.
+        opts = options.Options(listen_host="127.0.0.1", listen_port=0, confdir=str(self.confdir))
+        master = new_master(opts)
+        self.tlsconfig = addon_module("tlsconfig").TlsConfig()  # its certificate store serves the lane too
+        master.addons.add(
+            addon_module("core").Core(),
+            addon_module("proxyserver").Proxyserver(),
+            addon_module("next_layer").NextLayer(),
+            self.tlsconfig,
+            addon_module("disable_h2c").DisableH2C(),
+        )
+        if s.proxy_auth is not None:
+            # Imported only when used: its module pulls in ldap3 (~15 MB) for LDAP auth we never use.
+            master.addons.add(addon_module("proxyauth").ProxyAuth())
+        master.addons.add(
+            ClientAccess(self.access),
+            PlainHttp(self.core, self.pair, self.destinations),
+            _Lifecycle(self),
+        )
+        trust = self.upstream_trust
+        try:
+            master.options.update(
+                mode=["regular"],
+                connection_strategy="lazy",
+                # mitmproxy sees no token call (the front door serves those) and PlainHttp streams every
+                # body explicitly; no size-based switching.
+                stream_large_bodies=None,
+                http2=False,
+                tcp_timeout=s.idle_timeout,
+                http3=False,
+                ssl_verify_upstream_trusted_ca=str(trust) if trust else None,
+            )
+            if s.proxy_auth is not None:
+                master.options.update(proxyauth=s.proxy_auth.get_secret_value())
+        except mitm_exceptions.OptionsError as exc:
+            raise ConfigError(f"mitmproxy rejected the configuration: {exc}") from None
+        return master
+
+    def _passthrough_member(self) -> Member | None:
+        """Route of a tunnel relayed without interception (never a token host)."""
+        return self.core.other_member(on_token_host=False)
+
+    def prepare(self) -> None:
+        """Everything that can fail on configuration, before anything listens."""
+        s = self.settings
+        check_bindable("SIDECAR_LISTEN", s.listen_address)
+        prepare_dir(self.trust_dir, "SIDECAR_TRUST_DIR", 0o755)  # public files only: apps read them
+        if s.ca_cert is not None and s.ca_key is not None:
+            install_given_ca(s.ca_cert.expanduser(), s.ca_key.expanduser(), self.confdir)
+
+    async def run(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.prepare()
+        # grants.sqlite3: refresh token tracking and Salesforce's evidence per egress IP, as keyed hashes.
+        # The key is grants.key, or, with Redis, one derived from SIDECAR_REDIS_KEY so replicas agree.
+        if self.shared is not None:
+            await self.shared.start()
+        key = self.shared.hash_key if self.shared is not None else load_or_create_key(self.confdir)
+        store = GrantStore(self.confdir / DB_FILE)
+        self.grants.open(key, store)  # loads the grants, starts the writer thread
+        self.evidence.open(key, store)
+        self.shield.hash_key = key
+        if self.shared is not None:
+            self.grants.share(self.shared)
+        admin = self.settings.admin_address
+        try:
+            self.admin = AdminServer(admin.host, admin.port, self, render_page)
+        except OSError as exc:
+            raise ConfigError(
+                f"SIDECAR_ADMIN_LISTEN: cannot listen on {admin} ({exc.strerror or exc}). Pick a free port."
+            ) from None
+        self.master = self._build_master()
+        self.admin.start()
+        self._announce_mode()
+        self.prober.update_metrics()
+        probe_task = asyncio.create_task(self.prober.run(), name="egress-prober")
+        try:
+            await self.master.run()
+        finally:
+            probe_task.cancel()
+            await asyncio.gather(probe_task, return_exceptions=True)
+            if self.frontdoor is not None:
+                await self.frontdoor.stop()
+            self.pool.close_all()
+            self.admin.stop()
+            await self.grants.stop_sharing()
+            self.evidence.flush()  # the latest time of each answer, before the store closes
+            await asyncio.to_thread(self.grants.close)  # writes what is queued (bounded)
+            if self.shared is not None:
+                await self.shared.close()
+            self._listening.clear()
+            self.metrics.ready.set(0)
+
+    def shutdown(self) -> None:
+        """Thread-safe: stop accepting clients, let token calls in flight finish (bounded: a refresh that
+        reached Salesforce has rotated the app's token, so its answer must reach the app), then stop.
+        A second call stops at once."""
+        loop, master = self._loop, self.master
+        if loop is None or master is None:
+            return
+        if self._draining:
+            master.shutdown()
+            return
+        self._draining = True
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_and_stop()))
+
+    async def _drain_and_stop(self) -> None:
+        assert self.master is not None
+        if self.frontdoor is not None:
+            self.frontdoor.close_listener()
+        loop = asyncio.get_running_loop()
+        started, waiting = loop.time(), self.core.in_flight
+        deadline = started + min(self.settings.response_timeout, DRAIN_SECONDS)
+        while self.core.in_flight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        left, clients = self.core.in_flight, self.access.active
+        event(log, logging.WARNING if left else logging.INFO,
+              f"stopping: {waiting - left} of {waiting} token call(s) in flight finished and were answered"
+              + (f", {left} did not finish within {deadline - started:.0f}s (their apps get no answer; if one "
+                 "was a refresh, its rotated token may be lost)" if left else "")
+              + f"; closing {clients} client connection(s)",
+              drained=waiting - left, abandoned=left, clients=clients,
+              waited_seconds=round(loop.time() - started, 2))
+        await asyncio.sleep(0.05)  # their records are written just after their answers
+        self.master.shutdown()
+
+    async def open_front_door(self, handoff: Handoff) -> tuple[str, int]:
+        s = self.settings
+        tlsconfig = self.tlsconfig
+        lane = Lane(
+            self.core, Forwarder(self.pool, s.idle_timeout),
+            LeafContexts(lambda: tlsconfig.certstore, self.confdir, self.hosts.certificate_name), self.metrics,
+            idle_timeout=s.idle_timeout, handshake_timeout=min(HEAD_TIMEOUT, s.idle_timeout),
+        )
+        self.frontdoor = FrontDoor(
+            self.hosts, self.metrics, self.access, connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
+            handoff=handoff, lane=lane, upstream=s.upstream, tunnel_member=self._passthrough_member,
+            destinations=self.destinations,
+        )
+        listen = s.listen_address
+        address = await self.frontdoor.start(listen.host, listen.port)
+        self.destinations.listening(*address)
+        return address
+
+    def on_listening(self, address: tuple[str, int]) -> None:
+        # mitmproxy creates (or loads) its CA in TlsConfig's `running` hook, which has run by now.
+        export_ca(self.confdir, self.trust_dir)
+        self.proxy_address = address
+        self._listening.set()
+        self.metrics.ready.set(1)
+        env = client_env(self.trust_dir, self.proxy_url)
+        event(
+            log,
+            logging.INFO,
+            f"egress-sidecar {__version__} listening on {HostPort(*address)}; admin on "
+            f"{HostPort(*self.admin.address) if self.admin else '?'}",
+            proxy=self.proxy_url,
+            admin=f"http://{HostPort(*self.admin.address)}" if self.admin else None,
+        )
+        event(
+            log,
+            logging.INFO,
+            "app environment: " + shell_assignments(env),
+        )
+
+    def wait_listening(self, timeout: float) -> bool:
+        return self._listening.wait(timeout)
+
+    def _announce_mode(self) -> None:
+        s = self.settings
+        if self.pair.direct:
+            event(
+                log,
+                logging.WARNING,
+                "DIRECT MODE: QUOTAGUARDSTATIC_URL is not set, so token calls leave from this host's own "
+                "(rotating) IP and no static IP is in use. Token calls are still detected, measured and logged.",
+                mode="direct",
+            )
+        else:
+            assert s.upstream is not None
+            event(
+                log,
+                logging.INFO,
+                f"pair: {', '.join(m.label for m in self.pair.members)} via {s.upstream.redacted()}; "
+                f"route={s.route} guard={self.guard.mode}",
+                members=[m.label for m in self.pair.members],
+            )
+            if len(self.pair.members) == 1:
+                event(
+                    log,
+                    logging.WARNING,
+                    "the QuotaGuard host resolves to a single address; both static IPs may still be used "
+                    "behind it. Set SIDECAR_PAIR to the members if you know them.",
+                )
+
+
+def longest_redemption(settings: Settings, members: int) -> float:
+    """The longest one token call can be in flight: the sender tries each member once while nothing is
+    sent (a connect deadline each), then waits the response deadline; the retry of an "ip restricted"
+    refusal is a second such send. The rotation shield's waiters wait this long, and its Redis lock lives
+    this long: a lock that expired under a leader still in flight would let another replica redeem the
+    same refresh token again."""
+    one = max(1, members) * settings.connect_timeout + settings.response_timeout
+    return one * (2 if settings.retry_on_ip_restricted else 1) + 1.0
+
+
+def _count(counter: Any, label: str) -> int:
+    """A labelled counter's value, from the registry's own samples."""
+    for metric in counter.collect():
+        for sample in metric.samples:
+            if sample.name.endswith("_total") and label in sample.labels.values():
+                return int(sample.value)
+    return 0
+
+
+class _Lifecycle:
+    """Tells the service when mitmproxy really listens (its ``running`` hook)."""
+
+    def __init__(self, sidecar: Sidecar) -> None:
+        self.sidecar = sidecar
+
+    async def running(self) -> None:
+        from mitmproxy import ctx
+
+        ps = ctx.master.addons.get("proxyserver")
+        instances = list(ps.servers) if ps else []
+        if not instances or not ps.listen_addrs():
+            log.error("the proxy server did not start (see the error above); shutting down")
+            ctx.master.shutdown()
+            return
+        self.sidecar.access.internal_addresses = {(str(a[0]), int(a[1])) for a in ps.listen_addrs()}
+        for host, port in self.sidecar.access.internal_addresses:
+            self.sidecar.destinations.listening(host, port)
+        if self.sidecar.admin is not None:
+            self.sidecar.destinations.listening(*self.sidecar.admin.address)
+        try:
+            address = await self.sidecar.open_front_door(instances[0].handle_stream)
+        except OSError as exc:
+            log.error(f"SIDECAR_LISTEN: cannot listen on {self.sidecar.settings.listen} ({exc.strerror or exc})")
+            ctx.master.shutdown()
+            return
+        self.sidecar.on_listening(address)

@@ -1,0 +1,147 @@
+"""The QuotaGuard pair: its members, and what is known about each member's egress IP.
+
+QuotaGuard gives every account two load-balanced static IPs. Whether its proxy hostname resolves to
+one address per node, and whether each node always leaves from the same IP, is not confirmed, so
+the mapping member → egress IP is learnt by probing (see ``sidecar.egress.discovery``) or pinned by hand,
+and a member whose samples disagree is reported as unstable instead of being guessed.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from sidecar.config import ConfigError, HostPort, Settings, Upstream
+
+SAMPLE_HISTORY = 12
+# Passive health (like Squid's connect-fail-limit and Envoy's outlier detection): after this many
+# consecutive connect failures a member is ejected, for a time that doubles with each ejection.
+EJECT_AFTER_FAILURES = 2
+EJECT_BASE_SECONDS = 5.0
+EJECT_MAX_SECONDS = 300.0
+
+
+@dataclass
+class Member:
+    """One proxy node of the pair, addressed by IP:port."""
+
+    address: HostPort
+    pinned_ip: str | None = None
+    up: bool | None = None  # None: not probed yet
+    samples: deque[str] = field(default_factory=lambda: deque(maxlen=SAMPLE_HISTORY))
+    last_probe: float | None = None
+    last_error: str | None = None
+    ejected_until: float = 0.0
+    consecutive_failures: int = 0
+    ejections: int = 0
+
+    @property
+    def label(self) -> str:
+        return str(self.address)
+
+    @property
+    def stable(self) -> bool | None:
+        """True when the recent samples agree, False when they disagree, None without samples."""
+        if not self.samples:
+            return None
+        return len(set(self.samples)) == 1
+
+    @property
+    def egress_ip(self) -> str | None:
+        """The egress IP this member is known to leave from, or None when not verified."""
+        if self.pinned_ip:
+            return self.pinned_ip
+        if self.stable:
+            return self.samples[-1]
+        return None
+
+    @property
+    def observed_ips(self) -> list[str]:
+        return sorted(set(self.samples) | ({self.pinned_ip} if self.pinned_ip else set()))
+
+    def record_connect_failure(self, now: float | None = None) -> float | None:
+        """Count a failed connect; returns the ejection's length when this failure ejects the member."""
+        now = time.monotonic() if now is None else now
+        self.consecutive_failures += 1
+        if self.consecutive_failures < EJECT_AFTER_FAILURES or now < self.ejected_until:
+            return None
+        length = min(EJECT_BASE_SECONDS * 2**self.ejections, EJECT_MAX_SECONDS)
+        self.ejections += 1
+        self.ejected_until = now + length
+        return length
+
+    def record_connect_success(self) -> None:
+        self.consecutive_failures = 0
+        self.ejections = 0
+
+    def readmit(self) -> bool:
+        """A successful probe brings an ejected member back; True if it was ejected."""
+        was = self.ejected_until > time.monotonic()
+        self.ejected_until = 0.0
+        self.consecutive_failures = 0
+        return was
+
+    @property
+    def ejected(self) -> bool:
+        return time.monotonic() < self.ejected_until
+
+    def available(self, now: float | None = None) -> bool:
+        """Not known to be down and not ejected by passive health checks."""
+        now = time.monotonic() if now is None else now
+        return self.up is not False and now >= self.ejected_until
+
+
+@dataclass
+class Pair:
+    upstream: Upstream | None
+    members: list[Member]
+
+    @property
+    def direct(self) -> bool:
+        return self.upstream is None
+
+    def member_at(self, address: tuple[str, int]) -> Member | None:
+        for m in self.members:
+            if m.address.address == (address[0], address[1]):
+                return m
+        return None
+
+    def egress_ips(self) -> list[str]:
+        """Every egress IP observed or pinned, over all members."""
+        return sorted({ip for m in self.members for ip in m.observed_ips})
+
+
+def resolve_members(upstream: Upstream) -> list[HostPort]:
+    """The addresses the upstream hostname resolves to (A and AAAA), each with the upstream port."""
+    try:
+        infos = socket.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(
+            f"QUOTAGUARDSTATIC_URL: cannot resolve proxy host {upstream.host!r} ({exc.strerror or exc}). "
+            "Check the URL, DNS, or list the members in SIDECAR_PAIR=HOST:PORT,HOST:PORT."
+        ) from None
+    seen: list[HostPort] = []
+    for _family, _type, _proto, _canon, sockaddr in infos:
+        hp = HostPort(str(sockaddr[0]), upstream.port)
+        if hp not in seen:
+            seen.append(hp)
+    return seen
+
+
+def build_pair(settings: Settings) -> Pair:
+    upstream = settings.upstream
+    if upstream is None:
+        if settings.pair:
+            raise ConfigError("SIDECAR_PAIR is set but QUOTAGUARDSTATIC_URL is not: set the upstream URL too.")
+        return Pair(upstream=None, members=[])
+    addresses = settings.pair_members or resolve_members(upstream)
+    pinned = settings.pinned_egress
+    unknown = [str(hp) for hp in pinned if hp not in addresses]
+    if unknown:
+        raise ConfigError(
+            f"SIDECAR_EGRESS_IPS names {unknown[0]}, which is not a pair member "
+            f"(members: {', '.join(str(a) for a in addresses)}). Use MEMBER=IP with a member address."
+        )
+    return Pair(upstream=upstream, members=[Member(address=a, pinned_ip=pinned.get(a)) for a in addresses])

@@ -1,0 +1,381 @@
+"""What the operator sees: the pair, each egress IP's allowlist and health state, and a verdict in
+plain words. One function builds it; /status, the status page, ``check`` and the demo all use it.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+from sidecar import __version__
+from sidecar.egress.guard import Guard
+from sidecar.egress.pair import Pair
+from sidecar.metrics import OUTCOMES
+
+
+class StatusSource(Protocol):
+    """What the status is built from (the running service provides it)."""
+
+    pair: Pair
+    guard: Guard
+    started: float
+
+    def is_ready(self) -> tuple[bool, str]: ...
+    def status_facts(self) -> dict[str, Any]: ...
+
+Level = Literal["ok", "warning", "critical"]
+
+
+@dataclass(frozen=True)
+class Verdict:
+    level: Level
+    lines: list[str]
+
+    @property
+    def text(self) -> str:
+        return " ".join(self.lines)
+
+
+def member_rows(pair: Pair, guard: Guard) -> list[dict[str, Any]]:
+    now = time.time()
+    return [
+        {
+            "member": m.label,
+            "egress_ip": m.egress_ip,
+            "observed_ips": m.observed_ips,
+            "pinned": m.pinned_ip is not None,
+            "stable": m.stable,
+            "up": m.up,
+            "ejected": m.ejected,
+            "allowlisted": guard.is_allowlisted(m.egress_ip),
+            "last_probe_age_seconds": None if m.last_probe is None else round(now - m.last_probe, 1),
+            "last_error": m.last_error,
+        }
+        for m in pair.members
+    ]
+
+
+def verdict(pair: Pair, guard: Guard) -> Verdict:
+    if pair.direct:
+        return Verdict(
+            "warning",
+            [
+                "DIRECT MODE: QUOTAGUARDSTATIC_URL is not set, so token calls leave from this host's own IP "
+                "and no static IP is in use."
+            ],
+        )
+    lines: list[str] = []
+    level: Level = "ok"
+    n = len(pair.members)
+    allowlisted_up = [m for m in pair.members if m.up is not False and guard.is_allowlisted(m.egress_ip)]
+    for m in pair.members:
+        if m.up is False:
+            lines.append(f"Pair member {m.label} is unreachable ({m.last_error or 'no answer'}).")
+            level = "critical"
+        elif m.stable is False:
+            lines.append(
+                f"Pair member {m.label} is unstable: it left from {', '.join(m.observed_ips)}; "
+                "its egress IP is not claimed. Allowlist every IP it uses."
+            )
+            level = "critical"
+        elif m.egress_ip is None:
+            lines.append(f"Egress IP of pair member {m.label} is not known yet (probe pending).")
+            level = "critical" if level == "critical" else "warning"
+    facts = guard.evidence.facts() if guard.evidence is not None else []
+    refused = [f for f in facts if f.kind == "refused"]
+    accepted = sorted({f.egress_ip for f in facts if f.kind == "allowed"} - {f.egress_ip for f in refused})
+    for f in refused[:EVIDENCE_LINES]:
+        listed = bool(guard.allowlist) and guard.allowlist.contains(f.egress_ip)
+        lines.append(
+            f"Salesforce refused egress IP {f.egress_ip} for app {f.app.label} at {when(f.at)} (ip restricted by app "
+            f"developer){', although SIDECAR_ALLOWLIST lists it' if listed else ''}: add {f.egress_ip} to that "
+            "External Client App's Refresh Token IP Allowlist (External Client App Manager → Edit Settings). "
+            + ("Until then the guard keeps that app's redemptions off it, so the pair has no redundancy."
+               if guard.mode == "enforce" else "Until then its redemptions through that IP fail.")
+        )
+        level = "critical"
+    if len(refused) > EVIDENCE_LINES:
+        lines.append(f"... and {len(refused) - EVIDENCE_LINES} more refusals: see `evidence` in /status.")
+    if not guard.allowlist:
+        if guard.mode == "observe":
+            lines.append(
+                "No allowlist is configured (SIDECAR_ALLOWLIST) and the guard observes: set the allowlist, or let the "
+                "guard enforce (the default with a pair), so that refreshes stay off refused egress IPs."
+            )
+            level = "critical" if level == "critical" else "warning"
+    else:
+        unlisted_accepted = [d.fact for d in guard.evidence.disagreements() if not d.listed] if guard.evidence else []
+        for f in unlisted_accepted[:EVIDENCE_LINES]:
+            lines.append(
+                f"Salesforce accepted a redemption through egress IP {f.egress_ip} for app {f.app.label} at "
+                f"{when(f.at)}, but SIDECAR_ALLOWLIST does not list it: add it there (the guard follows Salesforce)."
+            )
+            level = "critical" if level == "critical" else "warning"
+        for ip in guard.missing_ips():
+            if ip in accepted or ip in {f.egress_ip for f in refused}:
+                continue  # Salesforce's answers said it already (the lines above)
+            share = "about half of" if n == 2 else "some"
+            if guard.mode == "enforce":
+                lines.append(
+                    f"Egress IP {ip} is not on the allowlist: the guard keeps refresh token redemptions off it, "
+                    "so you have no redundancy; add it in External Client App Manager."
+                )
+            else:
+                lines.append(
+                    f"Egress IP {ip} is not on the allowlist: {share} refresh token redemptions will fail; "
+                    "add it in External Client App Manager."
+                )
+            level = "critical"
+        if guard.mode == "enforce" and not allowlisted_up:
+            lines.append("No pair member with an allowlisted egress IP is available: refresh calls are refused (503).")
+            level = "critical"
+    if not lines:
+        ips = ", ".join(pair.egress_ips())
+        if guard.allowlist:
+            lines.append(f"All {n} pair members are up and every egress IP ({ips}) is on the allowlist.")
+        else:
+            confirmed = f"Salesforce accepted redemptions through {', '.join(accepted)}" if accepted else \
+                "no redemption has been answered yet"
+            lines.append(f"All {n} pair members are up ({ips or 'egress IPs not known yet'}); {confirmed}, and it "
+                         "refused none. No SIDECAR_ALLOWLIST is set: the guard follows Salesforce's answers.")
+    return Verdict(level, lines)
+
+
+EVIDENCE_LINES = 5  # per kind; /status has them all
+
+
+def when(at: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
+
+
+def evidence_rows(guard: Guard) -> list[dict[str, Any]]:
+    now = time.time()
+    facts = guard.evidence.facts() if guard.evidence is not None else []
+    return [{"app": f.app.label, "egress_ip": f.egress_ip, "evidence": f.kind, "at": when(f.at),
+             "age_seconds": round(now - f.at, 1),
+             "allowlist_says": None if not guard.allowlist else guard.allowlist.contains(f.egress_ip)}
+            for f in facts]
+
+
+TLS_RECENT_SECONDS = 600.0  # client TLS failures this recent make the verdict say so
+
+
+def with_client_tls(v: Verdict, tls: dict[str, Any]) -> Verdict:
+    """The verdict, with a line when clients failed the TLS handshake lately (an app that does not
+    trust the sidecar's CA fails every token call before the sidecar sees it)."""
+    failures, age = tls.get("failures") or {}, tls.get("last_age_seconds")
+    if not sum(failures.values()) or age is None or age > TLS_RECENT_SECONDS:
+        return v
+    counts = ", ".join(f"{reason.replace('_', ' ')}: {n}" for reason, n in sorted(failures.items()) if n)
+    line = (f"{sum(failures.values())} client TLS handshakes with the sidecar failed since start ({counts}; the last "
+            f"{age:.0f} s ago). An app that does not trust the sidecar's CA cannot make token calls: point its CA "
+            "setting at ca-bundle.pem (docs/clients.md).")
+    return Verdict("critical" if v.level == "critical" else "warning", [*v.lines, line])
+
+
+def with_shared_state(v: Verdict, redis: dict[str, Any]) -> Verdict:
+    """The verdict, with a line while the Redis the replicas share cannot be reached."""
+    if not redis.get("configured") or redis.get("up") is not False:
+        return v
+    line = (f"Redis (SIDECAR_REDIS_URL) is unreachable since {redis.get('down_since')}: this replica serves on its "
+            "own state, so a refresh token redeemed through another replica at the same time is not coalesced, "
+            "and a reuse there is not seen here. Token calls keep working.")
+    return Verdict("critical" if v.level == "critical" else "warning", [*v.lines, line])
+
+
+def build_status(sidecar: StatusSource) -> dict[str, Any]:
+    ready, why = sidecar.is_ready()
+    facts = sidecar.status_facts()
+    v = with_shared_state(with_client_tls(verdict(sidecar.pair, sidecar.guard), facts["client_tls"]),
+                          facts["shield"]["redis"])
+    return {
+        "version": __version__,
+        "mode": "direct" if sidecar.pair.direct else "pair",
+        "ready": ready,
+        "ready_reason": why,
+        "uptime_seconds": round(time.time() - sidecar.started, 1),
+        "upstream": facts["upstream"],
+        "route": facts["route"],
+        "guard": sidecar.guard.mode,
+        "allowlist": str(sidecar.guard.allowlist) if sidecar.guard.allowlist else None,
+        "missing_from_allowlist": sidecar.guard.missing_ips(),
+        "pair": member_rows(sidecar.pair, sidecar.guard),
+        "probe_rounds": facts["probe_rounds"],
+        "client_tls": facts["client_tls"],
+        "shield": facts["shield"],
+        "evidence": evidence_rows(sidecar.guard),
+        "verdict": {"level": v.level, "lines": v.lines},
+        **facts["calls"],
+    }
+
+
+_COLORS = {"ok": "#1b7f3a", "warning": "#a86500", "critical": "#b00020"}
+_TINTS = {"ok": "#eaf6ee", "warning": "#fff4e0", "critical": "#fdecee"}
+_HEADLINES = {
+    "ok": "OK: every egress IP is allowlisted and up",
+    "warning": "Warning: check the pair",
+    "critical": "Critical: action needed",
+}
+_FAILED = frozenset(OUTCOMES) - {"success"}
+_RECENT_ROWS = 10
+
+
+def _yes_no(value: object) -> str:
+    return {True: "yes", False: "NO", None: "?"}.get(value, str(value))  # type: ignore[call-overload]
+
+
+def _state_cell(column: str, value: object) -> str:
+    """A yes/NO/? cell; NO is styled so it stands out in the table."""
+    kind = "bad" if value is False else "good" if value is True else "unknown"
+    return f"<td class='{column} {kind}'>{_yes_no(value)}</td>"
+
+
+def _age(seconds: object) -> str:
+    return "never" if seconds is None else f"{seconds:.0f} s ago" if isinstance(seconds, int | float) else "?"
+
+
+def _outcome_columns(by_ip: dict[str, dict[str, int]]) -> list[str]:
+    """success and ip_restricted always (the classic split), then any other outcome seen, in metric order."""
+    seen = {k for counts in by_ip.values() for k in counts}
+    order = list(OUTCOMES) + sorted(seen - set(OUTCOMES))
+    return [k for k in order if k in ("success", "ip_restricted") or k in seen]
+
+
+def _egress_label(ip: str) -> str:
+    return {"none": "none (blocked, not sent)", "unknown": "unknown (not probed yet)"}.get(ip, ip)
+
+
+def render_page(status: dict[str, Any]) -> str:
+    """A self-contained HTML page (no script, no external assets) for the admin port's ``/``.
+
+    Read top to bottom: the verdict (what to do), the pair (which IP is not allowlisted or down), the
+    outcome counts per egress IP since start (the ~50/50 split of the classic failure), recent calls.
+    """
+    e = html.escape
+    v = status["verdict"]
+    allowlisted_by_ip = {r["egress_ip"]: r["allowlisted"] for r in status["pair"] if r["egress_ip"]}
+    rows = "".join(
+        f"<tr class='member{' flagged' if r['allowlisted'] is False or r['up'] is False else ''}'"
+        f" data-member='{e(r['member'])}' data-egress='{e(r['egress_ip'] or 'unknown')}'>"
+        f"<td>{e(r['member'])}</td><td class='ip'>{e(str(r['egress_ip'] or 'unknown'))}</td>"
+        + _state_cell("allowlisted", r["allowlisted"])
+        + _state_cell("up", r["up"])
+        + _state_cell("stable", r["stable"])
+        + f"<td class='probe'>{e(_age(r.get('last_probe_age_seconds')))}</td>"
+        f"<td class='error'>{e(r.get('last_error') or '')}</td></tr>"
+        for r in status["pair"]
+    )
+    by_ip: dict[str, dict[str, int]] = status["outcomes_by_egress_ip"]
+    columns = _outcome_columns(by_ip)
+    outcome_head = (
+        "<tr><th>egress IP</th><th>allowlisted</th><th>calls</th><th>failed</th>"
+        + "".join(f"<th>{e(k)}</th>" for k in columns)
+        + "</tr>"
+    )
+
+    def outcome_row(ip: str, counts: dict[str, int]) -> str:
+        total = sum(counts.values())
+        failed = sum(n for k, n in counts.items() if k in _FAILED)
+        share = f"{100 * failed / total:.0f} %" if total else "-"
+        cells = "".join(
+            f"<td class='n{' bad' if k in _FAILED and counts.get(k) else ''}{' zero' if not counts.get(k) else ''}'"
+            f" data-outcome='{e(k)}'>{counts.get(k, 0)}</td>"
+            for k in columns
+        )
+        listed = allowlisted_by_ip.get(ip)
+        return (
+            f"<tr class='outcomes{' flagged' if failed else ''}' data-egress='{e(ip)}'>"
+            f"<td class='ip'>{e(_egress_label(ip))}</td>"
+            + (_state_cell("allowlisted", listed) if ip in allowlisted_by_ip else "<td class='allowlisted'>-</td>")
+            + f"<td class='n total'>{total}</td><td class='n share{' bad' if failed else ''}'>{share}</td>{cells}</tr>"
+        )
+
+    outcome_rows = "".join(outcome_row(ip, counts) for ip, counts in sorted(by_ip.items()))
+    restricted = sorted(ip for ip, counts in by_ip.items() if counts.get("ip_restricted"))
+    hint = (
+        f"<p class='hint' id='outcomes-hint'>{e(', '.join(restricted))} failed with ip_restricted: Salesforce refused "
+        "the egress IP. One IP failing while the other succeeds means it is missing from the External Client "
+        "App's Refresh Token IP Allowlist.</p>"
+        if restricted
+        else ""
+    )
+    evidence_rows_html = "".join(
+        f"<tr class='evidence{' flagged' if r['evidence'] == 'refused' else ''}' data-egress='{e(r['egress_ip'])}'>"
+        f"<td>{e(r['app'])}</td><td class='ip'>{e(r['egress_ip'])}</td>"
+        f"<td class='{'bad' if r['evidence'] == 'refused' else 'good'}'>{e(r['evidence'])}</td>"
+        f"<td>{e(r['at'])}</td><td>{e(_listed(r.get('allowlist_says')))}</td></tr>"
+        for r in status.get("evidence") or []
+    )
+    sh = status.get("shield") or {}
+    redis = sh.get("redis") or {}
+    shield_line = e(f"{sh.get('coalesced', 0)} redemptions coalesced with an identical one in flight, "
+                    f"{sh.get('replayed', 0)} answered again within the {sh.get('replay_window_seconds', 0):g} s "
+                    "replay window; " + ("state shared on Redis (" + ("up" if redis.get("up") else "UNREACHABLE")
+                                         + ")" if redis.get("configured") else "state kept in this process") + ".")
+    recent = list(reversed(status.get("recent") or []))[:_RECENT_ROWS]
+    recent_rows = "".join(
+        f"<tr class='call'><td>{e(str(c.get('grant_type')))}</td><td>{e(str(c.get('member')))}</td>"
+        f"<td class='ip'>{e(str(c.get('egress_ip')))}</td>"
+        f"<td class='{'good' if c.get('outcome') == 'success' else 'bad'}'>{e(str(c.get('outcome')))}</td>"
+        f"<td class='n'>{e(str(c.get('status') if c.get('status') is not None else '-'))}</td>"
+        f"<td class='n'>{e(str(c.get('duration_ms') if c.get('duration_ms') is not None else '-'))}</td></tr>"
+        for c in recent
+    )
+    verdict_lines = "".join(f"<li>{e(line)}</li>" for line in v["lines"])
+    color, tint = _COLORS[v["level"]], _TINTS[v["level"]]
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>egress-sidecar: {e(v['level'])}</title>
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<link rel="icon" href="data:,">
+<meta http-equiv="refresh" content="10">
+<style>
+body{{font-family:system-ui,sans-serif;margin:1.5em 2em;max-width:68em;color:#222;line-height:1.4}}
+h1{{margin:0 0 .2em;font-size:1.6em}}h2{{font-size:1.15em;margin:1.4em 0 .3em}}
+.meta{{color:#555;margin:0 0 1em}}.meta b{{color:#222}}
+table{{border-collapse:collapse;margin:.4em 0}}
+td,th{{border:1px solid #ccc;padding:.35em .8em;text-align:left}}th{{background:#f2f2f2;font-weight:600}}
+td.n{{text-align:right;font-variant-numeric:tabular-nums}}td.ip{{font-family:ui-monospace,monospace}}
+td.good{{color:#1b7f3a}}td.bad{{color:#b00020;font-weight:700;background:#fdecee}}
+td.unknown{{color:#a86500}}td.zero{{color:#999}}td.error{{color:#b00020}}
+tr.flagged td:first-child{{box-shadow:inset .3em 0 0 #b00020}}
+.verdict{{border:1px solid {color};border-left:.5em solid {color};background:{tint};padding:.6em 1.2em;border-radius:.2em}}
+.verdict h2{{margin:.1em 0 .2em;color:{color};font-size:1.3em}}.verdict ul{{margin:.2em 0;padding-left:1.2em}}
+.verdict li{{font-size:1.1em;margin:.25em 0}}
+.hint{{color:#555;font-size:.9em;margin:.2em 0}}
+code{{background:#f2f2f2;padding:.1em .3em}}
+</style></head><body>
+<h1>egress-sidecar</h1>
+<p class="meta">Mode: <b id="mode">{e(status['mode'])}</b> · guard: <b id="guard">{e(status['guard'])}</b> ·
+route: <b>{e(status['route'])}</b> · ready: <b id="ready">{_yes_no(status['ready'])}</b> ·
+up {e(_uptime(status.get('uptime_seconds')))} · version {e(status['version'])}</p>
+<div class="verdict" id="verdict" data-level="{e(v['level'])}"><h2>{e(_HEADLINES[v['level']])}</h2>
+<ul>{verdict_lines}</ul></div>
+<h2>Pair</h2>
+<table id="pair"><tr><th>member</th><th>egress IP</th><th>allowlisted</th><th>up</th><th>stable</th>
+<th>last probe</th><th>last error</th></tr>{rows}</table>
+<h2>Token call outcomes by egress IP (since start)</h2>
+<table id="outcomes">{outcome_head + outcome_rows if outcome_rows else '<tr><td>no token calls yet</td></tr>'}</table>
+{hint}
+<h2>What Salesforce answered, per app and egress IP</h2>
+<table id="evidence">{'<tr><th>app (client_id)</th><th>egress IP</th><th>last answer</th><th>when</th><th>SIDECAR_ALLOWLIST</th></tr>' + evidence_rows_html if evidence_rows_html else '<tr><td>no redemption answered yet</td></tr>'}</table>
+<p id="shield">Rotation shield: {shield_line}</p>
+<h2>Recent token calls (newest first)</h2>
+<table id="recent">{'<tr><th>grant type</th><th>member</th><th>egress IP</th><th>outcome</th><th>status</th><th>ms</th></tr>' + recent_rows if recent_rows else '<tr><td>none yet</td></tr>'}</table>
+<p>Allowlist: <code id="allowlist">{e(status['allowlist'] or 'not configured')}</code></p>
+<p><a href="/metrics">/metrics</a> · <a href="/status">/status</a> · <a href="/ca.pem">/ca.pem</a> · refreshes every 10 s</p>
+</body></html>
+"""
+
+
+def _listed(value: object) -> str:
+    return {True: "lists it", False: "does not list it", None: "not set"}.get(value, "?")  # type: ignore[call-overload]
+
+
+def _uptime(seconds: object) -> str:
+    if not isinstance(seconds, int | float):
+        return "?"
+    s = int(seconds)
+    return f"{s // 86400}d {s % 86400 // 3600}h" if s >= 86400 else f"{s // 3600}h {s % 3600 // 60}m" if s >= 3600 \
+        else f"{s // 60}m {s % 60}s" if s >= 60 else f"{s}s"

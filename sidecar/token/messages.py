@@ -1,0 +1,131 @@
+"""The token core's own request and answer: what the engine serving a token call (the lane) hands the
+core and gets back. Plain data, no engine types, so the core is written and tested once.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+import brotli
+
+try:
+    from compression import zstd  # type: ignore[import-not-found]  # Python 3.14+
+except ImportError:
+    from backports import zstd
+
+from sidecar.net.http1 import Headers, first
+from sidecar.token.call import request_fields
+
+MAX_DECODED_BYTES = 1024 * 1024  # a token answer is ~2 KB; never inflate more than this to read it
+
+
+@dataclass(slots=True)
+class TokenRequest:
+    """A token call as the app sent it (its body read whole: it is small and capped)."""
+
+    host: str  # the token host the app asked for: the CONNECT name, or the TLS SNI
+    port: int
+    method: str
+    target: bytes  # as the app sent it, origin-form (path and query)
+    headers: Headers  # names as sent, in order
+    body: bytes = b""
+    scheme: str = "https"
+    address: tuple[str, int] | None = None  # where to connect, when not (host, port): an IP-literal CONNECT
+    started: float = field(default_factory=time.time)
+    parsed: bool = False  # headers as h11 read them from the app (checked once, not again when sent on)
+    _fields: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
+
+    def fields(self) -> dict[str, list[str]]:
+        """The request's parameters (form body and query), parsed once: the core, the shield and the grant
+        observer all read them."""
+        if self._fields is None:
+            self._fields = request_fields(self.content_type, self.body, self.query)
+        return self._fields
+
+    @property
+    def path(self) -> str:
+        return origin_path(self.target)
+
+    @property
+    def query(self) -> str:
+        return self.target.decode("latin-1").partition("?")[2].partition("#")[0]
+
+    @property
+    def content_type(self) -> str | None:
+        value = first(self.headers, b"content-type")
+        return value.decode("latin-1") if value is not None else None
+
+    @property
+    def destination(self) -> tuple[str, int]:
+        return self.address or (self.host, self.port)
+
+
+@dataclass(slots=True)
+class Answer:
+    """What the app gets for a token call: Salesforce's answer, or the sidecar's own (``local``)."""
+
+    status: int
+    headers: Headers
+    body: bytes = b""
+    reason: bytes = b""
+    local: bool = False
+    finished: float = field(default_factory=time.time)
+    parsed: bool = False  # headers and reason as h11 read them from Salesforce (checked once, not again)
+    _content: bytes | None = field(default=None, repr=False, compare=False)
+
+    def content(self) -> bytes:
+        """The body with its Content-Encoding undone (Salesforce gzips when the app accepts it), at most
+        MAX_DECODED_BYTES of it; the raw body when it cannot be decoded. Decoded once: the core classifies
+        it and the grant tracking reads the rotated token from it. Never raises."""
+        if self._content is None:
+            coding = first(self.headers, b"content-encoding")
+            self._content = decode_bounded(self.body, coding.decode("latin-1").strip().lower(), MAX_DECODED_BYTES) \
+                if coding and self.body else self.body
+        return self._content
+
+
+def decode_bounded(body: bytes, coding: str, limit: int) -> bytes:
+    """``body`` decoded from ``coding`` (gzip, deflate, br, zstd), never more than ``limit`` bytes of output
+    (a small answer that inflates to gigabytes is cut, not inflated); the raw body for an unknown coding
+    or one that fails."""
+    try:
+        if coding in ("gzip", "x-gzip"):
+            return zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(body, limit)
+        if coding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some servers send
+            try:
+                return zlib.decompressobj(zlib.MAX_WBITS).decompress(body, limit)
+            except zlib.error:
+                return zlib.decompressobj(-zlib.MAX_WBITS).decompress(body, limit)
+        if coding == "br":
+            return brotli.Decompressor().process(body, output_buffer_limit=limit)[:limit]
+        if coding == "zstd":
+            return zstd.ZstdDecompressor().decompress(body, max_length=limit)
+    except (zlib.error, brotli.error, zstd.ZstdError, ValueError):
+        return body
+    return body
+
+
+def origin_path(target: bytes) -> str:
+    """The path of a request target, origin-form or absolute-form, without query or fragment."""
+    text = target.decode("latin-1")
+    if not text.startswith("/") and "://" in text[:10]:
+        try:
+            text = urlsplit(text).path or "/"
+        except ValueError:
+            return text
+    return text.partition("?")[0].partition("#")[0]
+
+
+def origin_target(target: bytes) -> bytes:
+    """An absolute-form target (``https://host/path?q``) as origin-form (``/path?q``); others as they are."""
+    if target.startswith(b"/") or b"://" not in target[:10]:
+        return target
+    try:
+        parts = urlsplit(target.decode("latin-1"))
+    except ValueError:
+        return target
+    out = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return out.encode("latin-1")

@@ -1,0 +1,192 @@
+"""The rotation shield: one redemption per refresh token, its answer given to everyone who asked.
+
+Under Refresh Token Rotation every redemption returns a new refresh token and invalidates the old one.
+Two workers that redeem the same token at once, an app whose client timed out while Salesforce was
+answering, or one that crashed before it stored the new token: each ends with a spent token and a
+customer who must authorise again. The sidecar sees every redemption, so it can do better:
+
+- **coalescing**: while a redemption of a refresh token is in flight, an identical one waits for it and
+  gets the same answer (status and body, the rotated token included);
+- **replay**: a redemption that succeeded less than ``SIDECAR_REPLAY_WINDOW`` seconds ago is answered
+  again, from memory, instead of being sent (Salesforce would refuse it as a reuse).
+
+"Identical" means the same request as far as Salesforce is concerned: the same token host, the same
+form fields (grant, refresh token, client credentials, scope...) and the same HTTP Basic credentials,
+compared as a keyed hash; a caller without the app's credentials never gets another caller's answer. Only ``refresh_token``
+redemptions are shielded and only successful answers are replayed. Answers live in memory, bounded in
+count and bytes, dropped when they expire, never logged or written to disk; with ``SIDECAR_REDIS_URL`` the
+replicas share them through Redis, encrypted (:mod:`sidecar.state.redis`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Literal, Protocol
+
+from sidecar.metrics import Metrics
+from sidecar.token.messages import Answer
+
+How = Literal["sent", "coalesced", "replayed"]
+MAX_ANSWERS = 1000  # replayable answers kept in memory
+MAX_ANSWER_BYTES = 8 * 1024 * 1024  # and their bodies together
+POLL_SECONDS = 0.025  # how often a waiter looks for another replica's answer
+_CONTEXT = b"egress-sidecar shield"
+
+
+class SharedAnswers(Protocol):
+    """What the shield needs from shared state (sidecar.state.redis.SharedState); every call may raise
+    ``Unavailable``, and the shield then carries on with what it has in this process."""
+
+    def usable(self) -> bool: ...
+    async def replay(self, key: bytes) -> Answer | None: ...
+    async def lock(self, key: bytes, ttl: float) -> bool: ...
+    async def locked(self, key: bytes) -> bool: ...
+    async def done(self, key: bytes) -> Answer | None: ...
+    async def publish(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None: ...
+    async def unlock(self, key: bytes) -> None: ...
+
+
+class Unavailable(Exception):
+    """Shared state cannot be reached right now."""
+
+
+class Contended(Exception):
+    """Another replica still holds the lock on this redemption after the longest a redemption takes
+    (it crashed and a third one took over, or clocks disagree): nothing was sent, and sending now could
+    redeem the refresh token twice."""
+
+
+def request_key(hash_key: bytes, fields: dict[str, list[str]], authorization: str | None, host: str = "") -> bytes:
+    """The keyed hash that identifies one redemption: the token host it goes to (the same credentials
+    sent to login and to test are two redemptions), every form field and the Basic credentials."""
+    parts = [_CONTEXT, b"\0h", host.lower().rstrip(".").encode("utf-8", "surrogatepass")]
+    for name in sorted(fields):
+        encoded = name.encode("utf-8", "surrogatepass")
+        for value in fields[name]:
+            parts += (b"\0f", encoded, b"\0", value.encode("utf-8", "surrogatepass"))
+    parts += (b"\0a", (authorization or "").encode("latin-1", "replace"))
+    return hmac.digest(hash_key, b"".join(parts), "sha256")[:16]  # one call: the same MAC as update() by update()
+
+
+class Shield:
+    def __init__(self, metrics: Metrics, window: float, wait_limit: float, shared: SharedAnswers | None = None,
+                 *, clock: Callable[[], float] = time.monotonic, max_answers: int = MAX_ANSWERS,
+                 max_bytes: int = MAX_ANSWER_BYTES) -> None:
+        self.metrics = metrics
+        self.window = window  # SIDECAR_REPLAY_WINDOW; 0: no replay
+        self.wait_limit = wait_limit  # the longest a redemption can take (service.longest_redemption)
+        self.shared = shared
+        self.clock = clock
+        self.max_answers = max_answers
+        self.max_bytes = max_bytes
+        self.hash_key: bytes | None = None  # the key requests are hashed with (set once it is loaded)
+        self._answers: OrderedDict[bytes, tuple[float, Answer]] = OrderedDict()  # key -> (expires, answer)
+        self._bytes = 0
+        self._in_flight: dict[bytes, asyncio.Future[Answer]] = {}
+
+    @property
+    def cached(self) -> int:
+        return len(self._answers)
+
+    async def redeem(self, key: bytes, send: Callable[[], Awaitable[Answer]]) -> tuple[Answer, How]:
+        """``send()`` the redemption unless an identical one is in flight (wait for its answer) or
+        succeeded within the window (its answer again)."""
+        cached = self._replayable(key)
+        if cached is not None:
+            return self._shielded(cached, "replayed")
+        leader = self._in_flight.get(key)
+        if leader is not None:
+            answer = await asyncio.wait_for(asyncio.shield(leader), self.wait_limit)
+            return self._shielded(answer, "coalesced")
+        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._in_flight[key] = future
+        try:
+            answer, how = await self._lead(key, send)
+        except BaseException as exc:
+            future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("the redemption was cancelled"))
+            future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            raise
+        finally:
+            self._in_flight.pop(key, None)
+        future.set_result(answer)
+        if how == "sent" and 200 <= answer.status < 300:
+            self._keep(key, answer)
+        return (answer, how) if how == "sent" else self._shielded(answer, how)
+
+    async def _lead(self, key: bytes, send: Callable[[], Awaitable[Answer]]) -> tuple[Answer, How]:
+        shared = self.shared if self.shared is not None and self.shared.usable() else None
+        locked = False
+        if shared is not None:
+            try:
+                answer = await shared.replay(key)
+                if answer is not None:
+                    self._keep(key, answer)
+                    return answer, "replayed"
+                locked = await shared.lock(key, self.wait_limit)
+                if not locked:  # another replica is redeeming this very token: wait for its answer
+                    answer = await self._wait_remote(shared, key)
+                    if answer is not None:
+                        return answer, "coalesced"
+                    locked = await shared.lock(key, self.wait_limit)  # it vanished without one
+                    if not locked:  # someone else's again: never a second redemption in flight
+                        raise Contended()
+            except Unavailable:
+                shared = None
+        answer = await send()
+        if shared is not None:
+            try:
+                ok = 200 <= answer.status < 300
+                await shared.publish(key, answer, self.window if ok else 0.0, self.wait_limit)
+                if locked:
+                    await shared.unlock(key)
+            except Unavailable:
+                pass
+        return answer, "sent"
+
+    async def _wait_remote(self, shared: SharedAnswers, key: bytes) -> Answer | None:
+        deadline = self.clock() + self.wait_limit
+        for _ in range(int(self.wait_limit / POLL_SECONDS) + 2):  # bounded in count and time
+            answer = await shared.done(key)
+            if answer is not None:
+                return answer
+            if not await shared.locked(key) or self.clock() >= deadline:
+                return await shared.done(key)  # (published just before the lock went)
+            await asyncio.sleep(POLL_SECONDS)
+        return None
+
+    def _shielded(self, answer: Answer, how: How) -> tuple[Answer, How]:
+        self.metrics.shield_answers.labels(how).inc()
+        return replace(answer, finished=time.time()), how
+
+    # -- the replayable answers, in memory --------------------------------------------------------
+    def _replayable(self, key: bytes) -> Answer | None:
+        if self.window <= 0:
+            return None
+        entry = self._answers.get(key)
+        if entry is None:
+            return None
+        if self.clock() >= entry[0]:
+            self._drop(key)
+            return None
+        return entry[1]
+
+    def _keep(self, key: bytes, answer: Answer) -> None:
+        if self.window <= 0 or len(answer.body) > self.max_bytes:
+            return
+        self._drop(key)
+        self._answers[key] = (self.clock() + self.window, answer)
+        self._bytes += len(answer.body)
+        now = self.clock()
+        while self._answers and (len(self._answers) > self.max_answers or self._bytes > self.max_bytes
+                                 or next(iter(self._answers.values()))[0] <= now):
+            self._drop(next(iter(self._answers)))
+
+    def _drop(self, key: bytes) -> None:
+        entry = self._answers.pop(key, None)
+        if entry is not None:
+            self._bytes -= len(entry[1].body)

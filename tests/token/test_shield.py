@@ -1,0 +1,514 @@
+"""The rotation shield: one redemption per refresh token, its answer given to every identical caller,
+within one sidecar and across sidecars that share a real redis-server. Loopback only; the tests start
+and stop their Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import json
+import subprocess
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import requests
+
+from sidecar.metrics import Metrics
+from sidecar.state.redis import SharedState
+from sidecar.token.messages import Answer
+from sidecar.token.shield import Shield, request_key
+from tests.harness import (
+    CLIENT_SECRET,
+    SidecarProcess,
+    World,
+    free_port,
+    iter_written_files,
+    metric_value,
+    redeem,
+    require_tool,
+    wait_until,
+)
+
+REDIS_KEY = "5f" * 32
+BOTH = ["127.0.0.2", "127.0.0.3"]
+
+
+# -- the shield on its own: plain code, a fake clock ---------------------------------------------------
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def answer(status: int = 200, token: str = "RT2") -> Answer:
+    return Answer(status, [(b"Content-Type", b"application/json")], json.dumps({"refresh_token": token}).encode())
+
+
+def test_identical_redemptions_in_flight_share_one_send_and_its_answer() -> None:
+    async def run() -> tuple[list[str], int]:
+        shield = Shield(Metrics(), 60, 5)
+        sent = 0
+        gate = asyncio.Event()
+
+        async def send() -> Answer:
+            nonlocal sent
+            sent += 1
+            await gate.wait()
+            return answer()
+
+        key = request_key(b"k" * 32, {"grant_type": ["refresh_token"], "refresh_token": ["RT1"]}, None)
+        tasks = [asyncio.create_task(shield.redeem(key, send)) for _ in range(6)]
+        await asyncio.sleep(0.05)
+        gate.set()
+        results = await asyncio.wait_for(asyncio.gather(*tasks), 5)
+        assert {a.body for a, _ in results} == {answer().body}
+        return sorted(how for _, how in results), sent
+
+    hows, sent = asyncio.run(run())
+    assert sent == 1 and hows == ["coalesced"] * 5 + ["sent"]
+
+
+def test_replay_only_of_successes_only_within_the_window_and_bounded() -> None:
+    async def run() -> None:
+        clock = Clock()
+        shield = Shield(Metrics(), 30, 5, clock=clock, max_answers=2)
+        calls: list[int] = []
+
+        def sender(status: int) -> Callable[[], asyncio.Future[Answer]]:
+            async def send() -> Answer:
+                calls.append(status)
+                return answer(status)
+            return send  # type: ignore[return-value]
+
+        k1, k2, k3, bad = (bytes([i]) * 16 for i in range(4))
+        assert (await shield.redeem(k1, sender(200)))[1] == "sent"
+        assert (await shield.redeem(k1, sender(200)))[1] == "replayed"
+        assert (await shield.redeem(bad, sender(400)))[1] == "sent"
+        assert (await shield.redeem(bad, sender(400)))[1] == "sent"  # a failure is never replayed
+        clock.now += 31
+        assert (await shield.redeem(k1, sender(200)))[1] == "sent"  # expired
+        await shield.redeem(k2, sender(200))
+        await shield.redeem(k3, sender(200))
+        assert shield.cached == 2  # bounded: the oldest went
+        assert (await shield.redeem(k1, sender(200)))[1] == "sent"
+        off = Shield(Metrics(), 0, 5)
+        await off.redeem(k1, sender(200))
+        assert (await off.redeem(k1, sender(200)))[1] == "sent" and off.cached == 0  # window 0: no replay
+
+    asyncio.run(run())
+
+
+def test_a_failure_of_the_leader_reaches_every_waiter() -> None:
+    async def run() -> list[BaseException | tuple[Answer, str]]:
+        shield = Shield(Metrics(), 60, 5)
+
+        async def send() -> Answer:
+            await asyncio.sleep(0.05)
+            raise ConnectionError("boom")
+
+        return await asyncio.gather(*(shield.redeem(b"k" * 16, send) for _ in range(3)), return_exceptions=True)
+
+    assert [type(r) for r in asyncio.run(run())] == [ConnectionError] * 3
+
+
+def test_the_key_separates_callers_without_the_same_credentials() -> None:
+    k = b"k" * 32
+    base = {"grant_type": ["refresh_token"], "refresh_token": ["RT1"], "client_id": ["app"]}
+    one = request_key(k, {**base, "client_secret": ["s1"]}, None)
+    assert one == request_key(k, {"client_secret": ["s1"], **base}, None)  # field order does not matter
+    assert one != request_key(k, {**base, "client_secret": ["s2"]}, None)
+    assert request_key(k, base, "Basic YXBwOnMx") != request_key(k, base, "Basic YXBwOnMy")
+    assert one != request_key(b"j" * 32, {**base, "client_secret": ["s1"]}, None)
+    login = request_key(k, base, None, "login.salesforce.com")
+    assert login == request_key(k, base, None, "LOGIN.salesforce.com.")  # one host, however it is written
+    assert login != request_key(k, base, None, "test.salesforce.com")  # login and sandbox: two redemptions
+
+
+def test_the_key_is_stable_across_versions() -> None:
+    """Replicas of two versions share Redis during a rolling update: the key must not change with the code.
+    The expected value is the HMAC-SHA256 (truncated to 16 bytes) of the documented layout."""
+    fields = {"refresh_token": ["RT1"], "grant_type": ["refresh_token"], "client_id": ["a", "b"]}
+    layout = (b"egress-sidecar shield" + b"\0h" + b"login.salesforce.com" + b"\0fclient_id\0a" + b"\0fclient_id\0b"
+              + b"\0fgrant_type\0refresh_token" + b"\0frefresh_token\0RT1" + b"\0aBasic eA==")
+    expected = hmac.new(b"k" * 32, layout, hashlib.sha256).digest()[:16]
+    assert request_key(b"k" * 32, fields, "Basic eA==", "Login.Salesforce.com.") == expected
+    assert expected.hex() == "6fa17b3ab6c85c809a3cf36c46cdab1a"
+
+
+# -- end to end ------------------------------------------------------------------------------------------
+def concurrent_redemptions(sidecars: list[SidecarProcess], token: str, n: int) -> list[requests.Response]:
+    """``n`` redemptions of one refresh token released at once, spread over ``sidecars``."""
+    barrier = threading.Barrier(n)
+    out: list[requests.Response | BaseException] = [RuntimeError("not run")] * n
+
+    def worker(i: int) -> None:
+        with sidecars[i % len(sidecars)].session() as s:
+            try:
+                barrier.wait(10)
+                out[i] = redeem(s, token)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                out[i] = exc
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert all(isinstance(r, requests.Response) for r in out), out
+    return out  # type: ignore[return-value]
+
+
+def redemptions_of(world: World, token: str) -> int:
+    return sum(1 for r in world.salesforce.seen if r.grant_type == "refresh_token" and token.encode() in r.body)
+
+
+def test_six_concurrent_redemptions_then_one_more_get_the_same_rotated_token(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    world.salesforce.set_allowlist(BOTH)
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH)})
+    token = world.salesforce.issue_refresh_token()
+    answers = concurrent_redemptions([sc], token, 6)
+    time.sleep(1.0)
+    with sc.session() as s:
+        answers.append(redeem(s, token))
+    assert [r.status_code for r in answers] == [200] * 7, [r.text for r in answers]
+    rotated = {r.json()["refresh_token"] for r in answers}
+    assert len(rotated) == 1 and world.salesforce.refresh_token_valid(rotated.pop())
+    assert redemptions_of(world, token) == 1  # Salesforce saw exactly one
+    text = sc.metrics()
+    coalesced = metric_value(text, "egress_sidecar_shield_answers_total", kind="coalesced")
+    replayed = metric_value(text, "egress_sidecar_shield_answers_total", kind="replayed")
+    assert coalesced + replayed == 6 and replayed >= 1
+    assert metric_value(text, "egress_sidecar_refresh_token_reuse_total") == 0  # none of them was a reuse
+    shields = Counter(c.get("shield") for c in sc.log_events())
+    assert shields[None] == 1 and shields["coalesced"] + shields["replayed"] == 6
+    status = sc.status()["shield"]
+    assert status["coalesced"] + status["replayed"] == 6 and status["redis"] == {"configured": False}
+    log = sc.log_text()
+    assert token not in log and not [r.json()["access_token"] for r in answers if r.json()["access_token"] in log]
+
+
+@dataclass
+class RedisServer:
+    url: str
+    port: int
+    proc: subprocess.Popen[bytes]
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
+    """Start (and stop) real redis-servers on loopback, no persistence."""
+    binary = require_tool(("redis-server",), "REDIS_SERVER", "apt-get install redis-server")
+    servers: list[RedisServer] = []
+
+    def start() -> RedisServer:
+        port = free_port()
+        workdir = tmp_path / f"redis-{port}"
+        workdir.mkdir()
+        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
+                                 "no", "--dir", str(workdir), "--protected-mode", "yes"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        servers.append(RedisServer(f"redis://127.0.0.1:{port}/0", port, proc))
+        assert wait_until(lambda: _pong(port), timeout=10), "redis-server did not start"
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        if server.proc.poll() is None:
+            server.proc.terminate()
+            server.proc.wait(timeout=10)
+
+
+def _pong(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
+            c.sendall(b"PING\r\n")
+            return c.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def redis_dump(url: str) -> list[bytes]:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        return [k + b"=" + (client.dump(k) or b"") for k in client.keys("*")]
+    finally:
+        client.close()
+
+
+def test_two_sidecars_sharing_redis_redeem_a_token_once_for_everyone(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
+) -> None:
+    world.salesforce.set_allowlist(BOTH)
+    url = redis_server().url
+    env = {**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": url,
+           "SIDECAR_REDIS_KEY": REDIS_KEY}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    token = world.salesforce.issue_refresh_token()
+    answers = concurrent_redemptions([a, b], token, 6)
+    assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+    rotated = {r.json()["refresh_token"] for r in answers}
+    assert len(rotated) == 1
+    assert redemptions_of(world, token) == 1
+    served = {name: sum(1 for c in sc.log_events() if c.get("shield")) for name, sc in (("a", a), ("b", b))}
+    assert sum(served.values()) == 5
+    assert all(metric_value(sc.metrics(), "egress_sidecar_redis_up") == 1 for sc in (a, b))
+    assert a.status()["shield"]["redis"]["up"] is True
+    # A redemption of the same token a second later, through the sidecar that did not send it: replayed.
+    sender = a if not served["a"] else b
+    other = b if sender is a else a
+    with other.session() as s:
+        again = redeem(s, token)
+    assert again.status_code == 200 and again.json()["refresh_token"] in rotated
+    assert redemptions_of(world, token) == 1
+    # Nothing in Redis or on either disk is a raw token: answers are sealed, the rest are keyed hashes.
+    secrets = {token, *rotated, *(r.json()["access_token"] for r in answers), CLIENT_SECRET}
+    dumped = b"\n".join(redis_dump(url))
+    assert dumped and not [t for t in secrets if t.encode() in dumped]
+    for sc in (a, b):
+        written = b"".join(p.read_bytes() for p in iter_written_files(sc.confdir))
+        assert not [t for t in secrets if t.encode() in written]
+        assert REDIS_KEY not in sc.log_text()
+
+
+def test_a_reuse_through_another_replica_is_seen_through_redis(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
+) -> None:
+    """Replay off, so the second redemption of a rotated-away token reaches Salesforce (and fails):
+    the replica that sees it knows the token was rotated away by the other one."""
+    world.salesforce.set_allowlist(BOTH)
+    env = {**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": redis_server().url,
+           "SIDECAR_REDIS_KEY": REDIS_KEY, "SIDECAR_REPLAY_WINDOW": "0"}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    token = world.salesforce.issue_refresh_token()
+    with a.session() as s:
+        assert redeem(s, token).status_code == 200
+    time.sleep(0.3)  # A's change reaches Redis off the request path
+    with b.session() as s:
+        stale = redeem(s, token)
+    assert stale.status_code == 400 and stale.json()["error_description"] == "expired access/refresh token"
+    assert wait_until(lambda: metric_value(b.metrics(), "egress_sidecar_refresh_token_reuse_total") == 1, timeout=5)
+    assert "refresh token reuse" in b.log_text()
+
+
+def test_redis_killed_mid_run_calls_keep_working(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
+) -> None:
+    world.salesforce.set_allowlist(BOTH)
+    redis = redis_server()
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": redis.url,
+                            "SIDECAR_REDIS_KEY": REDIS_KEY})
+    token = world.salesforce.issue_refresh_token()
+    with sc.session() as s:
+        for _ in range(3):
+            resp = redeem(s, token)
+            assert resp.status_code == 200
+            token = resp.json()["refresh_token"]
+    redis.kill()
+    assert not _pong(redis.port)
+    with sc.session() as s:
+        for _ in range(5):  # a rotating chain, every call answered
+            resp = redeem(s, token)
+            assert resp.status_code == 200, resp.text
+            token = resp.json()["refresh_token"]
+        answers = concurrent_redemptions([sc], token, 4)  # coalescing still works within the replica
+    assert [r.status_code for r in answers] == [200] * 4 and len({r.json()["refresh_token"] for r in answers}) == 1
+    assert metric_value(sc.metrics(), "egress_sidecar_redis_up") == 0
+    status = sc.status()
+    assert status["shield"]["redis"]["up"] is False and status["verdict"]["level"] == "warning"
+    assert any("Redis (SIDECAR_REDIS_URL) is unreachable" in line for line in status["verdict"]["lines"])
+    assert sc.log_text().count("Redis is unreachable") == 1  # said once, not per call
+
+
+# -- found by independent reviews of this module; each test failed before its fix --------------------
+SLOW = 4.0  # seconds the fake Salesforce takes for every answer
+
+
+def test_a_leader_slowed_by_the_ip_restricted_retry_keeps_its_lock_and_the_token_is_redeemed_once(
+    make_world: Callable[..., World], make_sidecar_proc: Callable[..., SidecarProcess],
+    redis_server: Callable[[], RedisServer],  # noqa: F811
+) -> None:
+    """Was: the shield's Redis lock lives ``connect + response timeout + 1 s``, but a leader may legitimately
+    take longer: failover over members and, in enforce mode, the one retry of an "ip restricted" refusal
+    (two whole sends). When the lock expired under a leader still in flight, a waiting replica took the
+    lock and sent the same refresh token again (and a waiter that could not get the lock sent anyway):
+    Salesforce saw the token twice and that caller got ``invalid_grant`` instead of the rotated token.
+
+    Salesforce allows only 127.0.0.3 and answers in 4 s; sidecar A's first choice is 127.0.0.2 (refused,
+    then retried through 127.0.0.3: ~8 s), B gets the identical redemption 1 s after A."""
+    world = make_world(allowlist=("127.0.0.3",))
+    env = {**world.pair_env(), "SIDECAR_REDIS_URL": redis_server().url, "SIDECAR_REDIS_KEY": REDIS_KEY,
+           "SIDECAR_CONNECT_TIMEOUT": "1", "SIDECAR_RESPONSE_TIMEOUT": "6"}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    assert wait_until(a.egress_discovered, timeout=10) and wait_until(b.egress_discovered, timeout=10)
+    token = world.salesforce.issue_refresh_token()
+    world.salesforce.slow_seconds = SLOW
+    world.salesforce.fail_mode = "slow"
+    out: dict[str, requests.Response | BaseException] = {}
+
+    def call(name: str, sc: SidecarProcess) -> None:
+        with sc.session() as s:
+            try:
+                out[name] = redeem(s, token)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                out[name] = exc
+
+    first = threading.Thread(target=call, args=("a", a))
+    second = threading.Thread(target=call, args=("b", b))
+    try:
+        first.start()
+        time.sleep(1.0)  # A holds the lock and is sending
+        second.start()
+        first.join(40)
+        second.join(40)
+    finally:
+        world.salesforce.fail_mode = None
+    got = {name: (r.status_code, r.json().get("refresh_token")) if isinstance(r, requests.Response) else r
+           for name, r in out.items()}
+    assert isinstance(out.get("a"), requests.Response) and got["a"][0] == 200, got
+    sent_for_token = [r for r in world.salesforce.seen if r.grant_type == "refresh_token" and token.encode() in r.body]
+    # A: one refusal through 127.0.0.2, one redemption through 127.0.0.3; B must send nothing.
+    assert len(sent_for_token) == 2, [(r.source_ip, r.status) for r in sent_for_token]
+    assert got["b"] == got["a"], got  # B gets A's answer, the rotated token included
+
+
+class _AlwaysLocked:
+    """Shared state in which another replica holds the lock for good and never publishes an answer."""
+
+    def usable(self) -> bool:
+        return True
+
+    async def replay(self, key: bytes) -> None:
+        return None
+
+    async def lock(self, key: bytes, ttl: float) -> bool:
+        return False
+
+    async def locked(self, key: bytes) -> bool:
+        return True
+
+    async def done(self, key: bytes) -> None:
+        return None
+
+    async def publish(self, *args: object) -> None:
+        raise AssertionError("nothing was sent, nothing to publish")
+
+    async def unlock(self, key: bytes) -> None:
+        raise AssertionError("never locked")
+
+
+def test_a_waiter_that_never_gets_the_lock_does_not_send() -> None:
+    """Was: after waiting its longest, a replica that still could not take the lock sent the redemption
+    anyway, while the replica holding the lock may be sending the very same refresh token."""
+    sent: list[int] = []
+
+    async def send() -> Answer:
+        sent.append(1)
+        return Answer(200, [], b"{}")
+
+    async def run() -> object:
+        shield = Shield(Metrics(), 60, 0.1, _AlwaysLocked())  # type: ignore[arg-type]
+        try:
+            return await shield.redeem(b"k" * 16, send)
+        except Exception as exc:  # noqa: BLE001 - the shield may refuse; it must not send
+            return exc
+
+    asyncio.run(run())
+    assert sent == [], "the redemption was sent while another replica held its lock"
+
+
+def test_a_waiting_replica_gets_the_answer_in_flight_not_an_earlier_one(
+    redis_server: Callable[[], RedisServer],  # noqa: F811
+) -> None:
+    """Was: the answer a redemption publishes for the replicas waiting on it (``done``) outlives the
+    redemption by the longest one may take, and a waiter looks for it first: a redemption that failed
+    (here a 502) and was sent again at once left its failure behind, and a replica waiting on the second
+    redemption was handed the first one's failure at once instead of the answer in flight (the rotated
+    token). Two shields on a real redis-server, as two replicas."""
+    url = redis_server().url
+    key = request_key(bytes.fromhex(REDIS_KEY), {"grant_type": ["refresh_token"], "refresh_token": ["RT1"]}, None)
+
+    async def run() -> tuple[Answer, str]:
+        replicas = [SharedState(url, bytes.fromhex(REDIS_KEY), Metrics()) for _ in range(2)]
+        for shared in replicas:
+            await shared.start()
+        a, b = (Shield(Metrics(), 60, 5.0, shared) for shared in replicas)
+        gate = asyncio.Event()
+
+        async def failed() -> Answer:
+            return Answer(502, [], b'{"error":"upstream_failed_after_send"}')
+
+        async def rotated() -> Answer:
+            await gate.wait()
+            return Answer(200, [], b'{"refresh_token":"RT2"}')
+
+        async def never() -> Answer:
+            raise AssertionError("the waiting replica sent the redemption")
+
+        try:
+            await a.redeem(key, failed)  # the first redemption fails; its answer is published
+            leader = asyncio.create_task(a.redeem(key, rotated))  # sent again, in flight
+            await asyncio.sleep(0.2)
+            waiter = asyncio.create_task(b.redeem(key, never))
+            await asyncio.sleep(0.5)
+            gate.set()
+            await leader
+            return await asyncio.wait_for(waiter, 10)
+        finally:
+            for shared in replicas:
+                await shared.close()
+
+    answer, how = asyncio.run(run())
+    assert (answer.status, answer.body, how) == (200, b'{"refresh_token":"RT2"}', "coalesced"), (answer, how)
+
+
+def test_a_replica_that_coalesced_on_the_sidecars_own_answer_records_it_as_such(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess],
+    redis_server: Callable[[], RedisServer],  # noqa: F811
+) -> None:
+    """Was: an answer shared through Redis lost its "local" mark (the sidecar's own answer, not
+    Salesforce's), so the replica that coalesced on the sidecar's own 502 (Salesforce did not answer in
+    time) recorded it as Salesforce's: outcome ``server_error``, the outcome the Salesforce-side alerts
+    count, instead of ``upstream_error``."""
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    env = {**world.pair_env(), "SIDECAR_REDIS_URL": redis_server().url, "SIDECAR_REDIS_KEY": REDIS_KEY,
+           "SIDECAR_RESPONSE_TIMEOUT": "2"}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    token = world.salesforce.issue_refresh_token()
+    world.salesforce.slow_seconds = 4.0  # past the response deadline
+    world.salesforce.fail_mode = "slow"
+    statuses: dict[str, int] = {}
+
+    def call(name: str, sc: SidecarProcess) -> None:
+        with sc.session() as s:
+            statuses[name] = redeem(s, token).status_code
+
+    threads = [threading.Thread(target=call, args=("a", a)), threading.Thread(target=call, args=("b", b))]
+    try:
+        threads[0].start()
+        time.sleep(0.5)  # A holds the lock and waits for Salesforce
+        threads[1].start()
+        for t in threads:
+            t.join(30)
+    finally:
+        world.salesforce.fail_mode = None
+    assert statuses == {"a": 502, "b": 502}, statuses
+    (leader,), (waiter,) = a.log_events(), b.log_events()
+    assert waiter.get("shield") == "coalesced", waiter
+    assert (leader["outcome"], waiter["outcome"]) == ("upstream_error", "upstream_error"), (leader, waiter)
