@@ -1,31 +1,43 @@
-"""Refuse clients that reach mitmproxy without passing the front door.
+"""Client access: who may use the proxy, and how many at once.
 
-mitmproxy listens on an internal loopback port; every app connection arrives at the front door on
-``SIDECAR_LISTEN``, which applies the limits (loopback or proxy credentials, the connection cap, the
-head deadline) before it hands a connection over. A local process dialling the internal port directly
-is refused here. The decisions themselves live in :mod:`sidecar.proxy.access`.
+The sidecar is not an open proxy: it runs next to its app, so the app connects over loopback; a client
+from anywhere else is refused at connect time unless ``SIDECAR_PROXY_AUTH`` is set, and every client
+must then present those credentials on every request head. Beyond ``SIDECAR_MAX_CONNECTIONS`` open
+client connections, a new request gets a clear 503. The front door calls these hooks for every
+connection and every head; the checks are :class:`sidecar.proxy.access.Access`.
 """
 
 from __future__ import annotations
 
-import logging
+import h11
 
-from mitmproxy import connection
-
-from sidecar.logs import event
+from sidecar.net.http1 import closing_events
 from sidecar.proxy.access import Access
 
-log = logging.getLogger("egress_sidecar.access")
+_AUTH_REQUIRED = closing_events(407, b"text/plain; charset=utf-8", b"egress-sidecar: proxy authentication required\n",
+                                [(b"Proxy-Authenticate", b'Basic realm="egress-sidecar"')])
 
 
 class ClientAccess:
     def __init__(self, access: Access) -> None:
         self.access = access
 
-    def client_connected(self, client: connection.Client) -> None:
-        if client.sockname and (str(client.sockname[0]), int(client.sockname[1])) in self.access.internal_addresses:
-            client.error = "refused: connect to SIDECAR_LISTEN, not to the sidecar's internal port"
-            event(log, logging.WARNING, "refused a client that connected to mitmproxy's internal port directly; "
-                  "apps must use SIDECAR_LISTEN", client_ip=str(client.peername[0]))
-        elif not self.access.admits(str(client.peername[0])):
-            client.error = "refused: not a loopback client and SIDECAR_PROXY_AUTH is not set"
+    @property
+    def active(self) -> int:
+        return self.access.active
+
+    @active.setter
+    def active(self, value: int) -> None:
+        self.access.active = value
+
+    def client_connected(self, client_ip: str) -> bool:
+        """Whether a client from ``client_ip`` may connect at all (it may still have to authenticate)."""
+        return self.access.admits(client_ip)
+
+    def request_head(self, request: h11.Request) -> tuple[h11.Event, ...] | None:
+        """The answer that refuses this request head, or None to serve it."""
+        if not self.access.authorized(request.headers):
+            return _AUTH_REQUIRED
+        if self.access.over_capacity:
+            return closing_events(503, b"application/json", self.access.over_capacity_body())
+        return None

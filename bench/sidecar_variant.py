@@ -3,9 +3,8 @@
 - ``BENCH_PROFILE_PREFIX`` set: SIGUSR1 starts a fresh cProfile, SIGUSR2 stops it and writes
   ``PREFIX-N.prof`` (then an empty ``PREFIX-N.done``, so the bench knows the write finished). The
   window lets the bench profile only the token calls it sends, not the start or the probes.
-- ``BENCH_DISABLE=grants``: refresh token tracking (``GrantTracker.on_call``) does nothing;
-  ``BENCH_DISABLE=shield``: the rotation shield is left out of the token core; to measure what each
-  costs per call. Anything else is the unmodified ``sidecar.app.cli.main``.
+- ``BENCH_DISABLE=grants,shield,record``: those policy addons are left out of the token core (the
+  grant tracking, the rotation shield, the log line and metrics), to measure what each costs per call. Anything else is the unmodified ``sidecar.app.cli.main``.
 """
 
 from __future__ import annotations
@@ -44,23 +43,19 @@ def install_profiler(prefix: str) -> None:
 
 
 def disable(parts: set[str]) -> None:
-    if "grants" in parts:
-        from sidecar.state.grants import GrantTracker
+    """Leave the named addons out of the token core (their class names, lower case: ``grants``,
+    ``rotationshield``, ``record``, ``evidence``, ``guard``; ``shield`` is ``rotationshield``)."""
+    names = {"rotationshield" if p == "shield" else p for p in parts}
+    if not names:
+        return
+    from sidecar.token.core import TokenCore
 
-        def on_call(self: object, *args: object) -> None:
-            return None
+    original = TokenCore.__init__
 
-        GrantTracker.on_call = on_call  # type: ignore[method-assign]
-    if "shield" in parts:
-        from sidecar.token.core import TokenCore
+    def without(self: TokenCore, hosts: object, sender: object, addons: tuple[object, ...]) -> None:
+        original(self, hosts, sender, tuple(a for a in addons if type(a).__name__.lower() not in names))  # type: ignore[arg-type]
 
-        original = TokenCore.__init__
-
-        def without_shield(self: TokenCore, *args: object, **kwargs: object) -> None:
-            kwargs["shield"] = None
-            original(self, *args, **kwargs)  # type: ignore[arg-type]
-
-        TokenCore.__init__ = without_shield  # type: ignore[method-assign]
+    TokenCore.__init__ = without  # type: ignore[method-assign]
 
 
 def main() -> int:

@@ -1,5 +1,6 @@
-"""The running sidecar: builds mitmproxy with our addons, the admin server and the egress prober,
-and owns their lifecycle. The CLI only parses arguments and calls into this module.
+"""The running sidecar: wires the engine (front door, lane, forwarder, token core), the policy addons,
+the admin server and the egress prober, and owns their lifecycle. The CLI only parses arguments and
+calls into this module.
 """
 
 from __future__ import annotations
@@ -13,12 +14,12 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from sidecar.proxy.mitm import Master, addon_module, new_master  # isort: skip  (first: keeps mitmproxy's default addons out)
-from mitmproxy import exceptions as mitm_exceptions
-from mitmproxy import options
-
 from addons.client_access import ClientAccess
-from addons.plain_http import PlainHttp
+from addons.evidence import Evidence as EvidenceAddon
+from addons.grants import Grants
+from addons.guard import Guard as GuardAddon
+from addons.record import Record
+from addons.shield import RotationShield
 from sidecar import __version__
 from sidecar.config import ConfigError, HostPort, Settings, decode_key
 from sidecar.egress.discovery import Prober
@@ -27,7 +28,7 @@ from sidecar.egress.guard import Guard
 from sidecar.egress.pair import Member, Pair, build_pair
 from sidecar.logs import SCRUBBER, event
 from sidecar.metrics import Metrics
-from sidecar.net.upstream import ConnectFailure, UpstreamPool
+from sidecar.net.upstream import ConnectFailure, Connector, UpstreamPool
 from sidecar.ops.admin import AdminServer
 from sidecar.ops.record import Recorder
 from sidecar.ops.status import build_status, render_page
@@ -44,9 +45,10 @@ from sidecar.ops.trust import (
 from sidecar.proxy.access import Access
 from sidecar.proxy.destinations import Destinations
 from sidecar.proxy.forward import Forwarder
-from sidecar.proxy.frontdoor import HEAD_TIMEOUT, FrontDoor, Handoff
+from sidecar.proxy.frontdoor import HEAD_TIMEOUT, FrontDoor
 from sidecar.proxy.lane import Lane
-from sidecar.proxy.leafcerts import LeafContexts
+from sidecar.proxy.leafcerts import CertStore, LeafContexts, open_certstore
+from sidecar.proxy.route import Routes
 from sidecar.state.grants import GrantTracker
 from sidecar.state.redis import SharedState
 from sidecar.state.sqlite import DB_FILE, GrantStore, load_or_create_key
@@ -89,7 +91,8 @@ class Sidecar:
         self.started = time.time()
         self.proxy_address: tuple[str, int] | None = None
         self.admin: AdminServer | None = None
-        self.master: Master | None = None
+        self._stopped: asyncio.Event | None = None
+        self.certstore: CertStore | None = None
         self._listening = threading.Event()
         upstream = settings.upstream
         if upstream is not None:
@@ -105,10 +108,11 @@ class Sidecar:
         self.upstream_trust = upstream_trust(settings, self.confdir)
         self.destinations = Destinations(shared_proxy=settings.proxy_auth is not None,
                                          allow_private=settings.allow_private_destinations)
-        self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout, self.destinations)
+        self.connector = Connector(settings.upstream, trust_context(settings), self.destinations)
+        self.pool = UpstreamPool(self.connector, settings.connect_timeout)
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
-        self.access = Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
-                             settings.max_connections)
+        self.access = ClientAccess(Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
+                                          settings.max_connections))
         self.frontdoor: FrontDoor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -117,9 +121,17 @@ class Sidecar:
             settings.redis_key.get_secret_value()), self.metrics) if settings.redis_url and settings.redis_key else None
         self.shield = Shield(self.metrics, settings.replay_window, longest_redemption(settings, len(self.pair.members)),
                              self.shared)
-        self.core = TokenCore(self.pair, self.guard, self.hosts, self.recorder, settings.route, sender, self.metrics,
-                              self.evidence, retry_ip_restricted=settings.retry_on_ip_restricted, shield=self.shield,
-                              observers=(self.grants.on_call,))
+        self.routes = Routes(self.guard, settings.route)
+        # The policies, in the order the core calls their hooks (sidecar/token/flow.py): the app is named
+        # before the shield and the guard look at the call; the record is written before the grants are.
+        self.addons = (
+            EvidenceAddon(self.evidence),
+            RotationShield(self.shield),
+            GuardAddon(self.guard, retry_ip_restricted=settings.retry_on_ip_restricted),
+            Record(self.recorder, self.metrics),
+            Grants(self.grants),
+        )
+        self.core = TokenCore(self.hosts, sender, self.addons)
 
     def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
         self.metrics.member_failures.labels(member.label, failure.reason).inc()
@@ -178,51 +190,6 @@ class Sidecar:
         return f"http://{HostPort(host, port)}"
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def _build_master(self) -> Master:
-        s = self.settings
-        # mitmproxy listens on an internal loopback port; apps connect to the front door on SIDECAR_LISTEN,
-        # which hands it every connection it does not relay itself.
-        opts = options.Options(listen_host="127.0.0.1", listen_port=0, confdir=str(self.confdir))
-        master = new_master(opts)
-        self.tlsconfig = addon_module("tlsconfig").TlsConfig()  # its certificate store serves the lane too
-        master.addons.add(
-            addon_module("core").Core(),
-            addon_module("proxyserver").Proxyserver(),
-            addon_module("next_layer").NextLayer(),
-            self.tlsconfig,
-            addon_module("disable_h2c").DisableH2C(),
-        )
-        if s.proxy_auth is not None:
-            # Imported only when used: its module pulls in ldap3 (~15 MB) for LDAP auth we never use.
-            master.addons.add(addon_module("proxyauth").ProxyAuth())
-        master.addons.add(
-            ClientAccess(self.access),
-            PlainHttp(self.core, self.pair, self.destinations),
-            _Lifecycle(self),
-        )
-        trust = self.upstream_trust
-        try:
-            master.options.update(
-                mode=["regular"],
-                connection_strategy="lazy",
-                # mitmproxy sees no token call (the front door serves those) and PlainHttp streams every
-                # body explicitly; no size-based switching.
-                stream_large_bodies=None,
-                http2=False,
-                tcp_timeout=s.idle_timeout,
-                http3=False,
-                ssl_verify_upstream_trusted_ca=str(trust) if trust else None,
-            )
-            if s.proxy_auth is not None:
-                master.options.update(proxyauth=s.proxy_auth.get_secret_value())
-        except mitm_exceptions.OptionsError as exc:
-            raise ConfigError(f"mitmproxy rejected the configuration: {exc}") from None
-        return master
-
-    def _passthrough_member(self) -> Member | None:
-        """Route of a tunnel relayed without interception (never a token host)."""
-        return self.core.other_member(on_token_host=False)
-
     def prepare(self) -> None:
         """Everything that can fail on configuration, before anything listens."""
         s = self.settings
@@ -252,13 +219,20 @@ class Sidecar:
             raise ConfigError(
                 f"SIDECAR_ADMIN_LISTEN: cannot listen on {admin} ({exc.strerror or exc}). Pick a free port."
             ) from None
-        self.master = self._build_master()
+        self.certstore = open_certstore(self.confdir)  # the CA apps trust: created on the first start
+        self._stopped = asyncio.Event()
         self.admin.start()
         self._announce_mode()
         self.prober.update_metrics()
         probe_task = asyncio.create_task(self.prober.run(), name="egress-prober")
         try:
-            await self.master.run()
+            try:
+                address = await self.open_front_door()
+            except OSError as exc:
+                raise ConfigError(f"SIDECAR_LISTEN: cannot listen on {self.settings.listen} ({exc.strerror or exc}). "
+                                  "Pick a free port or stop what is using it.") from None
+            self.on_listening(address)
+            await self._stopped.wait()
         finally:
             probe_task.cancel()
             await asyncio.gather(probe_task, return_exceptions=True)
@@ -278,17 +252,17 @@ class Sidecar:
         """Thread-safe: stop accepting clients, let token calls in flight finish (bounded: a refresh that
         reached Salesforce has rotated the app's token, so its answer must reach the app), then stop.
         A second call stops at once."""
-        loop, master = self._loop, self.master
-        if loop is None or master is None:
+        loop, stopped = self._loop, self._stopped
+        if loop is None or stopped is None:
             return
         if self._draining:
-            master.shutdown()
+            loop.call_soon_threadsafe(stopped.set)
             return
         self._draining = True
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_and_stop()))
 
     async def _drain_and_stop(self) -> None:
-        assert self.master is not None
+        assert self._stopped is not None
         if self.frontdoor is not None:
             self.frontdoor.close_listener()
         loop = asyncio.get_running_loop()
@@ -305,28 +279,28 @@ class Sidecar:
               drained=waiting - left, abandoned=left, clients=clients,
               waited_seconds=round(loop.time() - started, 2))
         await asyncio.sleep(0.05)  # their records are written just after their answers
-        self.master.shutdown()
+        self._stopped.set()
 
-    async def open_front_door(self, handoff: Handoff) -> tuple[str, int]:
+    async def open_front_door(self) -> tuple[str, int]:
         s = self.settings
-        tlsconfig = self.tlsconfig
+        certstore = self.certstore
         lane = Lane(
-            self.core, Forwarder(self.pool, s.idle_timeout),
-            LeafContexts(lambda: tlsconfig.certstore, self.confdir, self.hosts.certificate_name), self.metrics,
+            self.core, self.routes, Forwarder(self.pool, s.idle_timeout),
+            LeafContexts(lambda: certstore, self.confdir, self.hosts.certificate_name), self.metrics,
             idle_timeout=s.idle_timeout, handshake_timeout=min(HEAD_TIMEOUT, s.idle_timeout),
         )
         self.frontdoor = FrontDoor(
             self.hosts, self.metrics, self.access, connect_timeout=s.connect_timeout, idle_timeout=s.idle_timeout,
-            handoff=handoff, lane=lane, upstream=s.upstream, tunnel_member=self._passthrough_member,
-            destinations=self.destinations,
+            lane=lane, connector=self.connector, destinations=self.destinations,
         )
         listen = s.listen_address
         address = await self.frontdoor.start(listen.host, listen.port)
         self.destinations.listening(*address)
+        if self.admin is not None:
+            self.destinations.listening(*self.admin.address)
         return address
 
     def on_listening(self, address: tuple[str, int]) -> None:
-        # mitmproxy creates (or loads) its CA in TlsConfig's `running` hook, which has run by now.
         export_ca(self.confdir, self.trust_dir)
         self.proxy_address = address
         self._listening.set()
@@ -394,32 +368,3 @@ def _count(counter: Any, label: str) -> int:
             if sample.name.endswith("_total") and label in sample.labels.values():
                 return int(sample.value)
     return 0
-
-
-class _Lifecycle:
-    """Tells the service when mitmproxy really listens (its ``running`` hook)."""
-
-    def __init__(self, sidecar: Sidecar) -> None:
-        self.sidecar = sidecar
-
-    async def running(self) -> None:
-        from mitmproxy import ctx
-
-        ps = ctx.master.addons.get("proxyserver")
-        instances = list(ps.servers) if ps else []
-        if not instances or not ps.listen_addrs():
-            log.error("the proxy server did not start (see the error above); shutting down")
-            ctx.master.shutdown()
-            return
-        self.sidecar.access.internal_addresses = {(str(a[0]), int(a[1])) for a in ps.listen_addrs()}
-        for host, port in self.sidecar.access.internal_addresses:
-            self.sidecar.destinations.listening(host, port)
-        if self.sidecar.admin is not None:
-            self.sidecar.destinations.listening(*self.sidecar.admin.address)
-        try:
-            address = await self.sidecar.open_front_door(instances[0].handle_stream)
-        except OSError as exc:
-            log.error(f"SIDECAR_LISTEN: cannot listen on {self.sidecar.settings.listen} ({exc.strerror or exc})")
-            ctx.master.shutdown()
-            return
-        self.sidecar.on_listening(address)

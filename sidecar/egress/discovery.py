@@ -26,13 +26,12 @@ from sidecar.egress.pair import Member, Pair
 from sidecar.logs import event
 from sidecar.metrics import EGRESS_UNKNOWN, PROBE_RESULTS, Metrics
 from sidecar.net.http1 import HttpConnection
-from sidecar.net.streams import SocketStream, Stream, TlsStream, open_tcp
 from sidecar.net.upstream import (
     ConnectFailure,
+    Connector,
     SendFailure,
     authority,
     describe_error,
-    open_tunnel,
     read_answer,
 )
 from sidecar.ops.trust import trust_context
@@ -97,32 +96,29 @@ async def fetch_via_member(
     timeout: float,
     ssl_context: ssl.SSLContext | None = None,
 ) -> bytes:
-    """GET the echo URL through one member, on a new connection. Raises ProbeError."""
+    """GET the echo URL through one member, on a new connection: an ``https`` echo through a CONNECT
+    tunnel, an ``http`` one as a proxy request in absolute form (the credentials on it). Raises ProbeError."""
     deadline = asyncio.get_running_loop().time() + timeout
+    https = target.scheme == "https"
+    connector = Connector(upstream, ssl_context or ssl.create_default_context())
     try:
-        async with asyncio.timeout_at(deadline):
-            sock = await open_tcp(*member.address.address)
-    except TimeoutError:
-        raise ProbeError(f"cannot connect to the member: timed out after {timeout:g}s", member_down=True) from None
-    except OSError as exc:
-        raise ProbeError(f"cannot connect to the member: {describe_error(exc)}", member_down=True) from None
+        stream = await connector.open(target.host, target.port, member, deadline=deadline, tls=https, tunnel=https)
+    except ConnectFailure as exc:
+        if exc.stage == "tcp":
+            cause = f"timed out after {timeout:g}s" if exc.reason == "timeout" else exc.cause
+            raise ProbeError(f"cannot connect to the member: {cause}", member_down=True) from None
+        if exc.stage == "tunnel":
+            raise ProbeError(_proxy_status(exc), member_down=exc.reason == "auth_failed") from None
+        raise ProbeError(f"echo request failed: {exc.cause}") from None
     host = authority(target.host, target.port) if target.port not in (80, 443) else target.host.encode("idna")
     headers = [(b"Host", host), (b"Accept", b"application/json"), (b"Connection", b"close")]
+    if https:
+        request = h11.Request(method=b"GET", target=target.path.encode(), headers=headers)
+    else:  # a plain-HTTP proxy request, absolute-form, credentials on it
+        request = h11.Request(method=b"GET", target=b"http://" + host + target.path.encode(),
+                              headers=[*headers, (b"Proxy-Authorization", upstream.proxy_authorization)])
     try:
         async with asyncio.timeout_at(deadline):
-            stream: Stream = SocketStream(sock)
-            if target.scheme == "https":
-                try:
-                    tunnel = await open_tunnel(SocketStream(sock), upstream, member, target.host, target.port)
-                except ConnectFailure as exc:
-                    raise ProbeError(_proxy_status(exc), member_down=exc.reason == "auth_failed") from None
-                stream = TlsStream.client(tunnel, ssl_context or ssl.create_default_context(), target.host)
-                await stream.handshake()
-                request = h11.Request(method=b"GET", target=target.path.encode(), headers=headers)
-            else:  # a plain-HTTP proxy request, absolute-form, credentials on it
-                url = b"http://" + host + target.path.encode()
-                request = h11.Request(method=b"GET", target=url,
-                                      headers=[*headers, (b"Proxy-Authorization", upstream.proxy_authorization)])
             http = HttpConnection(stream, h11.CLIENT)
             await http.send(request, h11.EndOfMessage())
             answer = await read_answer(http, b"GET", MAX_ECHO_BYTES)
@@ -133,7 +129,7 @@ async def fetch_via_member(
     except (OSError, ssl.SSLError, h11.LocalProtocolError) as exc:
         raise ProbeError(f"echo request failed: {describe_error(exc)}") from None
     finally:
-        sock.close()
+        stream.close()
     if answer.status == 407:
         raise ProbeError(_PROXY_407, member_down=True)
     if answer.status in (403, 502, 503):

@@ -79,9 +79,14 @@ async def _getaddrinfo(host: str, port: int) -> list[tuple[int, int, int, tuple[
 async def open_tcp(host: str, port: int, resolve: Resolver | None = None) -> socket.socket:
     """A connected non-blocking TCP socket with Nagle off; the caller sets the deadline. ``resolve``
     (sidecar.proxy.destinations.Destinations.resolve) may refuse what a name resolves to."""
+    return await connect_any(await (resolve or _getaddrinfo)(host, port), host)
+
+
+async def connect_any(infos: list[tuple[int, int, int, tuple[object, ...]]], host: str = "") -> socket.socket:
+    """A socket connected to the first of these addresses that answers (Nagle off), never any other: the
+    caller resolved and checked them."""
     loop = asyncio.get_running_loop()
-    infos = await (resolve or _getaddrinfo)(host, port)
-    error: OSError = OSError(f"{host} has no address")
+    error: OSError = OSError(f"{host or 'the destination'} has no address")
     for family, type_, proto, addr in infos:
         sock = socket.socket(family, type_, proto)
         sock.setblocking(False)

@@ -1,5 +1,5 @@
-"""Connections to the servers behind the sidecar: direct or through a pair member (CONNECT), over TLS,
-kept alive per (member, host, port) and reused only when it is safe.
+"""Connections to the servers behind the sidecar: direct or through a pair member (CONNECT), plain or
+over TLS (:class:`Connector`), kept alive per (member, host, port) and reused only when it is safe.
 
 A connection goes back to the pool only when its last exchange ended cleanly (h11 back in ``IDLE`` on
 both sides) and nothing unread is buffered or readable on it, and it is checked again when it is taken
@@ -21,7 +21,7 @@ import h11
 from sidecar.config import Upstream
 from sidecar.egress.pair import Member
 from sidecar.net.http1 import HttpConnection, ProtocolError, h11_message, raw_headers
-from sidecar.net.streams import SocketStream, Stream, TlsStream, open_tcp
+from sidecar.net.streams import SocketStream, Stream, TlsStream, connect_any, open_tcp
 from sidecar.proxy.destinations import DestinationRefused, Destinations
 from sidecar.token.messages import Answer
 
@@ -35,8 +35,10 @@ class ConnectFailure(Exception):
     """The connection could not be set up; no byte of the request was sent."""
 
     def __init__(self, reason: str, detail: str, member_fault: bool = True, ejects: bool = True,
-                 refused: bool = False) -> None:
+                 refused: bool = False, *, stage: str = "tcp", cause: str | None = None) -> None:
         super().__init__(detail)
+        self.stage = stage  # "tcp" (to the member or the server), "tunnel" (the member's CONNECT) or "tls"
+        self.cause = cause or detail  # the network's own words, without where
         self.reason = reason  # one of metrics.FAILURE_REASONS, or "tls"
         self.detail = detail
         self.member_fault = member_fault  # another member might do better: fail over
@@ -91,21 +93,25 @@ async def open_tunnel(stream: SocketStream, upstream: Upstream, member: Member, 
             if not isinstance(event, h11.InformationalResponse):
                 break
     except ProtocolError:
-        raise ConnectFailure("proxy_error", f"pair member {member.label} answered the CONNECT with garbage") from None
+        raise ConnectFailure("proxy_error", f"pair member {member.label} answered the CONNECT with garbage",
+                             stage="tunnel") from None
     except (OSError, h11.LocalProtocolError) as exc:
-        raise ConnectFailure("reset", f"pair member {member.label} failed during the CONNECT: {describe_error(exc)}") \
-            from None
+        raise ConnectFailure("reset", f"pair member {member.label} failed during the CONNECT: {describe_error(exc)}",
+                             stage="tunnel") from None
     if not isinstance(event, h11.Response):
-        raise ConnectFailure("proxy_error", f"pair member {member.label} closed the connection instead of answering")
+        raise ConnectFailure("proxy_error", f"pair member {member.label} closed the connection instead of answering",
+                             stage="tunnel")
     if event.status_code == 407:
         raise ConnectFailure(
-            "auth_failed", f"pair member {member.label} refused the proxy credentials (407): check QUOTAGUARDSTATIC_URL")
+            "auth_failed", f"pair member {member.label} refused the proxy credentials (407): check QUOTAGUARDSTATIC_URL",
+            stage="tunnel")
     if not 200 <= event.status_code < 300:
         # Often about the target (a mistyped My Domain, an origin the member cannot reach), not the
         # member: try another member, but do not eject this one for it (Squid does not blame a parent
         # for an origin's errors either).
         raise ConnectFailure(
-            "proxy_error", f"pair member {member.label} answered the CONNECT with {event.status_code}", ejects=False)
+            "proxy_error", f"pair member {member.label} answered the CONNECT with {event.status_code}", ejects=False,
+            stage="tunnel")
     return SocketStream(stream.sock, http.h11.trailing_data[0])
 
 
@@ -151,7 +157,73 @@ class UpstreamConn:
         self.http.stream.close()
 
 
-PoolKey = tuple[str, str | None, str, int, str]
+PoolKey = tuple[str, str | None, str, int, str | None]  # (purpose, member, host, port, TLS server name or None)
+Addresses = list[tuple[int, int, int, tuple[object, ...]]]  # getaddrinfo's, already checked
+
+
+class Connector:
+    """The one way the sidecar opens a connection to a server behind it: TCP (direct, or to a pair member),
+    a CONNECT through the member (its credentials on the CONNECT only), then TLS when asked. Token calls,
+    forwarded requests, relayed tunnels and the egress probes all connect here. Direct connections go to
+    the addresses the destination rules approved: given by the caller (who checked them), or resolved and
+    checked here; a name is never resolved a second time. Raises ConnectFailure (``stage`` says which step
+    failed), also when ``deadline`` (the event loop's clock) passes."""
+
+    def __init__(self, upstream: Upstream | None, ssl_context: ssl.SSLContext,
+                 destinations: Destinations | None = None) -> None:
+        self.upstream = upstream
+        self.ssl_context = ssl_context
+        self.destinations = destinations  # None: no rules (the sidecar's own probes)
+
+    async def open(self, host: str, port: int, member: Member | None, *, deadline: float, tls: bool,
+                   server_name: str | None = None, addresses: Addresses | None = None,
+                   tunnel: bool = True) -> Stream:
+        """A stream to host:port. Through ``member`` with ``tunnel=False``, the stream to the member itself
+        (for requests in absolute form, with the proxy credentials on each)."""
+        where = f"pair member {member.label}" if member else f"{host}:{port}"
+        try:
+            async with asyncio.timeout_at(deadline):
+                if member is not None:
+                    if self.destinations is not None:
+                        self.destinations.check_literal(host, port)  # a name is the member's to resolve
+                    sock = await open_tcp(*member.address.address)
+                elif addresses is not None:
+                    sock = await connect_any(addresses, host)
+                else:
+                    sock = await open_tcp(host, port, self.destinations.resolve if self.destinations else None)
+        except DestinationRefused as exc:
+            raise ConnectFailure("refused", str(exc), member_fault=False, ejects=False, refused=True) from None
+        except (OSError, TimeoutError) as exc:
+            raise ConnectFailure(_classify_oserror(exc), f"cannot connect to {where}: {describe_error(exc)}",
+                                 cause=describe_error(exc)) from None
+        stream: Stream = SocketStream(sock)
+        stage = "tunnel"
+        try:
+            async with asyncio.timeout_at(deadline):
+                if member is not None and tunnel:
+                    assert self.upstream is not None
+                    stream = await open_tunnel(stream, self.upstream, member, host, port)
+                if tls:
+                    stage = "tls"
+                    stream = TlsStream.client(stream, self.ssl_context, server_name or host)
+                    await stream.handshake()
+        except ConnectFailure:
+            sock.close()
+            raise
+        except ssl.SSLCertVerificationError as exc:
+            sock.close()
+            raise ConnectFailure(
+                "tls", f"TLS verification of {server_name or host} failed ({exc.verify_message}); set "
+                "SIDECAR_UPSTREAM_CA if a corporate CA re-signs it", member_fault=False, stage="tls") from None
+        except (OSError, TimeoutError, ssl.SSLError) as exc:
+            sock.close()
+            reason = "timeout" if isinstance(exc, TimeoutError) else "reset"
+            raise ConnectFailure(reason, f"setting up the connection via {where} failed: {describe_error(exc)}",
+                                 stage=stage, cause=describe_error(exc)) from None
+        except BaseException:  # cancelled: the socket is not left open
+            sock.close()
+            raise
+        return stream
 
 
 class UpstreamPool:
@@ -160,19 +232,19 @@ class UpstreamPool:
     token endpoint's answers ever travel on theirs, so a misbehaving endpoint elsewhere on the same host
     cannot put bytes in front of a token call, however late they arrive."""
 
-    def __init__(self, upstream: Upstream | None, ssl_context: ssl.SSLContext, connect_timeout: float,
-                 destinations: Destinations | None = None) -> None:
-        self.upstream = upstream
-        self.ssl_context = ssl_context
+    def __init__(self, connector: Connector, connect_timeout: float) -> None:
+        self.connector = connector
         self.connect_timeout = connect_timeout
-        self.destinations = destinations  # checked for direct connections (a member resolves its own)
         self._idle: dict[PoolKey, deque[UpstreamConn]] = defaultdict(deque)
         self._swept = time.monotonic()
 
     async def acquire(self, member: Member | None, host: str, port: int, server_name: str | None = None,
-                      purpose: str = "other") -> tuple[UpstreamConn, bool]:
-        """A connection ready for a request, and whether it was reused. Raises ConnectFailure."""
-        key = (purpose, member.label if member else None, host, port, server_name or host)
+                      purpose: str = "other", *, tls: bool = True,
+                      addresses: Addresses | None = None) -> tuple[UpstreamConn, bool]:
+        """A connection ready for a request, and whether it was reused: over TLS to ``server_name`` (default
+        ``host``), or plain with ``tls=False``. ``addresses``: where a direct connection may go (checked by
+        the caller; a pooled one went to such an address too). Raises ConnectFailure."""
+        key = (purpose, member.label if member else None, host, port, (server_name or host) if tls else None)
         now = time.monotonic()
         if now - self._swept > POOL_IDLE_SECONDS:
             self._sweep(now)
@@ -182,7 +254,7 @@ class UpstreamPool:
             if now - conn.last_used < POOL_IDLE_SECONDS and conn.http.reusable():
                 return conn, True
             conn.close()
-        return await self._open(member, key), False
+        return await self._open(member, key, addresses), False
 
     def _sweep(self, now: float) -> None:
         """Close the connections idle past POOL_IDLE_SECONDS and forget hosts with none left: the pool
@@ -209,39 +281,10 @@ class UpstreamPool:
             while idle:
                 idle.pop().close()
 
-    async def _open(self, member: Member | None, key: PoolKey) -> UpstreamConn:
+    async def _open(self, member: Member | None, key: PoolKey, addresses: Addresses | None) -> UpstreamConn:
         _, _, host, port, server_name = key
-        target = member.address.address if member else (host, port)
-        where = f"pair member {member.label}" if member else f"{host}:{port}"
         # One deadline for the whole set-up: TCP, the member's CONNECT answer and the TLS handshake.
         deadline = asyncio.get_running_loop().time() + self.connect_timeout
-        resolve = self.destinations.resolve if self.destinations is not None and member is None else None
-        try:
-            async with asyncio.timeout_at(deadline):
-                sock = await open_tcp(*target, resolve)
-        except DestinationRefused as exc:
-            raise ConnectFailure("refused", str(exc), member_fault=False, ejects=False, refused=True) from None
-        except (OSError, TimeoutError) as exc:
-            raise ConnectFailure(_classify_oserror(exc), f"cannot connect to {where}: {describe_error(exc)}") from None
-        stream = SocketStream(sock)
-        try:
-            async with asyncio.timeout_at(deadline):
-                if member is not None:
-                    assert self.upstream is not None
-                    stream = await open_tunnel(stream, self.upstream, member, host, port)
-                tls = TlsStream.client(stream, self.ssl_context, server_name)
-                await tls.handshake()
-        except ConnectFailure:
-            sock.close()
-            raise
-        except ssl.SSLCertVerificationError as exc:
-            sock.close()
-            raise ConnectFailure(
-                "tls", f"TLS verification of {server_name} failed ({exc.verify_message}); set SIDECAR_UPSTREAM_CA "
-                "if a corporate CA re-signs it", member_fault=False) from None
-        except (OSError, TimeoutError, ssl.SSLError) as exc:
-            sock.close()
-            reason = "timeout" if isinstance(exc, TimeoutError) else "reset"
-            raise ConnectFailure(reason, f"setting up the connection via {where} failed: {describe_error(exc)}") \
-                from None
-        return UpstreamConn(key, HttpConnection(tls, h11.CLIENT))
+        stream = await self.connector.open(host, port, member, deadline=deadline, tls=server_name is not None,
+                                           server_name=server_name, addresses=addresses)
+        return UpstreamConn(key, HttpConnection(stream, h11.CLIENT))

@@ -35,8 +35,6 @@ class Access:
         self.proxy_auth = proxy_auth.encode() if proxy_auth is not None else None
         self.max_connections = max_connections
         self.active = 0  # client connections open now; counted by the front door, which sees them all
-        # mitmproxy's own listener (an internal loopback port): clients must come through the front door.
-        self.internal_addresses: set[tuple[str, int]] = set()
 
     @property
     def require_auth(self) -> bool:

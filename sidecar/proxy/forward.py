@@ -11,7 +11,6 @@ without a body (RFC 9112 9.3.1: a proxy must not resend what may have had an eff
 from __future__ import annotations
 
 import asyncio
-import contextlib
 
 import h11
 
@@ -28,9 +27,11 @@ from sidecar.net.http1 import (
     tokens,
     values,
 )
-from sidecar.net.streams import CHUNK, PeerClosed, Stream
+from sidecar.net.pipe import pipe
+from sidecar.net.streams import PeerClosed
 from sidecar.net.upstream import (
     MAX_INTERIM,
+    Addresses,
     ConnectFailure,
     SendFailure,
     UpstreamConn,
@@ -64,13 +65,16 @@ class Forwarder:
         deadline.reschedule(asyncio.get_running_loop().time() + self.idle_timeout)
 
     async def forward(self, client: HttpConnection, req: h11.Request, host: str, port: int,
-                      member: Member | None, address: tuple[str, int] | None = None) -> bool:
+                      member: Member | None, address: tuple[str, int] | None = None, *, tls: bool = True,
+                      addresses: Addresses | None = None) -> bool:
         """Forward one request whose head was read from ``client``; True when the exchange completed
         (the connection may serve another), False when it must close. Raises Upstream502 while the
         client has seen nothing of an answer, ProtocolError / ClientGone for the client's faults.
-        ``address``: where to connect when not ``(host, port)`` (an IP-literal CONNECT; ``host`` is the SNI)."""
+        ``address``: where to connect when not ``(host, port)`` (an IP-literal CONNECT; ``host`` is the SNI);
+        ``tls``: whether the server speaks TLS (False for a plain ``http://`` proxy request); ``addresses``:
+        the addresses a direct connection may go to, approved by the destination rules."""
         upgrade = b"upgrade" in tokens(req.headers, b"connection") and has(req.headers, b"upgrade")
-        head = self._upstream_head(req, host, port, upgrade)
+        head = self._upstream_head(req, host, port, upgrade, 443 if tls else 80)
         bodyless = not has(req.headers, b"transfer-encoding") and values(req.headers, b"content-length") in ([], [b"0"])
         if client.h11.they_are_waiting_for_100_continue:
             await client.send(CONTINUE)
@@ -84,7 +88,8 @@ class Forwarder:
         where = f"{host}:{port}" + (f" via pair member {member.label}" if member else "")
         for attempt in range(2 if bodyless and req.method in _RETRYABLE else 1):
             try:
-                conn, reused = await self.pool.acquire(member, *(address or (host, port)), host)
+                conn, reused = await self.pool.acquire(member, *(address or (host, port)), host, tls=tls,
+                                                       addresses=addresses)
             except ConnectFailure as exc:
                 raise (Refused if exc.refused else Upstream502)(exc.detail) from None
             try:
@@ -117,13 +122,13 @@ class Forwarder:
         raise Upstream502(f"{where} closed the connection")  # pragma: no cover - the loop returns
 
     @staticmethod
-    def _upstream_head(req: h11.Request, host: str, port: int, upgrade: bool) -> h11.Request:
+    def _upstream_head(req: h11.Request, host: str, port: int, upgrade: bool, default_port: int) -> h11.Request:
         """The request for the server: origin-form, hop-by-hop headers dropped, framing restated."""
         raw = raw_headers(req)
         headers = end_to_end(raw, drop=(b"expect",))
         parsed = True  # the client's headers as h11 read them, and fixed ones of ours
         if not has(headers, b"host"):
-            headers.insert(0, (b"Host", host.encode("idna") + (b":%d" % port if port != 443 else b"")))
+            headers.insert(0, (b"Host", host.encode("idna") + (b":%d" % port if port != default_port else b"")))
             parsed = False
         if has(raw, b"transfer-encoding"):
             headers.append((b"Transfer-Encoding", b"chunked"))
@@ -160,7 +165,10 @@ class Forwarder:
                         status_code=101, reason=event.reason, headers=[
                             *end_to_end(raw_headers(event)), (b"Connection", b"Upgrade"),
                             *[(b"Upgrade", v) for v in values(event.headers, b"upgrade")]]))
-                    await self._pipe_upgraded(client, conn)
+                    # Bytes both ways until the server's side ends (a client that half-closes still gets the
+                    # rest), or nothing has moved either way for SIDECAR_IDLE_TIMEOUT.
+                    await pipe(client.stream, conn.stream, self.idle_timeout, client.h11.trailing_data[0],
+                               conn.http.h11.trailing_data[0], until_b_ends=True)
                     conn.close()
                     return False
                 if event.status_code != 100:  # 100 was answered to the client already
@@ -212,34 +220,3 @@ class Forwarder:
             raise SendFailure(f"{where} answered: {exc.message}") from None
         except (OSError, TimeoutError) as exc:
             raise SendFailure(f"{where} closed before its answer was complete ({describe_error(exc)})") from None
-
-    async def _pipe_upgraded(self, client: HttpConnection, conn: UpstreamConn) -> None:
-        """After a 101 (WebSocket and the like): bytes both ways until the server's side ends, or
-        nothing has moved either way for ``SIDECAR_IDLE_TIMEOUT`` (one clock for both directions, so a
-        push-only server is not cut while it talks). A client that half-closes still gets the rest."""
-        loop = asyncio.get_running_loop()
-        last = [loop.time()]
-
-        async def copy(src: Stream, leftover: bytes, dst: Stream) -> None:
-            if leftover:
-                await dst.send(leftover)
-            while data := await src.recv(CHUNK):
-                last[0] = loop.time()
-                await dst.send(data)
-                last[0] = loop.time()
-
-        upward = asyncio.create_task(copy(client.stream, client.h11.trailing_data[0], conn.stream))
-        downward = asyncio.create_task(copy(conn.stream, conn.http.h11.trailing_data[0], client.stream))
-        try:
-            for _ in range(MAX_CHUNKS):  # bounded: one wake-up per idle check
-                await asyncio.wait([downward], timeout=min(self.idle_timeout, 30.0))
-                if downward.done() or (upward.done() and upward.exception() is not None):
-                    break
-                if loop.time() - last[0] > self.idle_timeout:
-                    break
-        finally:
-            for t in (upward, downward):
-                t.cancel()
-            with contextlib.suppress(BaseException):
-                await asyncio.gather(upward, downward, return_exceptions=True)
-

@@ -11,10 +11,11 @@ engine that serves it:
   direct, or through a pair member with ``SIDECAR_ROUTE=all``;
 - a ``CONNECT`` to an IP literal: answered, then the SNI of the client's TLS ClientHello decides: a
   token host's goes to the lane, anything else is relayed;
-- a plain proxy request (``GET http://...``): a token call is served by the lane (refused over
-  ``http://``); anything else is handed to mitmproxy, socket and bytes read so far, as if mitmproxy had
-  accepted it itself. mitmproxy closes each such connection after one answer, so every request head
-  on it comes through here (capped and timed) first.
+- a plain proxy request (``GET http://...``): served by the lane on this connection, request by request
+  (a token call by the core, refused over ``http://``; anything else forwarded to the very addresses
+  the destination rules approved), each head read under the same deadline and size cap as the first.
+
+Who may connect and use the proxy is the client access addon's (``addons/client_access.py``).
 """
 
 from __future__ import annotations
@@ -23,12 +24,10 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import Awaitable, Callable
 
 import h11
 
-from sidecar.config import Upstream
-from sidecar.egress.pair import Member
+from addons.client_access import ClientAccess
 from sidecar.logs import event
 from sidecar.metrics import Metrics
 from sidecar.net.http1 import (
@@ -36,21 +35,15 @@ from sidecar.net.http1 import (
     HttpConnection,
     ProtocolError,
     absolute_target,
-    closing_events,
     error_events,
     parse_authority,
 )
-from sidecar.net.streams import CHUNK, SocketStream, linger
-from sidecar.net.upstream import ConnectFailure, describe_error
-from sidecar.proxy.access import Access
+from sidecar.net.pipe import pipe
+from sidecar.net.streams import CHUNK, SocketStream, Stream, linger
+from sidecar.net.upstream import ConnectFailure, Connector, describe_error
 from sidecar.proxy.destinations import DestinationRefused, Destinations, is_ip
-from sidecar.proxy.lane import Lane
-from sidecar.proxy.relay import (
-    UnfinishedHello,
-    client_hello_sni,
-    open_target,
-    pipe_both,
-)
+from sidecar.proxy.lane import MAX_REQUESTS, Lane
+from sidecar.proxy.relay import UnfinishedHello, client_hello_sni
 from sidecar.token.call import is_token_request
 from sidecar.token.hosts import TokenHosts
 from sidecar.token.messages import origin_path
@@ -58,20 +51,22 @@ from sidecar.token.messages import origin_path
 log = logging.getLogger("egress_sidecar.frontdoor")
 
 HEAD_TIMEOUT = 30.0  # at most this long (and at most SIDECAR_IDLE_TIMEOUT) for a client's first head
-Handoff = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 _ESTABLISHED = h11.Response(status_code=200, reason=b"Connection established", headers=[])
 
 
 class _Recording(SocketStream):
-    """A client stream that keeps what it read, so mitmproxy can be handed the bytes from the first."""
+    """A client stream that keeps what it read of the first head, so a CONNECT without ``Host`` can be
+    read again (see _connect_without_host)."""
 
     def __init__(self, sock: socket.socket) -> None:
         super().__init__(sock)
         self.seen = bytearray()
+        self.recording = True
 
     async def recv(self, n: int = CHUNK) -> bytes:
         data = await super().recv(n)
-        self.seen += data
+        if self.recording:
+            self.seen += data
         return data
 
 
@@ -92,9 +87,8 @@ async def _connect_without_host(seen: bytes, sock: socket.socket) -> tuple[HttpC
 
 
 class FrontDoor:
-    def __init__(self, hosts: TokenHosts, metrics: Metrics, access: Access, *, connect_timeout: float,
-                 idle_timeout: float, handoff: Handoff, lane: Lane, upstream: Upstream | None,
-                 tunnel_member: Callable[[], Member | None], destinations: Destinations) -> None:
+    def __init__(self, hosts: TokenHosts, metrics: Metrics, access: ClientAccess, *, connect_timeout: float,
+                 idle_timeout: float, lane: Lane, connector: Connector, destinations: Destinations) -> None:
         self.destinations = destinations
         self.hosts = hosts
         self.metrics = metrics
@@ -102,10 +96,8 @@ class FrontDoor:
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.head_timeout = min(HEAD_TIMEOUT, idle_timeout)
-        self.handoff = handoff  # mitmproxy's connection handler
         self.lane = lane
-        self.upstream = upstream
-        self.tunnel_member = tunnel_member  # route of a relayed tunnel: None = direct
+        self.connector = connector
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: socket.socket
         self._accept_task: asyncio.Task[None]
@@ -156,13 +148,12 @@ class FrontDoor:
         except OSError:
             sock.close()
             return
-        if not self.access.admits(client_ip):  # refused before it holds a slot
+        if not self.access.client_connected(client_ip):  # refused before it holds a slot
             sock.close()
             return
         self.access.active += 1  # every client connection counts, from accept to close
-        handed_off = False  # once mitmproxy's transport owns the socket, it closes it
         try:
-            handed_off = await self._serve(sock)
+            await self._serve(sock)
         except (OSError, TimeoutError):
             pass
         except Exception as exc:  # noqa: BLE001 - one bad client must not affect the others
@@ -170,11 +161,10 @@ class FrontDoor:
             log.debug("front door: unexpected error", exc_info=True)
         finally:
             self.access.active -= 1
-            if not handed_off:
-                sock.close()
+            sock.close()
 
-    async def _serve(self, sock: socket.socket) -> bool:
-        """Serve one client connection; True when it was handed to mitmproxy."""
+    async def _serve(self, sock: socket.socket) -> None:
+        """Serve one client connection, from its first head to its end."""
         stream = _Recording(sock)
         client = HttpConnection(stream, h11.SERVER, max_head=MAX_HEAD)
         try:
@@ -182,35 +172,46 @@ class FrontDoor:
                 request = await client.next_event()
         except TimeoutError:
             await self._refuse(client, *error_events(408, "the request head did not arrive in time"))
-            return False
+            return
         except ProtocolError as exc:
             lenient = await _connect_without_host(bytes(stream.seen), sock) if "Host" in exc.message else None
             if lenient is None:
                 await self._refuse(client, *error_events(exc.status, exc.message))
-                return False
+                return
             client, request = lenient
+        stream.seen.clear()
+        stream.recording = False
         if not isinstance(request, h11.Request):
-            return False  # the client closed before a whole head
-        if not self.access.authorized(request.headers):
-            await self._refuse(client, *closing_events(
-                407, b"text/plain; charset=utf-8", b"egress-sidecar: proxy authentication required\n",
-                [(b"Proxy-Authenticate", b'Basic realm="egress-sidecar"')]))
-            return False
-        if self.access.over_capacity:
-            await self._refuse(client, *closing_events(503, b"application/json", self.access.over_capacity_body()))
-            return False
-        target = parse_authority(request.target) if request.method == b"CONNECT" else None
-        if request.method == b"CONNECT" and target is None:
-            await self._refuse(client, *error_events(400, "a CONNECT target must be HOST:PORT"))
-            return False
-        if target is not None:
+            return  # the client closed before a whole head
+        for _ in range(MAX_REQUESTS):  # bounded: plain proxy requests on one keep-alive connection
+            refusal = self.access.request_head(request)
+            if refusal is not None:
+                await self._refuse(client, *refusal)
+                return
+            if request.method == b"CONNECT":
+                await self._connect(client, sock, request)
+                return
+            if not await self._plain(client, request) or not client.next_cycle():
+                return
             try:
-                self.destinations.check_literal(*target)
-            except DestinationRefused as exc:
-                await self._refuse(client, *error_events(403, f"refused: {exc}"))
-                return False
+                async with asyncio.timeout(self.idle_timeout):  # the next head, however slowly it trickles
+                    request = await client.next_event()
+            except ProtocolError as exc:
+                await self._refuse(client, *error_events(exc.status, exc.message))
+                return
+            if not isinstance(request, h11.Request):
+                return
+
+    async def _connect(self, client: HttpConnection, sock: socket.socket, request: h11.Request) -> None:
+        target = parse_authority(request.target)
         if target is None:
-            return await self._plain(client, sock, request, bytes(stream.seen))
+            await self._refuse(client, *error_events(400, "a CONNECT target must be HOST:PORT"))
+            return
+        try:
+            self.destinations.check_literal(*target)
+        except DestinationRefused as exc:
+            await self._refuse(client, *error_events(403, f"refused: {exc}"))
+            return
         host, port = target
         if is_ip(host):
             await self._ip_literal(client, sock, host, port)
@@ -219,7 +220,6 @@ class FrontDoor:
             await self.lane.serve(sock, host, port, client.h11.trailing_data[0])
         else:
             await self._relay(client, sock, host, port)
-        return False
 
     async def _refuse(self, client: HttpConnection, *events: h11.Event) -> None:
         """Answer and close, lingering: a client still sending (a trickled head, an unread body) would
@@ -229,36 +229,34 @@ class FrontDoor:
                 await client.send(*events)
         await linger(client.stream.sock)
 
-    async def _handoff(self, sock: socket.socket, seen: bytes) -> None:
-        """Give the connection to mitmproxy as if it had accepted it, the bytes read so far first."""
-        loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(limit=MAX_HEAD, loop=loop)
-        reader.feed_data(seen)  # before the transport exists: nothing can overtake these bytes
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        transport, _ = await loop.connect_accepted_socket(lambda: protocol, sock=sock)
-        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
-        await self.handoff(reader, writer)
-
-    async def _plain(self, client: HttpConnection, sock: socket.socket, request: h11.Request, seen: bytes) -> bool:
-        """A plain proxy request: a token call is served by the lane; a refused destination gets 403;
-        anything else goes to mitmproxy (True: handed off)."""
-        target = absolute_target(request.target)  # None: mitmproxy answers a target it cannot use itself
-        if target is not None:
-            scheme, host, port = target
-            on_token_host = self.hosts.matches(host)
-            if on_token_host and is_token_request(request.method.decode("ascii"), origin_path(request.target)):
-                await self.lane.serve_plain(client, request, host, port, scheme)
-                return False
-            try:
-                member = self.lane.core.other_member(on_token_host)
-                await self.destinations.check_route(host, port, member is not None)
-            except DestinationRefused as exc:
-                await self._refuse(client, *error_events(403, f"refused: {exc}"))
-                return False
-            except OSError:
-                pass  # does not resolve: mitmproxy answers that itself
-        await self._handoff(sock, seen)
-        return True
+    async def _plain(self, client: HttpConnection, request: h11.Request) -> bool:
+        """One plain proxy request (``GET http://host/...``); whether the connection may carry another. A
+        token call goes to the core; anything else is forwarded along its route, a direct connection to
+        the very addresses the destination rules approved here (never resolved again, so a name that
+        answers differently the second time cannot lead anywhere the rules refuse)."""
+        target = absolute_target(request.target)
+        if target is None:
+            await self._refuse(client, *error_events(400, "a request to a proxy needs an absolute URL (http://host/path)"))
+            return False
+        scheme, host, port = target
+        on_token_host = self.hosts.matches(host)
+        if on_token_host and is_token_request(request.method.decode("ascii"), origin_path(request.target)):
+            return await self.lane.proxied_token_call(client, request, host, port, scheme)
+        member = self.lane.routes.member_for(on_token_host)
+        addresses = None
+        try:
+            if member is None:
+                addresses = await self.destinations.resolve(host, port)
+            else:
+                self.destinations.check_literal(host, port)  # a name is the member's to resolve
+        except DestinationRefused as exc:
+            await self._refuse(client, *error_events(403, f"refused: {exc}"))
+            return False
+        except OSError as exc:
+            await self._refuse(client, *error_events(502, f"cannot resolve {host}: {describe_error(exc)}"))
+            return False
+        return await self.lane.forward(client, request, host, port, member, tls=scheme == "https",
+                                       addresses=addresses)
 
     async def _ip_literal(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
         """A CONNECT to an IP literal: answered first (the client sends its ClientHello only then), then
@@ -277,7 +275,7 @@ class FrontDoor:
             event(log, logging.INFO, f"closed a tunnel: {target}")  # answered 200 already: only a close is left
             return
         try:
-            await pipe_both(SocketStream(sock), target, self.idle_timeout, first)
+            await pipe(SocketStream(sock), target, self.idle_timeout, first)
         finally:
             target.close()
 
@@ -289,20 +287,18 @@ class FrontDoor:
             return
         try:
             await client.send(_ESTABLISHED)
-            await pipe_both(SocketStream(sock), target, self.idle_timeout, client.h11.trailing_data[0])
+            await pipe(SocketStream(sock), target, self.idle_timeout, client.h11.trailing_data[0])
         finally:
             target.close()
 
-    async def _open(self, host: str, port: int) -> SocketStream | str:
+    async def _open(self, host: str, port: int) -> Stream | str:
         """The tunnel's target, direct or through a pair member (``SIDECAR_ROUTE=all``), counted; or why
         not (starting ``refused: `` when the destination rules say no)."""
-        member = self.tunnel_member()
+        member = self.lane.routes.member_for(on_token_host=False)
+        deadline = asyncio.get_running_loop().time() + self.connect_timeout
         try:
-            async with asyncio.timeout(self.connect_timeout):
-                target = await open_target(host, port, member, self.upstream, self.destinations)
+            target = await self.connector.open(host, port, member, deadline=deadline, tls=False)
         except ConnectFailure as exc:
             return f"refused: {exc.detail}" if exc.refused else exc.detail
-        except TimeoutError:
-            return f"connecting to {host}:{port} timed out"
         self.metrics.tunnels.labels("pair" if member else "direct").inc()
         return target

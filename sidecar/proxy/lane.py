@@ -20,6 +20,7 @@ import time
 
 import h11
 
+from sidecar.egress.pair import Member
 from sidecar.logs import event
 from sidecar.metrics import Metrics
 from sidecar.net.http1 import (
@@ -39,11 +40,12 @@ from sidecar.net.streams import (
     handshake_failure,
     linger,
 )
-from sidecar.net.upstream import describe_error
+from sidecar.net.upstream import Addresses, describe_error
 from sidecar.proxy.forward import ClientGone, Forwarder, Refused, Upstream502
 from sidecar.proxy.leafcerts import LeafContexts
-from sidecar.token.call import TokenCall
+from sidecar.proxy.route import Routes
 from sidecar.token.core import CLOSE, MAX_TOKEN_REQUEST_BYTES, TokenCore
+from sidecar.token.flow import TokenFlow
 from sidecar.token.messages import Answer, TokenRequest, origin_path
 
 log = logging.getLogger("egress_sidecar.lane")
@@ -52,9 +54,10 @@ MAX_REQUESTS = 1_000_000  # bounded: requests on one keep-alive connection
 
 
 class Lane:
-    def __init__(self, core: TokenCore, forwarder: Forwarder, contexts: LeafContexts, metrics: Metrics, *,
-                 idle_timeout: float, handshake_timeout: float) -> None:
+    def __init__(self, core: TokenCore, routes: Routes, forwarder: Forwarder, contexts: LeafContexts,
+                 metrics: Metrics, *, idle_timeout: float, handshake_timeout: float) -> None:
         self.core = core
+        self.routes = routes
         self.forwarder = forwarder
         self.contexts = contexts
         self.metrics = metrics
@@ -101,16 +104,18 @@ class Lane:
             if not client.next_cycle():
                 return
 
-    async def serve_plain(self, client: HttpConnection, request: h11.Request, host: str, port: int,
-                          scheme: str) -> None:
-        """Serve a token call that came as a plain proxy request (``POST http[s]://host/...``, no CONNECT),
-        its head already read by the front door: over ``http`` it is refused, over ``https`` the core
-        sends it as any other. One request: the caller closes the connection after it."""
-        with contextlib.suppress(OSError, TimeoutError, ClientGone):
-            try:
-                await self._one(client, request, host, port, None, scheme, last=True)
-            except ProtocolError as exc:
-                await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
+    async def proxied_token_call(self, client: HttpConnection, request: h11.Request, host: str, port: int,
+                                 scheme: str) -> bool:
+        """A token call that came as a plain proxy request (``POST http[s]://host/...``, no CONNECT), its head
+        read by the front door: over ``http`` it is refused, over ``https`` the core sends it as any other.
+        Whether the connection may carry another request."""
+        try:
+            return await self._one(client, request, host, port, None, scheme)
+        except ProtocolError as exc:
+            await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
+        except (OSError, TimeoutError, ClientGone):
+            pass
+        return False
 
     async def _one(self, client: HttpConnection, request: h11.Request, host: str, port: int,
                    address: tuple[str, int] | None = None, scheme: str = "https", last: bool = False) -> bool:
@@ -118,42 +123,41 @@ class Lane:
         started = time.time()
         if request.method == b"CONNECT" or not (request.target.startswith(b"/") or b"://" in request.target[:10]):
             raise ProtocolError(400, "unsupported request target inside the tunnel")
-        call = self.core.detect(host, request.method.decode("ascii"), origin_path(request.target), started)
-        if call is None:
-            return await self._forward(client, request, host, port, address)
+        flow = self.core.detect(host, request.method.decode("ascii"), origin_path(request.target), started)
+        if flow is None:
+            return await self.forward(client, request, host, port, self.routes.member_for(True), address)
         headers = raw_headers(request)
         declared = values(request.headers, b"content-length")
-        refusal = self.core.refusal(call, scheme, int(declared[0]) if declared else None)
+        refusal = self.core.refusal(flow, scheme, int(declared[0]) if declared else None)
         if refusal is CLOSE:
             return False
         if isinstance(refusal, Answer):  # the body is left unread: the connection ends with it
-            return await self._unsent(client, call, None, refusal)
-        req = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers,
-                           scheme=scheme, address=address, started=started, parsed=True)
+            return await self._unsent(client, flow, refusal)
+        flow.request = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers,
+                                    scheme=scheme, address=address, started=started, parsed=True)
         try:
             body = await self._read_body(client)
         except (PeerClosed, OSError, TimeoutError) as exc:
             why = "it stalled past SIDECAR_IDLE_TIMEOUT" if isinstance(exc, TimeoutError) else describe_error(exc)
-            self.core.abandoned(call, req, f"the client left before its request was complete: {why} "
-                                "(nothing was sent)", time.time())
+            self.core.abandoned(flow, f"the client left before its request was complete: {why} (nothing was sent)")
             return False
         if body is None:
-            return await self._unsent(client, call, req, self.core.too_large(call))
-        req.body = body
-        answer = await self.core.answer(call, req)
+            return await self._unsent(client, flow, self.core.too_large(flow))
+        flow.request.body = body
+        answer = await self.core.answer(flow)
         try:
             await self._answer(client, answer, close=last)
         except (OSError, TimeoutError):
             return False  # the app left; the call is recorded with what really happened
         finally:
-            self.core.finish(call, req, answer)
+            self.core.finish(flow, answer)
         return True
 
-    async def _unsent(self, client: HttpConnection, call: TokenCall, req: TokenRequest | None, answer: Answer) -> bool:
+    async def _unsent(self, client: HttpConnection, flow: TokenFlow, answer: Answer) -> bool:
         """Answer a token call that was not sent anywhere (its body may be unread), record it, and end the
         connection (False) after a lingering close."""
         await self._answer(client, answer, close=True)
-        self.core.finish(call, req, answer)
+        self.core.finish(flow, answer)
         await linger(client.stream.sock)
         return False
 
@@ -189,14 +193,22 @@ class Lane:
             await client.send(response_event(answer.status, answer.reason or reason(answer.status), headers,
                                              parsed=answer.parsed), h11.Data(data=answer.body), h11.EndOfMessage())
 
-    async def _forward(self, client: HttpConnection, request: h11.Request, host: str, port: int,
-                       address: tuple[str, int] | None) -> bool:
+    async def forward(self, client: HttpConnection, request: h11.Request, host: str, port: int,
+                      member: Member | None, address: tuple[str, int] | None = None, *, tls: bool = True,
+                      addresses: Addresses | None = None) -> bool:
+        """Forward a request that is not a token call (on a token host, or a plain proxy request);
+        whether the connection may carry another. The sidecar's own refusals end the connection."""
         try:
-            return await self.forwarder.forward(client, request, host, port, self.core.other_member(True), address)
+            return await self.forwarder.forward(client, request, host, port, member, address, tls=tls,
+                                                addresses=addresses)
         except (Upstream502, Refused) as exc:
             status, text = (403, f"refused: {exc}") if isinstance(exc, Refused) else (502, str(exc))
             await _refuse(client, error_events(status, text), self.idle_timeout)
-            return False
+        except ProtocolError as exc:
+            await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
+        except (OSError, TimeoutError, ClientGone):
+            pass
+        return False
 
 
 async def _refuse(client: HttpConnection, events: tuple[h11.Event, ...], timeout: float) -> None:

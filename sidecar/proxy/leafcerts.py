@@ -1,5 +1,6 @@
-"""Leaf certificates for the token hosts the sidecar terminates TLS for, issued by mitmproxy's
-certificate store from the sidecar's CA (the CA the app trusts), as ready ``ssl.SSLContext`` objects.
+"""The sidecar's CA and the leaf certificates for the token hosts it terminates TLS for: mitmproxy's
+certificate store (its CA files in the confdir, created on the first start) issues them from the CA the
+app trusts, here turned into ready ``ssl.SSLContext`` objects.
 """
 
 from __future__ import annotations
@@ -13,9 +14,17 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from mitmproxy import certs
+from mitmproxy.certs import CertStore
 
+CA_BASENAME = "mitmproxy"  # mitmproxy-ca.pem (CA and key), mitmproxy-ca-cert.pem, ... as mitmproxy names them
+KEY_SIZE = 2048  # mitmproxy's default for the CA and the leaves
 MAX_CONTEXTS = 256  # leaf certificates kept ready (~23 KB each), one per exact token host or pattern
+
+
+def open_certstore(confdir: Path) -> CertStore:
+    """The certificate store on the CA in ``confdir``; the CA is created there when it has none yet (as
+    mitmproxy does: ``mitmproxy-ca.pem`` holds the key, ``mitmproxy-ca-cert.pem`` the public part)."""
+    return CertStore.from_store(confdir, CA_BASENAME, KEY_SIZE)
 
 
 class LeafContexts:
@@ -24,7 +33,7 @@ class LeafContexts:
     with :meth:`TokenHosts.certificate_name`, every host under ``*.my.salesforce.com`` shares one
     wildcard certificate, so an ISV serving thousands of orgs holds one context, not thousands."""
 
-    def __init__(self, certstore: Callable[[], certs.CertStore], workdir: Path,
+    def __init__(self, certstore: Callable[[], CertStore], workdir: Path,
                  name_for: Callable[[str], str] = lambda host: host) -> None:
         self._certstore = certstore
         self._workdir = workdir

@@ -233,6 +233,8 @@ class TokenCall:
     app: str | None = None  # the client_id, shortened (sidecar.egress.evidence.short_client_id)
     retried_from: tuple[str, str] | None = None  # (member, egress IP) Salesforce refused as "ip restricted"
     shielded: str | None = None  # "coalesced" / "replayed": the rotation shield answered, nothing was sent
+    failovers: int = 0  # moves to another member before any byte was sent
+    retry_outcome: str | None = None  # the outcome of a retry through another egress IP, when one was made
 
     def log_fields(self) -> dict[str, object]:
         out: dict[str, object] = {

@@ -45,6 +45,10 @@ class TokenRequest:
             self._fields = request_fields(self.content_type, self.body, self.query)
         return self._fields
 
+    def header(self, name: bytes) -> bytes | None:
+        """A header's value (``name`` in lower case); repeated ones joined with commas."""
+        return first(self.headers, name)
+
     @property
     def path(self) -> str:
         return origin_path(self.target)

@@ -25,7 +25,7 @@ import hmac
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 from sidecar.metrics import Metrics
@@ -73,6 +73,16 @@ def request_key(hash_key: bytes, fields: dict[str, list[str]], authorization: st
     return hmac.digest(hash_key, b"".join(parts), "sha256")[:16]  # one call: the same MAC as update() by update()
 
 
+@dataclass(eq=False)
+class Lead:
+    """A redemption this call sends for everyone who asks for the same one meanwhile."""
+
+    key: bytes
+    future: asyncio.Future[Answer]
+    shared: SharedAnswers | None = None  # the Redis it holds the lock on, if any
+    locked: bool = False
+
+
 class Shield:
     def __init__(self, metrics: Metrics, window: float, wait_limit: float, shared: SharedAnswers | None = None,
                  *, clock: Callable[[], float] = time.monotonic, max_answers: int = MAX_ANSWERS,
@@ -95,7 +105,23 @@ class Shield:
 
     async def redeem(self, key: bytes, send: Callable[[], Awaitable[Answer]]) -> tuple[Answer, How]:
         """``send()`` the redemption unless an identical one is in flight (wait for its answer) or
-        succeeded within the window (its answer again)."""
+        succeeded within the window (its answer again): :meth:`begin`, the send, :meth:`end`."""
+        got = await self.begin(key)
+        if not isinstance(got, Lead):
+            return got
+        try:
+            answer = await send()
+        except BaseException as exc:
+            self.abort(got, exc)
+            raise
+        await self.end(got, answer)
+        return answer, "sent"
+
+    async def begin(self, key: bytes) -> tuple[Answer, How] | Lead:
+        """Before a redemption is sent: another's answer for it (replayed, or coalesced on one in flight,
+        here or on another replica), or the :class:`Lead`: this call sends it, and every identical one
+        waits for its :meth:`end` (or :meth:`abort`). Raises Contended when another replica holds the
+        redemption past the longest one can take."""
         cached = self._replayable(key)
         if cached is not None:
             return self._shielded(cached, "replayed")
@@ -103,50 +129,72 @@ class Shield:
         if leader is not None:
             answer = await asyncio.wait_for(asyncio.shield(leader), self.wait_limit)
             return self._shielded(answer, "coalesced")
-        future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
-        self._in_flight[key] = future
+        lead = Lead(key, asyncio.get_running_loop().create_future())
+        self._in_flight[key] = lead.future
         try:
-            answer, how = await self._lead(key, send)
+            remote = await self._remote_begin(lead)
         except BaseException as exc:
-            future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("the redemption was cancelled"))
-            future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+            self.abort(lead, exc)
             raise
-        finally:
-            self._in_flight.pop(key, None)
-        future.set_result(answer)
-        if how == "sent" and 200 <= answer.status < 300:
-            self._keep(key, answer)
-        return (answer, how) if how == "sent" else self._shielded(answer, how)
+        if remote is None:
+            return lead
+        self._settle(lead, remote[0])
+        return self._shielded(*remote)
 
-    async def _lead(self, key: bytes, send: Callable[[], Awaitable[Answer]]) -> tuple[Answer, How]:
-        shared = self.shared if self.shared is not None and self.shared.usable() else None
-        locked = False
-        if shared is not None:
-            try:
-                answer = await shared.replay(key)
-                if answer is not None:
-                    self._keep(key, answer)
-                    return answer, "replayed"
-                locked = await shared.lock(key, self.wait_limit)
-                if not locked:  # another replica is redeeming this very token: wait for its answer
-                    answer = await self._wait_remote(shared, key)
-                    if answer is not None:
-                        return answer, "coalesced"
-                    locked = await shared.lock(key, self.wait_limit)  # it vanished without one
-                    if not locked:  # someone else's again: never a second redemption in flight
-                        raise Contended()
-            except Unavailable:
-                shared = None
-        answer = await send()
+    async def end(self, lead: Lead, answer: Answer) -> None:
+        """The redemption this call led was answered: every waiter (here and, through Redis, on the other
+        replicas) gets the answer, and a success is kept for replay."""
+        shared = lead.shared
         if shared is not None:
             try:
                 ok = 200 <= answer.status < 300
-                await shared.publish(key, answer, self.window if ok else 0.0, self.wait_limit)
-                if locked:
-                    await shared.unlock(key)
+                await shared.publish(lead.key, answer, self.window if ok else 0.0, self.wait_limit)
+                if lead.locked:
+                    await shared.unlock(lead.key)
             except Unavailable:
                 pass
-        return answer, "sent"
+        self._settle(lead, answer)
+        if 200 <= answer.status < 300:
+            self._keep(lead.key, answer)
+
+    def abort(self, lead: Lead, exc: BaseException) -> None:
+        """The redemption this call led ended without an answer: its waiters get the failure."""
+        if self._in_flight.get(lead.key) is lead.future:
+            del self._in_flight[lead.key]
+        if not lead.future.done():
+            lead.future.set_exception(exc if isinstance(exc, Exception) else ConnectionError("the redemption was cancelled"))
+            lead.future.exception()  # retrieved: no "never retrieved" warning when nobody waited
+
+    def _settle(self, lead: Lead, answer: Answer) -> None:
+        if self._in_flight.get(lead.key) is lead.future:
+            del self._in_flight[lead.key]
+        if not lead.future.done():
+            lead.future.set_result(answer)
+
+    async def _remote_begin(self, lead: Lead) -> tuple[Answer, How] | None:
+        """With Redis: another replica's answer (replayed or coalesced), or None with the lock taken
+        (or Redis out of reach: this replica alone then)."""
+        shared = self.shared if self.shared is not None and self.shared.usable() else None
+        if shared is None:
+            return None
+        key = lead.key
+        try:
+            answer = await shared.replay(key)
+            if answer is not None:
+                self._keep(key, answer)
+                return answer, "replayed"
+            locked = await shared.lock(key, self.wait_limit)
+            if not locked:  # another replica is redeeming this very token: wait for its answer
+                answer = await self._wait_remote(shared, key)
+                if answer is not None:
+                    return answer, "coalesced"
+                locked = await shared.lock(key, self.wait_limit)  # it vanished without one
+                if not locked:  # someone else's again: never a second redemption in flight
+                    raise Contended()
+        except Unavailable:
+            return None
+        lead.shared, lead.locked = shared, locked
+        return None
 
     async def _wait_remote(self, shared: SharedAnswers, key: bytes) -> Answer | None:
         deadline = self.clock() + self.wait_limit

@@ -186,7 +186,7 @@ def test_proxy_auth_required_when_configured(world: World, make_sidecar_proc: Ca
 
 
 def test_non_loopback_client_is_refused() -> None:
-    from mitmproxy import connection
+    import h11
 
     from addons.client_access import ClientAccess
     from sidecar.proxy.access import Access, is_loopback
@@ -195,17 +195,15 @@ def test_non_loopback_client_is_refused() -> None:
     assert not is_loopback("192.0.2.10") and not is_loopback("2001:db8::1") and not is_loopback("nonsense")
     assert not Access(None).admits("192.0.2.10") and Access(None).admits("127.0.0.1")
     assert Access("app:pw").admits("192.0.2.10")  # it must then authenticate
-    remote = connection.Client(peername=("192.0.2.10", 40000), sockname=("0.0.0.0", 3128), timestamp_start=time.time())
-    ClientAccess(Access(None)).client_connected(remote)
-    assert remote.error and "SIDECAR_PROXY_AUTH" in remote.error
-    local = connection.Client(peername=("127.0.0.1", 40000), sockname=("127.0.0.1", 3128), timestamp_start=time.time())
-    ClientAccess(Access(None)).client_connected(local)
-    assert local.error is None
-    internal = Access(None)
-    internal.internal_addresses = {("127.0.0.1", 4000)}
-    direct = connection.Client(peername=("127.0.0.1", 40000), sockname=("127.0.0.1", 4000), timestamp_start=time.time())
-    ClientAccess(internal).client_connected(direct)
-    assert direct.error and "SIDECAR_LISTEN" in direct.error
+    assert not ClientAccess(Access(None)).client_connected("192.0.2.10")
+    assert ClientAccess(Access(None)).client_connected("127.0.0.1")
+    shared = ClientAccess(Access("app:pw"))
+    head = h11.Request(method="GET", target="http://example.com/", headers=[("Host", "example.com")])
+    refusal = shared.request_head(head)
+    assert refusal is not None and isinstance(refusal[0], h11.Response) and refusal[0].status_code == 407
+    good = h11.Request(method="GET", target="http://example.com/", headers=[
+        ("Host", "example.com"), ("Proxy-Authorization", "Basic " + base64.b64encode(b"app:pw").decode())])
+    assert shared.request_head(good) is None
 
 
 def test_proxy_credentials_are_checked_exactly() -> None:

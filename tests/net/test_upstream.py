@@ -18,6 +18,7 @@ from sidecar.net.http1 import HttpConnection
 from sidecar.net.streams import SocketStream
 from sidecar.net.upstream import (
     POOL_IDLE_SECONDS,
+    Connector,
     SendFailure,
     UpstreamPool,
     read_answer,
@@ -57,7 +58,7 @@ def token_request(port: int) -> TokenRequest:
 
 async def send_twice(origin: ScriptedOrigin, ca: Path) -> list[tuple[int | None, bytes, str | None]]:
     ctx = ssl.create_default_context(cafile=str(ca))
-    pool = UpstreamPool(None, ctx, connect_timeout=3)
+    pool = UpstreamPool(Connector(None, ctx), connect_timeout=3)
     sender = TokenSender(pool, 5, lambda m, f: None, lambda m: None)
     out = []
     for _ in range(2):
@@ -207,7 +208,7 @@ class _IdleConn:
 def test_the_pool_forgets_hosts_it_no_longer_uses() -> None:
     """Idle connections past POOL_IDLE_SECONDS are closed, and a host with none left is forgotten, even
     if it is never asked for again (one per org's My Domain would otherwise pile up, sockets and all)."""
-    pool = UpstreamPool(None, ssl.create_default_context(), 1.0)
+    pool = UpstreamPool(Connector(None, ssl.create_default_context()), 1.0)
     now = time.monotonic()
     stale = [_IdleConn(now - POOL_IDLE_SECONDS - 5) for _ in range(3)]
     fresh = _IdleConn(now - 1)

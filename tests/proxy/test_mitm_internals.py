@@ -1,12 +1,12 @@
-"""What the sidecar relies on inside mitmproxy (sidecar/proxy/mitm.py; the ClientHello parser sidecar/proxy/relay.py
-reads an IP-literal tunnel's SNI with). pyproject pins mitmproxy to the tested major version; these tests
-fail on an upgrade that breaks one of them."""
+"""What the sidecar takes from mitmproxy: its certificate store (sidecar/proxy/leafcerts.py) and its TLS
+ClientHello parser (sidecar/proxy/relay.py reads an IP-literal tunnel's SNI with it), and nothing of its
+proxy server, master, options or flows. pyproject pins mitmproxy to the tested major version; these tests
+fail on an upgrade that breaks what the sidecar uses."""
 
 from __future__ import annotations
 
-import asyncio
+import ast
 import json
-import logging
 import socket
 import ssl
 import subprocess
@@ -15,27 +15,26 @@ from collections.abc import Callable
 
 from tests.harness import ROOT, SidecarProcess, World, metric_value, read_until_closed
 
+MITMPROXY_USED = {"mitmproxy.certs", "mitmproxy.proxy.layers.tls"}
 
-def test_the_sidecar_imports_only_the_mitmproxy_addons_it_uses() -> None:
+
+def test_the_sidecar_uses_mitmproxy_for_certificates_and_the_client_hello_only() -> None:
+    """No module of the sidecar imports mitmproxy's proxy server, master, options, addons or flow API: the
+    data path is the sidecar's own; mitmproxy issues the certificates and parses the ClientHello."""
+    imported: dict[str, set[str]] = {}
+    for path in [*ROOT.glob("sidecar/**/*.py"), *ROOT.glob("addons/*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            for name in names:
+                if name == "mitmproxy" or name.startswith("mitmproxy."):
+                    imported.setdefault(name, set()).add(str(path.relative_to(ROOT)))
+    assert set(imported) == MITMPROXY_USED, imported
     code = ("import sys; import sidecar.app.service; "
-            "print(sorted(m for m in ('flask', 'ldap3', 'mitmproxy.addons.onboarding', 'mitmproxy.tools') "
-            "if m in sys.modules))")
+            "print(sorted(m for m in ('flask', 'ldap3', 'mitmproxy.addons', 'mitmproxy.master', 'mitmproxy.tools', "
+            "'mitmproxy.proxy.server', 'mitmproxy.addonmanager') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
-
-
-def test_new_master_leaves_no_mitmproxy_handler_on_the_root_logger() -> None:
-    from mitmproxy import log, options
-
-    from sidecar.proxy.mitm import new_master
-
-    async def build() -> list[logging.Handler]:
-        master = new_master(options.Options())
-        assert hasattr(master, "_legacy_log_events"), "mitmproxy renamed its log bridge: update sidecar/proxy/mitm.py"
-        return list(logging.getLogger().handlers)
-
-    handlers = asyncio.run(build())
-    assert not [h for h in handlers if isinstance(h, log.LegacyLogEvents)]
 
 
 def test_route_all_sends_an_ip_literal_passthrough_through_a_member(

@@ -1,0 +1,204 @@
+"""Each policy addon on its own, as mitmproxy's addons are tested: a flow, the hook, what it decided.
+Plain code (no proxy, no sockets); the end-to-end tests run them inside the real sidecar."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+import h11
+import pytest
+
+from addons.client_access import ClientAccess
+from addons.evidence import Evidence as EvidenceAddon
+from addons.grants import Grants
+from addons.guard import Guard as GuardAddon
+from addons.record import Record
+from addons.shield import RotationShield
+from sidecar.egress.allowlist import parse_allowlist
+from sidecar.egress.evidence import Evidence
+from sidecar.egress.guard import Guard
+from sidecar.metrics import Metrics
+from sidecar.ops.record import Recorder
+from sidecar.proxy.access import Access
+from sidecar.state.grants import GrantTracker
+from sidecar.token.call import TokenCall
+from sidecar.token.flow import Hooks, TokenFlow
+from sidecar.token.messages import Answer, TokenRequest
+from sidecar.token.shield import Shield
+from tests.egress.pairs import make_pair
+from tests.harness import metric_value
+
+KEY = bytes(range(32))
+FORM = b"grant_type=refresh_token&refresh_token=5Aep861rt&client_id=3MVG9app&client_secret=s3cret"
+
+
+def flow(body: bytes = FORM, grant: str = "refresh_token") -> TokenFlow:
+    req = TokenRequest("login.salesforce.com", 443, "POST", b"/services/oauth2/token",
+                       [(b"Content-Type", b"application/x-www-form-urlencoded")], body=body)
+    f = TokenFlow(TokenCall(started=0.0, host_class="login", grant_type=grant), request=req)
+    f.fields = req.fields()
+    return f
+
+
+def facts() -> Evidence:
+    ev = Evidence(Metrics(), 900.0, parse_allowlist(None))
+    ev.open(KEY)
+    return ev
+
+
+def test_evidence_names_the_app_and_learns_what_salesforce_said_through_each_ip() -> None:
+    ev = facts()
+    addon, f = EvidenceAddon(ev), flow()
+    addon.request(f)
+    assert f.app is not None and f.call.app == "3MVG9app"
+    pair = make_pair("52.0.0.1", "52.0.0.2")
+    f.call.outcome = "ip_restricted"
+    addon.upstream_answer(f, pair.members[0])
+    f.call.outcome = "success"
+    addon.upstream_answer(f, pair.members[1])
+    assert ev.state(f.app, "52.0.0.1") == "refused" and ev.state(f.app, "52.0.0.2") == "allowed"
+    other = flow(grant="jwt_bearer")  # a grant the allowlist does not apply to teaches nothing
+    addon.request(other)
+    other.call.outcome = "success"
+    addon.upstream_answer(other, pair.members[0])
+    assert ev.state(f.app, "52.0.0.1") == "refused"
+
+
+def test_the_guard_routes_blocks_and_retries_only_an_ip_restricted_refusal() -> None:
+    ev = facts()
+    pair = make_pair("52.0.0.1", "52.0.0.2")
+    rules = Guard(pair, parse_allowlist(None), "enforce", ev)
+    guard, f = GuardAddon(rules, retry_ip_restricted=True), flow()
+    EvidenceAddon(ev).request(f)
+    guard.request(f)
+    assert f.answer is None and f.member in pair.members and f.call.guard == "allow"
+    f.call.outcome = "invalid_grant"  # a refusal that is not about the IP: never sent again
+    assert guard.retry(f, pair.members[0], []) is None
+    f.call.outcome = "ip_restricted"
+    ev.record(f.app, "52.0.0.1", "refused")
+    assert guard.retry(f, pair.members[0], []) is pair.members[1]
+    assert GuardAddon(rules, retry_ip_restricted=False).retry(f, pair.members[0], []) is None
+    ev.record(f.app, "52.0.0.2", "refused")  # both refused for this app: blocked, nothing sent
+    blocked = flow()
+    EvidenceAddon(ev).request(blocked)
+    guard.request(blocked)
+    assert blocked.answer is not None and blocked.answer.status == 503
+    assert (blocked.call.outcome, blocked.call.route, blocked.call.local) == ("blocked", "blocked", True)
+    assert json.loads(blocked.answer.body)["sent_to_salesforce"] is False
+
+
+def test_the_shield_lets_one_redemption_through_and_gives_its_answer_to_the_others() -> None:
+    async def run() -> tuple[list[str | None], int]:
+        shield = Shield(Metrics(), 60.0, 5.0)
+        shield.hash_key = KEY
+        addon = RotationShield(shield)
+        hooks = Hooks([addon])
+        flows = [flow() for _ in range(3)]
+        await hooks.request(flows[0])
+        assert flows[0].answer is None and "shield" in flows[0].metadata  # it leads
+        waiting = [asyncio.create_task(hooks.request(f)) for f in flows[1:]]
+        await asyncio.sleep(0.01)
+        assert not any(t.done() for t in waiting)
+        flows[0].answer = Answer(200, [], b'{"refresh_token":"5Aep861new"}')
+        await hooks.response(flows[0])
+        await asyncio.gather(*waiting)
+        again = flow()  # within the replay window: answered again, not sent
+        await hooks.request(again)
+        return [f.call.shielded for f in [*flows, again]], sum(f.answer is not None for f in flows)
+
+    shielded, answered = asyncio.run(run())
+    assert shielded == [None, "coalesced", "coalesced", "replayed"] and answered == 3
+
+
+def test_a_cancelled_leader_releases_its_waiters() -> None:
+    async def run() -> BaseException | None:
+        shield = Shield(Metrics(), 60.0, 5.0)
+        shield.hash_key = KEY
+        hooks = Hooks([RotationShield(shield)])
+        leader, waiter = flow(), flow()
+        await hooks.request(leader)
+        task = asyncio.create_task(hooks.request(waiter))
+        await asyncio.sleep(0.01)
+        hooks.error(leader)
+        try:
+            await task
+        except ConnectionError as exc:
+            return exc
+        return None
+
+    assert isinstance(asyncio.run(run()), ConnectionError)
+
+
+def test_the_record_writes_one_line_and_its_metrics(caplog: pytest.LogCaptureFixture) -> None:
+    metrics = Metrics()
+    f = flow()
+    call = f.call
+    call.route, call.member, call.egress_ip, call.outcome, call.status, call.duration = \
+        "pair", "127.0.0.2:9293", "52.0.0.1", "success", 200, 0.01
+    call.failovers, call.retry_outcome = 1, "success"
+    with caplog.at_level(logging.INFO, logger="egress_sidecar.token"):
+        Record(Recorder(metrics), metrics).done(f)
+    assert len([r for r in caplog.records if r.name == "egress_sidecar.token"]) == 1
+    text = metrics.render().decode()
+    assert metric_value(text, "egress_sidecar_token_requests_total", grant_type="refresh_token",
+                        member="127.0.0.2:9293", egress_ip="52.0.0.1", outcome="success") == 1
+    assert metric_value(text, "egress_sidecar_failovers_total") == 1
+    assert metric_value(text, "egress_sidecar_ip_restricted_retries_total", outcome="success") == 1
+
+
+def test_grants_hands_every_finished_call_to_the_tracker() -> None:
+    seen: list[tuple[TokenCall, TokenRequest | None, Answer | None]] = []
+
+    class Tracker(GrantTracker):
+        def on_call(self, call: TokenCall, req: TokenRequest | None, answer: Answer | None) -> None:
+            seen.append((call, req, answer))
+
+    f = flow()
+    f.answer = Answer(200, [], b"{}")
+    Grants(Tracker(Metrics())).done(f)
+    assert seen == [(f.call, f.request, f.answer)]
+
+
+def test_client_access_refuses_strangers_and_asks_for_credentials() -> None:
+    local = ClientAccess(Access(None, max_connections=1))
+    assert local.client_connected("127.0.0.1") and not local.client_connected("192.0.2.7")
+    head = h11.Request(method="CONNECT", target="login.salesforce.com:443", headers=[("Host", "x")])
+    assert local.request_head(head) is None
+    local.active = 2  # over SIDECAR_MAX_CONNECTIONS
+    refusal = local.request_head(head)
+    assert refusal is not None and refusal[0].status_code == 503  # type: ignore[union-attr]
+    shared = ClientAccess(Access("app:pw"))
+    assert shared.client_connected("192.0.2.7")
+    refusal = shared.request_head(head)
+    assert refusal is not None and refusal[0].status_code == 407  # type: ignore[union-attr]
+
+
+def test_hooks_run_in_the_addons_order_and_an_answer_stops_the_request_hooks() -> None:
+    order: list[str] = []
+
+    class First:
+        def request(self, f: TokenFlow) -> None:
+            order.append("first")
+            f.answer = Answer(503, [], b"")
+
+        def done(self, f: TokenFlow) -> None:
+            order.append("first.done")
+
+    class Second:
+        async def request(self, f: TokenFlow) -> None:
+            order.append("second")
+
+        def done(self, f: TokenFlow) -> None:
+            raise RuntimeError("a broken addon")  # logged; the next one still runs
+
+    class Third:
+        def done(self, f: TokenFlow) -> None:
+            order.append("third.done")
+
+    hooks = Hooks([First(), Second(), Third()])
+    f = flow()
+    asyncio.run(hooks.request(f))
+    hooks.done(f)
+    assert order == ["first", "first.done", "third.done"]
