@@ -87,13 +87,13 @@ def session() -> Iterator[requests.Session]:
 
 
 def token_call(sf: FakeSalesforce, ca: TestCA, form: dict[str, str], *, source: str = "127.0.0.2",
-               headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+               headers: dict[str, str] | None = None, path: str = "/services/oauth2/token") -> tuple[int, bytes]:
     """POST the token endpoint straight from `source` (no proxy)."""
     conn = http.client.HTTPSConnection(*sf.address, context=ca.client_context(), timeout=5,
                                        source_address=(source, 0))
     try:
         hdrs = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
-        conn.request("POST", "/services/oauth2/token", urlencode(form), hdrs)
+        conn.request("POST", path, urlencode(form), hdrs)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -188,6 +188,16 @@ def test_refresh_rotation(sf: FakeSalesforce, ca: TestCA) -> None:
     assert token_call(sf, ca, refresh_form(old)) == (400, EXPIRED_TOKEN_BODY)
     assert token_call(sf, ca, refresh_form(new))[0] == 200
     assert token_call(sf, ca, refresh_form("5Aep861nonsense")) == (400, EXPIRED_TOKEN_BODY)
+
+
+def test_token_endpoint_under_a_site_path(sf: FakeSalesforce, ca: TestCA) -> None:
+    """Experience Cloud sites serve the token endpoint under the site's path; the allowlist applies there too."""
+    token = sf.issue_refresh_token()
+    path = "/customers/services/oauth2/token"
+    assert token_call(sf, ca, refresh_form(token), source="127.0.0.3", path=path) == (400, IP_RESTRICTED_BODY)
+    status, body = token_call(sf, ca, refresh_form(token), path=path)
+    assert status == 200 and json.loads(body)["refresh_token"] != token
+    assert [(r.path, r.status) for r in sf.seen] == [(path, 400), (path, 200)]
 
 
 def test_allowlist_uses_source_ip_not_headers(sf: FakeSalesforce, ca: TestCA) -> None:

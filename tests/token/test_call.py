@@ -49,7 +49,20 @@ def body(error: str, description: str) -> bytes:
         ("POST", "/services/oauth2/tokens", False),
         ("POST", "/services/oauth2/token/..", False),
         ("POST", "/services/oauth2/%2574oken", False),  # decoded once, as servers do
-        ("POST", "/x/services/oauth2/token", False),
+        # Experience Cloud sites serve OAuth under the site's path ("use the full path to the site URL"):
+        # any path ending in the token endpoint is a token call, as leniently matched as the bare one.
+        ("POST", "/x/services/oauth2/token", True),
+        ("POST", "/customers/services/oauth2/token", True),
+        ("POST", "/s/services/oauth2/token", True),
+        ("POST", "/partners/portal/services/oauth2/token?so=00D", True),
+        ("POST", "//Customers//services/./OAuth2/%74oken/", True),
+        ("POST", "/customers;x=1/services/oauth2/token;jsessionid=2", True),
+        ("POST", "\\customers\\services\\oauth2\\token", True),
+        ("POST", "/customers/services/oauth2/tokens", False),
+        ("POST", "/customers/xservices/oauth2/token", False),
+        ("POST", "/customers/services/oauth2/token/..", False),
+        ("GET", "/customers/services/oauth2/token", False),
+        ("POST", "/customers/services/oauth2/authorize", False),
     ],
 )
 def test_is_token_request(method: str, path: str, expected: bool) -> None:
