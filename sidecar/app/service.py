@@ -219,8 +219,12 @@ class Sidecar:
             raise ConfigError(f"mitmproxy rejected the configuration: {exc}") from None
         return master
 
-    def _passthrough_member(self) -> Member | None:
-        """Route of a tunnel relayed without interception (never a token host)."""
+    def _passthrough_member(self, salesforce: bool) -> Member | None:
+        """Route of a tunnel relayed without interception (never a token host's): one to a Salesforce-owned
+        domain goes through the pair, so its egress is static, unless SIDECAR_SALESFORCE_TUNNELS=direct; any
+        other as SIDECAR_ROUTE says."""
+        if salesforce and self.settings.salesforce_tunnels == "pair":
+            return self.guard.choose("other").member
         return self.core.other_member(on_token_host=False)
 
     def prepare(self) -> None:

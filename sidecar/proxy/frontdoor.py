@@ -7,10 +7,12 @@ engine that serves it:
 
 - a ``CONNECT`` to a token host *name*: answered here and served by the token lane
   (:mod:`sidecar.proxy.lane`);
-- a ``CONNECT`` to any other host name: answered and relayed here as raw bytes (:mod:`sidecar.proxy.relay`),
-  direct, or through a pair member with ``SIDECAR_ROUTE=all``;
-- a ``CONNECT`` to an IP literal: answered, then the SNI of the client's TLS ClientHello decides: a
-  token host's goes to the lane, anything else is relayed;
+- a ``CONNECT`` to any other host name: answered and relayed here as raw bytes (:mod:`sidecar.proxy.relay`):
+  through a pair member when it is a Salesforce-owned domain (unless ``SIDECAR_SALESFORCE_TUNNELS=direct``)
+  or with ``SIDECAR_ROUTE=all``, else direct;
+- a ``CONNECT`` to an IP literal: answered, then the SNI of the client's TLS ClientHello decides (read
+  within the head deadline, however late it comes): a token host's goes to the lane, anything else is
+  relayed as a tunnel to that name would be;
 - a plain proxy request (``GET http://...``): a token call is served by the lane (refused over
   ``http://``); anything else is handed to mitmproxy, socket and bytes read so far, as if mitmproxy had
   accepted it itself. mitmproxy closes each such connection after one answer, so every request head
@@ -52,7 +54,7 @@ from sidecar.proxy.relay import (
     pipe_both,
 )
 from sidecar.token.call import is_token_request
-from sidecar.token.hosts import TokenHosts
+from sidecar.token.hosts import TokenHosts, salesforce_domain_class
 from sidecar.token.messages import origin_path
 
 log = logging.getLogger("egress_sidecar.frontdoor")
@@ -94,7 +96,7 @@ async def _connect_without_host(seen: bytes, sock: socket.socket) -> tuple[HttpC
 class FrontDoor:
     def __init__(self, hosts: TokenHosts, metrics: Metrics, access: Access, *, connect_timeout: float,
                  idle_timeout: float, handoff: Handoff, lane: Lane, upstream: Upstream | None,
-                 tunnel_member: Callable[[], Member | None], destinations: Destinations) -> None:
+                 tunnel_member: Callable[[bool], Member | None], destinations: Destinations) -> None:
         self.destinations = destinations
         self.hosts = hosts
         self.metrics = metrics
@@ -105,7 +107,7 @@ class FrontDoor:
         self.handoff = handoff  # mitmproxy's connection handler
         self.lane = lane
         self.upstream = upstream
-        self.tunnel_member = tunnel_member  # route of a relayed tunnel: None = direct
+        self.tunnel_member = tunnel_member  # route of a relayed tunnel (to a Salesforce-owned domain?): None = direct
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: socket.socket
         self._accept_task: asyncio.Task[None]
@@ -272,7 +274,7 @@ class FrontDoor:
         if sni is not None and self.hosts.matches(sni):
             await self.lane.serve(sock, sni.lower(), port, first, address=(host, port))
             return
-        target = await self._open(host, port)
+        target = await self._open(host, port, sni)
         if isinstance(target, str):
             event(log, logging.INFO, f"closed a tunnel: {target}")  # answered 200 already: only a close is left
             return
@@ -282,7 +284,7 @@ class FrontDoor:
             target.close()
 
     async def _relay(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
-        target = await self._open(host, port)
+        target = await self._open(host, port, host)
         if isinstance(target, str):
             status = 403 if target.startswith("refused: ") else 502
             await self._refuse(client, *error_events(status, target))
@@ -293,10 +295,13 @@ class FrontDoor:
         finally:
             target.close()
 
-    async def _open(self, host: str, port: int) -> SocketStream | str:
-        """The tunnel's target, direct or through a pair member (``SIDECAR_ROUTE=all``), counted; or why
-        not (starting ``refused: `` when the destination rules say no)."""
-        member = self.tunnel_member()
+    async def _open(self, host: str, port: int, name: str | None) -> SocketStream | str:
+        """The tunnel's target, direct or through a pair member, counted; or why not (starting ``refused: ``
+        when the destination rules say no). ``name``: the host the tunnel is for (the CONNECT's, or an IP
+        literal's TLS SNI; None when unknown): a Salesforce-owned domain's is counted per domain class and
+        routed as ``SIDECAR_SALESFORCE_TUNNELS`` says."""
+        domain_class = salesforce_domain_class(name) if name else None
+        member = self.tunnel_member(domain_class is not None)
         try:
             async with asyncio.timeout(self.connect_timeout):
                 target = await open_target(host, port, member, self.upstream, self.destinations)
@@ -304,5 +309,8 @@ class FrontDoor:
             return f"refused: {exc.detail}" if exc.refused else exc.detail
         except TimeoutError:
             return f"connecting to {host}:{port} timed out"
-        self.metrics.tunnels.labels("pair" if member else "direct").inc()
+        route = "pair" if member else "direct"
+        self.metrics.tunnels.labels(route).inc()
+        if domain_class is not None:
+            self.metrics.salesforce_tunnels.labels(domain_class, route).inc()
         return target

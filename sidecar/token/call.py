@@ -208,8 +208,10 @@ def host_class(host: str) -> str:
         return "sandbox_my_domain"
     if host.endswith(".my.salesforce.com"):
         return "my_domain"
-    if host.endswith(".my.site.com"):
-        return "experience_cloud"
+    if host.endswith(".my.site.com") or (host.endswith(".force.com") and host.count(".") == 2):
+        return "experience_cloud"  # (NAME.force.com: a legacy site domain)
+    if host.endswith(".salesforce.mil"):
+        return "government"
     return "custom"
 
 
