@@ -402,6 +402,50 @@ def test_echo_direct_and_egress_change(pair: FakeQuotaGuardPair, echo: FakeIPEch
         pair[0].egress_ip = "10.0.0.1"
 
 
+def test_balanced_address_spreads_connections_and_keeps_each_on_one_member(
+    echo: FakeIPEcho, session: requests.Session
+) -> None:
+    """QuotaGuard may publish one load-balanced address instead of one per static IP. Through the fake one,
+    real clients see both egress IPs over several connections, and one egress IP on each connection (three
+    requests in one CONNECT tunnel, with http.client), as with a TCP-level balancer."""
+    with FakeQuotaGuardPair(routes={(ECHO_HOST, 80): echo.address}, balanced=True) as pair:
+        assert pair.balancer is not None
+        proxies = {"http": pair.balanced_url}
+        per_request = [session.get(f"http://{ECHO_HOST}/", proxies=proxies, timeout=5).json()["ip"] for _ in range(4)]
+        per_tunnel = []
+        for _ in range(4):
+            conn = http.client.HTTPConnection(*pair.balancer.address, timeout=5)
+            conn.set_tunnel(ECHO_HOST, 80, headers={"Proxy-Authorization": proxy_auth()})
+            try:
+                ips = []
+                for _ in range(3):
+                    conn.request("GET", "/")
+                    ips.append(json.loads(conn.getresponse().read())["ip"])
+            finally:
+                conn.close()
+            per_tunnel.append(ips)
+        chosen = pair.balancer.chosen
+        member_only = {"http": pair.url_for(0)}  # each member's own address still works beside the balancer
+        assert session.get(f"http://{ECHO_HOST}/", proxies=member_only, timeout=5).json() == {"ip": "127.0.0.2"}
+    assert set(per_request) == {"127.0.0.2", "127.0.0.3"}
+    assert all(len(set(ips)) == 1 for ips in per_tunnel), per_tunnel
+    assert {ips[0] for ips in per_tunnel} == {"127.0.0.2", "127.0.0.3"}
+    assert len(chosen) == 8 and set(chosen) == {m.address for m in pair}
+    assert [h.source_ip for h in echo.hits][:4] == per_request  # the echo saw each member's egress, no balancer's
+
+
+def test_balanced_address_needs_the_members_credentials(pair: FakeQuotaGuardPair) -> None:
+    """The balancer only copies bytes: the member behind it asks for proxy auth as before."""
+    balanced = FakeQuotaGuardPair(balanced=True)
+    with balanced:
+        assert balanced.balancer is not None
+        with socket.create_connection(balanced.balancer.address, timeout=5) as s:
+            s.sendall(f"CONNECT {ECHO_HOST}:80 HTTP/1.1\r\nHost: {ECHO_HOST}:80\r\n\r\n".encode())
+            assert read_head(s).startswith(b"HTTP/1.1 407 ")
+    with pytest.raises(RuntimeError, match="balanced"):
+        _ = pair.balanced_url
+
+
 def test_only_loopback_targets(pair: FakeQuotaGuardPair) -> None:
     member, auth = pair[0], f"Proxy-Authorization: {proxy_auth()}\r\n"
     for target in ("10.1.2.3:443", "example.com:443", "[2001:db8::1]:443"):
