@@ -33,10 +33,12 @@ from pydantic_settings.sources.utils import parse_env_vars
 
 from sidecar.egress.allowlist import Allowlist, AllowlistError, parse_allowlist
 
+# The hosts Salesforce serves /services/oauth2/token on (sources and what each says: sidecar/token/hosts.py).
 # My Domain login hosts: production, then the partitioned forms Salesforce gives sandboxes, Developer
 # Edition orgs, scratch orgs, patch orgs, demo orgs and Trailhead playgrounds (the DomainPartition values
 # of the Tooling API's OrgDomainLog: NAME.develop.my.salesforce.com, ...); ISVs build on the last few.
-# Experience Cloud sites (my.site.com) take the same partitions.
+# Experience Cloud sites (my.site.com) take the same partitions; legacy site domains are NAME.force.com.
+# Government Cloud Plus My Domains (NAME.my.salesforce.mil) by analogy: they appear in public code only.
 DEFAULT_TOKEN_HOSTS = (
     "login.salesforce.com",
     "test.salesforce.com",
@@ -54,6 +56,8 @@ DEFAULT_TOKEN_HOSTS = (
     "*.patch.my.site.com",
     "*.demo.my.site.com",
     "*.trailblaze.my.site.com",
+    "*.force.com",
+    "*.my.salesforce.mil",
 )
 DEFAULT_CONFDIR = Path("~/.egress-sidecar")
 DEFAULT_ECHO_URL = "http://ip.quotaguard.com/"
@@ -195,7 +199,16 @@ class Settings(BaseSettings):
         default_factory=lambda: list(DEFAULT_TOKEN_HOSTS),
         doc="Hosts whose TLS is intercepted. `*.` stands for exactly one DNS label. The defaults cover login, test "
         "and every My Domain login host (production, sandbox, Developer Edition, scratch, patch, demo, Trailhead "
-        "playground) and Experience Cloud site (the same forms under my.site.com). Add custom domains here.",
+        "playground), Experience Cloud sites (the same forms under my.site.com, and legacy NAME.force.com sites) "
+        "and Government Cloud Plus My Domains (NAME.my.salesforce.mil). Add custom domains and instance hosts "
+        "(NAME.salesforce.com) here.",
+    )
+    salesforce_tunnels: Literal["pair", "direct"] = _setting(
+        "pair",
+        doc="Where a tunnel to a Salesforce-owned domain that is not a token host goes (Lightning, Visualforce, "
+        "sites, instance hosts, ...: relayed as raw bytes, never decrypted): `pair` (through a pair member, so it "
+        "leaves from a static IP) or `direct` (as `SIDECAR_ROUTE` says). Counted per domain class in "
+        "`egress_sidecar_salesforce_tunnels_total`.",
     )
     route: Literal["token", "salesforce", "all"] = _setting(
         "token",
@@ -334,7 +347,7 @@ class Settings(BaseSettings):
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
 
-    @field_validator("log_format", "route", "guard", mode="before")
+    @field_validator("log_format", "route", "guard", "salesforce_tunnels", mode="before")
     @classmethod
     def _lower(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -539,6 +552,7 @@ _HINTS = {
     "pair": "Example: SIDECAR_PAIR=10.0.0.5:9293,10.0.0.6:9293.",
     "token_hosts": "Example: SIDECAR_TOKEN_HOSTS=login.salesforce.com,*.my.salesforce.com.",
     "route": "Use one of: token, salesforce, all.",
+    "salesforce_tunnels": "Use one of: pair, direct.",
     "log_format": "Use json or text.",
     "log_level": "Use DEBUG, INFO, WARNING or ERROR.",
     "guard": "Use observe or enforce.",

@@ -24,6 +24,7 @@ from prometheus_client import (
 
 from sidecar import __version__
 from sidecar.net.streams import HANDSHAKE_FAILURES
+from sidecar.token.hosts import DOMAIN_CLASSES
 
 # `*_created` series double the output and no alert or dashboard here uses them.
 disable_created_metrics()
@@ -46,6 +47,7 @@ MEMBER_NONE = "none"
 EGRESS_UNKNOWN = "unknown"
 EGRESS_NONE = "none"
 FAILURE_REASONS = ("refused", "unreachable", "timeout", "proxy_error", "auth_failed", "reset")
+TUNNEL_ROUTES = ("pair", "direct")
 # A member's probe round: its samples agreed, disagreed, only the echo behind it failed, or the member failed.
 PROBE_RESULTS = ("ok", "unstable", "echo_failed", "member_down")
 
@@ -94,6 +96,16 @@ class Metrics:
             ("route",),
             registry=r,
         )
+        self.salesforce_tunnels = Counter(
+            f"{NS}_salesforce_tunnels_total",
+            "Tunnels to Salesforce-owned domains that are not token hosts, relayed without interception (the "
+            "sidecar cannot read them), by domain class and route (pair or direct).",
+            ("domain_class", "route"),
+            registry=r,
+        )
+        for domain_class in DOMAIN_CLASSES:  # at 0 from the start: increase() cannot see a series' first step
+            for route in TUNNEL_ROUTES:
+                self.salesforce_tunnels.labels(domain_class, route)
         self.intercepted = Counter(
             f"{NS}_intercepted_connections_total",
             "Client connections to token hosts whose TLS the sidecar intercepted.",

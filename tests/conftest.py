@@ -25,7 +25,8 @@ def test_ca(tmp_path_factory: pytest.TempPathFactory) -> TestCA:
 
 @pytest.fixture(scope="session")
 def sf_cert(test_ca: TestCA) -> tuple[Path, Path]:
-    return test_ca.issue([SF_HOST, "test.salesforce.com", "*.my.salesforce.com", "localhost", "127.0.0.1"], "salesforce")
+    return test_ca.issue([SF_HOST, "test.salesforce.com", "*.my.salesforce.com", "*.my.site.com", "localhost",
+                          "127.0.0.1"], "salesforce")
 
 
 @pytest.fixture

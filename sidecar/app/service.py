@@ -121,7 +121,7 @@ class Sidecar:
             settings.redis_key.get_secret_value()), self.metrics) if settings.redis_url and settings.redis_key else None
         self.shield = Shield(self.metrics, settings.replay_window, longest_redemption(settings, len(self.pair.members)),
                              self.shared)
-        self.routes = Routes(self.guard, settings.route)
+        self.routes = Routes(self.guard, settings.route, settings.salesforce_tunnels)
         # The policies, in the order the core calls their hooks (sidecar/token/flow.py): the app is named
         # before the shield and the guard look at the call; the record is written before the grants are.
         self.addons = (

@@ -7,13 +7,15 @@ engine that serves it:
 
 - a ``CONNECT`` to a token host *name*: answered here and served by the token lane
   (:mod:`sidecar.proxy.lane`);
-- a ``CONNECT`` to any other host name: answered and relayed here as raw bytes (:mod:`sidecar.proxy.relay`),
-  direct, or through a pair member with ``SIDECAR_ROUTE=all``;
-- a ``CONNECT`` to an IP literal: answered, then the SNI of the client's TLS ClientHello decides: a
-  token host's goes to the lane, anything else is relayed;
-- a plain proxy request (``GET http://...``): served by the lane on this connection, request by request
-  (a token call by the core, refused over ``http://``; anything else forwarded to the very addresses
-  the destination rules approved), each head read under the same deadline and size cap as the first.
+- a ``CONNECT`` to any other host name: answered and relayed here as raw bytes (:mod:`sidecar.net.pipe`):
+  through a pair member when it is a Salesforce-owned domain (unless ``SIDECAR_SALESFORCE_TUNNELS=direct``)
+  or with ``SIDECAR_ROUTE=all``, else direct;
+- a ``CONNECT`` to an IP literal: answered, then the SNI of the client's TLS ClientHello decides (read
+  within the head deadline, however late it comes): a token host's goes to the lane, anything else is
+  relayed as a tunnel to that name would be;
+- a plain proxy request (``GET http://...``): served on this connection, request by request (a token call
+  by the core, refused over ``http://``; anything else forwarded to the very addresses the destination
+  rules approved), each head read under the same deadline and size cap as the first.
 
 Who may connect and use the proxy is the client access addon's (``addons/client_access.py``).
 """
@@ -45,7 +47,7 @@ from sidecar.proxy.destinations import DestinationRefused, Destinations, is_ip
 from sidecar.proxy.lane import MAX_REQUESTS, Lane
 from sidecar.proxy.relay import UnfinishedHello, client_hello_sni
 from sidecar.token.call import is_token_request
-from sidecar.token.hosts import TokenHosts
+from sidecar.token.hosts import TokenHosts, salesforce_domain_class
 from sidecar.token.messages import origin_path
 
 log = logging.getLogger("egress_sidecar.frontdoor")
@@ -270,7 +272,7 @@ class FrontDoor:
         if sni is not None and self.hosts.matches(sni):
             await self.lane.serve(sock, sni.lower(), port, first, address=(host, port))
             return
-        target = await self._open(host, port)
+        target = await self._open(host, port, sni)
         if isinstance(target, str):
             event(log, logging.INFO, f"closed a tunnel: {target}")  # answered 200 already: only a close is left
             return
@@ -280,7 +282,7 @@ class FrontDoor:
             target.close()
 
     async def _relay(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
-        target = await self._open(host, port)
+        target = await self._open(host, port, host)
         if isinstance(target, str):
             status = 403 if target.startswith("refused: ") else 502
             await self._refuse(client, *error_events(status, target))
@@ -291,14 +293,20 @@ class FrontDoor:
         finally:
             target.close()
 
-    async def _open(self, host: str, port: int) -> Stream | str:
-        """The tunnel's target, direct or through a pair member (``SIDECAR_ROUTE=all``), counted; or why
-        not (starting ``refused: `` when the destination rules say no)."""
-        member = self.lane.routes.member_for(on_token_host=False)
+    async def _open(self, host: str, port: int, name: str | None) -> Stream | str:
+        """The tunnel's target, direct or through a pair member, counted; or why not (starting ``refused: ``
+        when the destination rules say no). ``name``: the host the tunnel is for (the CONNECT's, or an IP
+        literal's TLS SNI; None when unknown): a Salesforce-owned domain's is counted per domain class and
+        routed as ``SIDECAR_SALESFORCE_TUNNELS`` says."""
+        domain_class = salesforce_domain_class(name) if name else None
+        member = self.lane.routes.tunnel_member(salesforce=domain_class is not None)
         deadline = asyncio.get_running_loop().time() + self.connect_timeout
         try:
             target = await self.connector.open(host, port, member, deadline=deadline, tls=False)
         except ConnectFailure as exc:
             return f"refused: {exc.detail}" if exc.refused else exc.detail
-        self.metrics.tunnels.labels("pair" if member else "direct").inc()
+        route = "pair" if member else "direct"
+        self.metrics.tunnels.labels(route).inc()
+        if domain_class is not None:
+            self.metrics.salesforce_tunnels.labels(domain_class, route).inc()
         return target

@@ -14,7 +14,6 @@ from mitmproxy.proxy.layers.tls import parse_client_hello
 from sidecar.net.streams import CHUNK
 
 MAX_CLIENT_HELLO = 64 * 1024  # a ClientHello is a few hundred bytes to a few KiB (post-quantum key shares)
-FIRST_BYTES_WAIT = 1.0  # a client that sends nothing first (a server-speaks-first protocol) is relayed after this
 
 
 class UnfinishedHello(Exception):
@@ -23,16 +22,21 @@ class UnfinishedHello(Exception):
 
 async def client_hello_sni(sock: socket.socket, data: bytes, deadline: float) -> tuple[str | None, bytes]:
     """The SNI of the TLS ClientHello a client sends first in a tunnel, and the bytes read to find it
-    (``data``: those already read). None when the client speaks something else than TLS, sends no SNI, or
-    sends nothing within FIRST_BYTES_WAIT. Raises UnfinishedHello for a ClientHello begun and not finished
-    within ``deadline`` seconds: never relayed as is, or an unfinished token host's hello would leave
-    unguarded."""
+    (``data``: those already read). Waits for it up to ``deadline`` seconds (the head deadline: as long as a
+    client may take to send a request head, so a late ClientHello is read all the same, never relayed
+    unread). None at once when the first bytes cannot begin a TLS record (another protocol: relayed), and
+    when the ClientHello has no SNI; None, with no bytes, when the client sent nothing at all within
+    ``deadline`` (a protocol whose server speaks first: relayed then). Raises UnfinishedHello for a
+    ClientHello begun and not finished within ``deadline``: never relayed as is, or an unfinished token
+    host's hello would leave unguarded."""
     loop = asyncio.get_running_loop()
     buf = bytearray(data)
     try:
         async with asyncio.timeout(deadline):
             for _ in range(MAX_CLIENT_HELLO + 1):  # bounded: each read adds at least one byte
                 if buf:
+                    if not _may_be_tls(buf):
+                        return None, bytes(buf)  # not TLS, however short: relayed untouched, at once
                     try:
                         hello = parse_client_hello(bytes(buf))
                     except ValueError:
@@ -41,15 +45,17 @@ async def client_hello_sni(sock: socket.socket, data: bytes, deadline: float) ->
                         return hello.sni, bytes(buf)
                     if len(buf) > MAX_CLIENT_HELLO:
                         break
-                    chunk = await loop.sock_recv(sock, CHUNK)
-                else:
-                    try:
-                        chunk = await asyncio.wait_for(loop.sock_recv(sock, CHUNK), FIRST_BYTES_WAIT)
-                    except TimeoutError:
-                        return None, b""
+                chunk = await loop.sock_recv(sock, CHUNK)
                 if not chunk:
                     break
                 buf += chunk
     except TimeoutError:
-        pass
+        if not buf:
+            return None, b""  # nothing sent first: a server-speaks-first protocol
     raise UnfinishedHello(f"no whole TLS ClientHello from the client ({len(buf)} bytes, then it closed or stalled)")
+
+
+def _may_be_tls(data: bytes | bytearray) -> bool:
+    """Whether ``data`` can still be the start of a TLS handshake record: 0x16, then version 3.x (x <= 3).
+    mitmproxy's own check needs 3 bytes; a shorter non-TLS message must not wait for more."""
+    return data[0] == 0x16 and (len(data) < 2 or data[1] == 0x03) and (len(data) < 3 or data[2] <= 0x03)

@@ -1,4 +1,5 @@
-"""Loopback simulations of Salesforce, a QuotaGuard Static proxy pair and ip.quotaguard.com.
+"""Loopback simulations of Salesforce, a QuotaGuard Static proxy pair (each member's own address, or one
+load-balanced address in front of both) and ip.quotaguard.com.
 
 Why in the package: both the test suite and `egress-sidecar demo` (everything in one process) use
 them. Each server runs its own asyncio loop in a daemon thread; see `_server.ThreadedServer`.
@@ -7,7 +8,7 @@ Only loopback addresses are ever bound or connected to.
 
 from .certs import TestCA, server_context
 from .echo import EchoHit, FakeIPEcho
-from .quotaguard import FakeQuotaGuardMember, FakeQuotaGuardPair
+from .quotaguard import FakeQuotaGuardBalancer, FakeQuotaGuardMember, FakeQuotaGuardPair
 from .salesforce import (
     EXPIRED_TOKEN_BODY,
     IP_RESTRICTED_BODY,
@@ -16,6 +17,6 @@ from .salesforce import (
 )
 
 __all__ = [
-    "EXPIRED_TOKEN_BODY", "IP_RESTRICTED_BODY", "EchoHit", "FakeIPEcho", "FakeQuotaGuardMember",
-    "FakeQuotaGuardPair", "FakeSalesforce", "SeenRequest", "TestCA", "server_context",
+    "EXPIRED_TOKEN_BODY", "IP_RESTRICTED_BODY", "EchoHit", "FakeIPEcho", "FakeQuotaGuardBalancer",
+    "FakeQuotaGuardMember", "FakeQuotaGuardPair", "FakeSalesforce", "SeenRequest", "TestCA", "server_context",
 ]

@@ -1,10 +1,16 @@
-"""A fake QuotaGuard Static proxy pair: HTTP forward proxies with Basic auth and a fixed egress IP.
+"""A fake QuotaGuard Static proxy pair: HTTP forward proxies with Basic auth and a fixed egress IP, and
+optionally one load-balanced address in front of them.
 
 Why: QuotaGuard gives each account two proxies whose traffic leaves from two static IPs. A member
 here binds every upstream connection to its own egress address (127.0.0.2, 127.0.0.3, ... on Linux
 loopback), so the fake Salesforce sees a different TCP source per member, just as the real
 allowlist does. Targets are resolved through a `routes` table (there is no DNS here), and only
 loopback targets are ever connected to: a workplace safety rule, enforced with 403.
+
+Nothing public says whether QuotaGuard's proxy hostname gives one address per static IP or one
+load-balanced address ("Traffic may be routed through either one at any time"; REFERENCE.md), so both
+layouts exist here: the members' own addresses, and :class:`FakeQuotaGuardBalancer`, one address that
+sends each connection to either member and keeps it there, as a TCP-level balancer does.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import binascii
 import contextlib
 import hmac
 import ipaddress
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Self
 from urllib.parse import quote, urlsplit
 
@@ -237,32 +243,101 @@ class FakeQuotaGuardMember(ThreadedServer):
         return b"".join(conn.send(e) or b"" for e in (
             h11.Request(method=req.method, target=path, headers=headers), h11.Data(data=req.body), h11.EndOfMessage()))
 
+    def _count(self, n: int) -> None:
+        with self._lock:
+            self._bytes += n
+
     async def _pipe(self, src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-        while data := await asyncio.wait_for(src.read(CHUNK), self.idle_timeout):
-            dst.write(data)
-            await asyncio.wait_for(dst.drain(), self.idle_timeout)
-            with self._lock:
-                self._bytes += len(data)
+        await _pipe(src, dst, self.idle_timeout, self._count)
 
     async def _relay(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter,
                      u_reader: asyncio.StreamReader, u_writer: asyncio.StreamWriter) -> None:
-        """Copy both ways in chunks until either side closes, errors or idles out."""
-        tasks = [asyncio.create_task(self._pipe(c_reader, u_writer)),
-                 asyncio.create_task(self._pipe(u_reader, c_writer))]
+        await _relay(c_reader, c_writer, u_reader, u_writer, self.idle_timeout, self._count)
+
+
+async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, idle_timeout: float,
+                count: Callable[[int], None]) -> None:
+    while data := await asyncio.wait_for(src.read(CHUNK), idle_timeout):
+        dst.write(data)
+        await asyncio.wait_for(dst.drain(), idle_timeout)
+        count(len(data))
+
+
+async def _relay(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter, u_reader: asyncio.StreamReader,
+                 u_writer: asyncio.StreamWriter, idle_timeout: float, count: Callable[[int], None]) -> None:
+    """Copy both ways in chunks until either side closes, errors or idles out."""
+    tasks = [asyncio.create_task(_pipe(c_reader, u_writer, idle_timeout, count)),
+             asyncio.create_task(_pipe(u_reader, c_writer, idle_timeout, count))]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class FakeQuotaGuardBalancer(ThreadedServer):
+    """One address in front of the members, as a TCP-level load balancer: each new connection goes to the
+    next member in turn (round robin) and stays on it for its whole life; its bytes are copied both ways,
+    never read, so the members' own proxy auth and CONNECT apply unchanged. Over several connections a
+    client sees both egress IPs; on one connection (a keep-alive proxy connection, a CONNECT tunnel) only
+    one. A member that cannot be reached gets its connections closed (no health checks here)."""
+
+    def __init__(self, members: Sequence[FakeQuotaGuardMember], host: str = "127.0.0.1", *, port: int = 0,
+                 idle_timeout: float = 60.0) -> None:
+        super().__init__(host, port)
+        if not members:
+            raise ValueError("a balancer needs at least one member")
+        self.members = tuple(members)
+        self.idle_timeout = idle_timeout
+        self._turn = 0
+        self._chosen: list[Address] = []
+
+    @property
+    def url(self) -> str:
+        """The proxy URL through the balancer, with the members' credentials (QUOTAGUARDSTATIC_URL)."""
+        first = self.members[0]
+        host, port = self.address
+        return f"http://{quote(first.username, safe='')}:{quote(first.password, safe='')}@{host}:{port}"
+
+    @property
+    def chosen(self) -> list[Address]:
+        """The member address each connection was sent to, in order."""
+        with self._lock:
+            return list(self._chosen)
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with self._lock:
+            member = self.members[self._turn % len(self.members)]
+            self._turn += 1
+            self._chosen.append(member.address)
         try:
-            await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(*member.address), 5.0)
+        except (OSError, TimeoutError):
+            return
+        self.track(up_writer)
+        try:
+            await _relay(reader, writer, up_reader, up_writer, self.idle_timeout, lambda n: None)
         finally:
-            for task in tasks:
-                task.cancel()
-            with contextlib.suppress(Exception):
-                await asyncio.gather(*tasks, return_exceptions=True)
+            await close_writer(up_writer)
+            self.untrack(up_writer)
 
 
 class FakeQuotaGuardPair:
-    """The two proxies of one QuotaGuard Static account; kwargs go to every member."""
+    """The two proxies of one QuotaGuard Static account; kwargs go to every member. With ``balanced``, also
+    one load-balanced address in front of them (``balancer``, ``balanced_url``)."""
 
-    def __init__(self, hosts: tuple[str, ...] = ("127.0.0.2", "127.0.0.3"), **kwargs: Any) -> None:
+    def __init__(self, hosts: tuple[str, ...] = ("127.0.0.2", "127.0.0.3"), *, balanced: bool = False,
+                 **kwargs: Any) -> None:
         self.members = tuple(FakeQuotaGuardMember(h, **kwargs) for h in hosts)
+        self.balancer = FakeQuotaGuardBalancer(self.members) if balanced else None
+
+    @property
+    def balanced_url(self) -> str:
+        if self.balancer is None:
+            raise RuntimeError("this pair has no balanced address: FakeQuotaGuardPair(balanced=True)")
+        return self.balancer.url
 
     def url_for(self, i: int) -> str:
         return self.members[i].url
@@ -275,22 +350,26 @@ class FakeQuotaGuardPair:
         for member in self.members:
             member.set_route(requested, actual)
 
+    @property
+    def _servers(self) -> tuple[ThreadedServer, ...]:
+        return (*self.members, *((self.balancer,) if self.balancer is not None else ()))
+
     def start(self) -> Self:
-        started: list[FakeQuotaGuardMember] = []
+        started: list[ThreadedServer] = []
         try:
-            for member in self.members:
-                started.append(member.start())
+            for server in self._servers:
+                started.append(server.start())
         except BaseException:
-            for member in started:
-                member.stop()
+            for server in started:
+                server.stop()
             raise
         return self
 
     def stop(self) -> None:
         errors = []
-        for member in self.members:
+        for server in reversed(self._servers):  # the balancer first: nothing new reaches a stopped member
             try:
-                member.stop()
+                server.stop()
             except RuntimeError as e:
                 errors.append(e)
         if errors:

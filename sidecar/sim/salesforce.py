@@ -85,7 +85,8 @@ class SeenRequest:
 
 
 class FakeSalesforce(ThreadedServer):
-    """TLS HTTP/1.1 server for POST /services/oauth2/token (plus GET /services/data/)."""
+    """TLS HTTP/1.1 server for POST /services/oauth2/token, also under a site's path as Experience Cloud
+    sites serve it (/customers/services/oauth2/token), plus GET /services/data/."""
 
     def __init__(
         self,
@@ -193,7 +194,7 @@ class FakeSalesforce(ThreadedServer):
             path = urlsplit(req.target).path
             if mode == "500":
                 status, body, grant = 500, error_body("server_error", "internal server error"), None
-            elif path == TOKEN_PATH:
+            elif path.endswith(TOKEN_PATH):  # also under an Experience Cloud site's path (/customers/services/...)
                 status, body, grant = self._token(req, ip)
             elif path in ("/services/data", "/services/data/") and req.method == "GET":
                 status, body, grant = 200, self._versions(), None

@@ -1,6 +1,7 @@
 """What a token call is, and how its request and response are classified. Pure code, no I/O.
 
-A token call is ``POST /services/oauth2/token`` on an intercepted Salesforce host. Its grant type and
+A token call is ``POST /services/oauth2/token`` (or ``POST /SITE-PATH/services/oauth2/token`` on an
+Experience Cloud site) on an intercepted Salesforce host. Its grant type and
 its outcome are reduced to small fixed sets, so they can be metric labels and log fields without
 ever carrying a token, a secret or a customer's identity.
 """
@@ -63,9 +64,11 @@ _IP_RESTRICTED = re.compile(r"ip\s+restricted", re.IGNORECASE)
 def is_token_request(method: str, path: str) -> bool:
     """True for a POST to the token endpoint in any form a server may route there: the query string,
     repeated or trailing slashes, dot segments, percent-encoded characters, path parameters
-    (``;jsessionid=``), backslashes and letter case do not matter. A lookalike is treated as a token call
-    (it then passes the guard like any other); it is never forwarded around it."""
-    return method.upper() == "POST" and normalized_path(path) == TOKEN_PATH
+    (``;jsessionid=``), backslashes and letter case do not matter. Any path that *ends* in the endpoint
+    counts: Experience Cloud sites serve it under the site's path (``/customers/services/oauth2/token``;
+    Salesforce: "use the full path to the site URL"). A lookalike is treated as a token call (it then
+    passes the guard like any other); it is never forwarded around it."""
+    return method.upper() == "POST" and normalized_path(path).endswith(TOKEN_PATH)
 
 
 def normalized_path(path: str) -> str:
@@ -205,8 +208,10 @@ def host_class(host: str) -> str:
         return "sandbox_my_domain"
     if host.endswith(".my.salesforce.com"):
         return "my_domain"
-    if host.endswith(".my.site.com"):
-        return "experience_cloud"
+    if host.endswith(".my.site.com") or (host.endswith(".force.com") and host.count(".") == 2):
+        return "experience_cloud"  # (NAME.force.com: a legacy site domain)
+    if host.endswith(".salesforce.mil"):
+        return "government"
     return "custom"
 
 

@@ -26,7 +26,7 @@ def test_defaults() -> None:
     assert s.listen_address == HostPort("127.0.0.1", 3128)
     assert s.admin_address == HostPort("0.0.0.0", 9464)
     assert s.upstream is None
-    assert s.route == "token"
+    assert s.route == "token" and s.salesforce_tunnels == "pair"
     assert s.guard_mode == "observe"
     assert s.log_format == "json"
     assert "*.my.salesforce.com" in s.token_hosts
@@ -74,6 +74,7 @@ def test_guard_defaults_to_enforce_whenever_a_pair_is_configured() -> None:
         ({"SIDECAR_LISTEN": "127.0.0.1:99999"}, "SIDECAR_LISTEN", "out of range"),
         ({"SIDECAR_ADMIN_LISTEN": "x:y"}, "SIDECAR_ADMIN_LISTEN", "HOST:PORT"),
         ({"SIDECAR_ROUTE": "everything"}, "SIDECAR_ROUTE", "token, salesforce, all"),
+        ({"SIDECAR_SALESFORCE_TUNNELS": "decrypt"}, "SIDECAR_SALESFORCE_TUNNELS", "pair, direct"),
         ({"SIDECAR_GUARD": "strict"}, "SIDECAR_GUARD", "observe or enforce"),
         ({"SIDECAR_EVIDENCE_TTL": "0"}, "SIDECAR_EVIDENCE_TTL", "greater than or equal to 1"),
         ({"SIDECAR_RETRY_IP_RESTRICTED": "sometimes"}, "SIDECAR_RETRY_IP_RESTRICTED", "valid boolean"),
@@ -149,6 +150,11 @@ def test_token_host_patterns() -> None:
     for partition in ("sandbox", "develop", "scratch", "patch", "demo", "trailblaze"):  # Experience Cloud sites too
         assert hosts.matches(f"acme--uat.{partition}.my.site.com"), partition
     assert hosts.matches("acme.my.site.com")
+    assert hosts.matches("acme.force.com")  # a legacy Experience Cloud site domain
+    assert hosts.matches("agency.my.salesforce.mil")  # Government Cloud Plus (by analogy)
+    for other in ("acme.lightning.force.com", "acme--c.vf.force.com", "usa77.salesforce.com",
+                  "acme.my.salesforce-sites.com"):  # Salesforce's, but no token endpoint: relayed, not intercepted
+        assert not hosts.matches(other), other
     assert not hosts.matches("evil-login.salesforce.com")
     assert not hosts.matches("my.salesforce.com")
     assert not hosts.matches("acme.my.salesforce.com.evil.com")

@@ -14,6 +14,8 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import pytest
+
 from sidecar.sim.certs import TestCA
 from tests.harness import (
     SF_HOST,
@@ -134,8 +136,9 @@ def speaks_first(greeting: bytes) -> Iterator[tuple[str, int]]:
 def test_a_tunnel_to_an_ip_literal_whose_server_speaks_first_is_relayed(
     make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
-    """The front door waits a moment for a TLS ClientHello; a client that sends nothing first is relayed."""
-    sc = make_sidecar_proc({})
+    """The front door waits for a TLS ClientHello as long as for a request head (min(30 s,
+    SIDECAR_IDLE_TIMEOUT), here 2 s); a client that sends nothing first in that time is relayed then."""
+    sc = make_sidecar_proc({"SIDECAR_IDLE_TIMEOUT": "2"})
     with speaks_first(b"220 hello\r\n") as (host, port), \
             socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
         c.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
@@ -145,6 +148,27 @@ def test_a_tunnel_to_an_ip_literal_whose_server_speaks_first_is_relayed(
         assert greeting == b"220 hello\r\n"
         c.sendall(b"EHLO me\r\n")
         assert c.recv(4096) == b"echo: EHLO me\r\n"
+    assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="direct") == 1
+
+
+@pytest.mark.parametrize("first", [b"HI\r\n", b"\x16", b"\x16\x01", b"EHLO me\r\n"])
+def test_a_tunnel_to_an_ip_literal_whose_first_bytes_cannot_be_tls_is_relayed_at_once(
+    make_sidecar_proc: Callable[..., SidecarProcess], first: bytes
+) -> None:
+    """First bytes that cannot begin a TLS record, however few, are relayed at once: only a possible
+    ClientHello is waited for (up to 20 s here; the client gives up after 10). A lone 0x16 could still be
+    TLS: it is relayed once the next byte says otherwise."""
+    sc = make_sidecar_proc({"SIDECAR_IDLE_TIMEOUT": "20"})
+    with speaks_first(b"") as (host, port), \
+            socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+        assert c.recv(4096).startswith(b"HTTP/1.1 200")
+        c.sendall(first)
+        if first == b"\x16":
+            time.sleep(0.2)  # (the front door waits: this may yet be TLS)
+            c.sendall(b"\x02")
+            first += b"\x02"
+        assert read_until_closed(c) == b"echo: " + first
     assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="direct") == 1
 
 

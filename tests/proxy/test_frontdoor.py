@@ -122,6 +122,57 @@ def test_route_all_relays_tunnels_through_a_member(
     assert metric_value(sc.metrics(), "egress_sidecar_tunnels_total", route="pair") == 1
 
 
+def test_tunnels_to_salesforce_owned_domains_leave_through_the_pair_and_are_counted(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """A tunnel to a Salesforce-owned domain that is not a token host (Lightning here) is relayed raw, not
+    decrypted, through a pair member by default: its egress is static. Counted per domain class, never by
+    host. Any other host stays direct (SIDECAR_ROUTE=token)."""
+    lightning = "acme.lightning.force.com"
+    with FakeIPEcho() as origin:
+        world.pair.set_route((lightning, 443), origin.address)
+        sc = make_sidecar_proc(world.pair_env())
+        seen = []
+        for host, port in ((lightning, 443), ("localhost", origin.address[1])):
+            with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+                c.sendall(f"CONNECT {host}:{port} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n".encode())
+                assert read_head(c).startswith(b"HTTP/1.1 200")
+                c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                seen.append(json.loads(read_until_closed(c).split(b"\r\n\r\n", 1)[1])["ip"])
+    assert seen[0] in ("127.0.0.2", "127.0.0.3") and seen[1] == "127.0.0.1"
+    metrics = sc.metrics()
+    assert metric_value(metrics, "egress_sidecar_salesforce_tunnels_total", domain_class="force", route="pair") == 1
+    assert metric_value(metrics, "egress_sidecar_salesforce_tunnels_total") == 1
+    assert metric_value(metrics, "egress_sidecar_tunnels_total", route="pair") == 1
+    assert metric_value(metrics, "egress_sidecar_tunnels_total", route="direct") == 1
+    assert lightning not in metrics
+    assert metric_value(metrics, "egress_sidecar_intercepted_connections_total") == 0
+
+
+@pytest.mark.parametrize(("setting", "sources"), [("pair", {"127.0.0.2", "127.0.0.3"}), ("direct", {"127.0.0.1"})])
+def test_salesforce_tunnels_to_an_ip_literal_follow_the_sni_and_the_setting(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], setting: str, sources: set[str]
+) -> None:
+    """An IP-literal tunnel whose SNI names a Salesforce-owned domain (not a token host) is routed as a tunnel to
+    that name: through the pair, or direct with SIDECAR_SALESFORCE_TUNNELS=direct. Never decrypted: the app sees
+    Salesforce's own certificate."""
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_SALESFORCE_TUNNELS": setting})
+    world.salesforce.reset_seen()
+    target = f"127.0.0.1:{world.salesforce.address[1]}"
+    ctx = ssl.create_default_context(cafile=sc.env["SIDECAR_UPSTREAM_CA"])  # the fake Salesforce's CA only
+    ctx.check_hostname = False  # (its certificate does not name this host: it is not re-signed either)
+    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+        c.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        assert read_head(c).startswith(b"HTTP/1.1 200")
+        with ctx.wrap_socket(c, server_hostname="acme--c.vf.force.com") as tls:
+            tls.sendall(b"GET /services/data/ HTTP/1.1\r\nHost: acme--c.vf.force.com\r\nConnection: close\r\n\r\n")
+            assert read_until_closed(tls).startswith(b"HTTP/1.1 200")
+    assert {r.source_ip for r in world.salesforce.seen} <= sources and world.salesforce.seen
+    metrics = sc.metrics()
+    assert metric_value(metrics, "egress_sidecar_salesforce_tunnels_total", domain_class="force", route=setting) == 1
+    assert not sc.log_events()
+
+
 def test_numeric_host_forms_go_to_mitmproxy_which_sees_the_sni(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import socket
 import ssl
+import time
 from collections.abc import Callable
 
 from tests.harness import (
@@ -20,12 +21,14 @@ from tests.harness import (
 )
 
 
-def via_ip_literal(sc: SidecarProcess, world: World) -> http.client.HTTPConnection:
-    """An HTTPS connection to Salesforce's IP (CONNECT 127.0.0.1:PORT) with SNI login.salesforce.com."""
+def via_ip_literal(sc: SidecarProcess, world: World, hello_after: float = 0.0) -> http.client.HTTPConnection:
+    """An HTTPS connection to Salesforce's IP (CONNECT 127.0.0.1:PORT) with SNI login.salesforce.com, its
+    ClientHello sent ``hello_after`` seconds after the CONNECT's answer."""
     raw = socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10)
     target = f"127.0.0.1:{world.salesforce.address[1]}"
     raw.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
     assert raw.recv(4096).startswith(b"HTTP/1.1 200")
+    time.sleep(hello_after)
     tls = ssl.create_default_context(cafile=str(sc.ca_bundle)).wrap_socket(raw, server_hostname=SF_HOST)
     conn = http.client.HTTPConnection(SF_HOST, timeout=10)
     conn.sock = tls
@@ -67,6 +70,27 @@ def test_token_calls_to_an_ip_literal_take_the_core_path(
         ("127.0.0.2", "success", "allow")}
     assert metric_value(sc.metrics(), "egress_sidecar_token_requests_total", egress_ip="127.0.0.2",
                         outcome="success") == 5
+
+
+def test_a_late_client_hello_to_an_ip_literal_with_a_token_sni_is_intercepted_and_recorded(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """A client may send its ClientHello well after the CONNECT's answer (a busy process, a slow TLS start):
+    the front door waits for it as long as for a request head. Was: after 1 s the tunnel was relayed as
+    "server speaks first", and the token call inside left from the host's own IP, unguarded and unrecorded."""
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})  # enforce
+    world.salesforce.reset_seen()
+    conn = via_ip_literal(sc, world, hello_after=1.5)
+    try:
+        status, body = post(conn, refresh_form(world.salesforce.issue_refresh_token()))
+    finally:
+        conn.close()
+    assert status == 200, body
+    assert [r.source_ip for r in world.salesforce.seen if r.path == "/services/oauth2/token"] == ["127.0.0.2"]
+    assert [(c["route"], c["egress_ip"], c["outcome"]) for c in sc.log_events()] == [("pair", "127.0.0.2", "success")]
+    metrics = sc.metrics()
+    assert metric_value(metrics, "egress_sidecar_intercepted_connections_total") == 1
+    assert metric_value(metrics, "egress_sidecar_tunnels_total") == 0
 
 
 def test_ip_literal_token_calls_are_blocked_and_reported_like_any_other(

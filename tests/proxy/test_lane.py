@@ -302,6 +302,31 @@ def test_every_org_my_domain_is_served_under_one_wildcard_certificate(
     assert [c["host_class"] for c in sc.log_events()] == ["my_domain", "my_domain"]
 
 
+def test_a_token_call_under_an_experience_cloud_site_path_leaves_from_the_pair_and_is_recorded(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """Experience Cloud sites serve OAuth under the site's path (``/customers/services/oauth2/token``): such a
+    call is a token call like any other (guarded, sent through the pair, recorded), never forwarded as an
+    ordinary request from the host's own IP."""
+    site = "acme.my.site.com"
+    world.pair.set_route((site, 443), world.salesforce.address)
+    # SIDECAR_ROUTE=salesforce only so that, were the call not recognised, its ordinary forward would still
+    # go through the pair (a direct one would look the name up in real DNS); token calls ignore the setting.
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2", "SIDECAR_ROUTE": "salesforce"})
+    world.salesforce.reset_seen()
+    paths = ["/customers/services/oauth2/token", "/s/services/oauth2/token"]
+    with sc.session() as s:
+        for path in paths:
+            resp = redeem(s, world.salesforce.issue_refresh_token(), url=f"https://{site}{path}")
+            assert resp.status_code == 200, resp.text
+    assert [(r.path, r.source_ip) for r in world.salesforce.seen] == [(p, "127.0.0.2") for p in paths]
+    calls = sc.log_events()
+    assert [(c["host_class"], c["route"], c["egress_ip"], c["outcome"]) for c in calls] == [
+        ("experience_cloud", "pair", "127.0.0.2", "success")] * 2
+    assert metric_value(sc.metrics(), "egress_sidecar_token_requests_total", egress_ip="127.0.0.2",
+                        outcome="success") == 2
+
+
 # -- found by independent reviews of this module; each test failed before its fix --------------------
 SECRET = "00DrEvIeWsEcReT!AQ0123456789"
 

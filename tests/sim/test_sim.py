@@ -87,13 +87,13 @@ def session() -> Iterator[requests.Session]:
 
 
 def token_call(sf: FakeSalesforce, ca: TestCA, form: dict[str, str], *, source: str = "127.0.0.2",
-               headers: dict[str, str] | None = None) -> tuple[int, bytes]:
+               headers: dict[str, str] | None = None, path: str = "/services/oauth2/token") -> tuple[int, bytes]:
     """POST the token endpoint straight from `source` (no proxy)."""
     conn = http.client.HTTPSConnection(*sf.address, context=ca.client_context(), timeout=5,
                                        source_address=(source, 0))
     try:
         hdrs = {"Content-Type": "application/x-www-form-urlencoded", **(headers or {})}
-        conn.request("POST", "/services/oauth2/token", urlencode(form), hdrs)
+        conn.request("POST", path, urlencode(form), hdrs)
         resp = conn.getresponse()
         return resp.status, resp.read()
     finally:
@@ -188,6 +188,16 @@ def test_refresh_rotation(sf: FakeSalesforce, ca: TestCA) -> None:
     assert token_call(sf, ca, refresh_form(old)) == (400, EXPIRED_TOKEN_BODY)
     assert token_call(sf, ca, refresh_form(new))[0] == 200
     assert token_call(sf, ca, refresh_form("5Aep861nonsense")) == (400, EXPIRED_TOKEN_BODY)
+
+
+def test_token_endpoint_under_a_site_path(sf: FakeSalesforce, ca: TestCA) -> None:
+    """Experience Cloud sites serve the token endpoint under the site's path; the allowlist applies there too."""
+    token = sf.issue_refresh_token()
+    path = "/customers/services/oauth2/token"
+    assert token_call(sf, ca, refresh_form(token), source="127.0.0.3", path=path) == (400, IP_RESTRICTED_BODY)
+    status, body = token_call(sf, ca, refresh_form(token), path=path)
+    assert status == 200 and json.loads(body)["refresh_token"] != token
+    assert [(r.path, r.status) for r in sf.seen] == [(path, 400), (path, 200)]
 
 
 def test_allowlist_uses_source_ip_not_headers(sf: FakeSalesforce, ca: TestCA) -> None:
@@ -390,6 +400,50 @@ def test_echo_direct_and_egress_change(pair: FakeQuotaGuardPair, echo: FakeIPEch
     assert session.get(f"http://{ECHO_HOST}/", proxies=proxies, timeout=5).json() == {"ip": "127.0.0.4"}
     with pytest.raises(ValueError):
         pair[0].egress_ip = "10.0.0.1"
+
+
+def test_balanced_address_spreads_connections_and_keeps_each_on_one_member(
+    echo: FakeIPEcho, session: requests.Session
+) -> None:
+    """QuotaGuard may publish one load-balanced address instead of one per static IP. Through the fake one,
+    real clients see both egress IPs over several connections, and one egress IP on each connection (three
+    requests in one CONNECT tunnel, with http.client), as with a TCP-level balancer."""
+    with FakeQuotaGuardPair(routes={(ECHO_HOST, 80): echo.address}, balanced=True) as pair:
+        assert pair.balancer is not None
+        proxies = {"http": pair.balanced_url}
+        per_request = [session.get(f"http://{ECHO_HOST}/", proxies=proxies, timeout=5).json()["ip"] for _ in range(4)]
+        per_tunnel = []
+        for _ in range(4):
+            conn = http.client.HTTPConnection(*pair.balancer.address, timeout=5)
+            conn.set_tunnel(ECHO_HOST, 80, headers={"Proxy-Authorization": proxy_auth()})
+            try:
+                ips = []
+                for _ in range(3):
+                    conn.request("GET", "/")
+                    ips.append(json.loads(conn.getresponse().read())["ip"])
+            finally:
+                conn.close()
+            per_tunnel.append(ips)
+        chosen = pair.balancer.chosen
+        member_only = {"http": pair.url_for(0)}  # each member's own address still works beside the balancer
+        assert session.get(f"http://{ECHO_HOST}/", proxies=member_only, timeout=5).json() == {"ip": "127.0.0.2"}
+    assert set(per_request) == {"127.0.0.2", "127.0.0.3"}
+    assert all(len(set(ips)) == 1 for ips in per_tunnel), per_tunnel
+    assert {ips[0] for ips in per_tunnel} == {"127.0.0.2", "127.0.0.3"}
+    assert len(chosen) == 8 and set(chosen) == {m.address for m in pair}
+    assert [h.source_ip for h in echo.hits][:4] == per_request  # the echo saw each member's egress, no balancer's
+
+
+def test_balanced_address_needs_the_members_credentials(pair: FakeQuotaGuardPair) -> None:
+    """The balancer only copies bytes: the member behind it asks for proxy auth as before."""
+    balanced = FakeQuotaGuardPair(balanced=True)
+    with balanced:
+        assert balanced.balancer is not None
+        with socket.create_connection(balanced.balancer.address, timeout=5) as s:
+            s.sendall(f"CONNECT {ECHO_HOST}:80 HTTP/1.1\r\nHost: {ECHO_HOST}:80\r\n\r\n".encode())
+            assert read_head(s).startswith(b"HTTP/1.1 407 ")
+    with pytest.raises(RuntimeError, match="balanced"):
+        _ = pair.balanced_url
 
 
 def test_only_loopback_targets(pair: FakeQuotaGuardPair) -> None:

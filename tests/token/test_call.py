@@ -17,6 +17,7 @@ from sidecar.token.call import (
     request_fields,
     subject_to_allowlist,
 )
+from sidecar.token.hosts import DOMAIN_CLASSES, salesforce_domain_class
 
 FORM = "application/x-www-form-urlencoded"
 
@@ -49,7 +50,20 @@ def body(error: str, description: str) -> bytes:
         ("POST", "/services/oauth2/tokens", False),
         ("POST", "/services/oauth2/token/..", False),
         ("POST", "/services/oauth2/%2574oken", False),  # decoded once, as servers do
-        ("POST", "/x/services/oauth2/token", False),
+        # Experience Cloud sites serve OAuth under the site's path ("use the full path to the site URL"):
+        # any path ending in the token endpoint is a token call, as leniently matched as the bare one.
+        ("POST", "/x/services/oauth2/token", True),
+        ("POST", "/customers/services/oauth2/token", True),
+        ("POST", "/s/services/oauth2/token", True),
+        ("POST", "/partners/portal/services/oauth2/token?so=00D", True),
+        ("POST", "//Customers//services/./OAuth2/%74oken/", True),
+        ("POST", "/customers;x=1/services/oauth2/token;jsessionid=2", True),
+        ("POST", "\\customers\\services\\oauth2\\token", True),
+        ("POST", "/customers/services/oauth2/tokens", False),
+        ("POST", "/customers/xservices/oauth2/token", False),
+        ("POST", "/customers/services/oauth2/token/..", False),
+        ("GET", "/customers/services/oauth2/token", False),
+        ("POST", "/customers/services/oauth2/authorize", False),
     ],
 )
 def test_is_token_request(method: str, path: str, expected: bool) -> None:
@@ -151,6 +165,10 @@ def test_unknown_grants_are_treated_as_subject_to_the_allowlist() -> None:
         ("acme--uat.sandbox.my.salesforce.com", "sandbox_my_domain"),
         ("acme-dev-ed.develop.my.salesforce.com", "my_domain"),  # partitioned: still the org's My Domain
         ("acme.my.site.com", "experience_cloud"),
+        ("acme--uat.sandbox.my.site.com", "experience_cloud"),
+        ("acme.force.com", "experience_cloud"),  # a legacy site domain
+        ("acme.lightning.force.com", "custom"),  # (not a token host by default; added by hand: custom)
+        ("agency.my.salesforce.mil", "government"),
         ("auth.acme.com", "custom"),
     ],
 )
@@ -170,3 +188,32 @@ def test_long_paths_are_judged_the_same_and_never_kept() -> None:
     assert _normalized_cached.cache_info().currsize == 0
     assert is_token_request("POST", "//services/oauth2/token")
     assert _normalized_cached.cache_info().currsize == 1
+
+
+@pytest.mark.parametrize(
+    ("host", "cls"),
+    [
+        ("acme.lightning.force.com", "force"),
+        ("acme--uat.sandbox.lightning.force.com", "force"),
+        ("acme--c.vf.force.com", "force"),
+        ("usa77.salesforce.com", "salesforce"),
+        ("API.Salesforce.com.", "salesforce"),
+        ("salesforce.com", "salesforce"),
+        ("acme.my.salesforce-sites.com", "salesforce_sites"),
+        ("acme.preview.salesforce-experience.com", "experience"),
+        ("acme--c.documentforce.com", "content"),
+        ("acme.my.salesforce-setup.com", "setup"),
+        ("x.lightning.crmforce.mil", "government"),
+        ("x.lightning.force.mil", "government"),
+        ("x.my.sfcrmproducts.cn", "china"),
+        ("x.sfdcopens.com", "other"),
+        ("evilsalesforce.com", None),
+        ("salesforce.com.evil.example", None),
+        ("force.com.example", None),
+        ("example.com", None),
+        ("127.0.0.1", None),
+    ],
+)
+def test_salesforce_domain_class_is_bounded(host: str, cls: str | None) -> None:
+    assert salesforce_domain_class(host) == cls
+    assert cls is None or cls in DOMAIN_CLASSES
