@@ -215,7 +215,8 @@ class Metrics:
             self.client_tls_failures.labels(reason)
         self.tls_failures_seen: Tally[str] = Tally()  # for /status, since start
         self.tls_failure_last: float | None = None
-        self.ready = Gauge(f"{NS}_ready", "1 once the proxy listens (see /readyz for whether a refresh could be routed).", registry=r)
+        self.ready = Gauge(f"{NS}_ready", "1 while the proxy listens and is not draining (/serving); see /readyz for whether "
+                           "a refresh could be routed.", registry=r)
 
     @property
     def redis_up(self) -> Gauge:

@@ -389,7 +389,7 @@ def test_sidecar_ports_match_its_listen_settings(sidecar):
     assert host_of(listen) in ("127.0.0.1", "::1", "localhost"), f"SIDECAR_LISTEN={listen} exposes the proxy"
 
 
-@pytest.mark.parametrize(("probe", "path"), [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")])
+@pytest.mark.parametrize(("probe", "path"), [("readinessProbe", "/serving"), ("livenessProbe", "/healthz")])
 def test_sidecar_probes_use_the_admin_port(sidecar, probe, path):
     spec = sidecar.get(probe)
     assert spec, f"the sidecar has no {probe}"
@@ -400,6 +400,17 @@ def test_sidecar_probes_use_the_admin_port(sidecar, probe, path):
     port = ports.get(get["port"], get["port"]) if isinstance(get["port"], str) else get["port"]
     assert port == admin_port, f"{probe} must hit the admin port {admin_port}, not {get['port']}"
     assert get.get("scheme", "HTTP") == "HTTP"
+
+
+def test_readiness_probe_does_not_depend_on_quotaguard(sidecar):
+    """/readyz is 503 while QuotaGuard (or the IP echo) is down with the guard enforcing. A native sidecar's
+    readiness is the pod's: as the readiness probe it would take every replica of the app out of its
+    Service during an upstream outage, although the app's inbound traffic does not need the upstream."""
+    path = sidecar["readinessProbe"]["httpGet"]["path"]
+    assert path != "/readyz", "the readiness probe must not be /readyz (it reflects QuotaGuard and the allowlist)"
+    from sidecar.ops.admin import ENDPOINTS
+
+    assert path in ENDPOINTS, f"the readiness probe asks {path}, which the admin server does not serve"
 
 
 def test_startup_probe_is_not_readiness(sidecar):
@@ -449,7 +460,8 @@ def test_startup_probe_needs_the_proxy_listening_and_the_bundle(sidecar, tmp_pat
 def test_startup_probe_passes_while_readyz_is_503(sidecar, make_world, make_sidecar_proc, outage):
     """A real sidecar in enforce mode with the IP echo down, or with an allowlist that holds neither
     egress IP: /readyz stays 503, yet the manifest's startup probe passes (so the app starts and the
-    sidecar is not restarted) and the liveness endpoint is 200."""
+    sidecar is not restarted) and the endpoints of its liveness and readiness probes are 200 (so it
+    is not restarted and the pod stays in its Service)."""
     import urllib.error
     import urllib.request
 
@@ -471,8 +483,9 @@ def test_startup_probe_passes_while_readyz_is_503(sidecar, make_world, make_side
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(sc.admin_url + "/readyz", timeout=5)
     assert info.value.code == 503
-    with urllib.request.urlopen(sc.admin_url + "/healthz", timeout=5) as resp:
-        assert resp.status == 200
+    for probe in ("livenessProbe", "readinessProbe"):  # neither restarts the sidecar nor takes the pod out
+        with urllib.request.urlopen(sc.admin_url + sidecar[probe]["httpGet"]["path"], timeout=5) as resp:
+            assert resp.status == 200, probe
     assert sc.proc is not None and sc.proc.poll() is None
 
 
