@@ -48,6 +48,9 @@ EGRESS_NONE = "none"
 FAILURE_REASONS = ("refused", "unreachable", "timeout", "proxy_error", "auth_failed", "reset")
 # A member's probe round: its samples agreed, disagreed, only the echo behind it failed, or the member failed.
 PROBE_RESULTS = ("ok", "unstable", "echo_failed", "member_down")
+# Why the front door refused a client connection: the SIDECAR_MAX_CONNECTIONS cap, or a client not on
+# loopback without SIDECAR_PROXY_AUTH.
+CONNECTION_REFUSALS = ("max_connections", "not_loopback")
 
 
 def _dist_version(name: str) -> str:
@@ -215,6 +218,20 @@ class Metrics:
             self.client_tls_failures.labels(reason)
         self.tls_failures_seen: Tally[str] = Tally()  # for /status, since start
         self.tls_failure_last: float | None = None
+        self.client_connections = Gauge(
+            f"{NS}_client_connections",
+            "Client connections open at the proxy now (what SIDECAR_MAX_CONNECTIONS caps).",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            f"{NS}_connections_refused_total",
+            "Client connections the proxy refused, by reason: max_connections (SIDECAR_MAX_CONNECTIONS reached: "
+            "503 too_many_connections), not_loopback (a client from another host without SIDECAR_PROXY_AUTH).",
+            ("reason",),
+            registry=r,
+        )
+        for reason in CONNECTION_REFUSALS:  # at 0 from the start: increase() cannot see a series' first step
+            self.connections_refused.labels(reason)
         self.ready = Gauge(f"{NS}_ready", "1 while the proxy listens and is not draining (/serving); see /readyz for whether "
                            "a refresh could be routed.", registry=r)
 

@@ -29,7 +29,7 @@ import h11
 
 from sidecar.config import Upstream
 from sidecar.egress.pair import Member
-from sidecar.logs import event
+from sidecar.logs import Throttle, event
 from sidecar.metrics import Metrics
 from sidecar.net.http1 import (
     MAX_HEAD,
@@ -58,6 +58,7 @@ from sidecar.token.messages import origin_path
 log = logging.getLogger("egress_sidecar.frontdoor")
 
 HEAD_TIMEOUT = 30.0  # at most this long (and at most SIDECAR_IDLE_TIMEOUT) for a client's first head
+REFUSAL_LOG_EVERY = 10.0  # seconds: at most one log line this often for clients refused at the cap
 Handoff = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 _ESTABLISHED = h11.Response(status_code=200, reason=b"Connection established", headers=[])
 
@@ -107,6 +108,8 @@ class FrontDoor:
         self.upstream = upstream
         self.tunnel_member = tunnel_member  # route of a relayed tunnel: None = direct
         self._tasks: set[asyncio.Task[None]] = set()
+        self._cap_log = Throttle(REFUSAL_LOG_EVERY, self._log_cap_refusals)
+        metrics.client_connections.set_function(lambda: access.active)
         self._listener: socket.socket
         self._accept_task: asyncio.Task[None]
 
@@ -131,6 +134,7 @@ class FrontDoor:
 
     async def stop(self) -> None:
         self.close_listener()
+        self._cap_log.close()
         for task in [self._accept_task, *self._tasks]:
             task.cancel()
         await asyncio.gather(self._accept_task, *self._tasks, return_exceptions=True)
@@ -157,6 +161,7 @@ class FrontDoor:
             sock.close()
             return
         if not self.access.admits(client_ip):  # refused before it holds a slot
+            self.metrics.connections_refused.labels("not_loopback").inc()
             sock.close()
             return
         self.access.active += 1  # every client connection counts, from accept to close
@@ -197,6 +202,8 @@ class FrontDoor:
                 [(b"Proxy-Authenticate", b'Basic realm="egress-sidecar"')]))
             return False
         if self.access.over_capacity:
+            self.metrics.connections_refused.labels("max_connections").inc()
+            self._cap_log.note()
             await self._refuse(client, *closing_events(503, b"application/json", self.access.over_capacity_body()))
             return False
         target = parse_authority(request.target) if request.method == b"CONNECT" else None
@@ -220,6 +227,15 @@ class FrontDoor:
         else:
             await self._relay(client, sock, host, port)
         return False
+
+    def _log_cap_refusals(self, count: int) -> None:
+        limit = self.access.max_connections
+        event(log, logging.WARNING,
+              f"refused {count} client connection(s) with 503 too_many_connections: SIDECAR_MAX_CONNECTIONS={limit} "
+              f"reached ({self.access.active} open now); raise it if the app really needs more. At most one such line "
+              f"every {REFUSAL_LOG_EVERY:g}s, each counting the refusals since the last",
+              event="connections_refused", reason="max_connections", refused=count, limit=limit,
+              open=self.access.active)
 
     async def _refuse(self, client: HttpConnection, *events: h11.Event) -> None:
         """Answer and close, lingering: a client still sending (a trickled head, an unread body) would

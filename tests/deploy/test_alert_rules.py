@@ -50,6 +50,7 @@ EXPECTED_ALERTS = {
     "SalesforceEgressIPRefused",
     "SalesforceAllowlistDisagreement",
     "QuotaGuardEgressProbesFailing",
+    "EgressSidecarConnectionsRefused",
 }
 SEVERITIES = {"page", "warning", "ticket"}
 ANNOTATIONS = {"summary", "description", "runbook"}
@@ -245,6 +246,8 @@ MUTATIONS = [
     ("QuotaGuardMemberDown", "expr", "max by", "min by", "one pod's view does not fire"),
     ("SalesforceTokenCallsBlocked", "expr", ">= 2", "> 0", "one blocked call does not fire"),
     ("SalesforceRefreshTokenIdle", "expr", 'window="25d"', 'window=~".+"', "less than 25 days"),
+    ("EgressSidecarConnectionsRefused", "expr", 'reason="max_connections"', 'reason=~".+"',
+     "refused remote clients do not warn"),
 ]
 
 
