@@ -123,7 +123,7 @@ class Metrics:
         )
         self.allowlist_coverage = Gauge(
             f"{NS}_allowlist_coverage_ratio",
-            "Share of observed egress IPs that are on the allowlist (0..1).",
+            "Share of observed egress IPs that are on SIDECAR_ALLOWLIST (0..1); NaN when no allowlist is typed.",
             registry=r,
         )
         self.probes = Counter(
@@ -197,6 +197,8 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
+        for outcome in OUTCOMES:  # at 0 from the start: increase() cannot see a series' first step
+            self.ip_restricted_retries.labels(outcome)
         self.shield_answers = Counter(
             f"{NS}_shield_answers_total",
             "Refresh token redemptions the rotation shield answered without sending them: coalesced (an identical "
