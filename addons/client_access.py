@@ -9,18 +9,27 @@ connection and every head; the checks are :class:`sidecar.proxy.access.Access`.
 
 from __future__ import annotations
 
+import logging
+
 import h11
 
+from sidecar.logs import Throttle, event
+from sidecar.metrics import Metrics
 from sidecar.net.http1 import closing_events
 from sidecar.proxy.access import Access
+
+log = logging.getLogger("egress_sidecar.access")
+REFUSAL_LOG_EVERY = 10.0  # seconds: at most one log line this often for clients refused at the cap
 
 _AUTH_REQUIRED = closing_events(407, b"text/plain; charset=utf-8", b"egress-sidecar: proxy authentication required\n",
                                 [(b"Proxy-Authenticate", b'Basic realm="egress-sidecar"')])
 
 
 class ClientAccess:
-    def __init__(self, access: Access) -> None:
+    def __init__(self, access: Access, metrics: Metrics | None = None) -> None:
         self.access = access
+        self.metrics = metrics or Metrics()
+        self._cap_log = Throttle(REFUSAL_LOG_EVERY, self._log_cap_refusals)
 
     @property
     def active(self) -> int:
@@ -32,12 +41,30 @@ class ClientAccess:
 
     def client_connected(self, client_ip: str) -> bool:
         """Whether a client from ``client_ip`` may connect at all (it may still have to authenticate)."""
-        return self.access.admits(client_ip)
+        if self.access.admits(client_ip):
+            return True
+        self.metrics.connections_refused.labels("not_loopback").inc()
+        return False
 
     def request_head(self, request: h11.Request) -> tuple[h11.Event, ...] | None:
         """The answer that refuses this request head, or None to serve it."""
         if not self.access.authorized(request.headers):
             return _AUTH_REQUIRED
         if self.access.over_capacity:
+            self.metrics.connections_refused.labels("max_connections").inc()
+            self._cap_log.note()
             return closing_events(503, b"application/json", self.access.over_capacity_body())
         return None
+
+    def close(self) -> None:
+        """At shutdown: the refusals held for the next log line are written now."""
+        self._cap_log.close()
+
+    def _log_cap_refusals(self, count: int) -> None:
+        limit = self.access.max_connections
+        event(log, logging.WARNING,
+              f"refused {count} client connection(s) with 503 too_many_connections: SIDECAR_MAX_CONNECTIONS={limit} "
+              f"reached ({self.access.active} open now); raise it if the app really needs more. At most one such line "
+              f"every {REFUSAL_LOG_EVERY:g}s, each counting the refusals since the last",
+              event="connections_refused", reason="max_connections", refused=count, limit=limit,
+              open=self.access.active)

@@ -188,7 +188,7 @@ class Settings(BaseSettings):
     )
     listen: str = _setting("127.0.0.1:3128", doc="The proxy's address.")
     admin_listen: str = _setting(
-        "0.0.0.0:9464", doc="Admin server: `/`, `/metrics`, `/healthz`, `/readyz`, `/status`, `/ca.pem`."
+        "0.0.0.0:9464", doc="Admin server: `/`, `/metrics`, `/healthz`, `/serving`, `/readyz`, `/status`, `/ca.pem`."
     )
     pair: Annotated[list[str], NoDecode] = _setting(
         default_factory=list,

@@ -7,10 +7,12 @@ exception text from a library.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, TextIO
 
 EVENT_FIELDS = "fields"  # `logger.info(msg, extra={"fields": {...}})` puts structured fields on a line
@@ -76,3 +78,41 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO, stream: TextIO |
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:
     logger.log(level, msg, extra={EVENT_FIELDS: fields})
+
+
+class Throttle:
+    """At most one log line per ``every`` seconds for an event that can repeat in a flood (a client
+    refused at the connection cap), each line saying how many events it stands for, none lost.
+
+    The first event is emitted at once and opens a window; events inside it are held; when the window
+    ends the held ones are emitted as one count (opening the next window), or the window closes. Runs
+    on the event loop that calls ``note()``.
+    """
+
+    def __init__(self, every: float, emit: Callable[[int], None]) -> None:
+        self.every = every
+        self.emit = emit
+        self.held = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def note(self) -> None:
+        self.held += 1
+        if self._timer is None:
+            self._window_end()
+
+    def _window_end(self) -> None:
+        if not self.held:
+            self._timer = None
+            return
+        count, self.held = self.held, 0
+        self._timer = asyncio.get_running_loop().call_later(self.every, self._window_end)
+        self.emit(count)
+
+    def close(self) -> None:
+        """Emit what is held and stop the timer (at shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.held:
+            count, self.held = self.held, 0
+            self.emit(count)

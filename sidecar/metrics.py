@@ -50,6 +50,9 @@ FAILURE_REASONS = ("refused", "unreachable", "timeout", "proxy_error", "auth_fai
 TUNNEL_ROUTES = ("pair", "direct")
 # A member's probe round: its samples agreed, disagreed, only the echo behind it failed, or the member failed.
 PROBE_RESULTS = ("ok", "unstable", "echo_failed", "member_down")
+# Why the front door refused a client connection: the SIDECAR_MAX_CONNECTIONS cap, or a client not on
+# loopback without SIDECAR_PROXY_AUTH.
+CONNECTION_REFUSALS = ("max_connections", "not_loopback")
 
 
 def _dist_version(name: str) -> str:
@@ -132,7 +135,7 @@ class Metrics:
         )
         self.allowlist_coverage = Gauge(
             f"{NS}_allowlist_coverage_ratio",
-            "Share of observed egress IPs that are on the allowlist (0..1).",
+            "Share of observed egress IPs that are on SIDECAR_ALLOWLIST (0..1); NaN when no allowlist is typed.",
             registry=r,
         )
         self.probes = Counter(
@@ -206,6 +209,8 @@ class Metrics:
             ("outcome",),
             registry=r,
         )
+        for outcome in OUTCOMES:  # at 0 from the start: increase() cannot see a series' first step
+            self.ip_restricted_retries.labels(outcome)
         self.shield_answers = Counter(
             f"{NS}_shield_answers_total",
             "Refresh token redemptions the rotation shield answered without sending them: coalesced (an identical "
@@ -227,7 +232,22 @@ class Metrics:
             self.client_tls_failures.labels(reason)
         self.tls_failures_seen: Tally[str] = Tally()  # for /status, since start
         self.tls_failure_last: float | None = None
-        self.ready = Gauge(f"{NS}_ready", "1 once the proxy listens (see /readyz for whether a refresh could be routed).", registry=r)
+        self.client_connections = Gauge(
+            f"{NS}_client_connections",
+            "Client connections open at the proxy now (what SIDECAR_MAX_CONNECTIONS caps).",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            f"{NS}_connections_refused_total",
+            "Client connections the proxy refused, by reason: max_connections (SIDECAR_MAX_CONNECTIONS reached: "
+            "503 too_many_connections), not_loopback (a client from another host without SIDECAR_PROXY_AUTH).",
+            ("reason",),
+            registry=r,
+        )
+        for reason in CONNECTION_REFUSALS:  # at 0 from the start: increase() cannot see a series' first step
+            self.connections_refused.labels(reason)
+        self.ready = Gauge(f"{NS}_ready", "1 while the proxy listens and is not draining (/serving); see /readyz for whether "
+                           "a refresh could be routed.", registry=r)
 
     @property
     def redis_up(self) -> Gauge:

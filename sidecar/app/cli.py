@@ -149,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Validate the configuration, resolve the pair, probe every member's egress IP through "
         "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST; when a sidecar is running (--admin-url), add what "
         "Salesforce answered it through each egress IP. Exit 0 when every observed egress IP is allowlisted, "
-        "every member is reachable and stable and Salesforce refused none; 1 otherwise; 2 on bad "
-        "configuration. Usable as a deploy gate.",
+        "every member is reachable and stable, Salesforce refused none and NO_PROXY/no_proxy in the environment "
+        "lists no Salesforce host (clients would send token calls around the sidecar); 1 otherwise; 2 on bad "
+        "configuration. Usable as a deploy gate; run it in the app's environment.",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -177,8 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Start the sidecar, wait until it is ready, then run COMMAND with HTTPS_PROXY, HTTP_PROXY, "
         "NO_PROXY (loopback; each also in lower case), REQUESTS_CA_BUNDLE, SSL_CERT_FILE, CURL_CA_BUNDLE, "
         "NODE_EXTRA_CA_CERTS, NODE_USE_ENV_PROXY=1 and JAVA_TOOL_OPTIONS (proxy and truststore properties, "
-        "appended to the command's own) set for it, with absolute paths. SIGTERM and SIGINT are forwarded to COMMAND; the exit status is COMMAND's (127 when it is "
-        "not found). Procfile: web: egress-sidecar exec -- gunicorn app:app",
+        "appended to the command's own) set for it, with absolute paths. Warns when the NO_PROXY it was started "
+        "with lists a Salesforce host. SIGTERM and SIGINT are forwarded to COMMAND; the exit status is COMMAND's "
+        "(127 when it is not found). Procfile: web: egress-sidecar exec -- gunicorn app:app",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

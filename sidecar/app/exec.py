@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sidecar.app.service import Sidecar
 from sidecar.logs import event
+from sidecar.ops.noproxy import bypass_warnings
 from sidecar.ops.trust import client_env
 
 log = logging.getLogger("egress_sidecar.exec")
@@ -54,6 +55,9 @@ async def _wait_ready(sidecar: Sidecar, serving: asyncio.Task[None]) -> bool:
 
 
 async def run_wrapped(sidecar: Sidecar, argv: Sequence[str]) -> int:
+    for line in bypass_warnings(os.environ, sidecar.settings.token_hosts):
+        event(log, logging.WARNING, f"{line} egress-sidecar exec gives the command a NO_PROXY of its own "
+              "(loopback only), so this command is not affected; anything started without exec is.")
     serving = asyncio.create_task(sidecar.run(), name="sidecar")
     try:
         listening = await _wait_ready(sidecar, serving)

@@ -112,7 +112,7 @@ class Sidecar:
         self.pool = UpstreamPool(self.connector, settings.connect_timeout)
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
         self.access = ClientAccess(Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
-                                          settings.max_connections))
+                                          settings.max_connections), self.metrics)
         self.frontdoor: FrontDoor | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._draining = False
@@ -151,9 +151,19 @@ class Sidecar:
     def metrics_text(self) -> bytes:
         return self.metrics.render()
 
-    def is_ready(self) -> tuple[bool, str]:
+    def is_serving(self) -> tuple[bool, str]:
+        """Whether the proxy takes new clients: it listens and is not draining. Depends on nothing outside
+        the process (the readiness probe of a platform: an upstream outage must not take the app out)."""
+        if self._draining:
+            return False, "draining: stopping after a signal, no new clients are accepted"
         if not self._listening.is_set():
             return False, "proxy not listening yet"
+        return True, "ok"
+
+    def is_ready(self) -> tuple[bool, str]:
+        serving, why = self.is_serving()
+        if not serving:
+            return False, why
         if not self.guard.ready():
             return False, self.guard.explain_block()
         return True, "ok"
@@ -258,7 +268,8 @@ class Sidecar:
         if self._draining:
             loop.call_soon_threadsafe(stopped.set)
             return
-        self._draining = True
+        self._draining = True  # /serving and /readyz answer 503 from now on
+        self.metrics.ready.set(0)
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_and_stop()))
 
     async def _drain_and_stop(self) -> None:

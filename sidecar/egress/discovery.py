@@ -13,6 +13,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import ssl
 import time
 from dataclasses import dataclass
@@ -298,3 +299,5 @@ class Prober:
                 self.metrics.egress_allowlisted.labels(ip).set(1 if self.guard.allowlist.contains(ip) else 0)
             covered = sum(1 for ip in ips if self.guard.allowlist.contains(ip))
             self.metrics.allowlist_coverage.set(covered / len(ips) if ips else 0)
+        else:  # no typed allowlist: nothing to cover (a 0 would read as "nothing allowlisted")
+            self.metrics.allowlist_coverage.set(math.nan)

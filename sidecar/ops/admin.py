@@ -1,4 +1,4 @@
-"""The admin server: /metrics, /healthz, /readyz, /status, /ca.pem and the status page at /.
+"""The admin server: /metrics, /healthz, /serving, /readyz, /status, /ca.pem and the status page at /.
 
 A small threaded HTTP server from the standard library, on its own port and thread, so a scrape or a
 probe never waits behind proxy traffic (and vice versa). It only reads snapshots of the service.
@@ -22,6 +22,7 @@ log = logging.getLogger("egress_sidecar.admin")
 
 class AdminSource(Protocol):
     def metrics_text(self) -> bytes: ...
+    def is_serving(self) -> tuple[bool, str]: ...
     def is_ready(self) -> tuple[bool, str]: ...
     def status(self) -> dict[str, Any]: ...
     def ca_path(self) -> Path | None: ...
@@ -61,6 +62,9 @@ def _make_handler(source: AdminSource, page: Callable[[dict[str, Any]], str]) ->
                     self._send(200, source.metrics_text(), CONTENT_TYPE_LATEST, head_only)
                 elif path == "/healthz":
                     self._json(200, {"status": "ok"}, head_only)
+                elif path == "/serving":
+                    serving, why = source.is_serving()
+                    self._json(200 if serving else 503, {"serving": serving, "reason": why}, head_only)
                 elif path == "/readyz":
                     ready, why = source.is_ready()
                     self._json(200 if ready else 503, {"ready": ready, "reason": why}, head_only)
@@ -89,7 +93,7 @@ def _make_handler(source: AdminSource, page: Callable[[dict[str, Any]], str]) ->
     return Handler
 
 
-ENDPOINTS = ["/", "/metrics", "/healthz", "/readyz", "/status", "/ca.pem"]
+ENDPOINTS = ["/", "/metrics", "/healthz", "/serving", "/readyz", "/status", "/ca.pem"]
 
 
 class _Server(ThreadingHTTPServer):

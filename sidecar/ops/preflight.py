@@ -2,15 +2,18 @@
 and, when a sidecar is running (its admin server answers), against what Salesforce answered it.
 
 A deploy gate: it passes only when every observed egress IP is allowlisted, every member is reachable
-and stable, and the running sidecar has no refusal from Salesforce on record, because anything less
-means some refresh token redemptions fail (or are kept off an IP, leaving no redundancy).
+and stable, the running sidecar has no refusal from Salesforce on record, and the environment's
+``NO_PROXY`` sends no Salesforce host around the sidecar, because anything less means some refresh token
+redemptions fail (or are kept off an IP, leaving no redundancy, or never reach the sidecar).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import urllib.error
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +22,7 @@ from sidecar.egress.discovery import Prober
 from sidecar.egress.guard import Guard
 from sidecar.egress.pair import build_pair
 from sidecar.metrics import Metrics
+from sidecar.ops.noproxy import bypass_warnings
 from sidecar.ops.status import member_rows, verdict
 
 
@@ -82,7 +86,8 @@ def running_evidence(admin_url: str, timeout: float = 3.0) -> tuple[list[dict[st
     return list(status.get("evidence") or []), lines
 
 
-async def run_check(settings: Settings, admin_url: str | None = None) -> Report:
+async def run_check(settings: Settings, admin_url: str | None = None,
+                    environ: Mapping[str, str] | None = None) -> Report:
     pair = build_pair(settings)
     # The preflight judges the allowlist itself, as if no guard were routing around a gap.
     guard = Guard(pair, settings.allowlist_ranges, "observe")
@@ -105,6 +110,9 @@ async def run_check(settings: Settings, admin_url: str | None = None) -> Report:
         else:
             lines.append(f"The running sidecar at {admin_url} has no refusal from Salesforce on record "
                          f"({sum(r.get('evidence') == 'allowed' for r in evidence)} accepted app/IP pairs).")
+    bypass = bypass_warnings(os.environ if environ is None else environ, settings.token_hosts)
+    if bypass:
+        ok, level, lines = False, "critical", [*bypass, *lines]
     return Report(
         ok=ok,
         mode="direct" if pair.direct else "pair",

@@ -101,6 +101,7 @@ class FrontDoor:
         self.lane = lane
         self.connector = connector
         self._tasks: set[asyncio.Task[None]] = set()
+        metrics.client_connections.set_function(lambda: access.active)
         self._listener: socket.socket
         self._accept_task: asyncio.Task[None]
 
@@ -125,6 +126,7 @@ class FrontDoor:
 
     async def stop(self) -> None:
         self.close_listener()
+        self.access.close()
         for task in [self._accept_task, *self._tasks]:
             task.cancel()
         await asyncio.gather(self._accept_task, *self._tasks, return_exceptions=True)

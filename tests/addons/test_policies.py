@@ -162,17 +162,25 @@ def test_grants_hands_every_finished_call_to_the_tracker() -> None:
 
 
 def test_client_access_refuses_strangers_and_asks_for_credentials() -> None:
-    local = ClientAccess(Access(None, max_connections=1))
-    assert local.client_connected("127.0.0.1") and not local.client_connected("192.0.2.7")
-    head = h11.Request(method="CONNECT", target="login.salesforce.com:443", headers=[("Host", "x")])
-    assert local.request_head(head) is None
-    local.active = 2  # over SIDECAR_MAX_CONNECTIONS
-    refusal = local.request_head(head)
-    assert refusal is not None and refusal[0].status_code == 503  # type: ignore[union-attr]
-    shared = ClientAccess(Access("app:pw"))
-    assert shared.client_connected("192.0.2.7")
-    refusal = shared.request_head(head)
-    assert refusal is not None and refusal[0].status_code == 407  # type: ignore[union-attr]
+    async def run() -> None:  # (the front door calls it on its event loop: the refusal log is throttled there)
+        metrics = Metrics()
+        local = ClientAccess(Access(None, max_connections=1), metrics)
+        assert local.client_connected("127.0.0.1") and not local.client_connected("192.0.2.7")
+        head = h11.Request(method="CONNECT", target="login.salesforce.com:443", headers=[("Host", "x")])
+        assert local.request_head(head) is None
+        local.active = 2  # over SIDECAR_MAX_CONNECTIONS
+        refusal = local.request_head(head)
+        assert refusal is not None and refusal[0].status_code == 503  # type: ignore[union-attr]
+        local.close()
+        text = metrics.render().decode()
+        assert metric_value(text, "egress_sidecar_connections_refused_total", reason="not_loopback") == 1
+        assert metric_value(text, "egress_sidecar_connections_refused_total", reason="max_connections") == 1
+        shared = ClientAccess(Access("app:pw"))
+        assert shared.client_connected("192.0.2.7")
+        refusal = shared.request_head(head)
+        assert refusal is not None and refusal[0].status_code == 407  # type: ignore[union-attr]
+
+    asyncio.run(run())
 
 
 def test_hooks_run_in_the_addons_order_and_an_answer_stops_the_request_hooks() -> None:

@@ -50,6 +50,7 @@ EXPECTED_ALERTS = {
     "SalesforceEgressIPRefused",
     "SalesforceAllowlistDisagreement",
     "QuotaGuardEgressProbesFailing",
+    "EgressSidecarConnectionsRefused",
 }
 SEVERITIES = {"page", "warning", "ticket"}
 ANNOTATIONS = {"summary", "description", "runbook"}
@@ -138,6 +139,32 @@ def test_rule_expressions_reference_only_contract_metrics():
         assert names <= CONTRACT_METRICS, f"{name}: unknown metrics {sorted(names - CONTRACT_METRICS)}"
         used |= names
     assert "egress_sidecar_token_requests_total" in used
+
+
+_AGGREGATION = re.compile(r"\b(sum|max|min|count|avg|group|stddev|stdvar|topk|bottomk|quantile)\s*"
+                         r"(?:(by|without)\s*\(([^)]*)\))?\s*\(")
+_BINARY_MATCH = re.compile(r"\b(on|ignoring)\s*\(([^)]*)\)")
+
+
+def test_every_rule_keeps_the_job_apart():
+    """One job is one app (one allowlist; deploy/kubernetes/podmonitor.yaml and scrape-config.yml give each
+    app its own): every aggregation keeps `job` and every vector match joins on it, so two apps are never
+    summed or compared with each other, and one app's replicas always are (never `by (instance)`)."""
+    for name, rule in alert_rules(load_yaml(RULES)).items():
+        expr = rule["expr"]
+        aggregations = _AGGREGATION.findall(expr)
+        assert aggregations, f"{name}: no aggregation: one alert per pod instead of one per job"
+        for op, kind, labels in aggregations:
+            names = {x.strip() for x in labels.split(",")}
+            assert kind == "by" and "job" in names, f"{name}: {op} {kind} ({labels}) drops the job"
+            assert "instance" not in names, f"{name}: {op} by ({labels}) alerts per pod"
+        for kind, labels in _BINARY_MATCH.findall(expr):
+            assert kind == "on" and "job" in {x.strip() for x in labels.split(",")}, f"{name}: {kind} ({labels})"
+
+
+def test_job_check_catches_an_aggregation_without_job():
+    rule = {"groups": [{"name": "x", "rules": [{"alert": "A", "expr": "sum by (egress_ip) (egress_sidecar_failovers_total) > 0"}]}]}
+    assert not all("job" in labels for _, _, labels in _AGGREGATION.findall(rule["groups"][0]["rules"][0]["expr"]))
 
 
 def test_metric_names_strips_histogram_suffixes_and_ignores_recording_rules():
@@ -245,6 +272,8 @@ MUTATIONS = [
     ("QuotaGuardMemberDown", "expr", "max by", "min by", "one pod's view does not fire"),
     ("SalesforceTokenCallsBlocked", "expr", ">= 2", "> 0", "one blocked call does not fire"),
     ("SalesforceRefreshTokenIdle", "expr", 'window="25d"', 'window=~".+"', "less than 25 days"),
+    ("EgressSidecarConnectionsRefused", "expr", 'reason="max_connections"', 'reason=~".+"',
+     "refused remote clients do not warn"),
 ]
 
 

@@ -134,6 +134,8 @@ def test_the_required_panels_are_there():
         "what Salesforce refused": lambda p, e: "egress_sidecar_egress_ip_refused" in e
         and "egress_sidecar_allowlist_disagreement" in e,
         "client TLS failures": lambda p, e: "egress_sidecar_client_tls_failures_total" in e and "by (reason)" in e,
+        "connections open and refused": lambda p, e: "egress_sidecar_client_connections" in e
+        and "egress_sidecar_connections_refused_total" in e,
     }
     missing = [name for name, predicate in required.items() if not find_panels(d, predicate)]
     assert not missing, f"no panel for: {missing}"
@@ -214,3 +216,105 @@ def test_success_ratio_panel_shows_the_partial_allowlist(tmp_path):
 @pytest.mark.parametrize("expr", ["rate(x[$window])", "rate(x[${window}])", "rate(x[$__rate_interval])"])
 def test_interpolate_replaces_variables(expr):
     assert "$" not in interpolate(expr)
+
+
+def promtool_evaluates(tmp_path: Path, expr: str, series: list[dict], eval_time: str,
+                       expected: list[dict]) -> str:
+    """Evaluate ``expr`` with promtool over ``series`` (1m steps); "" when it gives ``expected``."""
+    test = {"evaluation_interval": "1m", "tests": [{
+        "interval": "1m", "input_series": series,
+        "promql_expr_test": [{"expr": expr, "eval_time": eval_time, "exp_samples": expected}]}]}
+    path = tmp_path / "panel.test.yml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False), encoding="utf-8")
+    proc = run_promtool("test", "rules", path)
+    return "" if proc.returncode == 0 else proc.stdout + proc.stderr
+
+
+def coverage_panel() -> dict:
+    (panel,) = find_panels(load_dashboard(), lambda p, e: p["type"] == "stat"
+                           and "egress_sidecar_allowlist_coverage_ratio" in e)
+    return panel
+
+
+_JOB = 'job="egress-sidecar",instance="10.0.0.1:9464"'
+_IP1, _IP2 = "203.0.113.10", "203.0.113.20"
+
+
+def _gauge(name: str, value: str, ip: str | None = None) -> dict:
+    labels = _JOB + (f',egress_ip="{ip}"' if ip else "")
+    return {"series": f"{name}{{{labels}}}", "values": value}
+
+
+@pytest.mark.parametrize(("case", "series", "expected"), [
+    # The classic slip: both IPs typed into SIDECAR_ALLOWLIST, Salesforce refuses one. Not 100 %.
+    ("allowlist lists both, Salesforce refuses one", [
+        _gauge("egress_sidecar_allowlist_coverage_ratio", "1x10"),
+        _gauge("egress_sidecar_egress_ip_allowlisted", "1x10", _IP1),
+        _gauge("egress_sidecar_egress_ip_allowlisted", "1x10", _IP2),
+        _gauge("egress_sidecar_egress_ip_refused", "0x10", _IP1),
+        _gauge("egress_sidecar_egress_ip_refused", "1x10", _IP2),
+        _gauge("egress_sidecar_allowlist_disagreement", "0x10", _IP1),
+        _gauge("egress_sidecar_allowlist_disagreement", "1x10", _IP2),
+    ], 0.5),
+    ("allowlist lists both, Salesforce accepts both", [
+        _gauge("egress_sidecar_allowlist_coverage_ratio", "1x10"),
+        _gauge("egress_sidecar_egress_ip_allowlisted", "1x10", _IP1),
+        _gauge("egress_sidecar_egress_ip_allowlisted", "1x10", _IP2),
+        _gauge("egress_sidecar_egress_ip_refused", "0x10", _IP1),
+        _gauge("egress_sidecar_egress_ip_refused", "0x10", _IP2),
+    ], 1),
+    # Listed one IP; Salesforce accepted the unlisted other: refreshes may leave from both.
+    ("one listed, the unlisted one accepted by Salesforce", [
+        _gauge("egress_sidecar_allowlist_coverage_ratio", "0.5x10"),
+        _gauge("egress_sidecar_egress_ip_allowlisted", "1x10", _IP1),
+        _gauge("egress_sidecar_egress_ip_allowlisted", "0x10", _IP2),
+        _gauge("egress_sidecar_allowlist_disagreement", "1x10", _IP2),
+    ], 1),
+    ("one listed, nothing heard from Salesforce", [
+        _gauge("egress_sidecar_allowlist_coverage_ratio", "0.5x10"),
+        _gauge("egress_sidecar_egress_ip_allowlisted", "1x10", _IP1),
+        _gauge("egress_sidecar_egress_ip_allowlisted", "0x10", _IP2),
+    ], 0.5),
+])
+def test_coverage_panel_follows_salesforce(tmp_path, case, series, expected):
+    expr = interpolate(coverage_panel()["targets"][0]["expr"])
+    assert promtool_evaluates(tmp_path, expr, series, "5m", [{"labels": "{}", "value": expected}]) == "", case
+
+
+def test_coverage_panel_says_when_no_allowlist_is_typed(tmp_path):
+    """Without SIDECAR_ALLOWLIST the sidecar exports the ratio as NaN (there is nothing to cover) and no
+    per-IP allowlisted series: the panel shows words, not a red 0 %."""
+    panel = coverage_panel()
+    expr = interpolate(panel["targets"][0]["expr"])
+    series = [_gauge("egress_sidecar_allowlist_coverage_ratio", " ".join(["NaN"] * 10)),
+              _gauge("egress_sidecar_egress_ip_refused", "0x10", _IP1)]
+    # NaN is the one value that is not equal to itself.
+    assert promtool_evaluates(tmp_path, f"count(({expr}) != ({expr}))", series, "5m",
+                              [{"labels": "{}", "value": 1}]) == ""
+    texts = [m["options"]["result"]["text"] for m in panel["fieldConfig"]["defaults"]["mappings"]
+             if m["type"] == "special" and m["options"]["match"] == "nan"]
+    assert texts == ["no allowlist typed"]
+    assert "no egress IP" in panel["fieldConfig"]["defaults"]["noValue"]
+
+
+def retries_target() -> dict:
+    (panel,) = find_panels(load_dashboard(), lambda p, e: "egress_sidecar_ip_restricted_retries_total" in e)
+    (target,) = [t for t in panel["targets"] if "egress_sidecar_ip_restricted_retries_total" in t["expr"]]
+    return target
+
+
+@pytest.mark.parametrize("values", ["_x3 0 1x6", "_x3 1x6"], ids=["born at 0", "born at 1"])
+def test_retries_panel_counts_the_first_retry(tmp_path, values):
+    """A sidecar's first retry must show: its series is created at 0 at start (and an older sidecar's was
+    born at 1, with its first retry), and increase() alone sees no step in a series' first sample."""
+    expr = interpolate(retries_target()["expr"])
+    series = [{"series": f'egress_sidecar_ip_restricted_retries_total{{{_JOB},outcome="success"}}', "values": values}]
+    assert promtool_evaluates(tmp_path, expr, series, "8m", [{"labels": '{outcome="success"}', "value": 1}]) == ""
+
+
+def test_retries_panel_still_sees_increases_of_an_old_series(tmp_path):
+    expr = interpolate(retries_target()["expr"])
+    series = [{"series": f'egress_sidecar_ip_restricted_retries_total{{{_JOB},outcome="success"}}',
+               "values": "5x20 6 7 8 9 10x10"}]
+    # 10 minutes after the series' birth 20 minutes ago: five retries in the window ($window = 10m).
+    assert promtool_evaluates(tmp_path, expr, series, "30m", [{"labels": '{outcome="success"}', "value": 5}]) == ""

@@ -280,6 +280,20 @@ def check_podmonitor(doc: dict) -> None:
                 assert DURATION.match(str(ep[key])) and ep[key] != "", f"{key}={ep[key]!r} is not a duration"
         if "interval" in ep and "scrapeTimeout" in ep:
             assert _seconds(ep["scrapeTimeout"]) <= _seconds(ep["interval"]), "scrapeTimeout > interval"
+        for rule in ep.get("relabelings", []):
+            assert isinstance(rule, dict) and set(rule) <= RELABEL_KEYS, f"unknown relabeling fields: {rule}"
+            assert rule.get("action", "replace") in RELABEL_ACTIONS, rule
+            if "targetLabel" in rule:
+                assert LABEL_NAME.match(rule["targetLabel"]), rule
+            for source in rule.get("sourceLabels", []):
+                assert LABEL_NAME.match(source), rule
+            re.compile(rule.get("regex", "(.*)"))  # Prometheus anchors it; it must at least compile
+
+
+# The RelabelConfig fields of the Prometheus Operator's monitoring.coreos.com/v1 API.
+RELABEL_KEYS = {"sourceLabels", "separator", "targetLabel", "regex", "modulus", "replacement", "action"}
+RELABEL_ACTIONS = {"replace", "keep", "drop", "hashmod", "labelmap", "labeldrop", "labelkeep", "lowercase",
+                   "uppercase", "keepequal", "dropequal", "Replace", "Keep", "Drop"}
 
 
 def check_prometheusrule(doc: dict) -> None:
@@ -389,7 +403,7 @@ def test_sidecar_ports_match_its_listen_settings(sidecar):
     assert host_of(listen) in ("127.0.0.1", "::1", "localhost"), f"SIDECAR_LISTEN={listen} exposes the proxy"
 
 
-@pytest.mark.parametrize(("probe", "path"), [("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")])
+@pytest.mark.parametrize(("probe", "path"), [("readinessProbe", "/serving"), ("livenessProbe", "/healthz")])
 def test_sidecar_probes_use_the_admin_port(sidecar, probe, path):
     spec = sidecar.get(probe)
     assert spec, f"the sidecar has no {probe}"
@@ -400,6 +414,17 @@ def test_sidecar_probes_use_the_admin_port(sidecar, probe, path):
     port = ports.get(get["port"], get["port"]) if isinstance(get["port"], str) else get["port"]
     assert port == admin_port, f"{probe} must hit the admin port {admin_port}, not {get['port']}"
     assert get.get("scheme", "HTTP") == "HTTP"
+
+
+def test_readiness_probe_does_not_depend_on_quotaguard(sidecar):
+    """/readyz is 503 while QuotaGuard (or the IP echo) is down with the guard enforcing. A native sidecar's
+    readiness is the pod's: as the readiness probe it would take every replica of the app out of its
+    Service during an upstream outage, although the app's inbound traffic does not need the upstream."""
+    path = sidecar["readinessProbe"]["httpGet"]["path"]
+    assert path != "/readyz", "the readiness probe must not be /readyz (it reflects QuotaGuard and the allowlist)"
+    from sidecar.ops.admin import ENDPOINTS
+
+    assert path in ENDPOINTS, f"the readiness probe asks {path}, which the admin server does not serve"
 
 
 def test_startup_probe_is_not_readiness(sidecar):
@@ -449,7 +474,8 @@ def test_startup_probe_needs_the_proxy_listening_and_the_bundle(sidecar, tmp_pat
 def test_startup_probe_passes_while_readyz_is_503(sidecar, make_world, make_sidecar_proc, outage):
     """A real sidecar in enforce mode with the IP echo down, or with an allowlist that holds neither
     egress IP: /readyz stays 503, yet the manifest's startup probe passes (so the app starts and the
-    sidecar is not restarted) and the liveness endpoint is 200."""
+    sidecar is not restarted) and the endpoints of its liveness and readiness probes are 200 (so it
+    is not restarted and the pod stays in its Service)."""
     import urllib.error
     import urllib.request
 
@@ -471,8 +497,9 @@ def test_startup_probe_passes_while_readyz_is_503(sidecar, make_world, make_side
     with pytest.raises(urllib.error.HTTPError) as info:
         urllib.request.urlopen(sc.admin_url + "/readyz", timeout=5)
     assert info.value.code == 503
-    with urllib.request.urlopen(sc.admin_url + "/healthz", timeout=5) as resp:
-        assert resp.status == 200
+    for probe in ("livenessProbe", "readinessProbe"):  # neither restarts the sidecar nor takes the pod out
+        with urllib.request.urlopen(sc.admin_url + sidecar[probe]["httpGet"]["path"], timeout=5) as resp:
+            assert resp.status == 200, probe
     assert sc.proc is not None and sc.proc.poll() is None
 
 
@@ -997,3 +1024,109 @@ def test_app_container_gets_the_same_java_and_node_settings_the_sidecar_gives_ex
                                  literal_env(app, "NO_PROXY") or "")
     assert literal_env(app, "JAVA_TOOL_OPTIONS") == expected
     assert literal_env(app, "NODE_USE_ENV_PROXY") == "1"
+
+
+# ------------------------------------------------------------------------------------- the PodMonitor
+
+
+def _sanitize(label: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", label)
+
+
+def _snake(key: str) -> str:
+    return re.sub(r"([A-Z])", lambda m: "_" + m.group(1).lower(), key)
+
+
+def podmonitor_scrape_config(podmonitor: dict, namespace: str) -> dict:
+    """The scrape job the Prometheus Operator generates for the PodMonitor, for what decides a target's
+    labels: the selector and port filter, then `job` = "<namespace>/<podmonitor name>", then `jobLabel`'s
+    pod label when it has a value, then the endpoint's own relabelings (prometheus-operator
+    pkg/prometheus/promcfg.go, generatePodMonitorConfig). Kubernetes discovery is replaced by file_sd
+    targets carrying the same __meta_kubernetes_* labels."""
+    spec = podmonitor["spec"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    relabel: list[dict] = []
+    for name, value in spec["selector"].get("matchLabels", {}).items():
+        relabel.append({"action": "keep", "source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(name)}"],
+                        "regex": re.escape(value)})
+    relabel.append({"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"],
+                    "regex": endpoint["port"]})
+    relabel.append({"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"})
+    relabel.append({"target_label": "job", "replacement": f"{namespace}/{podmonitor['metadata']['name']}"})
+    if spec.get("jobLabel"):
+        relabel.append({"source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(spec['jobLabel'])}"],
+                        "target_label": "job", "regex": "(.+)", "replacement": "${1}"})
+    for rule in endpoint.get("relabelings", []):
+        relabel.append({_snake(k): v for k, v in rule.items()})
+    return {"job_name": f"podMonitor/{namespace}/{podmonitor['metadata']['name']}/0",
+            "metrics_path": endpoint.get("path", "/metrics"), "relabel_configs": relabel}
+
+
+def test_podmonitor_gives_each_app_its_own_job(tmp_path):
+    """The rules sum and compare `by (job)`, assuming one job per app (one Salesforce app and allowlist).
+    A real Prometheus applies the PodMonitor's relabelling to pods of two apps in two namespaces: each
+    app in each namespace gets a job of its own, its replicas share it, and unselected pods are left out."""
+    import json
+    import urllib.request
+
+    from tests.e2e.test_prometheus import require_prometheus
+    from tests.harness import free_port, wait_http_ok, wait_until
+
+    binary = require_prometheus()
+    podmonitor = find("PodMonitor")
+    namespace = "shop"
+
+    def pod(ns: str, app: str | None, n: int, enabled: str = "true") -> dict:
+        labels = {"__meta_kubernetes_namespace": ns, "__meta_kubernetes_pod_name": f"{app}-{n}",
+                  "__meta_kubernetes_pod_container_port_name": "admin",
+                  "__meta_kubernetes_pod_label_egress_sidecar_enabled": enabled}
+        if app is not None:
+            labels["__meta_kubernetes_pod_label_app_kubernetes_io_name"] = app
+        return {"targets": [f"127.0.0.1:{free_port()}"], "labels": labels}
+
+    template = find("Deployment")["spec"]["template"]["metadata"]["labels"]
+    app = template["app.kubernetes.io/name"]
+    pods = [pod(namespace, app, 0), pod(namespace, app, 1), pod(namespace, "billing", 0),
+            pod("staging", app, 0), pod(namespace, "other", 0, enabled="false")]
+    (tmp_path / "pods.json").write_text(json.dumps(pods))
+    jobs = [{**podmonitor_scrape_config(podmonitor, namespace), "scrape_interval": "1h",
+             "file_sd_configs": [{"files": [str(tmp_path / "pods.json")]}]}]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump({"scrape_configs": jobs}))
+    port = free_port()
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        proc = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                 f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        problem = wait_http_ok(f"http://127.0.0.1:{port}/-/ready", proc, 30)
+        assert problem is None, problem
+
+        def targets() -> list[dict]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=5) as resp:
+                return json.loads(resp.read())["data"]["activeTargets"]
+
+        assert wait_until(lambda: len(targets()) == 4, timeout=20), targets()
+        jobs_seen = sorted(t["labels"]["job"] for t in targets())
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+    assert jobs_seen == sorted([f"{namespace}/{app}", f"{namespace}/{app}", f"{namespace}/billing",
+                                f"staging/{app}"]), jobs_seen
+
+
+def test_podmonitor_job_comes_from_a_label_every_app_pod_carries():
+    """The label the PodMonitor names the job after is on the Deployment's pod template (without it every
+    app of the namespace would fall back to one job, the PodMonitor's name)."""
+    spec = find("PodMonitor")["spec"]
+    (endpoint,) = spec["podMetricsEndpoints"]
+    sources = [s for r in endpoint.get("relabelings", []) if r.get("targetLabel") == "job"
+               for s in r.get("sourceLabels", [])]
+    if spec.get("jobLabel"):
+        sources.append("__meta_kubernetes_pod_label_" + _sanitize(spec["jobLabel"]))
+    pod_labels = [s for s in sources if s.startswith("__meta_kubernetes_pod_label_")]
+    assert pod_labels, "the PodMonitor sets no job from a pod label (jobLabel or a relabeling)"
+    template = find("Deployment")["spec"]["template"]["metadata"]["labels"]
+    for source in pod_labels:
+        assert any("__meta_kubernetes_pod_label_" + _sanitize(k) == source for k in template), (
+            f"{source} is not a label of the Deployment's pod template"
+        )

@@ -162,6 +162,7 @@ COMMANDS: dict[str, Callable[[], list[str]]] = {
     "axios": lambda: [node(), "node/axios_app.mjs"],
     "native-fetch-dispatcher": lambda: [node(), "node/native_fetch_dispatcher.mjs"],
     "java": lambda: [java(), "java/SalesforceRefresh.java"],
+    "java-urlconnection": lambda: [java(), "java/SalesforceRefreshUrlConnection.java"],
 }
 
 

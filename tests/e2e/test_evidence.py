@@ -11,7 +11,16 @@ from collections.abc import Callable
 
 import pytest
 
-from tests.harness import SidecarProcess, World, metric_value, redeem, wait_until
+from tests.harness import (
+    CLIENT_ID,
+    CLIENT_SECRET,
+    TOKEN_URL,
+    SidecarProcess,
+    World,
+    metric_value,
+    redeem,
+    wait_until,
+)
 
 CALLS = 40
 
@@ -112,3 +121,27 @@ def test_evidence_survives_a_restart_and_a_refusal_expires(
     assert {r.source_ip for r in world.salesforce.seen} == {"127.0.0.2", "127.0.0.3"}
     assert sc.status()["verdict"]["level"] == "ok"
     assert metric_value(sc.metrics(), "egress_sidecar_egress_ip_refused", egress_ip="127.0.0.3") == 0
+
+
+def test_a_refused_authorization_code_is_sent_once_more_and_redeemed(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """The web server flow's code redemption is subject to the allowlist too, and Salesforce refuses it
+    before redeeming the code (it blocks a request from outside the allowed ranges outright): the
+    sidecar sends the refused redemption once more through the other egress IP, and the app gets its
+    tokens. docs/failure-handling.md says why that is safe even if a code were spent by a refusal."""
+    sc = make_sidecar_proc(world.pair_env())
+    assert wait_until(sc.egress_discovered, timeout=10)
+    world.salesforce.reset_seen()
+    with sc.session() as s:
+        for _ in range(6):
+            resp = s.post(TOKEN_URL, data={"grant_type": "authorization_code", "code": world.salesforce.issue_auth_code(),
+                                           "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET,
+                                           "redirect_uri": "https://app.example.com/oauth/callback"}, timeout=15)
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["refresh_token"]
+    answers = [(r.source_ip, r.status) for r in world.salesforce.seen if r.grant_type == "authorization_code"]
+    assert ("127.0.0.3", 400) in answers and answers.count(("127.0.0.2", 200)) == 6
+    assert metric_value(sc.metrics(), "egress_sidecar_ip_restricted_retries_total", outcome="success") == 1
+    (retried,) = [c for c in sc.log_events() if c.get("retried_from")]
+    assert retried["grant_type"] == "authorization_code" and retried["outcome"] == "success"

@@ -304,6 +304,41 @@ def test_connection_cap_and_idle_timeout(world: World, make_sidecar_proc: Callab
     assert wait_until(lambda: _redeem_ok(sc, world), timeout=10)
 
 
+def _refused_at_cap(port: int) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as extra:
+        extra.sendall(b"CONNECT login.salesforce.com:443 HTTP/1.1\r\nHost: login.salesforce.com:443\r\n\r\n")
+        return read_until_closed(extra)
+
+
+def test_refusals_at_the_cap_are_counted_logged_without_flooding_and_open_connections_shown(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """At SIDECAR_MAX_CONNECTIONS every new client gets 503; each refusal is counted by reason, the log
+    says so in one line for a whole burst (a flood of clients cannot flood the log), and a gauge shows
+    the connections open."""
+    sc = make_sidecar_proc({**both_allowlisted(world), "SIDECAR_MAX_CONNECTIONS": "2"})
+    refused = "egress_sidecar_connections_refused_total"
+    assert metric_value(sc.metrics(), refused, reason="max_connections") == 0  # at 0 before the first
+    held = [socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) for _ in range(2)]
+    try:
+        assert wait_until(lambda: metric_value(sc.metrics(), "egress_sidecar_client_connections") == 2, timeout=5)
+        burst = 30
+        for _ in range(burst):
+            assert _refused_at_cap(sc.proxy_port).startswith(b"HTTP/1.1 503")
+        assert wait_until(lambda: metric_value(sc.metrics(), refused, reason="max_connections") == burst, timeout=5)
+        lines = sc.log_events("connections_refused")
+        assert 1 <= len(lines) <= 3, lines  # one line, and at most one more per 10 s window the burst took
+        first = lines[0]
+        assert first["reason"] == "max_connections" and first["limit"] == 2 and first["refused"] >= 1
+        assert "SIDECAR_MAX_CONNECTIONS" in first["msg"]
+    finally:
+        for c in held:
+            c.close()
+    assert wait_until(lambda: metric_value(sc.metrics(), "egress_sidecar_client_connections") == 0, timeout=5)
+    # What the burst's first line did not count is logged when its window ends: nothing is lost.
+    assert wait_until(lambda: sum(e["refused"] for e in sc.log_events("connections_refused")) == burst, timeout=15)
+
+
 def _redeem_ok(sc: SidecarProcess, world: World) -> bool:
     with sc.session() as s:
         return redeem(s, world.salesforce.issue_refresh_token()).status_code == 200

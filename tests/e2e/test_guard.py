@@ -171,6 +171,21 @@ def test_check_exit_codes(world: World, tmp_path: Path, test_ca: TestCA) -> None
     assert over.returncode == 2 and "256" in over.stderr and "1 too many" in over.stderr
 
 
+def test_check_fails_on_a_salesforce_domain_in_no_proxy(world: World, tmp_path: Path, test_ca: TestCA) -> None:
+    """Everything else passes, but the app's NO_PROXY lists a Salesforce domain: its clients would send
+    token calls straight to Salesforce from this host's IP, around the sidecar. The check fails and says
+    which entry."""
+    both = {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2-127.0.0.3"}
+    out = run_check(tmp_path, test_ca, {**both, "NO_PROXY": "localhost,127.0.0.1,.salesforce.com",
+                                        "no_proxy": "localhost,127.0.0.1"})
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "NO_PROXY lists .salesforce.com: " in out.stdout and "no_proxy lists" not in out.stdout
+    report = json.loads(run_check(tmp_path, test_ca, {**both, "no_proxy": "login.salesforce.com"}, "--json").stdout)
+    assert report["ok"] is False and report["verdict"]["lines"][0].startswith("no_proxy lists login.salesforce.com")
+    fine = run_check(tmp_path, test_ca, {**both, "NO_PROXY": "localhost,127.0.0.1,::1,.svc,.cluster.local"})
+    assert fine.returncode == 0, fine.stdout + fine.stderr
+
+
 def test_check_reports_unreachable_member(world: World, tmp_path: Path, test_ca: TestCA) -> None:
     world.pair.members[1].stop()
     out = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2-127.0.0.3",

@@ -126,6 +126,20 @@ def test_egress_change_is_counted_and_followed() -> None:
     assert {guard.choose("refresh_token").member.label for _ in range(4)} == {pair.members[1].label}  # type: ignore[union-attr]
 
 
+def test_coverage_is_nan_without_an_allowlist() -> None:
+    """With no SIDECAR_ALLOWLIST there is nothing to cover: the ratio says so (NaN), instead of a 0 that a
+    dashboard shows as a red 0 %."""
+    import math
+
+    pair = make_pair(None, None)
+    prober, metrics, _ = prober_for(pair)
+    prober.apply_round(pair.members[0], ["52.0.0.1"] * 3, None)
+    prober.update_metrics()
+    coverage = value(metrics, "egress_sidecar_allowlist_coverage_ratio")
+    assert coverage is not None and math.isnan(coverage)
+    assert value(metrics, "egress_sidecar_egress_ip_allowlisted", egress_ip="52.0.0.1") is None
+
+
 def test_unstable_member_is_not_claimed() -> None:
     pair = make_pair(None)
     prober, _, _ = prober_for(pair)

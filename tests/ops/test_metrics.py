@@ -20,6 +20,18 @@ def samples(text: str, name: str) -> list:
     return [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == name]
 
 
+def test_counters_read_by_increase_exist_at_zero_from_the_start() -> None:
+    """increase() cannot see a series' first step: a retry's or a refusal's first count would be lost if
+    its series were born with it."""
+    from sidecar.metrics import CONNECTION_REFUSALS, OUTCOMES
+
+    registry = Metrics().registry
+    for outcome in OUTCOMES:
+        assert registry.get_sample_value("egress_sidecar_ip_restricted_retries_total", {"outcome": outcome}) == 0
+    for reason in CONNECTION_REFUSALS:
+        assert registry.get_sample_value("egress_sidecar_connections_refused_total", {"reason": reason}) == 0
+
+
 def test_build_info_names_the_versions() -> None:
     (sample,) = samples(Metrics().render().decode(), "egress_sidecar_build_info")
     assert sample.value == 1
