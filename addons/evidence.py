@@ -26,8 +26,9 @@ class Evidence:
         flow.call.app = flow.app.label if flow.app else None
 
     def upstream_answer(self, flow: TokenFlow, member: Member) -> None:
+        """What Salesforce said about the IP the call left from (verified on its connection, or probed)."""
         outcome = flow.call.outcome
         if outcome == "ip_restricted":
-            self.facts.record(flow.app, member.egress_ip, "refused")
+            self.facts.record(flow.app, flow.egress_ip, "refused")
         elif outcome == "success" and flow.call.grant_type in ALLOWLISTED_GRANTS:
-            self.facts.record(flow.app, member.egress_ip, "allowed")
+            self.facts.record(flow.app, flow.egress_ip, "allowed")

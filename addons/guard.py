@@ -34,6 +34,16 @@ class Guard:
         else:
             flow.member = decision.member
 
+    def accept(self, flow: TokenFlow, member: Member, egress_ip: str | None) -> bool:
+        """A connection's own egress IP (asked on it): never one Salesforce just refused for this call, and
+        in enforce mode only one the app may redeem from."""
+        if egress_ip is not None and egress_ip == flow.metadata.get("refused_ip"):
+            return False
+        if not self.rules.accepts(flow.call.grant_type, egress_ip, flow.app):
+            return False
+        flow.call.guard = self.rules.verdict_for(member, flow.call.grant_type, flow.app, egress_ip)
+        return True
+
     def failover(self, flow: TokenFlow, tried: list[Member]) -> Member | None:
         member = self.rules.choose(flow.call.grant_type, app=flow.app, exclude=tuple(tried)).member
         return self._verdict(flow, member)
@@ -42,7 +52,8 @@ class Guard:
         if not (self.retry_ip_restricted and flow.call.outcome == "ip_restricted"
                 and subject_to_allowlist(flow.call.grant_type)):
             return None
-        return self._verdict(flow, self.rules.retry_member(flow.app, refused, exclude=tuple(tried)))
+        refused_ip = flow.metadata.setdefault("refused_ip", flow.egress_ip)
+        return self._verdict(flow, self.rules.retry_member(flow.app, refused, exclude=tuple(tried), refused_ip=refused_ip))
 
     def _verdict(self, flow: TokenFlow, member: Member | None) -> Member | None:
         if member is not None:  # the call leaves through another member now: its verdict is that member's

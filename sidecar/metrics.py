@@ -46,6 +46,7 @@ MEMBER_DIRECT = "direct"
 MEMBER_NONE = "none"
 EGRESS_UNKNOWN = "unknown"
 EGRESS_NONE = "none"
+EGRESS_UNVERIFIED = "unverified"  # through a member whose connection's egress IP is not known
 FAILURE_REASONS = ("refused", "unreachable", "timeout", "proxy_error", "auth_failed", "reset")
 TUNNEL_ROUTES = ("pair", "direct")
 # A member's probe round: its samples agreed, disagreed, only the echo behind it failed, or the member failed.
@@ -143,6 +144,22 @@ class Metrics:
             "Egress probe rounds per pair member, by result: ok, unstable (samples disagreed), echo_failed (the "
             "member answered, the IP echo behind it did not: the member is up), member_down (connect or proxy "
             "auth failed).",
+            ("member", "result"),
+            registry=r,
+        )
+        self.egress_verified = Gauge(
+            f"{NS}_egress_verified",
+            "1 while the egress IP of each new connection through this pair member is asked on that connection "
+            "(and the guard judges it), 0 while its connections go unverified (the echo failed, the member refused "
+            "a CONNECT after a request, its connections did not keep one egress IP, or the echo URL is https).",
+            ("member",),
+            registry=r,
+        )
+        self.egress_checks = Counter(
+            f"{NS}_egress_checks_total",
+            "Egress checks per pair member, by result: verified (a new connection's egress IP was asked on it), "
+            "echo_failed, connect_refused (the member would not open a tunnel after the question), disagreed (two "
+            "answers on one probed connection differed).",
             ("member", "result"),
             registry=r,
         )

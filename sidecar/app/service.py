@@ -26,6 +26,7 @@ from sidecar.egress.discovery import Prober
 from sidecar.egress.evidence import Evidence
 from sidecar.egress.guard import Guard
 from sidecar.egress.pair import Member, Pair, build_pair
+from sidecar.egress.verify import Verifier
 from sidecar.logs import SCRUBBER, event
 from sidecar.metrics import Metrics
 from sidecar.net.upstream import ConnectFailure, Connector, UpstreamPool
@@ -87,7 +88,9 @@ class Sidecar:
         self.guard = Guard(self.pair, settings.allowlist_ranges, settings.guard_mode, self.evidence)
         self.recorder = Recorder(self.metrics)
         self.hosts = TokenHosts(settings.token_hosts)
-        self.prober = Prober(self.pair, self.guard, self.metrics, settings)
+        # Each new connection through a member has its egress IP asked on it (when the echo allows it).
+        self.verifier = Verifier(self.pair, settings.echo_url, self.metrics)
+        self.prober = Prober(self.pair, self.guard, self.metrics, settings, self.verifier)
         self.started = time.time()
         self.proxy_address: tuple[str, int] | None = None
         self.admin: AdminServer | None = None
@@ -109,7 +112,7 @@ class Sidecar:
         self.destinations = Destinations(shared_proxy=settings.proxy_auth is not None,
                                          allow_private=settings.allow_private_destinations)
         self.connector = Connector(settings.upstream, trust_context(settings), self.destinations)
-        self.pool = UpstreamPool(self.connector, settings.connect_timeout)
+        self.pool = UpstreamPool(self.connector, settings.connect_timeout, self.verifier)
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
         self.access = ClientAccess(Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
                                           settings.max_connections), self.metrics)

@@ -1,39 +1,40 @@
-"""Egress discovery: learn which static IP each pair member leaves from, by asking an IP echo.
+"""Egress discovery: learn which static IPs each pair member (an address of the proxy) leaves from, by
+asking an IP echo.
 
-Each probe round sends ``SIDECAR_PROBE_SAMPLES`` requests to ``SIDECAR_ECHO_URL`` through every member,
-each on a new connection (QuotaGuard may balance per connection). A round whose samples agree sets
-the member's egress IP (and a different one than before is an *egress change*: logged and counted);
-samples that disagree make the member *unstable*, and its egress is not claimed. A member that
-answers no sample is down.
+Each probe round opens ``SIDECAR_PROBE_SAMPLES`` new connections through every member (QuotaGuard may
+balance per connection) and asks ``SIDECAR_ECHO_URL`` twice on each (an ``http://`` echo: the two answers
+of one connection must agree, which is what lets each token call's connection be verified on its own:
+:mod:`sidecar.egress.verify`). A round whose samples agree sets the member's egress IP (and a different
+one than before is an *egress change*: logged and counted); samples that disagree show an address that
+leaves from several IPs (one load-balanced address in front of the pair), whose single egress is not
+claimed: with per-connection verification each connection's own IP is judged, without it the member is
+*unstable*. A member that answers no sample is down.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import json
 import logging
 import math
 import ssl
 import time
-from dataclasses import dataclass
-from urllib.parse import urlsplit
 
 import h11
 
 from sidecar.config import Settings, Upstream
 from sidecar.egress.guard import Guard
 from sidecar.egress.pair import Member, Pair
+from sidecar.egress.verify import Verifier
 from sidecar.logs import event
 from sidecar.metrics import EGRESS_UNKNOWN, PROBE_RESULTS, Metrics
+from sidecar.net.echo import PROXY_407, EchoError, EchoTarget, parse_echo_body
 from sidecar.net.http1 import HttpConnection
 from sidecar.net.upstream import (
     ConnectFailure,
     Connector,
     SendFailure,
-    authority,
+    ask_echo,
     describe_error,
-    read_answer,
 )
 from sidecar.ops.trust import trust_context
 from sidecar.token.call import ALLOWLISTED_GRANTS
@@ -41,52 +42,8 @@ from sidecar.token.call import ALLOWLISTED_GRANTS
 log = logging.getLogger("egress_sidecar.discovery")
 
 
-class ProbeError(Exception):
-    """A probe through a member failed; the message is safe to show (no credentials).
-
-    ``member_down`` says the member itself failed (unreachable, or it refused our credentials), as
-    opposed to the echo service behind it: an echo outage must not take a working member out of
-    routing, or a third-party IP echo could stop every token refresh.
-    """
-
-    def __init__(self, message: str, member_down: bool = False) -> None:
-        super().__init__(message)
-        self.member_down = member_down
-
-
-def parse_echo_body(body: bytes) -> str:
-    """The IP in an echo answer: ``{"ip": "A.B.C.D"}`` JSON or a bare IP. Raises ProbeError."""
-    text = body.decode("utf-8", errors="replace").strip()
-    candidate = text
-    if text.startswith("{"):
-        try:
-            data = json.loads(text)
-        except ValueError:
-            raise ProbeError("echo answer is not valid JSON") from None
-        candidate = data.get("ip") if isinstance(data, dict) else None
-        if not isinstance(candidate, str):
-            raise ProbeError('echo JSON has no "ip" string')
-    try:
-        return str(ipaddress.ip_address(candidate.strip()))
-    except ValueError:
-        raise ProbeError(f"echo answer is not an IP address: {text[:60]!r}") from None
-
-
-@dataclass(frozen=True)
-class EchoTarget:
-    scheme: str
-    host: str
-    port: int
-    path: str
-
-    @classmethod
-    def from_url(cls, url: str) -> EchoTarget:
-        p = urlsplit(url)
-        port = p.port or (443 if p.scheme == "https" else 80)
-        return cls(p.scheme, p.hostname or "", port, (p.path or "/") + (f"?{p.query}" if p.query else ""))
-
-
-MAX_ECHO_BYTES = 64 * 1024
+ProbeError = EchoError  # a probe through a member failed (``member_down``: the member itself, not the echo)
+__all__ = ["ProbeError", "Prober", "fetch_via_member", "parse_echo_body"]
 
 
 async def fetch_via_member(
@@ -96,9 +53,12 @@ async def fetch_via_member(
     *,
     timeout: float,
     ssl_context: ssl.SSLContext | None = None,
-) -> bytes:
-    """GET the echo URL through one member, on a new connection: an ``https`` echo through a CONNECT
-    tunnel, an ``http`` one as a proxy request in absolute form (the credentials on it). Raises ProbeError."""
+    asks: int = 1,
+) -> list[str]:
+    """The egress IPs the echo names through one member, on one new connection: an ``http`` echo asked
+    ``asks`` times on the proxy connection itself, in absolute form (the credentials on each; a connection
+    that keeps one egress IP names it every time), an ``https`` one once through a CONNECT tunnel. Raises
+    ProbeError."""
     deadline = asyncio.get_running_loop().time() + timeout
     https = target.scheme == "https"
     connector = Connector(upstream, ssl_context or ssl.create_default_context())
@@ -111,18 +71,16 @@ async def fetch_via_member(
         if exc.stage == "tunnel":
             raise ProbeError(_proxy_status(exc), member_down=exc.reason == "auth_failed") from None
         raise ProbeError(f"echo request failed: {exc.cause}") from None
-    host = authority(target.host, target.port) if target.port not in (80, 443) else target.host.encode("idna")
-    headers = [(b"Host", host), (b"Accept", b"application/json"), (b"Connection", b"close")]
-    if https:
-        request = h11.Request(method=b"GET", target=target.path.encode(), headers=headers)
-    else:  # a plain-HTTP proxy request, absolute-form, credentials on it
-        request = h11.Request(method=b"GET", target=b"http://" + host + target.path.encode(),
-                              headers=[*headers, (b"Proxy-Authorization", upstream.proxy_authorization)])
+    http = HttpConnection(stream, h11.CLIENT)
+    times = 1 if https else max(1, asks)
+    seen: list[str] = []
     try:
         async with asyncio.timeout_at(deadline):
-            http = HttpConnection(stream, h11.CLIENT)
-            await http.send(request, h11.EndOfMessage())
-            answer = await read_answer(http, b"GET", MAX_ECHO_BYTES)
+            for i in range(times):
+                last = i == times - 1
+                seen.append(await ask_echo(http, target, None if https else upstream.proxy_authorization, close=last))
+                if not last and not http.next_cycle():
+                    break  # the proxy closes after each request: one answer is all this connection gives
     except TimeoutError:
         raise ProbeError(f"echo did not answer within {timeout:g}s") from None
     except SendFailure as exc:
@@ -131,25 +89,18 @@ async def fetch_via_member(
         raise ProbeError(f"echo request failed: {describe_error(exc)}") from None
     finally:
         stream.close()
-    if answer.status == 407:
-        raise ProbeError(_PROXY_407, member_down=True)
-    if answer.status in (403, 502, 503):
-        raise ProbeError(f"proxy answered HTTP {answer.status}")
-    if answer.status != 200:
-        raise ProbeError(f"echo answered HTTP {answer.status}")
-    return answer.body
-
-
-_PROXY_407 = "proxy refused the credentials (407): check USER:PASS in QUOTAGUARDSTATIC_URL"
+    return seen
 
 
 def _proxy_status(failure: ConnectFailure) -> str:
-    return _PROXY_407 if failure.reason == "auth_failed" else failure.detail
+    return PROXY_407 if failure.reason == "auth_failed" else failure.detail
 
 
 class Prober:
-    def __init__(self, pair: Pair, guard: Guard, metrics: Metrics, settings: Settings) -> None:
+    def __init__(self, pair: Pair, guard: Guard, metrics: Metrics, settings: Settings,
+                 verifier: Verifier | None = None) -> None:
         self.pair = pair
+        self.verifier = verifier  # told what each sampled connection showed (two answers each, http echo)
         self.guard = guard
         self.metrics = metrics
         self.target = EchoTarget.from_url(settings.echo_url)
@@ -180,15 +131,19 @@ class Prober:
     async def probe_member(self, member: Member) -> None:
         assert self.pair.upstream is not None
         seen: list[str] = []
+        per_connection: list[list[str]] = []
         error: ProbeError | None = None
         for _ in range(self.samples):
             try:
-                body = await fetch_via_member(
-                    member, self.pair.upstream, self.target, timeout=self.timeout, ssl_context=self.ssl_context
-                )
-                seen.append(parse_echo_body(body))
+                ips = await fetch_via_member(member, self.pair.upstream, self.target, timeout=self.timeout,
+                                             ssl_context=self.ssl_context, asks=2)
             except ProbeError as exc:
                 error = exc
+                continue
+            seen.append(ips[0])
+            per_connection.append(ips)
+        if self.verifier is not None:
+            self.verifier.probed(member, [ips for ips in per_connection if len(ips) > 1])
         self.apply_round(member, seen, str(error) if error else None, member_down=bool(error and error.member_down))
 
     def apply_round(
@@ -250,13 +205,19 @@ class Prober:
             member.samples.extend(seen)
         else:
             member.samples.extend(seen)
-            event(
-                log,
-                logging.WARNING,
-                f"pair member {member.label} is unstable: one round saw {', '.join(sorted(set(seen)))}; "
-                "its egress IP is not claimed",
-                member=member.label,
-            )
+            if member.verifies:  # one address in front of several egress IPs: each connection's is asked on it
+                if was_up is not True or len(set(member.samples)) != len(set(seen)):
+                    event(log, logging.INFO, f"pair member {member.label} leaves from {', '.join(sorted(set(seen)))} "
+                          "(a load-balanced address): the egress IP of each connection is verified on it",
+                          member=member.label, egress_ips=sorted(set(seen)))
+            else:
+                event(
+                    log,
+                    logging.WARNING,
+                    f"pair member {member.label} is unstable: one round saw {', '.join(sorted(set(seen)))}, and the "
+                    "egress IP of its connections cannot be verified one by one; its egress IP is not claimed",
+                    member=member.label,
+                )
         if member.pinned_ip and member.stable and member.samples[-1] != member.pinned_ip:
             event(
                 log,

@@ -54,20 +54,39 @@ class Guard:
         return self.allowlist.contains(ip)
 
     def standing(self, member: Member, app: App | None = None) -> Standing:
-        """May a redemption for ``app`` leave through this member's egress IP? Salesforce's answers
-        first ("allowed", "refused"), then SIDECAR_ALLOWLIST ("allowed" for a listed verified IP,
-        "unlisted" otherwise), else "unknown"."""
-        said = self.evidence.state(app, member.egress_ip) if self.evidence is not None else None
+        """May a redemption for ``app`` leave through this member? By its one probed egress IP
+        (:meth:`standing_ip`); a member whose connections show several IPs, each verified on its connection,
+        is "unknown" here (each connection is judged on its own: :meth:`accepts`)."""
+        if member.egress_ip is None and member.verifies:
+            return "unknown"
+        return self.standing_ip(member.egress_ip, app)
+
+    def standing_ip(self, ip: str | None, app: App | None = None) -> Standing:
+        """May a redemption for ``app`` leave from ``ip``? Salesforce's answers first ("allowed", "refused"),
+        then SIDECAR_ALLOWLIST ("allowed" for a listed IP, "unlisted" otherwise), else "unknown"."""
+        said = self.evidence.state(app, ip) if self.evidence is not None else None
         if said is not None:
             return said
         if self.allowlist:
-            return "allowed" if self.is_allowlisted(member.egress_ip) else "unlisted"
+            return "allowed" if self.is_allowlisted(ip) else "unlisted"
         return "unknown"
+
+    def accepts(self, grant_type: str, ip: str | None, app: App | None = None) -> bool:
+        """May the call leave through a connection whose egress IP, asked on it, is ``ip`` (None: it could
+        not be asked: the call goes, as it would without the sidecar, with the safe retry behind it)?"""
+        if self.mode != "enforce" or not subject_to_allowlist(grant_type) or ip is None:
+            return True
+        return self.standing_ip(ip, app) in ("allowed", "unknown")
 
     def eligible(self, grant_type: str, now: float | None = None, app: App | None = None) -> list[Member]:
         members = [m for m in self.pair.members if m.available(now)]
         if self.mode == "enforce" and subject_to_allowlist(grant_type):
-            return [m for m in members if self.standing(m, app) in ("allowed", "unknown")]
+            good = [m for m in members if self.standing(m, app) in ("allowed", "unknown")]
+            # Never worse than the plain recipe: a member whose connections' egress cannot be told (no single
+            # probed IP, connections unverified) still carries the call when no better one may, unless every
+            # IP it has shown is one the app may not use; a refusal is then retried (retry_member).
+            return good or [m for m in members if m.egress_ip is None and not m.verifies and not (
+                m.observed_ips and all(self.standing_ip(ip, app) in ("refused", "unlisted") for ip in m.observed_ips))]
         return members or list(self.pair.members)  # all down: try anyway rather than fail closed
 
     def choose(self, grant_type: str, *, app: App | None = None, exclude: tuple[Member, ...] = (),
@@ -81,29 +100,37 @@ class Guard:
         return Decision(member, self.verdict_for(member, grant_type, app))
 
     def retry_member(self, app: App | None, refused: Member, *, exclude: tuple[Member, ...] = (),
-                     now: float | None = None) -> Member | None:
-        """For a redemption Salesforce refused as "ip restricted" through ``refused``: a member whose
-        egress IP is known, different, and not known to be refused for the app (the typed allowlist
-        is only a preference here: Salesforce just said it is wrong about at least one IP)."""
+                     now: float | None = None, refused_ip: str | None = None) -> Member | None:
+        """For a redemption Salesforce refused as "ip restricted" through ``refused`` (from ``refused_ip``): a
+        member that can leave from a different IP not known to be refused for the app: one whose probed IP
+        is known and different, or one (the refused one included) whose connections are verified one by
+        one, so the retry can take a connection from another IP, or, when they cannot be verified, one that
+        has shown more than one IP (a new connection may leave from another). The typed allowlist is only a preference
+        here: Salesforce just said it is wrong about at least one IP."""
+        refused_ip = refused_ip or refused.egress_ip
         order = {"allowed": 0, "unknown": 1, "unlisted": 2}
         candidates = [m for m in self.pair.members
-                      if m is not refused and m not in exclude and m.available(now) and m.egress_ip is not None
-                      and m.egress_ip != refused.egress_ip and self.standing(m, app) != "refused"]
+                      if m not in exclude and m.available(now) and self.standing(m, app) != "refused"
+                      and ((m.egress_ip is not None and m.egress_ip != refused_ip)
+                           or (m.egress_ip is None and m.verifies and refused_ip is not None)
+                           or (m.egress_ip is None and not m.verifies and len(m.observed_ips) != 1))]
         if not candidates:
             return None
         best = min(order[self.standing(m, app)] for m in candidates)
         ranked = [m for m in candidates if order[self.standing(m, app)] == best]
         return ranked[next(self._turn) % len(ranked)]
 
-    def verdict_for(self, member: Member, grant_type: str, app: App | None = None) -> Verdict:
+    def verdict_for(self, member: Member, grant_type: str, app: App | None = None, ip: str | None = None) -> Verdict:
+        """The verdict on a call leaving through ``member`` (from ``ip`` when its connection's IP is known)."""
         if not subject_to_allowlist(grant_type):
             return "allow"
-        said = self.evidence.state(app, member.egress_ip) if self.evidence is not None else None
+        ip = ip or member.egress_ip
+        said = self.evidence.state(app, ip) if self.evidence is not None else None
         if said is not None:
             return "allow" if said == "allowed" else "not_allowlisted"
         if not self.allowlist:
             return "allow"
-        state = self.is_allowlisted(member.egress_ip)
+        state = self.is_allowlisted(ip)
         if state is None:
             return "unverified"
         return "allow" if state else "not_allowlisted"
@@ -146,4 +173,6 @@ class Guard:
             return True
         if not self.allowlist:
             return any(m.up is not False for m in self.pair.members)
-        return any(m.up is not False and self.is_allowlisted(m.egress_ip) for m in self.pair.members)
+        return any(m.up is not False and (self.is_allowlisted(m.egress_ip) or (
+            m.egress_ip is None and m.verifies and any(self.is_allowlisted(ip) for ip in m.observed_ips)))
+            for m in self.pair.members)

@@ -36,6 +36,7 @@ class Member:
     ejected_until: float = 0.0
     consecutive_failures: int = 0
     ejections: int = 0
+    verifies: bool = False  # each new connection's egress IP is asked on it (sidecar.egress.verify)
 
     @property
     def label(self) -> str:
@@ -50,7 +51,8 @@ class Member:
 
     @property
     def egress_ip(self) -> str | None:
-        """The egress IP this member is known to leave from, or None when not verified."""
+        """The one egress IP this member's probes agree on (or pinned), else None: not probed yet, or an
+        address that shows several (load-balanced: each connection's own IP is verified on it)."""
         if self.pinned_ip:
             return self.pinned_ip
         if self.stable:

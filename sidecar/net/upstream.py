@@ -14,12 +14,21 @@ import errno
 import ssl
 import time
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import h11
 
 from sidecar.config import Upstream
 from sidecar.egress.pair import Member
+from sidecar.net.echo import (
+    MAX_ECHO_BYTES,
+    PROXY_407,
+    EchoError,
+    EchoTarget,
+    parse_echo_body,
+)
 from sidecar.net.http1 import HttpConnection, ProtocolError, h11_message, raw_headers
 from sidecar.net.streams import SocketStream, Stream, TlsStream, connect_any, open_tcp
 from sidecar.proxy.destinations import DestinationRefused, Destinations
@@ -28,6 +37,7 @@ from sidecar.token.messages import Answer
 MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is ~2 KB; 1 MiB is generous and bounded
 POOL_IDLE_SECONDS = 20.0  # below common server keep-alive timeouts, so we rarely write into a closed socket
 POOL_MAX_PER_KEY = 16
+MAX_EGRESS_TRIES = 6  # new connections through one member to find an egress IP a call may use (1 in 64 missed at 50/50)
 MAX_INTERIM = 10  # 1xx answers skipped before the final one
 
 
@@ -44,6 +54,17 @@ class ConnectFailure(Exception):
         self.member_fault = member_fault  # another member might do better: fail over
         self.ejects = ejects  # evidence the member itself is broken (not the target behind it)
         self.refused = refused  # the destination rules refused it (sidecar.proxy.destinations): a 403, not a 502
+
+
+class NoAcceptableEgress(ConnectFailure):
+    """Every connection opened through a member for a call left from an egress IP the call may not use:
+    nothing of it was sent (try another member, or refuse it)."""
+
+    def __init__(self, member: Member, seen: list[str | None]) -> None:
+        ips = ", ".join(sorted({ip or "unverified" for ip in seen}))
+        super().__init__("egress_refused", f"pair member {member.label}: {len(seen)} new connection(s) left from "
+                         f"{ips}, none that this call may use", ejects=False)
+        self.seen = seen
 
 
 class SendFailure(Exception):
@@ -148,6 +169,7 @@ class UpstreamConn:
     key: PoolKey
     http: HttpConnection
     last_used: float = field(default_factory=time.monotonic)
+    egress_ip: str | None = None  # verified on this very connection (a member's), else None
 
     @property
     def stream(self) -> Stream:
@@ -157,8 +179,47 @@ class UpstreamConn:
         self.http.stream.close()
 
 
+class EgressVerifier(Protocol):
+    """Which members' new connections have their egress IP verified, and what verification showed
+    (sidecar.egress.verify.Verifier)."""
+
+    def echo_for(self, member: Member) -> EchoTarget | None: ...
+    def verified(self, member: Member, ip: str) -> None: ...
+    def failed(self, member: Member, reason: str, detail: str) -> None: ...
+
+
 PoolKey = tuple[str, str | None, str, int, str | None]  # (purpose, member, host, port, TLS server name or None)
 Addresses = list[tuple[int, int, int, tuple[object, ...]]]  # getaddrinfo's, already checked
+
+
+VERIFY_RESULTS = ("verified", "echo_failed", "connect_refused")
+
+
+class VerifyFailure(Exception):
+    """The egress IP of a new connection through a member could not be learnt on that connection, or the
+    member would not open a tunnel after the question (nothing of a request was sent): ``reason`` is one of
+    VERIFY_RESULTS; the caller opens a connection without asking."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+async def ask_echo(http: HttpConnection, target: EchoTarget, proxy_authorization: bytes | None, *,
+                   close: bool = False) -> str:
+    """Ask the IP echo once on ``http`` (absolute-form with the credentials on a proxy connection, or
+    origin-form in a tunnel: ``proxy_authorization`` None) and return the IP it names. Raises EchoError
+    (the proxy's own 407 with ``member_down``), SendFailure and the stream's OSErrors."""
+    await http.send(target.request(proxy_authorization, close=close), h11.EndOfMessage())
+    answer = await read_answer(http, b"GET", MAX_ECHO_BYTES)
+    if answer.status == 407:
+        raise EchoError(PROXY_407, member_down=True)
+    if answer.status in (403, 502, 503):
+        raise EchoError(f"proxy answered HTTP {answer.status}")
+    if answer.status != 200:
+        raise EchoError(f"echo answered HTTP {answer.status}")
+    return parse_echo_body(answer.body)
 
 
 class Connector:
@@ -180,6 +241,22 @@ class Connector:
                    tunnel: bool = True) -> Stream:
         """A stream to host:port. Through ``member`` with ``tunnel=False``, the stream to the member itself
         (for requests in absolute form, with the proxy credentials on each)."""
+        stream, _ = await self._open(host, port, member, deadline, tls, server_name, addresses, tunnel, None)
+        return stream
+
+    async def open_verified(self, host: str, port: int, member: Member, *, deadline: float,
+                            server_name: str | None, echo: EchoTarget, echo_deadline: float) -> tuple[Stream, str]:
+        """A TLS stream to host:port through ``member``, and the egress IP of this very connection: before
+        the CONNECT, the IP echo is asked on the same proxy connection (by ``echo_deadline``). Raises
+        VerifyFailure when the echo cannot be asked there or the member will not open the tunnel after it
+        (open one without asking then), ConnectFailure as :meth:`open`."""
+        stream, ip = await self._open(host, port, member, deadline, True, server_name, None, True, (echo, echo_deadline))
+        assert ip is not None
+        return stream, ip
+
+    async def _open(self, host: str, port: int, member: Member | None, deadline: float, tls: bool,
+                    server_name: str | None, addresses: Addresses | None, tunnel: bool,
+                    verify: tuple[EchoTarget, float] | None) -> tuple[Stream, str | None]:
         where = f"pair member {member.label}" if member else f"{host}:{port}"
         try:
             async with asyncio.timeout_at(deadline):
@@ -197,17 +274,26 @@ class Connector:
             raise ConnectFailure(_classify_oserror(exc), f"cannot connect to {where}: {describe_error(exc)}",
                                  cause=describe_error(exc)) from None
         stream: Stream = SocketStream(sock)
+        egress_ip: str | None = None
         stage = "tunnel"
         try:
+            if member is not None and verify is not None:
+                stream, egress_ip = await self._verify(stream, member, *verify)
             async with asyncio.timeout_at(deadline):
                 if member is not None and tunnel:
                     assert self.upstream is not None
-                    stream = await open_tunnel(stream, self.upstream, member, host, port)
+                    try:
+                        stream = await open_tunnel(stream, self.upstream, member, host, port)
+                    except ConnectFailure as exc:
+                        if egress_ip is None or exc.reason == "auth_failed":
+                            raise
+                        raise VerifyFailure("connect_refused", f"pair member {member.label} would not open a "
+                                            f"tunnel after the IP echo on the same connection ({exc.detail})") from None
                 if tls:
                     stage = "tls"
                     stream = TlsStream.client(stream, self.ssl_context, server_name or host)
                     await stream.handshake()
-        except ConnectFailure:
+        except (ConnectFailure, VerifyFailure):
             sock.close()
             raise
         except ssl.SSLCertVerificationError as exc:
@@ -223,7 +309,29 @@ class Connector:
         except BaseException:  # cancelled: the socket is not left open
             sock.close()
             raise
-        return stream
+        return stream, egress_ip
+
+    async def _verify(self, stream: Stream, member: Member, echo: EchoTarget, echo_deadline: float) -> tuple[Stream, str]:
+        """Ask the echo on the member's connection; the stream the CONNECT then goes on, and the IP."""
+        assert self.upstream is not None
+        http = HttpConnection(stream, h11.CLIENT)
+        try:
+            async with asyncio.timeout_at(echo_deadline):
+                ip = await ask_echo(http, echo, self.upstream.proxy_authorization)
+        except EchoError as exc:
+            if exc.member_down:
+                raise ConnectFailure("auth_failed", f"pair member {member.label} refused the proxy credentials (407): "
+                                     "check QUOTAGUARDSTATIC_URL", stage="tunnel") from None
+            raise VerifyFailure("echo_failed", f"IP echo through pair member {member.label}: {exc}") from None
+        except (SendFailure, OSError, TimeoutError, h11.LocalProtocolError) as exc:
+            why = "no answer in time" if isinstance(exc, TimeoutError) else describe_error(exc) \
+                if not isinstance(exc, SendFailure) else str(exc)
+            raise VerifyFailure("echo_failed", f"IP echo through pair member {member.label}: {why}") from None
+        if not http.next_cycle():
+            raise VerifyFailure("connect_refused", f"pair member {member.label} closes its connection after a "
+                                "request: the CONNECT cannot follow the IP echo on it")
+        assert isinstance(stream, SocketStream)
+        return SocketStream(stream.sock, http.h11.trailing_data[0]), ip
 
 
 class UpstreamPool:
@@ -232,29 +340,54 @@ class UpstreamPool:
     token endpoint's answers ever travel on theirs, so a misbehaving endpoint elsewhere on the same host
     cannot put bytes in front of a token call, however late they arrive."""
 
-    def __init__(self, connector: Connector, connect_timeout: float) -> None:
+    def __init__(self, connector: Connector, connect_timeout: float,
+                 verifier: EgressVerifier | None = None) -> None:
         self.connector = connector
         self.connect_timeout = connect_timeout
+        self.verifier = verifier  # which members' connections have their egress IP verified, and what it showed
         self._idle: dict[PoolKey, deque[UpstreamConn]] = defaultdict(deque)
         self._swept = time.monotonic()
 
     async def acquire(self, member: Member | None, host: str, port: int, server_name: str | None = None,
-                      purpose: str = "other", *, tls: bool = True,
-                      addresses: Addresses | None = None) -> tuple[UpstreamConn, bool]:
+                      purpose: str = "other", *, tls: bool = True, addresses: Addresses | None = None,
+                      accept: Callable[[str | None], bool] | None = None) -> tuple[UpstreamConn, bool]:
         """A connection ready for a request, and whether it was reused: over TLS to ``server_name`` (default
         ``host``), or plain with ``tls=False``. ``addresses``: where a direct connection may go (checked by
-        the caller; a pooled one went to such an address too). Raises ConnectFailure."""
+        the caller; a pooled one went to such an address too). ``accept``: whether a connection whose egress
+        IP is this (None: not verified) may carry the request; connections it turns down stay pooled for
+        others, and at most MAX_EGRESS_TRIES new ones are opened for it (then NoAcceptableEgress). Raises
+        ConnectFailure."""
         key = (purpose, member.label if member else None, host, port, (server_name or host) if tls else None)
         now = time.monotonic()
         if now - self._swept > POOL_IDLE_SECONDS:
             self._sweep(now)
         idle = self._idle.get(key)
-        while idle:
-            conn = idle.pop()
-            if now - conn.last_used < POOL_IDLE_SECONDS and conn.http.reusable():
-                return conn, True
+        if idle:
+            for conn in reversed(list(idle)):  # the most recently used first
+                fresh = now - conn.last_used < POOL_IDLE_SECONDS and conn.http.reusable()
+                if fresh and accept is not None and not accept(conn.egress_ip):
+                    continue
+                idle.remove(conn)
+                if fresh:
+                    return conn, True
+                conn.close()
+        seen: list[str | None] = []
+        for _ in range(MAX_EGRESS_TRIES if accept is not None else 1):
+            conn = await self._open(member, key, addresses)
+            if accept is None or accept(conn.egress_ip):
+                return conn, False
+            seen.append(conn.egress_ip)
+            self._park(conn)  # unused: another app or org may redeem through its egress IP
+        assert member is not None
+        raise NoAcceptableEgress(member, seen)
+
+    def _park(self, conn: UpstreamConn) -> None:
+        idle = self._idle[conn.key]
+        if len(idle) >= POOL_MAX_PER_KEY:
             conn.close()
-        return await self._open(member, key, addresses), False
+            return
+        conn.last_used = time.monotonic()
+        idle.append(conn)
 
     def _sweep(self, now: float) -> None:
         """Close the connections idle past POOL_IDLE_SECONDS and forget hosts with none left: the pool
@@ -283,8 +416,26 @@ class UpstreamPool:
 
     async def _open(self, member: Member | None, key: PoolKey, addresses: Addresses | None) -> UpstreamConn:
         _, _, host, port, server_name = key
-        # One deadline for the whole set-up: TCP, the member's CONNECT answer and the TLS handshake.
-        deadline = asyncio.get_running_loop().time() + self.connect_timeout
+        # One deadline for the whole set-up: TCP, the IP echo, the member's CONNECT answer and the TLS handshake.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.connect_timeout
+        echo = self.verifier.echo_for(member) if self.verifier is not None and member is not None \
+            and server_name is not None else None
+        unverified: VerifyFailure | None = None
+        if echo is not None:
+            assert member is not None and self.verifier is not None
+            try:  # half the set-up time at most for the question: an echo outage must leave time to connect
+                stream, ip = await self.connector.open_verified(host, port, member, deadline=deadline,
+                                                                server_name=server_name, echo=echo,
+                                                                echo_deadline=loop.time() + self.connect_timeout / 2)
+            except VerifyFailure as exc:
+                unverified = exc
+            else:
+                self.verifier.verified(member, ip)
+                return UpstreamConn(key, HttpConnection(stream, h11.CLIENT), egress_ip=ip)
         stream = await self.connector.open(host, port, member, deadline=deadline, tls=server_name is not None,
                                            server_name=server_name, addresses=addresses)
+        if unverified is not None:  # the member works without the question: verification is what failed
+            assert member is not None and self.verifier is not None
+            self.verifier.failed(member, unverified.reason, unverified.detail)
         return UpstreamConn(key, HttpConnection(stream, h11.CLIENT))

@@ -21,9 +21,10 @@ from sidecar.config import Settings
 from sidecar.egress.discovery import Prober
 from sidecar.egress.guard import Guard
 from sidecar.egress.pair import build_pair
+from sidecar.egress.verify import Verifier
 from sidecar.metrics import Metrics
 from sidecar.ops.noproxy import bypass_warnings
-from sidecar.ops.status import member_rows, verdict
+from sidecar.ops.status import member_rows, verdict, with_egress_checks
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Report:
     allowlist: str | None
     running: str | None = None  # the running sidecar's admin URL, when it answered
     evidence: list[dict[str, Any]] = field(default_factory=list)
+    layout: str = "unknown"  # QuotaGuard's layout, as the probes showed it
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -43,6 +45,7 @@ class Report:
             "mode": self.mode,
             "pair": self.rows,
             "allowlist": self.allowlist,
+            "layout": self.layout,
             "running_sidecar": self.running,
             "evidence": self.evidence,
             "verdict": {"level": self.level, "lines": self.lines},
@@ -63,6 +66,7 @@ class Report:
         widths = [max(len(row[i]) for row in table) for i in range(len(head))]
         out = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]
         out.append("")
+        out.append(f"QuotaGuard layout: {self.layout}")
         out.append(("PASS: " if self.ok else "FAIL: ") + self.lines[0])
         out.extend("      " + line for line in self.lines[1:])
         return "\n".join(out)
@@ -72,7 +76,7 @@ def _word(value: object) -> str:
     return {True: "yes", False: "no", None: "unknown"}.get(value, str(value))  # type: ignore[call-overload]
 
 
-def running_evidence(admin_url: str, timeout: float = 3.0) -> tuple[list[dict[str, Any]], list[str]] | None:
+def running_evidence(admin_url: str, timeout: float = 3.0) -> tuple[list[dict[str, Any]], list[str], list[str]] | None:
     """A running sidecar's evidence and its verdict lines about it, from its /status; None when no
     sidecar answers there."""
     try:
@@ -83,7 +87,9 @@ def running_evidence(admin_url: str, timeout: float = 3.0) -> tuple[list[dict[st
     if not isinstance(status, dict) or "verdict" not in status:
         return None
     lines = [line for line in status["verdict"].get("lines", []) if line.startswith("Salesforce ")]
-    return list(status.get("evidence") or []), lines
+    unverified = [f"The running sidecar at {admin_url}: {line}" for line in status["verdict"].get("lines", [])
+                  if "is unverified" in line]
+    return list(status.get("evidence") or []), lines, unverified
 
 
 async def run_check(settings: Settings, admin_url: str | None = None,
@@ -91,20 +97,25 @@ async def run_check(settings: Settings, admin_url: str | None = None,
     pair = build_pair(settings)
     # The preflight judges the allowlist itself, as if no guard were routing around a gap.
     guard = Guard(pair, settings.allowlist_ranges, "observe")
+    metrics = Metrics()
+    verifier = Verifier(pair, settings.echo_url, metrics)
     if not pair.direct:
-        await Prober(pair, guard, Metrics(), settings).probe_all()
-    v = verdict(pair, guard)
+        await Prober(pair, guard, metrics, settings, verifier).probe_all()
+    v = with_egress_checks(verdict(pair, guard), pair, verifier)
     allowlist = guard.allowlist
     ok = (
         not pair.direct
         and bool(allowlist)
-        and all(m.up and m.stable and allowlist.contains(m.egress_ip or "") for m in pair.members)
+        and all(m.up and (m.stable or m.verifies) and m.observed_ips
+                and all(allowlist.contains(ip) for ip in m.observed_ips) for m in pair.members)
     )
     lines, level = list(v.lines), v.level
     running = running_evidence(admin_url) if admin_url else None
     evidence: list[dict[str, Any]] = []
     if running is not None:
-        evidence, said = running
+        evidence, said, unverified = running
+        if unverified:
+            ok, level, lines = False, "critical" if level == "critical" else "warning", [*lines, *unverified]
         if any(r.get("evidence") == "refused" for r in evidence) or said:
             ok, level, lines = False, "critical", [*said, *lines]
         else:
@@ -122,4 +133,5 @@ async def run_check(settings: Settings, admin_url: str | None = None,
         allowlist=str(allowlist) if allowlist else None,
         running=admin_url if running is not None else None,
         evidence=evidence,
+        layout=verifier.layout() if not pair.direct else "none (direct mode)",
     )

@@ -12,6 +12,7 @@ from typing import Any, Literal, Protocol
 from sidecar import __version__
 from sidecar.egress.guard import Guard
 from sidecar.egress.pair import Pair
+from sidecar.egress.verify import Verifier
 from sidecar.metrics import OUTCOMES
 
 
@@ -20,6 +21,7 @@ class StatusSource(Protocol):
 
     pair: Pair
     guard: Guard
+    verifier: Verifier
     started: float
 
     def is_ready(self) -> tuple[bool, str]: ...
@@ -38,10 +40,11 @@ class Verdict:
         return " ".join(self.lines)
 
 
-def member_rows(pair: Pair, guard: Guard) -> list[dict[str, Any]]:
+def member_rows(pair: Pair, guard: Guard, verifier: Verifier | None = None) -> list[dict[str, Any]]:
     now = time.time()
     return [
         {
+            **({"verification": verifier.describe(m)} if verifier is not None else {}),
             "member": m.label,
             "egress_ip": m.egress_ip,
             "observed_ips": m.observed_ips,
@@ -69,11 +72,14 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
     lines: list[str] = []
     level: Level = "ok"
     n = len(pair.members)
-    allowlisted_up = [m for m in pair.members if m.up is not False and guard.is_allowlisted(m.egress_ip)]
+    allowlisted_up = [m for m in pair.members if m.up is not False and (guard.is_allowlisted(m.egress_ip) or (
+        m.egress_ip is None and m.verifies and any(guard.is_allowlisted(ip) for ip in m.observed_ips)))]
     for m in pair.members:
         if m.up is False:
             lines.append(f"Pair member {m.label} is unreachable ({m.last_error or 'no answer'}).")
             level = "critical"
+        elif m.stable is False and m.verifies:
+            pass  # one load-balanced address: each connection's egress IP is judged (with_egress_checks says so)
         elif m.stable is False:
             lines.append(
                 f"Pair member {m.label} is unstable: it left from {', '.join(m.observed_ips)}; "
@@ -175,6 +181,26 @@ def with_client_tls(v: Verdict, tls: dict[str, Any]) -> Verdict:
     return Verdict("critical" if v.level == "critical" else "warning", [*v.lines, line])
 
 
+def with_egress_checks(v: Verdict, pair: Pair, verifier: Verifier | None) -> Verdict:
+    """The verdict, with what per-connection egress verification found: the layout when it is one
+    load-balanced address, and a warning for each member whose connections go unverified."""
+    if verifier is None or pair.direct:
+        return v
+    lines, level = list(v.lines), v.level
+    for m in pair.members:
+        seen = verifier.describe(m)
+        if seen["mode"] == "unverified" and m.up is not False:
+            lines.append(f"The egress IP of connections through pair member {m.label} is unverified: {seen['reason']}. "
+                         "Token calls still go through it (with the retry of a refusal behind them); allowlist every "
+                         f"IP it showed ({', '.join(m.observed_ips) or 'none yet'}).")
+            level = "critical" if level == "critical" else "warning"
+        elif m.stable is False and m.up is not False:
+            lines.append(f"Pair member {m.label} is one load-balanced address that leaves from "
+                         f"{', '.join(m.observed_ips)}: the egress IP of each connection is verified on it, and the "
+                         "guard judges that IP.")
+    return Verdict(level, lines)
+
+
 def with_shared_state(v: Verdict, redis: dict[str, Any]) -> Verdict:
     """The verdict, with a line while the Redis the replicas share cannot be reached."""
     if not redis.get("configured") or redis.get("up") is not False:
@@ -188,7 +214,8 @@ def with_shared_state(v: Verdict, redis: dict[str, Any]) -> Verdict:
 def build_status(sidecar: StatusSource) -> dict[str, Any]:
     ready, why = sidecar.is_ready()
     facts = sidecar.status_facts()
-    v = with_shared_state(with_client_tls(verdict(sidecar.pair, sidecar.guard), facts["client_tls"]),
+    v = with_shared_state(with_client_tls(with_egress_checks(verdict(sidecar.pair, sidecar.guard), sidecar.pair,
+                                                             sidecar.verifier), facts["client_tls"]),
                           facts["shield"]["redis"])
     return {
         "version": __version__,
@@ -201,7 +228,8 @@ def build_status(sidecar: StatusSource) -> dict[str, Any]:
         "guard": sidecar.guard.mode,
         "allowlist": str(sidecar.guard.allowlist) if sidecar.guard.allowlist else None,
         "missing_from_allowlist": sidecar.guard.missing_ips(),
-        "pair": member_rows(sidecar.pair, sidecar.guard),
+        "pair": member_rows(sidecar.pair, sidecar.guard, sidecar.verifier),
+        "layout": sidecar.verifier.layout() if not sidecar.pair.direct else None,
         "probe_rounds": facts["probe_rounds"],
         "client_tls": facts["client_tls"],
         "shield": facts["shield"],

@@ -81,6 +81,9 @@ class FakeQuotaGuardMember(ThreadedServer):
         self.username, self.password = username, password
         self.connect_timeout, self.idle_timeout = connect_timeout, idle_timeout
         self.refuse_connect_status: int | None = None  # answer every CONNECT with this status
+        # answer a CONNECT that follows another request on the same connection with this status (a proxy that
+        # does not allow it; the sidecar must then fall back to connections it cannot verify)
+        self.refuse_connect_after_request: int | None = None
         self.connect_delay: float = 0.0  # seconds to stall before answering a CONNECT (slow member)
         self._routes: dict[Address, Address] = {}
         for requested, actual in (routes or {}).items():
@@ -153,6 +156,7 @@ class FakeQuotaGuardMember(ThreadedServer):
     # ---- proxy -------------------------------------------------------------------------------
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         conn = HttpServerConnection(reader, writer, self.read_timeout)
+        served = 0  # requests forwarded on this connection so far
         while (req := await conn.read_request()) is not None:
             if not self._authorized(req):
                 with self._lock:
@@ -172,6 +176,9 @@ class FakeQuotaGuardMember(ThreadedServer):
                 self._seen_targets.append(target)
             if req.method == "CONNECT" and self.refuse_connect_status is not None:
                 await conn.respond(self.refuse_connect_status, b"", keep_alive=False)
+                return
+            if req.method == "CONNECT" and served and self.refuse_connect_after_request is not None:
+                await conn.respond(self.refuse_connect_after_request, b"", keep_alive=False)
                 return
             if req.method == "CONNECT" and self.connect_delay > 0:
                 await asyncio.sleep(min(self.connect_delay, 60.0))
@@ -194,15 +201,41 @@ class FakeQuotaGuardMember(ThreadedServer):
                     if conn.leftover:  # the client did not wait for the answer
                         up_writer.write(conn.leftover)
                     await self._relay(reader, writer, up_reader, up_writer)
-                else:
-                    with self._lock:
-                        self._forwards += 1
-                    await send(up_writer, self._origin_form(req))
-                    await self._pipe(up_reader, writer)
+                    return  # the connection was the tunnel
+                with self._lock:
+                    self._forwards += 1
+                await send(up_writer, self._origin_form(req))
+                status, headers, body = await self._read_answer(up_reader)
             finally:
                 await close_writer(up_writer)
                 self.untrack(up_writer)
-            return  # one tunnel / forwarded request per client connection
+            # A forwarded request is answered on the client's keep-alive connection, as a real forward proxy
+            # does: another request, or a CONNECT, may follow on it.
+            await conn.respond(status, body, headers)
+            served += 1
+            if not conn.keep_alive:
+                return
+
+    async def _read_answer(self, reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+        """The origin's whole answer (it was asked to close after it), read with h11."""
+        origin = h11.Connection(h11.CLIENT)
+        origin.send(h11.Request(method="GET", target="/", headers=[("Host", "origin")]))
+        origin.send(h11.EndOfMessage())
+        status, headers, body = 502, dict(_TEXT), bytearray()
+        for _ in range(100_000):  # bounded: every read brings at least one byte
+            event = origin.next_event()
+            if event is h11.NEED_DATA:
+                origin.receive_data(await asyncio.wait_for(reader.read(CHUNK), self.idle_timeout))
+                continue
+            if isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in event.headers.raw_items()
+                           if k.decode("latin-1").lower() not in _HOP_HEADERS}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, (h11.EndOfMessage, h11.ConnectionClosed)):
+                break
+        return status, headers, bytes(body)
 
     def _authorized(self, req: HttpRequest) -> bool:
         scheme, _, cred = (req.header("proxy-authorization") or "").partition(" ")

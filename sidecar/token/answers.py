@@ -36,6 +36,15 @@ def blocked(guard: Guard, reason: str) -> Answer:
     )
 
 
+def egress_refused(detail: str) -> Answer:
+    return local_answer(
+        503, "egress_not_allowlisted",
+        f"refused to send this token call: every connection opened for it left from an egress IP it may not use "
+        f"({detail}). Nothing was sent; add the pair's egress IPs to the External Client App's Refresh Token IP "
+        "Allowlist",
+    )
+
+
 def failed_after_send(via: str, detail: str) -> Answer:
     return local_answer(
         502, "upstream_failed_after_send",

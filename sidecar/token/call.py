@@ -238,6 +238,7 @@ class TokenCall:
     app: str | None = None  # the client_id, shortened (sidecar.egress.evidence.short_client_id)
     retried_from: tuple[str, str] | None = None  # (member, egress IP) Salesforce refused as "ip restricted"
     shielded: str | None = None  # "coalesced" / "replayed": the rotation shield answered, nothing was sent
+    egress: str | None = None  # how egress_ip is known: "verified" (on its connection), "probed", "unverified"
     failovers: int = 0  # moves to another member before any byte was sent
     retry_outcome: str | None = None  # the outcome of a retry through another egress IP, when one was made
 
@@ -249,6 +250,7 @@ class TokenCall:
             "route": self.route,
             "member": self.member,
             "egress_ip": self.egress_ip,
+            "egress": self.egress,
             "guard": self.guard,
             "outcome": self.outcome,
             "status": self.status,

@@ -19,7 +19,13 @@ from collections.abc import Sequence
 
 from sidecar.egress.pair import Member
 from sidecar.logs import event
-from sidecar.metrics import EGRESS_NONE, EGRESS_UNKNOWN, MEMBER_DIRECT, MEMBER_NONE
+from sidecar.metrics import (
+    EGRESS_NONE,
+    EGRESS_UNKNOWN,
+    EGRESS_UNVERIFIED,
+    MEMBER_DIRECT,
+    MEMBER_NONE,
+)
 from sidecar.token import answers
 from sidecar.token.call import (
     TokenCall,
@@ -116,9 +122,11 @@ class TokenCore:
         await self.hooks.request(flow)  # route, or answer without sending (blocked, coalesced, replayed)
         if flow.answer is not None:
             return
-        _describe_route(call, flow.member)
+        _describe_route(call, flow.member, flow.member.egress_ip if flow.member else None)
         try:
             result = await self._send(flow, flow.member, lambda tried: self.hooks.failover(flow, tried))
+            if result.egress_refused:
+                return
             if result.answer is None or result.member is None:
                 return
             refused = result.member
@@ -134,12 +142,21 @@ class TokenCore:
         the addons, or the sidecar's own answer says what failed."""
         req, call = flow.request, flow.call
         assert req is not None
-        result = await self.sender.send(req, member, next_member)  # type: ignore[arg-type]
+        accept = (lambda m, ip: self.hooks.accept(flow, m, ip)) if self.hooks.accepts else None
+        result = await self.sender.send(req, member, next_member, accept)  # type: ignore[arg-type]
         labels = [a.member.label if a.member else MEMBER_DIRECT for a in result.attempts]
         call.failovers += len(labels) - 1
-        if len(labels) > 1 or call.attempts:  # failed over, or retried: the route is the last attempt's
-            _describe_route(call, result.member)
+        flow.egress_verified = result.egress_ip is not None
+        flow.egress_ip = result.egress_ip or (result.member.egress_ip if result.member else None)
+        _describe_route(call, result.member, flow.egress_ip)
+        call.egress = "verified" if flow.egress_verified else "probed" if flow.egress_ip else \
+            "unverified" if result.member is not None else None
         call.attempts += labels
+        if result.egress_refused:
+            call.route, call.member, call.egress_ip = "blocked", MEMBER_NONE, EGRESS_NONE
+            call.outcome, call.detail, call.local, call.guard = "blocked", result.detail, True, "blocked"
+            flow.answer = answers.egress_refused(result.detail or "")
+            return result
         if result.answer is None:
             call.outcome, call.detail, call.local = "upstream_error", result.detail, True
             flow.answer = answers.failed_after_send(_via(call), result.detail or "") if result.sent \
@@ -157,11 +174,13 @@ class TokenCore:
         through ``refused``: an "ip restricted" refusal, where nothing was redeemed). When the retry
         never reaches Salesforce, the first answer stands."""
         call = flow.call
-        first = (flow.answer, call.route, call.member, call.egress_ip, call.guard, call.outcome, call.error_code)
+        first = (flow.answer, call.route, call.member, call.egress_ip, call.guard, call.outcome, call.error_code,
+                 flow.egress_ip, flow.egress_verified, call.egress)
         call.retried_from = (call.member, call.egress_ip)
         retry = await self._send(flow, member, lambda tried: self.hooks.retry(flow, refused, tried))
         if retry.answer is None and not retry.sent:
-            flow.answer, call.route, call.member, call.egress_ip, call.guard, call.outcome, call.error_code = first
+            (flow.answer, call.route, call.member, call.egress_ip, call.guard, call.outcome, call.error_code,
+             flow.egress_ip, flow.egress_verified, call.egress) = first
             call.retried_from, call.local = None, False
             call.retry_outcome = "upstream_error"
             call.detail = f"a retry through another egress IP could not be sent: {retry.detail}"
@@ -193,12 +212,12 @@ class TokenCore:
         asyncio.get_running_loop().call_soon(self.hooks.done, flow)
 
 
-def _describe_route(call: TokenCall, member: Member | None) -> None:
+def _describe_route(call: TokenCall, member: Member | None, egress_ip: str | None) -> None:
     if member is None:
         call.route, call.member, call.egress_ip = "direct", MEMBER_DIRECT, EGRESS_UNKNOWN
     else:
         call.route, call.member = "pair", member.label
-        call.egress_ip = member.egress_ip or EGRESS_UNKNOWN
+        call.egress_ip = egress_ip or EGRESS_UNVERIFIED
 
 
 def _refuse(flow: TokenFlow, status: int, error: str, description: str) -> Answer:

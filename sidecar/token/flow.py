@@ -9,11 +9,16 @@ given (``sidecar.app.service`` lists them). Every hook is optional:
     The request is whole (``flow.request``, ``flow.fields``, ``flow.call.grant_type``). A hook may choose
     the route (``flow.member``) or answer without sending (``flow.answer``; as mitmproxy's
     ``flow.response``): the hooks after it are then skipped and nothing is sent.
+``accept(flow, member, egress_ip) -> bool``
+    A connection through ``member`` leaves from ``egress_ip`` (asked on that very connection; None when it
+    could not be): may the call go on it? Every hook must agree; one turned down stays pooled for other
+    calls and another is opened (bounded), then another member is tried.
 ``failover(flow, tried) -> Member | None``
     Connecting through ``flow.member`` failed before any byte of the request left: another member, or
     None to give up. The first hook that names one wins.
 ``upstream_answer(flow, member)``
-    Salesforce answered one attempt through ``member`` (``flow.answer``, ``flow.call.outcome`` classified).
+    Salesforce answered one attempt through ``member`` from ``flow.egress_ip`` (``flow.answer``,
+    ``flow.call.outcome`` classified).
 ``retry(flow, refused, tried) -> Member | None``
     After Salesforce's answer through ``refused``: a member to send the very same call through once more
     (the core sends at most one retry), or None. Also asked again while that retry fails over.
@@ -54,6 +59,8 @@ class TokenFlow:
     fields: dict[str, list[str]] = field(default_factory=dict)
     app: Any = None  # sidecar.egress.evidence.App: the app Salesforce sees (its client_id, as a keyed hash)
     member: Member | None = None  # the route: None is direct
+    egress_ip: str | None = None  # the IP the last attempt left from (verified on its connection, or probed)
+    egress_verified: bool = False  # whether egress_ip was asked on that very connection
     answer: Answer | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # an addon's own state for this call
 
@@ -84,6 +91,7 @@ class Hooks:
     def __init__(self, addons: Sequence[object]) -> None:
         self.addons = tuple(addons)
         self._request = _hooks(addons, "request")
+        self._accept = tuple(h for h, _ in _hooks(addons, "accept"))
         self._failover = tuple(h for h, _ in _hooks(addons, "failover"))
         self._upstream_answer = tuple(h for h, _ in _hooks(addons, "upstream_answer"))
         self._retry = tuple(h for h, _ in _hooks(addons, "retry"))
@@ -99,6 +107,14 @@ class Hooks:
                 hook(flow)
             if flow.answer is not None:
                 return
+
+    @property
+    def accepts(self) -> bool:
+        """Whether any addon judges connections (else none is asked about, and any is taken)."""
+        return bool(self._accept)
+
+    def accept(self, flow: TokenFlow, member: Member, egress_ip: str | None) -> bool:
+        return all(hook(flow, member, egress_ip) for hook in self._accept)
 
     def failover(self, flow: TokenFlow, tried: list[Member]) -> Member | None:
         return _first(self._failover, flow, tried)

@@ -21,6 +21,7 @@ from sidecar.egress.pair import Member
 from sidecar.net.http1 import end_to_end, h11_message, has, request_event
 from sidecar.net.upstream import (
     ConnectFailure,
+    NoAcceptableEgress,
     SendFailure,
     UpstreamPool,
     describe_error,
@@ -42,6 +43,10 @@ class SendResult:
     attempts: list[Attempt]
     sent: bool  # whether request bytes left (only meaningful when answer is None)
     detail: str | None = None
+    egress_ip: str | None = None  # of the connection it went on, when verified on it
+    egress_refused: bool = False  # nothing sent: no connection left from an egress IP the call may use
+
+Accept = Callable[[Member, str | None], bool]
 
 
 class Unsendable(Exception):
@@ -93,25 +98,35 @@ class TokenSender:
         self.on_connect_success = on_connect_success
 
     async def send(
-        self, req: TokenRequest, first: Member | None, next_member: Callable[[list[Member]], Member | None]
+        self, req: TokenRequest, first: Member | None, next_member: Callable[[list[Member]], Member | None],
+        accept: Accept | None = None,
     ) -> SendResult:
+        """Send through ``first``, failing over to ``next_member(tried)`` while nothing has left. ``accept``:
+        whether the call may leave through a connection of this member with this egress IP (verified on
+        it; None: unverified)."""
         attempts: list[Attempt] = []
+        refused_egress = False
         member = first
         events = request_events(req)  # built (and validated) before anything is sent: Unsendable
         host, port = req.destination
         for _ in range(64):  # bounded: one attempt per member at most
             attempt = Attempt(member)
             attempts.append(attempt)
+            on = member
             try:
-                conn, reused = await self.pool.acquire(member, host, port, req.host, purpose="token")
+                conn, reused = await self.pool.acquire(
+                    member, host, port, req.host, purpose="token",
+                    accept=(lambda ip: accept(on, ip)) if accept is not None and on is not None else None)
             except ConnectFailure as failure:
                 attempt.failure = failure
-                if member is not None and failure.member_fault:
+                refused_egress = isinstance(failure, NoAcceptableEgress)
+                if member is not None and failure.member_fault and not refused_egress:
                     self.on_connect_failure(member, failure)
                 tried = [a.member for a in attempts if a.member is not None]
                 nxt = next_member(tried) if member is not None and failure.member_fault else None
                 if nxt is None:
-                    return SendResult(None, member, attempts, sent=False, detail=failure.detail)
+                    return SendResult(None, member, attempts, sent=False, detail=failure.detail,
+                                      egress_refused=refused_egress)
                 member = nxt
                 continue
             if member is not None:
@@ -122,15 +137,17 @@ class TokenSender:
                     answer = await read_answer(conn.http, b"POST")
             except SendFailure as exc:
                 conn.close()
-                return SendResult(None, member, attempts, sent=True, detail=str(exc))
+                return SendResult(None, member, attempts, sent=True, detail=str(exc), egress_ip=conn.egress_ip)
             except Exception as exc:  # noqa: BLE001 - whatever broke, the bytes may have left
                 conn.close()
                 via = f"via pair member {member.label}" if member else "direct"
                 extra = " (on a reused keep-alive connection)" if reused else ""
-                return SendResult(None, member, attempts, sent=True, detail=f"{_after_send(exc)} {via}{extra}")
+                return SendResult(None, member, attempts, sent=True, detail=f"{_after_send(exc)} {via}{extra}",
+                                  egress_ip=conn.egress_ip)
             except BaseException:
                 conn.close()
                 raise
+            egress_ip = conn.egress_ip
             self.pool.release(conn)
-            return SendResult(answer, member, attempts, sent=True)
+            return SendResult(answer, member, attempts, sent=True, egress_ip=egress_ip)
         return SendResult(None, member, attempts, sent=False, detail="too many members tried")

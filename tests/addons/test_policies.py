@@ -54,14 +54,14 @@ def test_evidence_names_the_app_and_learns_what_salesforce_said_through_each_ip(
     addon.request(f)
     assert f.app is not None and f.call.app == "3MVG9app"
     pair = make_pair("52.0.0.1", "52.0.0.2")
-    f.call.outcome = "ip_restricted"
+    f.call.outcome, f.egress_ip = "ip_restricted", "52.0.0.1"  # (the core sets the IP the attempt left from)
     addon.upstream_answer(f, pair.members[0])
-    f.call.outcome = "success"
+    f.call.outcome, f.egress_ip = "success", "52.0.0.2"
     addon.upstream_answer(f, pair.members[1])
     assert ev.state(f.app, "52.0.0.1") == "refused" and ev.state(f.app, "52.0.0.2") == "allowed"
     other = flow(grant="jwt_bearer")  # a grant the allowlist does not apply to teaches nothing
     addon.request(other)
-    other.call.outcome = "success"
+    other.call.outcome, other.egress_ip = "success", "52.0.0.1"
     addon.upstream_answer(other, pair.members[0])
     assert ev.state(f.app, "52.0.0.1") == "refused"
 

@@ -41,6 +41,8 @@ CONTRACT_METRICS = frozenset({
     "egress_sidecar_probes_total",
     "egress_sidecar_client_connections",
     "egress_sidecar_connections_refused_total",
+    "egress_sidecar_egress_verified",
+    "egress_sidecar_egress_checks_total",
 })
 
 # Label names per metric, as the rules and the dashboard use them (Prometheus adds job, instance).
@@ -67,6 +69,8 @@ CONTRACT_LABELS = {
     "egress_sidecar_probes_total": ("member", "result"),
     "egress_sidecar_client_connections": (),
     "egress_sidecar_connections_refused_total": ("reason",),
+    "egress_sidecar_egress_verified": ("member",),
+    "egress_sidecar_egress_checks_total": ("member", "result"),
 }
 assert set(CONTRACT_LABELS) == CONTRACT_METRICS
 

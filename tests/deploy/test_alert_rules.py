@@ -51,6 +51,7 @@ EXPECTED_ALERTS = {
     "SalesforceAllowlistDisagreement",
     "QuotaGuardEgressProbesFailing",
     "EgressSidecarConnectionsRefused",
+    "EgressUnverified",
 }
 SEVERITIES = {"page", "warning", "ticket"}
 ANNOTATIONS = {"summary", "description", "runbook"}
@@ -274,6 +275,7 @@ MUTATIONS = [
     ("SalesforceRefreshTokenIdle", "expr", 'window="25d"', 'window=~".+"', "less than 25 days"),
     ("EgressSidecarConnectionsRefused", "expr", 'reason="max_connections"', 'reason=~".+"',
      "refused remote clients do not warn"),
+    ("EgressUnverified", "expr", "max by", "min by", "one pod that still verifies keeps it silent"),
 ]
 
 

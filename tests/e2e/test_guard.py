@@ -10,10 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from sidecar.sim.certs import TestCA
-from sidecar.sim.quotaguard import FakeQuotaGuardBalancer
 from tests.harness import (
     CLIENT_SECRET,
-    ECHO_HOST,
     ROOT,
     SidecarProcess,
     World,
@@ -25,23 +23,6 @@ from tests.harness import (
 )
 
 TOKENS = "egress_sidecar_token_requests_total"
-
-
-def test_a_load_balanced_quotaguard_address_shows_as_one_unstable_member(
-    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
-) -> None:
-    """docs/running.md, "Which QuotaGuard layout you have": pointed at one load-balanced address, the sidecar
-    sees one member whose probes leave from both static IPs. It says so (unstable, both IPs observed) and
-    claims no egress IP for it, so the guard never names an IP it did not verify."""
-    with FakeQuotaGuardBalancer(world.pair.members) as balancer:
-        sc = make_sidecar_proc({"QUOTAGUARDSTATIC_URL": balancer.url, "SIDECAR_ECHO_URL": f"http://{ECHO_HOST}/",
-                                "SIDECAR_GUARD": "observe"}, wait_ready=False)
-        assert wait_until(lambda: sc.status()["pair"][0]["stable"] is False, timeout=15)
-        [member] = sc.status()["pair"]
-        assert member["member"] == f"{balancer.address[0]}:{balancer.address[1]}"
-        assert sorted(member["observed_ips"]) == ["127.0.0.2", "127.0.0.3"] and member["egress_ip"] is None
-        assert metric_value(sc.metrics(), "egress_sidecar_probes_total", result="unstable") >= 1
-        assert "is unstable" in sc.log_text()
 
 
 def test_discovery_finds_both_egress_ips(world: World, make_sidecar_proc: Callable[..., SidecarProcess]) -> None:

@@ -56,12 +56,23 @@ def test_enforce_blocks_when_no_allowlisted_member() -> None:
     assert guard.choose("client_credentials").member is not None
 
 
-def test_enforce_does_not_trust_unverified_or_unstable_members() -> None:
-    pair = make_pair(None, "52.0.0.2")
-    pair.members[1].samples.append("52.0.0.9")  # disagreeing samples: unstable
-    guard = Guard(pair, parse_allowlist("52.0.0.0/24"), "enforce")
+def test_enforce_prefers_what_it_can_judge_and_never_fails_worse_than_the_plain_recipe() -> None:
+    """A member whose connections' egress cannot be told (never probed, or probes that disagree, and no
+    per-connection verification) carries a refresh only when no member the guard can judge may, and
+    never when every IP it has shown is one the app may not use."""
+    pair = make_pair("52.0.0.1", None)
+    guard = Guard(pair, parse_allowlist("52.0.0.1"), "enforce")
+    assert {guard.choose("refresh_token").member.label for _ in range(6)} == {pair.members[0].label}  # type: ignore[union-attr]
+    pair.members[0].up = False  # the judged one is down: the unknown one carries it (the plain recipe would)
+    assert guard.choose("refresh_token").member is pair.members[1]
+    assert guard.choose("refresh_token").verdict == "unverified"
+    pair.members[1].samples.extend(["52.0.0.8", "52.0.0.9"])  # it showed two IPs, neither listed
     assert pair.members[1].stable is False and pair.members[1].egress_ip is None
     assert guard.choose("refresh_token").blocked
+    pair.members[1].verifies = True  # its connections are verified one by one: each is judged when it opens
+    assert guard.choose("refresh_token").member is pair.members[1]
+    assert not guard.accepts("refresh_token", "52.0.0.9") and guard.accepts("refresh_token", "52.0.0.1")
+    assert guard.accepts("refresh_token", None)  # a connection that could not be asked goes, as it would without us
 
 
 def test_down_member_is_skipped_and_ready_follows() -> None:

@@ -32,6 +32,7 @@ from sidecar.sim import (
     FakeSalesforce,
     TestCA,
 )
+from tests.harness import read_until_closed
 
 SF_HOST = "login.salesforce.com"
 ECHO_HOST = "ip.quotaguard.com"
@@ -411,7 +412,10 @@ def test_balanced_address_spreads_connections_and_keeps_each_on_one_member(
     with FakeQuotaGuardPair(routes={(ECHO_HOST, 80): echo.address}, balanced=True) as pair:
         assert pair.balancer is not None
         proxies = {"http": pair.balanced_url}
-        per_request = [session.get(f"http://{ECHO_HOST}/", proxies=proxies, timeout=5).json()["ip"] for _ in range(4)]
+        # a new proxy connection per request (the members keep a connection alive across requests, so one
+        # keep-alive connection stays on one member, as it would behind a TCP-level balancer)
+        per_request = [session.get(f"http://{ECHO_HOST}/", proxies=proxies, headers={"Connection": "close"},
+                                   timeout=5).json()["ip"] for _ in range(4)]
         per_tunnel = []
         for _ in range(4):
             conn = http.client.HTTPConnection(*pair.balancer.address, timeout=5)
@@ -565,3 +569,30 @@ def test_tls_handshake_from_plain_client_does_not_hang(sf: FakeSalesforce) -> No
     ctx = ssl.create_default_context()
     with socket.create_connection(sf.address, timeout=5) as s, pytest.raises(ssl.SSLCertVerificationError):
         ctx.wrap_socket(s, server_hostname=SF_HOST)
+
+
+def test_a_member_answers_a_forwarded_request_on_a_kept_alive_connection_and_a_connect_may_follow(
+    echo: FakeIPEcho
+) -> None:
+    """As a real forward proxy: an absolute-form request, then a CONNECT on the same connection (how the
+    sidecar learns the egress IP of the very connection a token call takes); a member configured to refuse
+    the CONNECT after another request answers it with that status instead."""
+    with FakeQuotaGuardPair(routes={(ECHO_HOST, 80): echo.address}) as pair:
+        auth = proxy_auth()
+        for refuse in (None, 405):
+            pair[0].refuse_connect_after_request = refuse
+            with socket.create_connection(pair[0].address, timeout=5) as c:
+                c.sendall(f"GET http://{ECHO_HOST}/ HTTP/1.1\r\nHost: {ECHO_HOST}\r\nProxy-Authorization: {auth}\r\n\r\n"
+                          .encode())
+                first = c.recv(65536)
+                assert first.startswith(b"HTTP/1.1 200") and b'"ip": "127.0.0.2"' in first, first
+                assert b"connection: close" not in first.lower()
+                c.sendall(f"CONNECT {ECHO_HOST}:80 HTTP/1.1\r\nHost: {ECHO_HOST}:80\r\nProxy-Authorization: {auth}\r\n\r\n"
+                          .encode())
+                answer = c.recv(65536)
+                if refuse is None:
+                    assert answer.startswith(b"HTTP/1.1 200"), answer
+                    c.sendall(b"GET / HTTP/1.1\r\nHost: ip.quotaguard.com\r\nConnection: close\r\n\r\n")
+                    assert b'"ip": "127.0.0.2"' in read_until_closed(c)
+                else:
+                    assert answer.startswith(b"HTTP/1.1 405"), answer
