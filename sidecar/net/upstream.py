@@ -114,6 +114,7 @@ async def read_answer(http: HttpConnection, method: bytes, cap: int = MAX_RESPON
     malformed, incomplete or over ``cap``; OSErrors from the stream pass through."""
     head: h11.Response | None = None
     body = bytearray()
+    interim = 0
     for _ in range(MAX_INTERIM + cap + 2):  # bounded: every Data event brings at least one byte
         try:
             event = await http.next_event()
@@ -122,6 +123,9 @@ async def read_answer(http: HttpConnection, method: bytes, cap: int = MAX_RESPON
         if isinstance(event, h11.InformationalResponse):
             if event.status_code == 101:
                 raise SendFailure("the server switched protocols (101) instead of answering")
+            interim += 1
+            if interim > MAX_INTERIM:  # as many as the forwarder passes on, not as many as the loop allows
+                raise SendFailure(f"too many interim (1xx) answers (more than {MAX_INTERIM})")
             continue
         if isinstance(event, h11.Response):
             head = event
@@ -134,7 +138,7 @@ async def read_answer(http: HttpConnection, method: bytes, cap: int = MAX_RESPON
             return Answer(head.status_code, raw_headers(head), bytes(body), reason=bytes(head.reason), parsed=True)
         else:  # ConnectionClosed, PAUSED
             raise SendFailure("the connection closed before a complete response")
-    raise SendFailure("too many interim (1xx) answers")  # pragma: no cover - bounded above
+    raise SendFailure("the answer did not end")  # pragma: no cover - bounded above
 
 
 @dataclass

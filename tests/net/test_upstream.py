@@ -17,6 +17,7 @@ import pytest
 from sidecar.net.http1 import HttpConnection
 from sidecar.net.streams import SocketStream
 from sidecar.net.upstream import (
+    MAX_INTERIM,
     POOL_IDLE_SECONDS,
     SendFailure,
     UpstreamPool,
@@ -216,3 +217,45 @@ def test_the_pool_forgets_hosts_it_no_longer_uses() -> None:
     pool._sweep(now)
     assert all(c.closed for c in stale) and not fresh.closed
     assert list(pool._idle) == [("token", None, "login.salesforce.com", 443, "login.salesforce.com")]
+
+
+# -- interim answers and conflicting framing (issue 24) ------------------------------------------------
+def interim_flood(n: int, head: bytes) -> list[bytes | float]:
+    """More `102 Processing` answers than anyone waits for, then the answer."""
+    return [b"HTTP/1.1 102 Processing\r\n\r\n" * (MAX_INTERIM + 1), *ok(n, head)]
+
+
+def both_lengths(n: int, head: bytes) -> list[bytes | float]:
+    """An answer framed two ways at once (a valid chunked body, and a Content-Length): response splitting."""
+    return [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"]
+
+
+def test_a_token_call_stops_at_as_many_interim_answers_as_the_forwarder(
+    origin_cert: tuple[Path, Path], test_ca: TestCA
+) -> None:
+    """Was: read_answer skipped every 1xx its loop bound allowed (about a million; 20,000 `102`s were
+    measured) while the forwarder stops at MAX_INTERIM. Both now stop there: a failure after send."""
+    with ScriptedOrigin(origin_cert, interim_flood) as origin:
+        results = asyncio.run(send_twice(origin, test_ca.ca_path))
+    assert all(status is None and "interim" in (detail or "") for status, _, detail in results), results
+
+
+def test_an_answer_with_both_content_length_and_transfer_encoding_is_a_502(
+    make_sidecar_proc: Callable[..., SidecarProcess], origin_cert: tuple[Path, Path]
+) -> None:
+    """Was: h11 reads such an answer by its Transfer-Encoding and the app got it (or, when the body did
+    not parse as chunks, a 200 head and nothing). RFC 9112 6.3 calls it response splitting and says it
+    ought to be handled as an error: a 502, on the token path and on the forwarder alike."""
+    with ScriptedOrigin(origin_cert, both_lengths) as origin:
+        sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
+        port = origin.address[1]
+        conn = https_via(sc, port)
+        try:
+            status, body, _ = get(conn, "GET", "/services/data/")
+        finally:
+            conn.close()
+        assert status == 502 and b"Transfer-Encoding" in body and b"hello" not in body, body
+        with sc.session() as s:
+            resp = redeem(s, "5Aep861BOTH", url=f"https://localhost:{port}/services/oauth2/token")
+        assert resp.status_code == 502 and resp.json()["sent_to_salesforce"] == "unknown", resp.text
+        assert "Transfer-Encoding" in resp.json()["error_description"]
