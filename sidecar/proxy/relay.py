@@ -46,6 +46,8 @@ async def client_hello_sni(sock: socket.socket, data: bytes, deadline: float) ->
         async with asyncio.timeout(deadline):
             for _ in range(MAX_CLIENT_HELLO + 1):  # bounded: each read adds at least one byte
                 if buf:
+                    if not _may_start_tls(buf):
+                        return None, bytes(buf)  # a short message that cannot be TLS: relayed at once
                     try:
                         hello = parse_client_hello(bytes(buf))
                     except ValueError:
@@ -66,6 +68,13 @@ async def client_hello_sni(sock: socket.socket, data: bytes, deadline: float) ->
     except TimeoutError:
         pass
     raise UnfinishedHello(f"no whole TLS ClientHello from the client ({len(buf)} bytes, then it closed or stalled)")
+
+
+def _may_start_tls(data: bytearray) -> bool:
+    """Whether ``data`` can be the start of a TLS record carrying a ClientHello: a handshake record (0x16)
+    of version 3.x, x at most 3 (mitmproxy's ``starts_like_tls_record``, which needs 3 bytes to say no; a
+    shorter prefix of such a header must still wait)."""
+    return data[0] == 0x16 and (len(data) < 2 or data[1] == 0x03) and (len(data) < 3 or data[2] <= 0x03)
 
 
 async def open_target(host: str, port: int, member: Member | None, upstream: Upstream | None,
