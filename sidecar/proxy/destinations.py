@@ -5,7 +5,9 @@ on a loopback address or on the address it listens on (any address of this host 
 all of them), is refused (a loop, or a way around the admin server's loopback binding). And when it serves as a shared proxy (``SIDECAR_PROXY_AUTH`` set, so clients
 may come from other hosts), not to loopback, link-local (169.254.0.0/16, fe80::/10: cloud metadata
 services live there), unspecified addresses, and, unless ``SIDECAR_ALLOW_PRIVATE_DESTINATIONS`` is set,
-private ranges. Checked on the addresses a name resolves to, before any connection is opened.
+private ranges. Checked on the addresses a name resolves to, before any connection is opened, and on
+the IPv4 address an IPv6 one carries (NAT64, 6to4, Teredo, SIIT, IPv4-compatible): a translator or tunnel
+on the way delivers there (local-use NAT64, whose IPv4 address cannot be located, is refused).
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ import socket
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the well-known prefix, IPv4 in the last 32 bits
+# RFC 8215 local-use NAT64: where its IPv4 address sits (RFC 6052 2.2) depends on a prefix length only its
+# operator knows, so what it leads to cannot be judged.
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 7915 IPv4-translated (::ffff:0:a.b.c.d)
+_COMPATIBLE = ipaddress.ip_network("::/96")  # RFC 4291 2.5.5.1 IPv4-compatible (deprecated; ::a.b.c.d)
 _SHORTHAND = re.compile(r"[0-9a-fA-FxX.]+")  # what an inet_aton IPv4 literal is made of
 
 
@@ -70,7 +78,15 @@ class Destinations:
             self.every_interface = True
 
     def refusal(self, ip: IPAddress, port: int) -> str | None:
-        """Why a connection to ip:port is refused, or None."""
+        """Why a connection to ip:port is refused, or None. An IPv6 address that carries an IPv4 address
+        a translator or tunnel delivers to (:func:`embedded_ipv4`) is refused when either is."""
+        why = self._refusal(ip, port)
+        for inner in embedded_ipv4(ip) if why is None else ():
+            if (inner_why := self._refusal(inner, port)) is not None:
+                return f"{_show(ip, port)} carries the IPv4 address {inner}: {inner_why}"
+        return why
+
+    def _refusal(self, ip: IPAddress, port: int) -> str | None:
         if port in self.own_ports and (ip.is_loopback or ip.is_unspecified or ip in self.own_hosts
                                        or (self.every_interface and _is_local(ip))):
             return f"{_show(ip, port)} is the sidecar itself; it does not connect to its own ports"
@@ -79,6 +95,9 @@ class Destinations:
         if ip.is_loopback or ip.is_unspecified:
             return (f"{_show(ip, port)} is on this host; as a shared proxy (SIDECAR_PROXY_AUTH) the sidecar does not "
                     "connect to loopback destinations")
+        if ip in _NAT64_LOCAL:
+            return (f"{_show(ip, port)} is a local-use NAT64 address (64:ff9b:1::/48), whose IPv4 destination cannot "
+                    "be told from it; as a shared proxy the sidecar never connects there")
         if ip.is_link_local:
             return (f"{_show(ip, port)} is link-local (cloud metadata services live there); as a shared proxy the "
                     "sidecar never connects there")
@@ -115,6 +134,25 @@ class Destinations:
                 raise DestinationRefused(why if parse_ip(host) is not None else f"{host} resolves to {why}")
             out.append((family, type_, proto, addr))
         return out
+
+
+def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address hands packets on to, judged with it: IPv4-mapped and -compatible,
+    SIIT-translated (::ffff:0:0:0/96), NAT64 (64:ff9b::/96), 6to4 (2002::/16) and Teredo (2001::/32: its
+    server and its client). Empty for an IPv4 address and for any other IPv6 one."""
+    if ip.version == 4:
+        return []
+    assert isinstance(ip, ipaddress.IPv6Address)
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip in _COMPATIBLE or ip in _SIIT or ip in _NAT64:
+        found.append(ipaddress.IPv4Address(ip.packed[12:]))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found += ip.teredo
+    return found
 
 
 def _is_local(ip: IPAddress) -> bool:
