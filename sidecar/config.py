@@ -189,7 +189,8 @@ class Settings(BaseSettings):
     pair: Annotated[list[str], NoDecode] = _setting(
         default_factory=list,
         shown_default="the upstream's A/AAAA records",
-        doc="Explicit members `HOST:PORT,HOST:PORT`.",
+        doc="Explicit members `HOST:PORT,HOST:PORT` (a host name is looked up once, at start: members are "
+        "connected to by IP address).",
     )
     token_hosts: Annotated[list[str], NoDecode] = _setting(
         default_factory=lambda: list(DEFAULT_TOKEN_HOSTS),

@@ -27,6 +27,7 @@ from sidecar.egress.guard import Guard
 from sidecar.egress.pair import Member, Pair, build_pair
 from sidecar.logs import SCRUBBER, event
 from sidecar.metrics import Metrics
+from sidecar.net.resolver import CLIENT_LOOKUPS, TOKEN_LOOKUPS, Resolver
 from sidecar.net.upstream import ConnectFailure, UpstreamPool
 from sidecar.ops.admin import AdminServer
 from sidecar.ops.record import Recorder
@@ -103,9 +104,13 @@ class Sidecar:
         # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
         self.grants = GrantTracker(self.metrics)
         self.upstream_trust = upstream_trust(settings, self.confdir)
+        # Name lookups: one resolver for the destinations clients ask for, another for direct token calls;
+        # members are IP literals (sidecar.net.resolver).
         self.destinations = Destinations(shared_proxy=settings.proxy_auth is not None,
-                                         allow_private=settings.allow_private_destinations)
-        self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout, self.destinations)
+                                         allow_private=settings.allow_private_destinations,
+                                         resolver=Resolver("client", CLIENT_LOOKUPS))
+        self.pool = UpstreamPool(settings.upstream, trust_context(settings), settings.connect_timeout, self.destinations,
+                                 token_resolver=Resolver("token", TOKEN_LOOKUPS))
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
         self.access = Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
                              settings.max_connections)

@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sidecar.config import ConfigError, HostPort, Settings, Upstream
+from sidecar.net.resolver import numeric_infos
 
 SAMPLE_HISTORY = 12
 # Passive health (like Squid's connect-fail-limit and Envoy's outlier detection): after this many
@@ -130,6 +131,21 @@ def resolve_members(upstream: Upstream) -> list[HostPort]:
     return seen
 
 
+def member_address(hp: HostPort) -> HostPort:
+    """A member as an IP literal: token calls and probes connect to members without any name lookup
+    (sidecar.net.resolver), so a name in SIDECAR_PAIR is looked up once, here, at start."""
+    if numeric_infos(hp.host, hp.port) is not None:
+        return hp
+    try:
+        infos = socket.getaddrinfo(hp.host, hp.port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ConfigError(
+            f"SIDECAR_PAIR: cannot resolve member {hp.host!r} ({exc.strerror or exc}). "
+            "Check the name and DNS, or list the members by IP address."
+        ) from None
+    return HostPort(str(infos[0][4][0]), hp.port)
+
+
 def build_pair(settings: Settings) -> Pair:
     upstream = settings.upstream
     if upstream is None:
@@ -144,4 +160,5 @@ def build_pair(settings: Settings) -> Pair:
             f"SIDECAR_EGRESS_IPS names {unknown[0]}, which is not a pair member "
             f"(members: {', '.join(str(a) for a in addresses)}). Use MEMBER=IP with a member address."
         )
-    return Pair(upstream=upstream, members=[Member(address=a, pinned_ip=pinned.get(a)) for a in addresses])
+    return Pair(upstream=upstream, members=[Member(address=member_address(a), pinned_ip=pinned.get(a))
+                                            for a in addresses])

@@ -15,7 +15,8 @@ import contextlib
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+
+from sidecar.net.resolver import Lookup, LookupFailed, numeric_infos
 
 CHUNK = 64 * 1024  # per read: a stream holds at most about this much per direction
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
@@ -68,19 +69,14 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-Resolver = Callable[[str, int], Awaitable[list[tuple[int, int, int, tuple[object, ...]]]]]
-
-
-async def _getaddrinfo(host: str, port: int) -> list[tuple[int, int, int, tuple[object, ...]]]:
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [(family, type_, proto, addr) for family, type_, proto, _, addr in infos]
-
-
-async def open_tcp(host: str, port: int, resolve: Resolver | None = None) -> socket.socket:
+async def open_tcp(host: str, port: int, resolve: Lookup | None = None) -> socket.socket:
     """A connected non-blocking TCP socket with Nagle off; the caller sets the deadline. ``resolve``
-    (sidecar.proxy.destinations.Destinations.resolve) may refuse what a name resolves to."""
+    (sidecar.proxy.destinations.Destinations.resolve) looks ``host`` up and may refuse what it resolves to;
+    without it ``host`` must be an IP literal, and nothing is looked up (sidecar.net.resolver)."""
     loop = asyncio.get_running_loop()
-    infos = await (resolve or _getaddrinfo)(host, port)
+    infos = await resolve(host, port) if resolve is not None else numeric_infos(host, port)
+    if infos is None:
+        raise LookupFailed(f"{host} is not an IP address, and no lookup was asked for")
     error: OSError = OSError(f"{host} has no address")
     for family, type_, proto, addr in infos:
         sock = socket.socket(family, type_, proto)

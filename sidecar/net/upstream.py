@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import ssl
 import time
 from collections import defaultdict, deque
@@ -21,6 +22,7 @@ import h11
 from sidecar.config import Upstream
 from sidecar.egress.pair import Member
 from sidecar.net.http1 import HttpConnection, ProtocolError, h11_message, raw_headers
+from sidecar.net.resolver import TOKEN_LOOKUPS, Resolver
 from sidecar.net.streams import SocketStream, Stream, TlsStream, open_tcp
 from sidecar.proxy.destinations import DestinationRefused, Destinations
 from sidecar.token.messages import Answer
@@ -165,11 +167,14 @@ class UpstreamPool:
     cannot put bytes in front of a token call, however late they arrive."""
 
     def __init__(self, upstream: Upstream | None, ssl_context: ssl.SSLContext, connect_timeout: float,
-                 destinations: Destinations | None = None) -> None:
+                 destinations: Destinations | None = None, token_resolver: Resolver | None = None) -> None:
         self.upstream = upstream
         self.ssl_context = ssl_context
         self.connect_timeout = connect_timeout
-        self.destinations = destinations  # checked for direct connections (a member resolves its own)
+        # Checked for direct connections (a member resolves names itself; members are IP literals).
+        self.destinations = destinations or Destinations(shared_proxy=False)
+        # Direct token calls look their host up here, never where clients' lookups may be stuck.
+        self.token_resolver = token_resolver or Resolver("token", TOKEN_LOOKUPS)
         self._idle: dict[PoolKey, deque[UpstreamConn]] = defaultdict(deque)
         self._swept = time.monotonic()
 
@@ -219,7 +224,8 @@ class UpstreamPool:
         where = f"pair member {member.label}" if member else f"{host}:{port}"
         # One deadline for the whole set-up: TCP, the member's CONNECT answer and the TLS handshake.
         deadline = asyncio.get_running_loop().time() + self.connect_timeout
-        resolve = self.destinations.resolve if self.destinations is not None and member is None else None
+        resolver = self.token_resolver if key[0] == "token" else None
+        resolve = None if member is not None else functools.partial(self.destinations.resolve, resolver=resolver)
         try:
             async with asyncio.timeout_at(deadline):
                 sock = await open_tcp(*target, resolve)

@@ -12,12 +12,12 @@ on the way delivers there (local-use NAT64, whose IPv4 address cannot be located
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import re
 import socket
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from sidecar.net.resolver import CLIENT_LOOKUPS, AddrInfo, IPAddress, Resolver, parse_ip
+
+__all__ = ["DestinationRefused", "Destinations", "embedded_ipv4", "is_ip", "parse_ip"]
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
 _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the well-known prefix, IPv4 in the last 32 bits
 # RFC 8215 local-use NAT64: where its IPv4 address sits (RFC 6052 2.2) depends on a prefix length only its
@@ -25,28 +25,10 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the well-known prefix
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 7915 IPv4-translated (::ffff:0:a.b.c.d)
 _COMPATIBLE = ipaddress.ip_network("::/96")  # RFC 4291 2.5.5.1 IPv4-compatible (deprecated; ::a.b.c.d)
-_SHORTHAND = re.compile(r"[0-9a-fA-FxX.]+")  # what an inet_aton IPv4 literal is made of
 
 
 class DestinationRefused(Exception):
     """A destination the rules refuse; the message says why and is meant for the client."""
-
-
-def parse_ip(host: str) -> IPAddress | None:
-    """The address an IP literal stands for, in every form a resolver reads as one: the standard forms,
-    and the IPv4 shorthands ``inet_aton`` (and so ``getaddrinfo``) accepts: ``127.1``, ``2130706433``,
-    ``0x7f.1``, ``0177.0.0.1`` (octal). None for a name."""
-    text = host.strip("[]").split("%", 1)[0]
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        if not _SHORTHAND.fullmatch(text):
-            return None
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(text))
-        except OSError:
-            return None
-    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
 
 
 def is_ip(host: str) -> bool:
@@ -61,9 +43,11 @@ def is_ip(host: str) -> bool:
 
 
 class Destinations:
-    def __init__(self, *, shared_proxy: bool, allow_private: bool = False) -> None:
+    def __init__(self, *, shared_proxy: bool, allow_private: bool = False, resolver: Resolver | None = None) -> None:
         self.shared_proxy = shared_proxy  # SIDECAR_PROXY_AUTH is set
         self.allow_private = allow_private  # SIDECAR_ALLOW_PRIVATE_DESTINATIONS
+        # Looks up the destinations clients ask for; never the one token calls use (sidecar.net.resolver).
+        self.resolver = resolver or Resolver("client", CLIENT_LOOKUPS)
         self.own_ports: set[int] = set()  # the proxy, admin and internal ports, once they listen
         self.own_hosts: set[IPAddress] = set()  # the addresses they listen on (besides loopback)
         self.every_interface = False  # one of them listens on 0.0.0.0 / ::: every address of this host is its
@@ -121,19 +105,17 @@ class Destinations:
         else:
             await self.resolve(host, port)
 
-    async def resolve(self, host: str, port: int) -> list[tuple[int, int, int, tuple[object, ...]]]:
-        """``getaddrinfo`` for host:port, every address checked; raises DestinationRefused when the rules
-        refuse one of them (a name that also points somewhere refused is not half-trusted), OSError when
-        the name does not resolve."""
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             proto=socket.IPPROTO_TCP)
-        out = []
-        for family, type_, proto, _, addr in infos:
+    async def resolve(self, host: str, port: int, resolver: Resolver | None = None) -> list[AddrInfo]:
+        """The addresses of host:port (an IP literal's own, a name's looked up by ``resolver``, by default
+        the clients' one), every one checked; raises DestinationRefused when the rules refuse one of them
+        (a name that also points somewhere refused is not half-trusted), OSError when the name does not
+        resolve (in time)."""
+        infos = await (resolver or self.resolver).getaddrinfo(host, port)
+        for _, _, _, addr in infos:
             ip = parse_ip(str(addr[0]))
             if ip is not None and (why := self.refusal(ip, port)) is not None:
                 raise DestinationRefused(why if parse_ip(host) is not None else f"{host} resolves to {why}")
-            out.append((family, type_, proto, addr))
-        return out
+        return infos
 
 
 def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
