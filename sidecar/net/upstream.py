@@ -1,10 +1,12 @@
 """Connections to the servers behind the sidecar: direct or through a pair member (CONNECT), over TLS,
-kept alive per (member, host, port) and reused only when it is safe.
+kept alive per (member, host, port) and reused only when it is safe (:class:`UpstreamPool` says exactly
+what that guarantees).
 
 A connection goes back to the pool only when its last exchange ended cleanly (h11 back in ``IDLE`` on
-both sides) and nothing unread is buffered or readable on it, and it is checked again when it is taken
-out: a server that sent bytes past the response it framed (a ``204`` or ``HEAD`` answer with a body, an
-unsolicited second response) has its connection closed, so no call ever reads another exchange's bytes.
+both sides) and nothing unread is buffered or readable on it, it is checked again when it is taken out,
+and only the client connection whose exchanges it carried may take it: a server that sent bytes past
+the response it framed (a ``204`` or ``HEAD`` answer with a body, an unsolicited second response) has its
+connection closed, and no answer on it can reach another caller, however late it arrives.
 """
 
 from __future__ import annotations
@@ -12,9 +14,10 @@ from __future__ import annotations
 import asyncio
 import errno
 import functools
+import itertools
 import ssl
 import time
-from collections import defaultdict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import h11
@@ -30,6 +33,7 @@ from sidecar.token.messages import Answer
 MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is ~2 KB; 1 MiB is generous and bounded
 POOL_IDLE_SECONDS = 20.0  # below common server keep-alive timeouts, so we rarely write into a closed socket
 POOL_MAX_PER_KEY = 16
+SPARES_PER_KEY = 1  # connections opened ahead, per key, for clients that have none of their own yet
 MAX_INTERIM = 10  # 1xx answers skipped before the final one
 
 
@@ -158,13 +162,37 @@ class UpstreamConn:
 
 
 PoolKey = tuple[str, str | None, str, int, str]
+Owner = int | None  # a client connection (UpstreamPool.new_owner); None: nobody's, used once
 
 
 class UpstreamPool:
     """Keep-alive connections per (purpose, member, host, port, TLS server name); ``member`` None means
     direct. Token calls (``purpose="token"``) never share a connection with other requests: only the
     token endpoint's answers ever travel on theirs, so a misbehaving endpoint elsewhere on the same host
-    cannot put bytes in front of a token call, however late they arrive."""
+    cannot put bytes in front of a token call.
+
+    Who may reuse a connection. HTTP/1.1 does not say which request an answer belongs to: an answer an
+    origin sends unasked (a late duplicate, a ``408`` on an idle connection) that arrives after the next
+    request was written is read as that request's answer, and no check can tell the two apart once the
+    request has left. So:
+
+    - **one client connection per upstream connection.** A connection carries the exchanges of one client
+      connection only (its *owner*), as a tunnel would: whatever an origin sends on it, however late,
+      can reach only the client whose requests travelled on it, never another caller. Without an owner
+      a connection serves one exchange and is closed.
+    - **spares for new clients.** A client's first request takes a *spare*: a connection opened ahead
+      (TCP, the member's CONNECT, TLS) that never carried a request, so nothing of anyone's exchange is on
+      it and no handshake is waited for. Each time a spare is taken (or a connection had to be opened),
+      one is opened in the background for the next client (at most SPARES_PER_KEY per key).
+    - **nothing arrived since the last exchange ended**, checked at the moment of reuse: h11 idle on both
+      sides, nothing buffered in h11, the TLS object or the socket, and an end of stream counts as
+      something; an exchange whose answer is followed by more bytes closes its connection.
+
+    Not guaranteed: on one client's own kept-alive connection, an answer the origin sends unasked after
+    that client's next request was written is read as its answer. That is what the client gets on a
+    plain tunnel (``HTTPS_PROXY`` straight to the pair) too; only a new connection per request would
+    avoid it.
+    """
 
     def __init__(self, upstream: Upstream | None, ssl_context: ssl.SSLContext, connect_timeout: float,
                  destinations: Destinations | None = None, token_resolver: Resolver | None = None) -> None:
@@ -175,48 +203,108 @@ class UpstreamPool:
         self.destinations = destinations or Destinations(shared_proxy=False)
         # Direct token calls look their host up here, never where clients' lookups may be stuck.
         self.token_resolver = token_resolver or Resolver("token", TOKEN_LOOKUPS)
-        self._idle: dict[PoolKey, deque[UpstreamConn]] = defaultdict(deque)
+        # Idle connections by owner, then key; owner None holds the spares (never used for a request).
+        self._idle: dict[Owner, dict[PoolKey, deque[UpstreamConn]]] = {}
+        self._warming: dict[PoolKey, asyncio.Task[None]] = {}
+        self._owners = itertools.count(1)
         self._swept = time.monotonic()
+        self._closed = False
+
+    def new_owner(self) -> int:
+        """An owner for one client connection's upstream connections (never handed out twice)."""
+        return next(self._owners)
 
     async def acquire(self, member: Member | None, host: str, port: int, server_name: str | None = None,
-                      purpose: str = "other") -> tuple[UpstreamConn, bool]:
-        """A connection ready for a request, and whether it was reused. Raises ConnectFailure."""
+                      purpose: str = "other", owner: Owner = None) -> tuple[UpstreamConn, bool]:
+        """A connection ready for a request for ``owner``: its own idle one, else a spare, else a new one;
+        and whether it was idle before (the server may have closed it meanwhile). Raises ConnectFailure."""
         key = (purpose, member.label if member else None, host, port, server_name or host)
         now = time.monotonic()
         if now - self._swept > POOL_IDLE_SECONDS:
             self._sweep(now)
-        idle = self._idle.get(key)
+        if owner is not None:
+            conn = self._take(owner, key, now)
+            if conn is not None:
+                return conn, True
+        spare = self._take(None, key, now)
+        self._warm(member, key)  # a spare for the next client
+        if spare is not None:
+            return spare, True
+        return await self._open(member, key), False
+
+    def _take(self, owner: Owner, key: PoolKey, now: float) -> UpstreamConn | None:
+        """An idle connection of ``owner`` for ``key`` on which nothing arrived since it went idle."""
+        idle = self._idle.get(owner, {}).get(key)
         while idle:
             conn = idle.pop()
             if now - conn.last_used < POOL_IDLE_SECONDS and conn.http.reusable():
-                return conn, True
+                return conn
             conn.close()
-        return await self._open(member, key), False
+        return None
+
+    def _warm(self, member: Member | None, key: PoolKey) -> None:
+        """Open a spare for ``key`` in the background, unless one is there or on its way."""
+        if self._closed or key in self._warming or len(self._idle.get(None, {}).get(key, ())) >= SPARES_PER_KEY:
+            return
+        task = asyncio.get_running_loop().create_task(self._open_spare(member, key), name="upstream-spare")
+        self._warming[key] = task
+        task.add_done_callback(lambda _: self._warming.pop(key, None))
+
+    async def _open_spare(self, member: Member | None, key: PoolKey) -> None:
+        try:
+            conn = await self._open(member, key)
+        except ConnectFailure:
+            return  # the next client opens its own, and a failure it meets is counted then
+        if self._closed:
+            conn.close()
+            return
+        self._idle.setdefault(None, {}).setdefault(key, deque()).append(conn)
 
     def _sweep(self, now: float) -> None:
-        """Close the connections idle past POOL_IDLE_SECONDS and forget hosts with none left: the pool
-        holds no socket, and no entry, for a host (an org's My Domain) it will not see again."""
+        """Close the connections idle past POOL_IDLE_SECONDS and forget owners and hosts with none left:
+        the pool holds no socket, and no entry, for a host (an org's My Domain) it will not see again."""
         self._swept = now
-        for key in list(self._idle):
-            idle = self._idle[key]
-            while idle and now - idle[0].last_used >= POOL_IDLE_SECONDS:  # oldest first (appended in order)
-                idle.popleft().close()
-            if not idle:
-                del self._idle[key]
+        for owner in list(self._idle):
+            keys = self._idle[owner]
+            for key in list(keys):
+                idle = keys[key]
+                while idle and now - idle[0].last_used >= POOL_IDLE_SECONDS:  # oldest first (appended in order)
+                    idle.popleft().close()
+                if not idle:
+                    del keys[key]
+            if not keys:
+                del self._idle[owner]
 
-    def release(self, conn: UpstreamConn) -> None:
-        """Back to the pool if its exchange ended cleanly and nothing is left unread; else closed."""
-        idle = self._idle[conn.key]
-        if not conn.http.next_cycle() or not conn.http.reusable() or len(idle) >= POOL_MAX_PER_KEY:
+    def release(self, conn: UpstreamConn, owner: Owner = None) -> None:
+        """Back to ``owner``'s idle connections if its exchange ended cleanly and nothing is left unread;
+        else (or without an owner) closed."""
+        if owner is None or self._closed or not conn.http.next_cycle() or not conn.http.reusable():
+            conn.close()
+            return
+        idle = self._idle.setdefault(owner, {}).setdefault(conn.key, deque())
+        if len(idle) >= POOL_MAX_PER_KEY:
             conn.close()
             return
         conn.last_used = time.monotonic()
         idle.append(conn)
 
-    def close_all(self) -> None:
-        for idle in self._idle.values():
+    def forget(self, owner: Owner) -> None:
+        """The client connection ``owner`` is gone: close its idle connections."""
+        if owner is None:
+            return
+        for idle in self._idle.pop(owner, {}).values():
             while idle:
                 idle.pop().close()
+
+    def close_all(self) -> None:
+        self._closed = True
+        for task in self._warming.values():
+            task.cancel()
+        for keys in self._idle.values():
+            for idle in keys.values():
+                while idle:
+                    idle.pop().close()
+        self._idle.clear()
 
     async def _open(self, member: Member | None, key: PoolKey) -> UpstreamConn:
         _, _, host, port, server_name = key

@@ -84,13 +84,21 @@ class Lane:
             return
         self.metrics.intercepted.inc()
         client = HttpConnection(tls, h11.SERVER)
+        owner = self.forwarder.pool.new_owner()  # its upstream connections serve no other client
+        try:
+            await self._serve(client, host, port, address, owner)
+        finally:
+            self.forwarder.pool.forget(owner)
+
+    async def _serve(self, client: HttpConnection, host: str, port: int, address: tuple[str, int] | None,
+                     owner: int) -> None:
         for _ in range(MAX_REQUESTS):
             try:
                 async with asyncio.timeout(self.idle_timeout):  # the whole head, however slowly it trickles
                     request = await client.next_event()
                 if not isinstance(request, h11.Request):
                     return  # the client closed (or left mid-head)
-                if not await self._one(client, request, host, port, address):
+                if not await self._one(client, request, host, port, address, owner=owner):
                     return
             except ProtocolError as exc:
                 event(log, logging.INFO, f"refused a malformed request to {host}: {exc.message}")
@@ -113,14 +121,16 @@ class Lane:
                 await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
 
     async def _one(self, client: HttpConnection, request: h11.Request, host: str, port: int,
-                   address: tuple[str, int] | None = None, scheme: str = "https", last: bool = False) -> bool:
-        """Serve one request; whether the exchange completed (the connection may carry another)."""
+                   address: tuple[str, int] | None = None, scheme: str = "https", last: bool = False,
+                   owner: int | None = None) -> bool:
+        """Serve one request; whether the exchange completed (the connection may carry another).
+        ``owner``: the client connection, for the upstream pool (None: its upstream connection is used once)."""
         started = time.time()
         if request.method == b"CONNECT" or not (request.target.startswith(b"/") or b"://" in request.target[:10]):
             raise ProtocolError(400, "unsupported request target inside the tunnel")
         call = self.core.detect(host, request.method.decode("ascii"), origin_path(request.target), started)
         if call is None:
-            return await self._forward(client, request, host, port, address)
+            return await self._forward(client, request, host, port, address, owner)
         headers = raw_headers(request)
         declared = values(request.headers, b"content-length")
         refusal = self.core.refusal(call, scheme, int(declared[0]) if declared else None)
@@ -129,7 +139,7 @@ class Lane:
         if isinstance(refusal, Answer):  # the body is left unread: the connection ends with it
             return await self._unsent(client, call, None, refusal)
         req = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers,
-                           scheme=scheme, address=address, started=started, parsed=True)
+                           scheme=scheme, address=address, started=started, parsed=True, owner=owner)
         try:
             body = await self._read_body(client)
         except (PeerClosed, OSError, TimeoutError) as exc:
@@ -190,9 +200,10 @@ class Lane:
                                              parsed=answer.parsed), h11.Data(data=answer.body), h11.EndOfMessage())
 
     async def _forward(self, client: HttpConnection, request: h11.Request, host: str, port: int,
-                       address: tuple[str, int] | None) -> bool:
+                       address: tuple[str, int] | None, owner: int | None) -> bool:
         try:
-            return await self.forwarder.forward(client, request, host, port, self.core.other_member(True), address)
+            return await self.forwarder.forward(client, request, host, port, self.core.other_member(True), address,
+                                                owner)
         except (Upstream502, Refused) as exc:
             status, text = (403, f"refused: {exc}") if isinstance(exc, Refused) else (502, str(exc))
             await _refuse(client, error_events(status, text), self.idle_timeout)

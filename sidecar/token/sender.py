@@ -103,7 +103,8 @@ class TokenSender:
             attempt = Attempt(member)
             attempts.append(attempt)
             try:
-                conn, reused = await self.pool.acquire(member, host, port, req.host, purpose="token")
+                conn, reused = await self.pool.acquire(member, host, port, req.host, purpose="token",
+                                                       owner=req.owner)
             except ConnectFailure as failure:
                 attempt.failure = failure
                 if member is not None and failure.member_fault:
@@ -131,6 +132,6 @@ class TokenSender:
             except BaseException:
                 conn.close()
                 raise
-            self.pool.release(conn)
+            self.pool.release(conn, req.owner)
             return SendResult(answer, member, attempts, sent=True)
         return SendResult(None, member, attempts, sent=False, detail="too many members tried")

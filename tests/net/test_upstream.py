@@ -8,6 +8,7 @@ import asyncio
 import socket
 import ssl
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def token_request(port: int) -> TokenRequest:
         "localhost", port, "POST", b"/services/oauth2/token",
         [(b"Content-Type", b"application/x-www-form-urlencoded"), (b"Connection", b"keep-alive, X-Drop"),
          (b"X-Drop", b"1"), (b"Proxy-Authorization", b"Basic c2VjcmV0"), (b"Keep-Alive", b"timeout=5")],
-        b"grant_type=refresh_token&refresh_token=OLD")
+        b"grant_type=refresh_token&refresh_token=OLD", owner=1)  # one client: its calls share a connection
 
 
 async def send_twice(origin: ScriptedOrigin, ca: Path) -> list[tuple[int | None, bytes, str | None]]:
@@ -206,17 +207,23 @@ class _IdleConn:
 
 
 def test_the_pool_forgets_hosts_it_no_longer_uses() -> None:
-    """Idle connections past POOL_IDLE_SECONDS are closed, and a host with none left is forgotten, even
-    if it is never asked for again (one per org's My Domain would otherwise pile up, sockets and all)."""
+    """Idle connections past POOL_IDLE_SECONDS are closed, and a host (or a client) with none left is
+    forgotten, even if it is never asked for again (one per org's My Domain would otherwise pile up,
+    sockets and all); a client connection that ends takes its idle connections with it."""
     pool = UpstreamPool(None, ssl.create_default_context(), 1.0)
     now = time.monotonic()
     stale = [_IdleConn(now - POOL_IDLE_SECONDS - 5) for _ in range(3)]
-    fresh = _IdleConn(now - 1)
-    pool._idle[("other", None, "acme.my.salesforce.com", 443, "acme.my.salesforce.com")].extend(stale)
-    pool._idle[("token", None, "login.salesforce.com", 443, "login.salesforce.com")].append(fresh)
+    fresh, spare, gone = _IdleConn(now - 1), _IdleConn(now - POOL_IDLE_SECONDS - 1), _IdleConn(now - 1)
+    token_key = ("token", None, "login.salesforce.com", 443, "login.salesforce.com")
+    pool._idle[7] = {("other", None, "acme.my.salesforce.com", 443, "acme.my.salesforce.com"): deque(stale),
+                     token_key: deque([fresh])}
+    pool._idle[None] = {token_key: deque([spare])}
+    pool._idle[8] = {token_key: deque([gone])}
     pool._sweep(now)
-    assert all(c.closed for c in stale) and not fresh.closed
-    assert list(pool._idle) == [("token", None, "login.salesforce.com", 443, "login.salesforce.com")]
+    assert all(c.closed for c in stale) and spare.closed and not fresh.closed
+    assert pool._idle == {7: {token_key: deque([fresh])}, 8: {token_key: deque([gone])}}
+    pool.forget(8)
+    assert gone.closed and list(pool._idle) == [7]
 
 
 # -- interim answers and conflicting framing (issue 24) ------------------------------------------------
@@ -259,3 +266,59 @@ def test_an_answer_with_both_content_length_and_transfer_encoding_is_a_502(
             resp = redeem(s, "5Aep861BOTH", url=f"https://localhost:{port}/services/oauth2/token")
         assert resp.status_code == 502 and resp.json()["sent_to_salesforce"] == "unknown", resp.text
         assert "Transfer-Encoding" in resp.json()["error_description"]
+
+
+# -- a late unsolicited answer never reaches another caller (issue 24) --------------------------------
+FORGED = b'{"access_token":"FORGED","refresh_token":"FORGED","instance_url":"https://x","token_type":"Bearer"}'
+
+
+def late_second_answer(n: int, head: bytes) -> list[bytes | float]:
+    """The first request is answered, then, 0.6 s later, answered again with a forged 200 nobody asked for
+    (the origin reads nothing meanwhile); every later request gets its own answer."""
+    answer = ok(n, head) if head.split(b" ", 2)[1] == b"/services/oauth2/token" else \
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nA%03d" % n]
+    if n == 1:
+        return [*answer, 0.6, json_response(FORGED, b"Content-Length: %d\r\n" % len(FORGED))]
+    return answer
+
+
+@pytest.mark.parametrize("path", ["/services/oauth2/token", "/services/data/"])
+def test_a_late_unsolicited_answer_never_reaches_another_caller(
+    make_sidecar_proc: Callable[..., SidecarProcess], origin_cert: tuple[Path, Path], path: str
+) -> None:
+    """Was: call A's connection went back to the shared pool; call B (another client) took it at 0.35 s,
+    when nothing had arrived on it yet, wrote its request, and read the forged answer the origin sent at
+    0.6 s; its own answer, behind it, was thrown away with the connection. Same on the forwarder's pool.
+    Checking at the moment of reuse cannot catch bytes that arrive after the request left, so an
+    upstream connection now carries one client connection's exchanges only, and a new client gets a
+    spare connection that never carried any."""
+    with ScriptedOrigin(origin_cert, late_second_answer) as origin:
+        sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
+        url = f"https://localhost:{origin.address[1]}{path}"
+        token = path.endswith("/token")
+        bodies = []
+        for i in range(2):  # A, then B on a new client connection, 0.35 s after A's answer
+            with sc.session() as s:
+                resp = redeem(s, f"5Aep861LATE{i}", url=url) if token else s.get(url, timeout=15)
+            assert resp.status_code == 200, resp.text
+            bodies.append(resp.content)
+            time.sleep(0.35)
+    assert b"FORGED" not in bodies[1], bodies
+    assert bodies == ([token_body(1), token_body(2)] if token else [b"A001", b"A002"]), bodies
+    assert len(set(origin.connection_of)) == 2  # B's request went on a connection of its own
+
+
+def test_one_client_connection_keeps_reusing_its_own_upstream_connection(
+    make_sidecar_proc: Callable[..., SidecarProcess], origin_cert: tuple[Path, Path]
+) -> None:
+    """Keep-alive is kept where it is safe: a client's calls on one connection share one upstream
+    connection (here three token calls, on one origin connection; at most one more is opened, a spare
+    for the next client)."""
+    with ScriptedOrigin(origin_cert, ok) as origin:
+        sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
+        url = f"https://localhost:{origin.address[1]}/services/oauth2/token"
+        with sc.session() as s:
+            for i in range(3):
+                assert redeem(s, f"5Aep861KEEP{i}", url=url).status_code == 200
+    assert len(set(origin.connection_of)) == 1 and origin.connections <= 2, (origin.connection_of,
+                                                                              origin.connections)
