@@ -8,15 +8,11 @@ import asyncio
 import hashlib
 import hmac
 import json
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
 import requests
 
 from sidecar.metrics import Metrics
@@ -27,13 +23,12 @@ from tests.harness import (
     CLIENT_SECRET,
     SidecarProcess,
     World,
-    free_port,
     iter_written_files,
     metric_value,
     redeem,
-    require_tool,
     wait_until,
 )
+from tests.redis_server import RedisServer, pong, redis_dump, redis_server  # noqa: F401 - a fixture
 
 REDIS_KEY = "5f" * 32
 BOTH = ["127.0.0.2", "127.0.0.3"]
@@ -196,62 +191,6 @@ def test_six_concurrent_redemptions_then_one_more_get_the_same_rotated_token(
     assert token not in log and not [r.json()["access_token"] for r in answers if r.json()["access_token"] in log]
 
 
-@dataclass
-class RedisServer:
-    url: str
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
-    """Start (and stop) real redis-servers on loopback, no persistence."""
-    binary = require_tool(("redis-server",), "REDIS_SERVER", "apt-get install redis-server")
-    servers: list[RedisServer] = []
-
-    def start() -> RedisServer:
-        port = free_port()
-        workdir = tmp_path / f"redis-{port}"
-        workdir.mkdir()
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                 "no", "--dir", str(workdir), "--protected-mode", "yes"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        servers.append(RedisServer(f"redis://127.0.0.1:{port}/0", port, proc))
-        assert wait_until(lambda: _pong(port), timeout=10), "redis-server did not start"
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        if server.proc.poll() is None:
-            server.proc.terminate()
-            server.proc.wait(timeout=10)
-
-
-def _pong(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-            c.sendall(b"PING\r\n")
-            return c.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def redis_dump(url: str) -> list[bytes]:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return [k + b"=" + (client.dump(k) or b"") for k in client.keys("*")]
-    finally:
-        client.close()
-
-
 def test_two_sidecars_sharing_redis_redeem_a_token_once_for_everyone(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
 ) -> None:
@@ -321,7 +260,7 @@ def test_redis_killed_mid_run_calls_keep_working(
             assert resp.status_code == 200
             token = resp.json()["refresh_token"]
     redis.kill()
-    assert not _pong(redis.port)
+    assert not pong(redis.port)
     with sc.session() as s:
         for _ in range(5):  # a rotating chain, every call answered
             resp = redeem(s, token)
