@@ -70,6 +70,27 @@ def pong(port: int) -> bool:
         return False
 
 
+def settled(url: str, timeout: float = 10.0) -> bool:
+    """Wait until the sidecars' state on this Redis is older than RESTART_GRACE: before that no lock is
+    granted (a Redis that just lost its state gives holders from before the time to put theirs back),
+    so which of two replicas' redemptions goes first would be a race. (A deployment is past it seconds
+    after Redis's start.)"""
+    import redis
+
+    from sidecar.state.redis import BORN, RESTART_GRACE
+
+    def age() -> float:
+        client = redis.Redis.from_url(url)
+        try:
+            born = client.get(BORN)
+            seconds, micros = client.time()
+        finally:
+            client.close()
+        return -1.0 if born is None else (seconds * 1000 + micros // 1000 - int(born)) / 1000
+
+    return wait_until(lambda: age() > RESTART_GRACE, timeout=timeout, interval=0.1)
+
+
 def redis_dump(url: str) -> list[bytes]:
     import redis
 

@@ -62,8 +62,18 @@ def redemption_in_flight() -> Answer:
     )
 
 
+def redis_unreachable() -> Answer:
+    return local_answer(
+        503, "redis_unreachable",
+        "the Redis the replicas share (SIDECAR_REDIS_URL) is unreachable, and without it this replica cannot know "
+        "whether another one is redeeming the same refresh token right now; this redemption was not sent, so the "
+        "token is still valid. Retry shortly.",
+    )
+
+
 _LOCAL_OUTCOMES = {"egress_not_allowlisted": "blocked", "upstream_failed_after_send": "upstream_error",
-                   "upstream_unreachable": "upstream_error", "redemption_in_flight": "upstream_error"}
+                   "upstream_unreachable": "upstream_error", "redemption_in_flight": "upstream_error",
+                   "redis_unreachable": "upstream_error"}
 
 
 def local_outcome(answer: Answer) -> str | None:

@@ -42,7 +42,7 @@ from sidecar.token.call import (
 from sidecar.token.hosts import TokenHosts
 from sidecar.token.messages import Answer, TokenRequest
 from sidecar.token.sender import SendResult, TokenSender, Unsendable
-from sidecar.token.shield import Contended, Shield, request_key
+from sidecar.token.shield import Contended, SharedStateDown, Shield, request_key
 
 log = logging.getLogger("egress_sidecar.route")
 MAX_TOKEN_REQUEST_BYTES = 64 * 1024  # a token request is a few hundred bytes of form fields
@@ -140,6 +140,8 @@ class TokenCore:
                 answer, how = await shield.redeem(key, lambda: self._guarded(call, req, app))
             except Contended:
                 answer, how = responses.redemption_in_flight(), "coalesced"
+            except SharedStateDown:
+                answer, how = responses.redis_unreachable(), "coalesced"
             if how != "sent":  # another call's answer: nothing of this one was sent
                 call.shielded = how
                 call.route, call.member, call.egress_ip, call.guard = how, MEMBER_NONE, EGRESS_NONE, "allow"

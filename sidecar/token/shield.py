@@ -15,12 +15,15 @@ form fields (grant, refresh token, client credentials, scope...) and the same HT
 compared as a keyed hash; a caller without the app's credentials never gets another caller's answer. Only ``refresh_token``
 redemptions are shielded and only successful answers are replayed. Answers live in memory, bounded in
 count and bytes, dropped when they expire, never logged or written to disk; with ``SIDECAR_REDIS_URL`` the
-replicas share them through Redis, encrypted (:mod:`sidecar.state.redis`).
+replicas share them through Redis, encrypted (:mod:`sidecar.state.redis`), and a redemption is sent only
+once this replica holds the Redis lock on it: while Redis cannot say that no other replica is redeeming
+the same token, none is sent (:mod:`sidecar.state.redis` explains that trade-off).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 from collections import OrderedDict
@@ -39,13 +42,14 @@ _CONTEXT = b"egress-sidecar shield"
 
 
 class SharedAnswers(Protocol):
-    """What the shield needs from shared state (sidecar.state.redis.SharedState); every call may raise
-    ``Unavailable``, and the shield then carries on with what it has in this process."""
+    """What the shield needs from shared state (sidecar.state.redis.SharedState); every call but
+    ``wait_up`` may raise ``Unavailable``."""
 
-    def usable(self) -> bool: ...
+    redis_wait: float  # how long a redemption waits for unreachable shared state before it is refused
+
+    async def wait_up(self, timeout: float) -> bool: ...
     async def replay(self, key: bytes) -> Answer | None: ...
-    async def lock(self, key: bytes, ttl: float) -> bool: ...
-    async def locked(self, key: bytes) -> bool: ...
+    async def lock(self, key: bytes, ttl: float) -> Literal["taken", "held", "young"]: ...
     async def done(self, key: bytes) -> Answer | None: ...
     async def publish(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None: ...
     async def unlock(self, key: bytes) -> None: ...
@@ -59,6 +63,11 @@ class Contended(Exception):
     """Another replica still holds the lock on this redemption after the longest a redemption takes
     (it crashed and a third one took over, or clocks disagree): nothing was sent, and sending now could
     redeem the refresh token twice."""
+
+
+class SharedStateDown(Exception):
+    """Shared state (Redis) stayed unreachable for as long as a redemption waits for it: nothing was sent,
+    since another replica could be redeeming the same refresh token."""
 
 
 def request_key(hash_key: bytes, fields: dict[str, list[str]], authorization: str | None, host: str = "") -> bytes:
@@ -100,8 +109,9 @@ class Shield:
         if cached is not None:
             return self._shielded(cached, "replayed")
         leader = self._in_flight.get(key)
-        if leader is not None:
-            answer = await asyncio.wait_for(asyncio.shield(leader), self.wait_limit)
+        if leader is not None:  # as long as the leader may take: waiting for Redis, for another replica, its send
+            longest = (self.shared.redis_wait + self.wait_limit if self.shared is not None else 0.0) + self.wait_limit
+            answer = await asyncio.wait_for(asyncio.shield(leader), longest)
             return self._shielded(answer, "coalesced")
         future: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._in_flight[key] = future
@@ -119,45 +129,59 @@ class Shield:
         return (answer, how) if how == "sent" else self._shielded(answer, how)
 
     async def _lead(self, key: bytes, send: Callable[[], Awaitable[Answer]]) -> tuple[Answer, How]:
-        shared = self.shared if self.shared is not None and self.shared.usable() else None
-        locked = False
-        if shared is not None:
+        shared = self.shared
+        if shared is None:
+            return await send(), "sent"
+        found = await self._claim(shared, key)
+        if found is not None:
+            return found
+        answer = await send()
+        ok = 200 <= answer.status < 300
+        try:
+            await shared.publish(key, answer, self.window if ok else 0.0, self.wait_limit)
+            await shared.unlock(key)
+        except Unavailable:
+            pass  # kept, with the lock, and published when Redis is back (sidecar.state.redis)
+        return answer, "sent"
+
+    async def _claim(self, shared: SharedAnswers, key: bytes) -> tuple[Answer, How] | None:
+        """Before a redemption is sent: None once this replica holds the lock on it, or the answer another
+        replica has for it (replayed, or coalesced after waiting for the replica redeeming it). Raises
+        SharedStateDown when Redis stays unreachable for ``redis_wait`` and no lock was seen; Contended
+        when another replica's lock outlives the longest a redemption takes. Never returns None while
+        Redis cannot say that no other replica is redeeming this token."""
+        give_up = self.clock() + shared.redis_wait
+        waiting_since: float | None = None  # another replica's lock on this redemption was seen then
+        for _ in range(int((shared.redis_wait + self.wait_limit) / POLL_SECONDS) + 2):  # bounded in count and time
             try:
+                if waiting_since is not None:
+                    answer = await shared.done(key)
+                    if answer is not None:
+                        return answer, "coalesced"
                 answer = await shared.replay(key)
                 if answer is not None:
                     self._keep(key, answer)
                     return answer, "replayed"
-                locked = await shared.lock(key, self.wait_limit)
-                if not locked:  # another replica is redeeming this very token: wait for its answer
-                    answer = await self._wait_remote(shared, key)
+                claim = await shared.lock(key, self.wait_limit)
+                if claim == "taken":  # (also after the holder vanished without an answer: it crashed)
+                    return None
+                if claim == "held" and waiting_since is None:
+                    waiting_since = self.clock()
+            except Unavailable:
+                pass  # never sent without Redis: wait for it (a replica waiting on a lock keeps waiting)
+            now = self.clock()
+            if waiting_since is not None and now >= waiting_since + self.wait_limit:
+                with contextlib.suppress(Unavailable):
+                    answer = await shared.done(key)  # (published just before the lock went)
                     if answer is not None:
                         return answer, "coalesced"
-                    locked = await shared.lock(key, self.wait_limit)  # it vanished without one
-                    if not locked:  # someone else's again: never a second redemption in flight
-                        raise Contended()
-            except Unavailable:
-                shared = None
-        answer = await send()
-        if shared is not None:
-            try:
-                ok = 200 <= answer.status < 300
-                await shared.publish(key, answer, self.window if ok else 0.0, self.wait_limit)
-                if locked:
-                    await shared.unlock(key)
-            except Unavailable:
-                pass
-        return answer, "sent"
-
-    async def _wait_remote(self, shared: SharedAnswers, key: bytes) -> Answer | None:
-        deadline = self.clock() + self.wait_limit
-        for _ in range(int(self.wait_limit / POLL_SECONDS) + 2):  # bounded in count and time
-            answer = await shared.done(key)
-            if answer is not None:
-                return answer
-            if not await shared.locked(key) or self.clock() >= deadline:
-                return await shared.done(key)  # (published just before the lock went)
-            await asyncio.sleep(POLL_SECONDS)
-        return None
+                raise Contended()
+            if waiting_since is None and now >= give_up:
+                raise SharedStateDown()
+            deadline = give_up if waiting_since is None else waiting_since + self.wait_limit
+            if await shared.wait_up(min(1.0, max(POLL_SECONDS, deadline - now))):  # (while down: waits for it)
+                await asyncio.sleep(POLL_SECONDS)
+        raise Contended()  # pragma: no cover - the deadlines end the loop first
 
     def _shielded(self, answer: Answer, how: How) -> tuple[Answer, How]:
         self.metrics.shield_answers.labels(how).inc()

@@ -39,6 +39,7 @@ CONTRACT_METRICS = frozenset({
     "egress_sidecar_allowlist_disagreement",
     "egress_sidecar_ip_restricted_retries_total",
     "egress_sidecar_probes_total",
+    "egress_sidecar_redis_up",
 })
 
 # Label names per metric, as the rules and the dashboard use them (Prometheus adds job, instance).
@@ -63,6 +64,7 @@ CONTRACT_LABELS = {
     "egress_sidecar_allowlist_disagreement": ("egress_ip",),
     "egress_sidecar_ip_restricted_retries_total": ("outcome",),
     "egress_sidecar_probes_total": ("member", "result"),
+    "egress_sidecar_redis_up": (),
 }
 assert set(CONTRACT_LABELS) == CONTRACT_METRICS
 

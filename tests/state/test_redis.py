@@ -19,6 +19,7 @@ from sidecar.metrics import Metrics
 from sidecar.sim.certs import TestCA
 from sidecar.state.grants import DAY, GrantTracker, Limits
 from sidecar.state.redis import SharedState
+from sidecar.token.messages import Answer
 from tests.harness import metric_value, refresh_form, wait_until
 from tests.redis_server import RedisServer, redis_server  # noqa: F401 - a fixture
 from tests.scripted_origin import ScriptedOrigin, ok
@@ -91,8 +92,8 @@ def test_a_running_sidecar_with_redis_logs_no_maintenance_failure(
             resp = s.post(f"https://localhost:{origin.address[1]}/services/oauth2/token", data=refresh_form("RT-x"),
                           headers={"Content-Type": "application/x-www-form-urlencoded"}, timeout=15)
         assert resp.status_code == 200, resp.text
-        assert wait_until(lambda: sidecar.grants.rounds >= 5, timeout=10)
-        real = sidecar.grants.clock
+        assert wait_until(lambda: sidecar.grants.rounds >= 5 and len(sidecar.grants.snapshot()[0]) == 1, timeout=10)
+        real = sidecar.grants.clock  # the call is tracked (just after its answer): now "26 days" pass
         sidecar.grants.clock = lambda: real() + 26 * DAY
         assert wait_until(lambda: idle(sidecar.metrics, "25d") == 1, timeout=10)
         rounds = sidecar.grants.rounds
@@ -131,3 +132,78 @@ def test_a_failed_maintenance_round_names_its_cause_without_what_it_quotes(caplo
     line = next(r.getMessage() for r in caplog.records if "maintenance failed" in r.getMessage())
     assert "ValueError: cannot queue … for grants.sqlite3" in line and "RT-secret" not in line, line
     assert idle(metrics, "25d") == 1
+
+
+# -- Redis health (issue 24) ------------------------------------------------------------------------
+def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one_before_redis_counts_as_down(
+    redis_server: Callable[[], RedisServer], caplog: pytest.LogCaptureFixture,  # noqa: F811
+) -> None:
+    """Was: the first call after a Redis restart failed on the pooled connection Redis had closed, and the
+    replica ignored Redis for 5 s (and redeemed on its own). The health check is held off here (an hour),
+    so only the call itself meets the stale connection."""
+    redis = redis_server()
+
+    async def run() -> tuple[bool, bool | None, bool | None]:
+        metrics = Metrics()
+        shared = SharedState(redis.url, KEY, metrics, health_seconds=3600)
+        await shared.start()
+        try:
+            before = await shared.replay(b"k")
+            redis.restart()
+            after = await shared.replay(b"k")  # on the pooled connection Redis closed: retried, not down
+            return before is None and after is None, shared.up, shared.usable()
+        finally:
+            await shared.close()
+
+    caplog.set_level(logging.WARNING)
+    assert asyncio.run(run()) == (True, True, True)
+    assert not [r for r in caplog.records if "unreachable" in r.getMessage()]
+
+
+def test_the_health_check_follows_redis_without_any_call_and_puts_back_what_it_held(
+    redis_server: Callable[[], RedisServer],  # noqa: F811
+) -> None:
+    """Down within a check of Redis going away, up within a check of it coming back; after Redis came
+    back empty, the lock of a redemption still in flight and an answer still in its replay window are
+    back in Redis, and no other replica is granted a lock before they are."""
+    redis = redis_server()
+
+    async def run() -> list[object]:
+        metrics = Metrics()
+        holder, other = (SharedState(redis.url, KEY, Metrics() if i else metrics, health_seconds=0.2,
+                                     restart_grace=1.0) for i in range(2))
+        await holder.start()
+        await other.start()
+        seen: list[object] = []
+        try:
+            for _ in range(60):  # bounded: until the state is older than the grace
+                if await holder.lock(b"in-flight", 30) == "taken":
+                    break
+                await asyncio.sleep(0.05)
+            await holder.publish(b"done-before", Answer(200, [], b'{"refresh_token":"RT2"}'), 60, 5)
+            redis.kill()
+            seen.append(await _until(lambda: holder.up is False))
+            seen.append(metric_value(metrics.render().decode(), "egress_sidecar_redis_up"))
+            redis.restart()
+            seen.append(await _until(lambda: holder.up is True))
+            seen.append(await other.lock(b"in-flight", 30))  # young, or already held again: never taken
+            seen.append(await _until(lambda: False, 0.6))  # a few checks: the holder puts back what it holds
+            seen.append(await other.lock(b"in-flight", 30))
+            replayed = await other.replay(b"done-before")
+            seen.append(replayed.body if replayed else None)
+        finally:
+            await holder.close()
+            await other.close()
+        return seen
+
+    down, metric, up, early, _, late, body = asyncio.run(run())
+    assert (down, metric, up) == (True, 0, True)
+    assert early in ("young", "held") and late == "held" and body == b'{"refresh_token":"RT2"}'
+
+
+async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+    for _ in range(int(timeout / 0.05) + 1):  # bounded
+        if predicate():
+            return True
+        await asyncio.sleep(0.05)
+    return predicate()
