@@ -265,7 +265,9 @@ class Settings(BaseSettings):
         None,
         shown_default="unset (state stays in this process and `grants.sqlite3`)",
         doc="`redis://` or `rediss://` URL of a Redis the app's replicas share: the rotation shield (coalescing "
-        "and replay) and refresh token tracking then work across replicas. Needs `SIDECAR_REDIS_KEY`.",
+        "and replay) and refresh token tracking then work across replicas. Needs `SIDECAR_REDIS_KEY`. While it "
+        "is unreachable, refresh token redemptions are not sent (after 10 s, `503 redis_unreachable`), so that no "
+        "two replicas redeem the same token.",
     )
     redis_key: SecretStr | None = _setting(
         None,
