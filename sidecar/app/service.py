@@ -34,6 +34,7 @@ from sidecar.ops.record import Recorder
 from sidecar.ops.status import build_status, render_page
 from sidecar.ops.trust import (
     client_env,
+    ensure_ca,
     export_ca,
     install_given_ca,
     prepare_confdir,
@@ -229,12 +230,15 @@ class Sidecar:
         return self.core.other_member(on_token_host=False)
 
     def prepare(self) -> None:
-        """Everything that can fail on configuration, before anything listens."""
+        """Everything that can fail on configuration or a full disk, before anything listens: the CA (made
+        here rather than by mitmproxy, whole or not at all) and the trust files apps read."""
         s = self.settings
         check_bindable("SIDECAR_LISTEN", s.listen_address)
         prepare_dir(self.trust_dir, "SIDECAR_TRUST_DIR", 0o755)  # public files only: apps read them
         if s.ca_cert is not None and s.ca_key is not None:
             install_given_ca(s.ca_cert.expanduser(), s.ca_key.expanduser(), self.confdir)
+        ensure_ca(self.confdir)
+        export_ca(self.confdir, self.trust_dir, setting="SIDECAR_TRUST_DIR" if s.trust_dir else "SIDECAR_CONFDIR")
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -331,8 +335,6 @@ class Sidecar:
         return address
 
     def on_listening(self, address: tuple[str, int]) -> None:
-        # mitmproxy creates (or loads) its CA in TlsConfig's `running` hook, which has run by now.
-        export_ca(self.confdir, self.trust_dir)
         self.proxy_address = address
         self._listening.set()
         self.metrics.ready.set(1)
