@@ -116,19 +116,9 @@ class Pair:
 
 def resolve_members(upstream: Upstream) -> list[HostPort]:
     """The addresses the upstream hostname resolves to (A and AAAA), each with the upstream port."""
-    try:
-        infos = socket.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
-    except OSError as exc:
-        raise ConfigError(
-            f"QUOTAGUARDSTATIC_URL: cannot resolve proxy host {upstream.host!r} ({exc.strerror or exc}). "
-            "Check the URL, DNS, or list the members in SIDECAR_PAIR=HOST:PORT,HOST:PORT."
-        ) from None
-    seen: list[HostPort] = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        hp = HostPort(str(sockaddr[0]), upstream.port)
-        if hp not in seen:
-            seen.append(hp)
-    return seen
+    return _lookup(upstream.host, upstream.port,
+                   f"QUOTAGUARDSTATIC_URL: cannot resolve proxy host {upstream.host!r} ({{cause}}). Check the URL, DNS, or "
+                   "list the members in SIDECAR_PAIR=HOST:PORT,HOST:PORT.")
 
 
 def member_address(hp: HostPort) -> HostPort:
@@ -136,14 +126,18 @@ def member_address(hp: HostPort) -> HostPort:
     (sidecar.net.resolver), so a name in SIDECAR_PAIR is looked up once, here, at start."""
     if numeric_infos(hp.host, hp.port) is not None:
         return hp
+    return _lookup(hp.host, hp.port, f"SIDECAR_PAIR: cannot resolve member {hp.host!r} ({{cause}}). Check the name "
+                   "and DNS, or list the members by IP address.")[0]
+
+
+def _lookup(host: str, port: int, failure: str) -> list[HostPort]:
+    """Every address of ``host`` (A and AAAA) with ``port``, in order, each once; at start only (it blocks).
+    Raises ConfigError(``failure`` with its ``{cause}``) when the name does not resolve."""
     try:
-        infos = socket.getaddrinfo(hp.host, hp.port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ConfigError(
-            f"SIDECAR_PAIR: cannot resolve member {hp.host!r} ({exc.strerror or exc}). "
-            "Check the name and DNS, or list the members by IP address."
-        ) from None
-    return HostPort(str(infos[0][4][0]), hp.port)
+        raise ConfigError(failure.format(cause=exc.strerror or exc)) from None
+    return list(dict.fromkeys(HostPort(str(sockaddr[0]), port) for _, _, _, _, sockaddr in infos))
 
 
 def build_pair(settings: Settings) -> Pair:
