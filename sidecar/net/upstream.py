@@ -183,7 +183,8 @@ class UpstreamPool:
     - **spares for new clients.** A client's first request takes a *spare*: a connection opened ahead
       (TCP, the member's CONNECT, TLS) that never carried a request, so nothing of anyone's exchange is on
       it and no handshake is waited for. Each time a spare is taken (or a connection had to be opened),
-      one is opened in the background for the next client (at most SPARES_PER_KEY per key).
+      one is opened in the background for the next client once that exchange is over (at most
+      SPARES_PER_KEY per key).
     - **nothing arrived since the last exchange ended**, checked at the moment of reuse: h11 idle on both
       sides, nothing buffered in h11, the TLS object or the socket, and an end of stream counts as
       something; an exchange whose answer is followed by more bytes closes its connection.
@@ -206,6 +207,7 @@ class UpstreamPool:
         # Idle connections by owner, then key; owner None holds the spares (never used for a request).
         self._idle: dict[Owner, dict[PoolKey, deque[UpstreamConn]]] = {}
         self._warming: dict[PoolKey, asyncio.Task[None]] = {}
+        self._wanted: dict[PoolKey, Member | None] = {}  # keys whose spare was taken (or missing): make one
         self._owners = itertools.count(1)
         self._swept = time.monotonic()
         self._closed = False
@@ -227,7 +229,7 @@ class UpstreamPool:
             if conn is not None:
                 return conn, True
         spare = self._take(None, key, now)
-        self._warm(member, key)  # a spare for the next client
+        self._wanted[key] = member  # a spare for the next client, opened once this exchange is over
         if spare is not None:
             return spare, True
         return await self._open(member, key), False
@@ -242,8 +244,12 @@ class UpstreamPool:
             conn.close()
         return None
 
-    def _warm(self, member: Member | None, key: PoolKey) -> None:
-        """Open a spare for ``key`` in the background, unless one is there or on its way."""
+    def _warm(self, key: PoolKey) -> None:
+        """Open a spare for ``key`` in the background (if one was taken for it), unless one is there or on its
+        way. Called when an exchange is over, so its TLS handshake does not hold up a call in flight."""
+        if key not in self._wanted:
+            return
+        member = self._wanted.pop(key)
         if self._closed or key in self._warming or len(self._idle.get(None, {}).get(key, ())) >= SPARES_PER_KEY:
             return
         task = asyncio.get_running_loop().create_task(self._open_spare(member, key), name="upstream-spare")
@@ -264,6 +270,7 @@ class UpstreamPool:
         """Close the connections idle past POOL_IDLE_SECONDS and forget owners and hosts with none left:
         the pool holds no socket, and no entry, for a host (an org's My Domain) it will not see again."""
         self._swept = now
+        self._wanted.clear()  # (a key still in use asks again at its next acquire)
         for owner in list(self._idle):
             keys = self._idle[owner]
             for key in list(keys):
@@ -277,7 +284,8 @@ class UpstreamPool:
 
     def release(self, conn: UpstreamConn, owner: Owner = None) -> None:
         """Back to ``owner``'s idle connections if its exchange ended cleanly and nothing is left unread;
-        else (or without an owner) closed."""
+        else (or without an owner) closed. A spare taken for this key is made again now."""
+        self._warm(conn.key)
         if owner is None or self._closed or not conn.http.next_cycle() or not conn.http.reusable():
             conn.close()
             return

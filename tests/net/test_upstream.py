@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -16,7 +17,7 @@ import h11
 import pytest
 
 from sidecar.net.http1 import HttpConnection
-from sidecar.net.streams import SocketStream
+from sidecar.net.streams import SocketStream, TlsStream
 from sidecar.net.upstream import (
     MAX_INTERIM,
     POOL_IDLE_SECONDS,
@@ -24,7 +25,7 @@ from sidecar.net.upstream import (
     UpstreamPool,
     read_answer,
 )
-from sidecar.sim.certs import TestCA
+from sidecar.sim.certs import TestCA, server_context
 from sidecar.token.messages import TokenRequest
 from sidecar.token.sender import TokenSender, Unsendable, request_events
 from tests.harness import SidecarProcess, redeem
@@ -322,3 +323,49 @@ def test_one_client_connection_keeps_reusing_its_own_upstream_connection(
                 assert redeem(s, f"5Aep861KEEP{i}", url=url).status_code == 200
     assert len(set(origin.connection_of)) == 1 and origin.connections <= 2, (origin.connection_of,
                                                                               origin.connections)
+
+
+def test_a_tls_connection_that_got_only_session_tickets_is_idle_and_data_is_never_lost(
+    origin_cert: tuple[Path, Path], test_ca: TestCA
+) -> None:
+    """A spare (a connection opened ahead, never used) has TLS 1.3 session tickets waiting on its socket,
+    which are TLS's own messages, not data: it is idle and clean (was: "readable", so every spare was
+    thrown away). Data that arrives unasked makes it readable, and is kept for the next read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    go = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_context(*origin_cert).wrap_socket(conn, server_side=True) as tls:
+            go.wait(10)
+            tls.sendall(b"unasked")
+            go.clear()
+            go.wait(10)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+
+    async def run() -> tuple[bool, bool, bytes]:
+        sock = socket.create_connection(listener.getsockname(), timeout=5)
+        sock.setblocking(False)
+        stream = TlsStream.client(SocketStream(sock), ssl.create_default_context(cafile=str(test_ca.ca_path)),
+                                  "localhost")
+        try:
+            await stream.handshake()
+            await asyncio.sleep(0.3)  # the tickets have arrived
+            idle = not stream.readable_now()
+            go.set()
+            for _ in range(50):  # bounded: until the data is there
+                if stream.readable_now():
+                    break
+                await asyncio.sleep(0.05)
+            return idle, stream.readable_now(), await stream.recv()
+        finally:
+            go.set()
+            stream.close()
+
+    try:
+        assert asyncio.run(run()) == (True, True, b"unasked")
+    finally:
+        listener.close()
+        server.join(5)
