@@ -8,6 +8,7 @@ says how to fix it (:class:`ConfigError`); the proxy password never appears in a
 from __future__ import annotations
 
 import base64
+import errno
 import ipaddress
 import logging
 import os
@@ -65,6 +66,42 @@ DEFAULT_ECHO_URL = "http://ip.quotaguard.com/"
 
 class ConfigError(Exception):
     """A configuration value is wrong. The message names the setting and the fix."""
+
+
+class StorageError(ConfigError):
+    """The sidecar cannot write its state at start: a full disk (or a failing volume) under SIDECAR_CONFDIR
+    or SIDECAR_TRUST_DIR. The message names the path and the fix; ``egress-sidecar`` exits with 3."""
+
+
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # EFBIG: a file size limit (RLIMIT_FSIZE)
+
+
+def storage_error(path: Path | str, exc: BaseException, setting: str = "SIDECAR_CONFDIR") -> ConfigError:
+    """The one-line error for a write at start that failed: StorageError for a full disk (the errno says so,
+    SQLite says "full", or the volume has next to no space left after the failure) or SQLite failing on the
+    volume otherwise; ConfigError for any other path that cannot be written (read-only, no permission, not
+    a directory), which is the setting's to fix."""
+    where = str(path)
+    detail = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+    if (isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS) or "full" in detail or _nearly_full(Path(path)):
+        return StorageError(f"cannot write {where!r}: the disk is full ({detail}). Free space on that volume (or "
+                            f"give {setting} a larger one) and restart.")
+    if isinstance(exc, OSError):
+        return ConfigError(f"{setting}: cannot write {where!r} ({detail}). Point it at a writable directory.")
+    return StorageError(f"cannot write {where!r} ({detail}). Check that the volume is writable and healthy, and "
+                        "restart.")
+
+
+def _nearly_full(path: Path, below: int = 1024 * 1024) -> bool:
+    """Whether the volume holding ``path`` (or its nearest existing parent) has less than ``below`` bytes
+    free: SQLite reports some writes that fail for lack of space as "disk I/O error"."""
+    for candidate in (path, *path.parents):
+        try:
+            st = os.statvfs(candidate)
+        except OSError:
+            continue
+        return st.f_bavail * st.f_frsize < below
+    return False
 
 
 @dataclass(frozen=True)
@@ -193,7 +230,8 @@ class Settings(BaseSettings):
     pair: Annotated[list[str], NoDecode] = _setting(
         default_factory=list,
         shown_default="the upstream's A/AAAA records",
-        doc="Explicit members `HOST:PORT,HOST:PORT`.",
+        doc="Explicit members `HOST:PORT,HOST:PORT` (a host name is looked up once, at start: members are "
+        "connected to by IP address).",
     )
     token_hosts: Annotated[list[str], NoDecode] = _setting(
         default_factory=lambda: list(DEFAULT_TOKEN_HOSTS),
@@ -277,7 +315,9 @@ class Settings(BaseSettings):
         None,
         shown_default="unset (state stays in this process and `grants.sqlite3`)",
         doc="`redis://` or `rediss://` URL of a Redis the app's replicas share: the rotation shield (coalescing "
-        "and replay) and refresh token tracking then work across replicas. Needs `SIDECAR_REDIS_KEY`.",
+        "and replay) and refresh token tracking then work across replicas. Needs `SIDECAR_REDIS_KEY`. While it "
+        "is unreachable, a refresh token redemption waits for it (at most 10 s: a restart is ridden out), then goes "
+        "from this replica alone, not coordinated with the others until Redis is back.",
     )
     redis_key: SecretStr | None = _setting(
         None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -74,6 +75,16 @@ def setup_logging(fmt: str = "json", level: int = logging.INFO, stream: TextIO |
     root.setLevel(level)
     # mitmproxy is chatty at INFO (every client connect); keep its warnings and errors.
     logging.getLogger("mitmproxy").setLevel(max(level, logging.WARNING))
+
+
+_QUOTED = re.compile(r"""b?(['"]).*?\1""", re.S)
+
+
+def cause(exc: BaseException) -> str:
+    """What went wrong, for a log line: the exception's type and its message, with anything it quotes
+    (a value, a line, bytes of a token) left out, at most 200 characters."""
+    text = _QUOTED.sub("…", str(exc)).strip()[:200]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def event(logger: logging.Logger, level: int, msg: str, **fields: Any) -> None:

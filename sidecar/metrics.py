@@ -237,6 +237,12 @@ class Metrics:
         )
         for kind in ("coalesced", "replayed"):
             self.shield_answers.labels(kind)
+        self.shield_uncoordinated = Counter(
+            f"{NS}_shield_uncoordinated_total",
+            "Refresh token redemptions sent while the Redis the replicas share (SIDECAR_REDIS_URL) stayed unreachable "
+            "past the wait: sent by this replica alone, not coordinated with the others (as without the sidecar).",
+            registry=r,
+        )
         self._redis_up: Gauge | None = None
         self.client_tls_failures = Counter(
             f"{NS}_client_tls_failures_total",

@@ -16,6 +16,7 @@ from tests.harness import (
     start_world,
     stop_world,
 )
+from tests.redis_server import redis_server  # noqa: F401 - a fixture: a real redis-server per test
 
 
 @pytest.fixture(scope="session")

@@ -29,9 +29,14 @@ class ScriptedOrigin(ThreadedServer):
         super().__init__("127.0.0.1", 0, ssl_context=server_context(*cert))
         self.script = script
         self.requests: list[tuple[str, bytes]] = []  # (source ip, request head + body)
+        self.connections = 0  # TLS connections accepted
+        self.connection_of: list[int] = []  # for each request, the number of the connection it came on
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         leftover = b""
+        with self._lock:
+            self.connections += 1
+            connection = self.connections
         for _ in range(100):  # bounded: requests per connection
             # A fresh h11 connection per request: the scripted answers are raw bytes h11 never sees.
             conn = h11.Connection(h11.SERVER)
@@ -58,6 +63,7 @@ class ScriptedOrigin(ThreadedServer):
             leftover = conn.trailing_data[0]
             with self._lock:
                 self.requests.append((writer.get_extra_info("peername")[0], head + bytes(body)))
+                self.connection_of.append(connection)
                 n = len(self.requests)
             for step in self.script(n, head):
                 if isinstance(step, float):

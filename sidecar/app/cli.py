@@ -1,7 +1,8 @@
 """The ``egress-sidecar`` command. It parses arguments and calls into the service; nothing more.
 
 Exit codes: 0 success; 1 a check failed or the service stopped on an error; 2 bad configuration
-(the message names the setting and the fix).
+(the message names the setting and the fix); 3 the sidecar cannot write its state at start, a full disk
+(the message names the path and the fix).
 """
 
 from __future__ import annotations
@@ -19,13 +20,14 @@ from sidecar.config import (
     ConfigError,
     HostPort,
     Settings,
+    StorageError,
     load_settings,
     settings_help,
     unknown_settings,
 )
 from sidecar.logs import setup_logging
 
-EXIT_OK, EXIT_FAIL, EXIT_CONFIG = 0, 1, 2
+EXIT_OK, EXIT_FAIL, EXIT_CONFIG, EXIT_STORAGE = 0, 1, 2, 3
 
 log = logging.getLogger("egress_sidecar")
 
@@ -207,6 +209,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(["run", *(argv if argv is not None else sys.argv[1:])])
     try:
         return int(args.func(args))
+    except StorageError as exc:
+        print(f"egress-sidecar: {exc}", file=sys.stderr)
+        return EXIT_STORAGE
     except ConfigError as exc:
         print(f"egress-sidecar: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG

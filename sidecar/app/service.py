@@ -29,12 +29,14 @@ from sidecar.egress.pair import Member, Pair, build_pair
 from sidecar.egress.verify import Verifier
 from sidecar.logs import SCRUBBER, event
 from sidecar.metrics import Metrics
+from sidecar.net.resolver import CLIENT_LOOKUPS, TOKEN_LOOKUPS, Resolver
 from sidecar.net.upstream import ConnectFailure, Connector, UpstreamPool
 from sidecar.ops.admin import AdminServer
 from sidecar.ops.record import Recorder
 from sidecar.ops.status import build_status, render_page
 from sidecar.ops.trust import (
     client_env,
+    ensure_ca,
     export_ca,
     install_given_ca,
     prepare_confdir,
@@ -109,10 +111,14 @@ class Sidecar:
         # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
         self.grants = GrantTracker(self.metrics)
         self.upstream_trust = upstream_trust(settings, self.confdir)
+        # Name lookups: one resolver for the destinations clients ask for, another for direct token calls;
+        # members are IP literals (sidecar.net.resolver).
         self.destinations = Destinations(shared_proxy=settings.proxy_auth is not None,
-                                         allow_private=settings.allow_private_destinations)
+                                         allow_private=settings.allow_private_destinations,
+                                         resolver=Resolver("client", CLIENT_LOOKUPS))
         self.connector = Connector(settings.upstream, trust_context(settings), self.destinations)
-        self.pool = UpstreamPool(self.connector, settings.connect_timeout, self.verifier)
+        self.pool = UpstreamPool(self.connector, settings.connect_timeout, self.verifier,
+                                 token_resolver=Resolver("token", TOKEN_LOOKUPS))
         sender = TokenSender(self.pool, settings.response_timeout, self._member_failed, self._member_ok)
         self.access = ClientAccess(Access(settings.proxy_auth.get_secret_value() if settings.proxy_auth else None,
                                           settings.max_connections), self.metrics)
@@ -204,12 +210,15 @@ class Sidecar:
 
     # -- lifecycle ----------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Everything that can fail on configuration, before anything listens."""
+        """Everything that can fail on configuration or a full disk, before anything listens: the CA (made
+        here rather than by mitmproxy, whole or not at all) and the trust files apps read."""
         s = self.settings
         check_bindable("SIDECAR_LISTEN", s.listen_address)
         prepare_dir(self.trust_dir, "SIDECAR_TRUST_DIR", 0o755)  # public files only: apps read them
         if s.ca_cert is not None and s.ca_key is not None:
             install_given_ca(s.ca_cert.expanduser(), s.ca_key.expanduser(), self.confdir)
+        ensure_ca(self.confdir)
+        export_ca(self.confdir, self.trust_dir, setting="SIDECAR_TRUST_DIR" if s.trust_dir else "SIDECAR_CONFDIR")
 
     async def run(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -232,7 +241,7 @@ class Sidecar:
             raise ConfigError(
                 f"SIDECAR_ADMIN_LISTEN: cannot listen on {admin} ({exc.strerror or exc}). Pick a free port."
             ) from None
-        self.certstore = open_certstore(self.confdir)  # the CA apps trust: created on the first start
+        self.certstore = open_certstore(self.confdir)  # the CA apps trust (made whole by prepare())
         self._stopped = asyncio.Event()
         self.admin.start()
         self._announce_mode()
@@ -315,7 +324,6 @@ class Sidecar:
         return address
 
     def on_listening(self, address: tuple[str, int]) -> None:
-        export_ca(self.confdir, self.trust_dir)
         self.proxy_address = address
         self._listening.set()
         self.metrics.ready.set(1)

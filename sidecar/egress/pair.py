@@ -14,6 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from sidecar.config import ConfigError, HostPort, Settings, Upstream
+from sidecar.net.resolver import numeric_infos
 
 SAMPLE_HISTORY = 12
 # Passive health (like Squid's connect-fail-limit and Envoy's outlier detection): after this many
@@ -117,19 +118,28 @@ class Pair:
 
 def resolve_members(upstream: Upstream) -> list[HostPort]:
     """The addresses the upstream hostname resolves to (A and AAAA), each with the upstream port."""
+    return _lookup(upstream.host, upstream.port,
+                   f"QUOTAGUARDSTATIC_URL: cannot resolve proxy host {upstream.host!r} ({{cause}}). Check the URL, DNS, or "
+                   "list the members in SIDECAR_PAIR=HOST:PORT,HOST:PORT.")
+
+
+def member_address(hp: HostPort) -> HostPort:
+    """A member as an IP literal: token calls and probes connect to members without any name lookup
+    (sidecar.net.resolver), so a name in SIDECAR_PAIR is looked up once, here, at start."""
+    if numeric_infos(hp.host, hp.port) is not None:
+        return hp
+    return _lookup(hp.host, hp.port, f"SIDECAR_PAIR: cannot resolve member {hp.host!r} ({{cause}}). Check the name "
+                   "and DNS, or list the members by IP address.")[0]
+
+
+def _lookup(host: str, port: int, failure: str) -> list[HostPort]:
+    """Every address of ``host`` (A and AAAA) with ``port``, in order, each once; at start only (it blocks).
+    Raises ConfigError(``failure`` with its ``{cause}``) when the name does not resolve."""
     try:
-        infos = socket.getaddrinfo(upstream.host, upstream.port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ConfigError(
-            f"QUOTAGUARDSTATIC_URL: cannot resolve proxy host {upstream.host!r} ({exc.strerror or exc}). "
-            "Check the URL, DNS, or list the members in SIDECAR_PAIR=HOST:PORT,HOST:PORT."
-        ) from None
-    seen: list[HostPort] = []
-    for _family, _type, _proto, _canon, sockaddr in infos:
-        hp = HostPort(str(sockaddr[0]), upstream.port)
-        if hp not in seen:
-            seen.append(hp)
-    return seen
+        raise ConfigError(failure.format(cause=exc.strerror or exc)) from None
+    return list(dict.fromkeys(HostPort(str(sockaddr[0]), port) for _, _, _, _, sockaddr in infos))
 
 
 def build_pair(settings: Settings) -> Pair:
@@ -146,4 +156,5 @@ def build_pair(settings: Settings) -> Pair:
             f"SIDECAR_EGRESS_IPS names {unknown[0]}, which is not a pair member "
             f"(members: {', '.join(str(a) for a in addresses)}). Use MEMBER=IP with a member address."
         )
-    return Pair(upstream=upstream, members=[Member(address=a, pinned_ip=pinned.get(a)) for a in addresses])
+    return Pair(upstream=upstream, members=[Member(address=member_address(a), pinned_ip=pinned.get(a))
+                                            for a in addresses])

@@ -4,8 +4,9 @@ h11 is sans-IO (as httpcore and uvicorn use it): it turns bytes into ``Request``
 ``Data`` and ``EndOfMessage`` events and back, and runs the HTTP/1.1 state machine; a connection may
 carry another exchange only when both sides are back in ``IDLE``. This module adds the I/O (any
 :mod:`sidecar.net.streams` stream), the head size limit, and the few checks that are stricter than h11's:
-obsolete line folding and ``Transfer-Encoding`` together with ``Content-Length`` in a request (the
-classic request smuggling shapes) are refused instead of being repaired.
+obsolete line folding and ``Transfer-Encoding`` together with ``Content-Length`` in a request or a
+response (the classic request smuggling and response splitting shapes) are refused instead of being
+repaired.
 """
 
 from __future__ import annotations
@@ -109,9 +110,11 @@ class HttpConnection:
             raise ProtocolError(431, f"head larger than {self.max_head} bytes")
         if _OBS_FOLD.search(head):
             raise ProtocolError(400, "obsolete line folding in the headers")
-        if isinstance(event, h11.Request) and has(event.headers, b"transfer-encoding") \
-                and has(event.headers, b"content-length"):
-            raise ProtocolError(400, "both Transfer-Encoding and Content-Length in one request")
+        if has(event.headers, b"transfer-encoding") and has(event.headers, b"content-length"):
+            # RFC 9112 6.3: smuggling (a request) or response splitting (an answer); "ought to be handled
+            # as an error". h11 would read either by its Transfer-Encoding.
+            raise ProtocolError(400, "both Transfer-Encoding and Content-Length in one "
+                                + ("request" if isinstance(event, h11.Request) else "response"))
 
     async def send(self, *events: h11.Event) -> None:
         """Frame the events and write them in one go."""

@@ -3,9 +3,10 @@ or opens.
 
 TLS runs on :class:`ssl.SSLObject` with memory BIOs over the raw socket, not on asyncio's SSL transport:
 that transport reads ahead into a 256 KiB buffer per connection, while a token host's keep-alive
-connection here holds a few KiB; and because nothing is read ahead, :meth:`readable_now` can tell
-exactly whether a peer sent bytes nobody asked for (a pooled connection with such bytes is never
-reused). Deadlines are the caller's (``asyncio.timeout`` around a call).
+connection here holds a few KiB; and because nothing is read ahead (only, when asked, what has already
+arrived), :meth:`readable_now` can tell exactly whether a peer sent data nobody asked for (a pooled
+connection with such data is never reused), TLS's own messages apart. Deadlines are the caller's
+(``asyncio.timeout`` around a call).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import contextlib
 import socket
 import ssl
 import struct
-from collections.abc import Awaitable, Callable
+
+from sidecar.net.resolver import Lookup, LookupFailed, numeric_infos
 
 CHUNK = 64 * 1024  # per read: a stream holds at most about this much per direction
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)  # Linux
@@ -68,18 +70,14 @@ def abort(sock: socket.socket) -> None:
     sock.close()
 
 
-Resolver = Callable[[str, int], Awaitable[list[tuple[int, int, int, tuple[object, ...]]]]]
-
-
-async def _getaddrinfo(host: str, port: int) -> list[tuple[int, int, int, tuple[object, ...]]]:
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP)
-    return [(family, type_, proto, addr) for family, type_, proto, _, addr in infos]
-
-
-async def open_tcp(host: str, port: int, resolve: Resolver | None = None) -> socket.socket:
+async def open_tcp(host: str, port: int, resolve: Lookup | None = None) -> socket.socket:
     """A connected non-blocking TCP socket with Nagle off; the caller sets the deadline. ``resolve``
-    (sidecar.proxy.destinations.Destinations.resolve) may refuse what a name resolves to."""
-    return await connect_any(await (resolve or _getaddrinfo)(host, port), host)
+    (sidecar.proxy.destinations.Destinations.resolve) looks ``host`` up and may refuse what it resolves to;
+    without it ``host`` must be an IP literal, and nothing is looked up (sidecar.net.resolver)."""
+    infos = await resolve(host, port) if resolve is not None else numeric_infos(host, port)
+    if infos is None:
+        raise LookupFailed(f"{host} is not an IP address, and no lookup was asked for")
+    return await connect_any(infos, host)
 
 
 async def connect_any(infos: list[tuple[int, int, int, tuple[object, ...]]], host: str = "") -> socket.socket:
@@ -156,6 +154,7 @@ class TlsStream:
         self._out = outgoing
         self._sending = asyncio.Lock()  # reads flush too (key updates): one sender at a time, records in order
         self._ended = False  # the peer's side ended (close_notify or EOF): every later recv() says b"" at once
+        self._ahead = b""  # data readable_now() decrypted while looking: recv() returns it first
 
     @classmethod
     def server(cls, raw: SocketStream, ctx: ssl.SSLContext) -> TlsStream:
@@ -202,6 +201,9 @@ class TlsStream:
 
     async def recv(self, n: int = CHUNK) -> bytes:
         """Some decrypted bytes (at most ``n``); b"" once the peer has closed."""
+        if self._ahead:
+            data, self._ahead = self._ahead[:n], self._ahead[n:]
+            return data
         while not self._ended:
             if self._in.pending or self.obj.pending():  # else read() can only say "want read": skip the exception
                 try:
@@ -225,7 +227,37 @@ class TlsStream:
         await self._flush()
 
     def readable_now(self) -> bool:
-        return bool(self.obj.pending() or self._in.pending or self.raw.readable_now())
+        """Whether data (or the end of the stream) is waiting. What already sits on the socket is decrypted
+        to tell: TLS's own messages after the handshake (TLS 1.3 session tickets, key updates) are not
+        data, so a connection whose server sent only those (a spare nobody used yet) is idle and clean.
+        Data found is kept for recv(); nothing is waited for."""
+        if self._ahead or self._ended:
+            return True
+        for _ in range(64):  # bounded: what has arrived, a chunk at a time
+            chunk = self.raw.take_prefix()
+            if not chunk:
+                try:
+                    chunk = self.sock.recv(CHUNK)
+                except (BlockingIOError, InterruptedError):
+                    break
+                except OSError:
+                    return True  # an error waiting on the socket: it is not idle and clean
+                if not chunk:
+                    self._in.write_eof()
+                    break
+            self._in.write(chunk)
+        if not (self._in.pending or self.obj.pending() or self._in.eof):
+            return False
+        try:
+            self._ahead = self.obj.read(CHUNK)
+        except ssl.SSLWantReadError:
+            return False  # records of TLS's own (processed), or part of one: no data
+        except ssl.SSLError:
+            self._ended = True  # close_notify, an EOF or a broken record: not clean
+            return True
+        if not self._ahead:
+            self._ended = True
+        return True
 
     def close(self) -> None:
         self.raw.close()

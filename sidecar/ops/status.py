@@ -205,9 +205,9 @@ def with_shared_state(v: Verdict, redis: dict[str, Any]) -> Verdict:
     """The verdict, with a line while the Redis the replicas share cannot be reached."""
     if not redis.get("configured") or redis.get("up") is not False:
         return v
-    line = (f"Redis (SIDECAR_REDIS_URL) is unreachable since {redis.get('down_since')}: this replica serves on its "
-            "own state, so a refresh token redeemed through another replica at the same time is not coalesced, "
-            "and a reuse there is not seen here. Token calls keep working.")
+    line = (f"Redis (SIDECAR_REDIS_URL) is unreachable since {redis.get('down_since')}: refresh token redemptions "
+            "wait for it (a restart is ridden out), then go from each replica alone: a token redeemed by two replicas "
+            "at once is not coalesced until Redis is back. Token calls keep working. Bring Redis back.")
     return Verdict("critical" if v.level == "critical" else "warning", [*v.lines, line])
 
 

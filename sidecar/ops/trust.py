@@ -9,10 +9,12 @@ PKCS12 truststore for Java. ``client_env`` is the environment an app needs, with
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 import shlex
+import shutil
 import ssl
 import warnings
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.serialization import pkcs12
 from cryptography.utils import CryptographyDeprecationWarning
 
-from sidecar.config import ConfigError, Settings
+from sidecar.config import ConfigError, Settings, StorageError, storage_error
 from sidecar.logs import event
 
 log = logging.getLogger("egress_sidecar.ca")
@@ -56,10 +58,13 @@ _PEM_CERTIFICATE = re.compile(rb"-----BEGIN CERTIFICATE-----\s.+?\s-----END CERT
 
 
 def prepare_dir(path: Path, setting: str = "SIDECAR_CONFDIR", mode: int = 0o700) -> Path:
-    """Create the directory a setting names, or fail at start with the setting's name."""
+    """Create the directory a setting names, or fail at start with the setting's name (or, on a full
+    disk, the path and the fix)."""
     try:
         path.mkdir(parents=True, exist_ok=True, mode=mode)
     except OSError as exc:
+        if isinstance(error := storage_error(path, exc, setting), StorageError):
+            raise error from None
         raise ConfigError(f"{setting}: cannot create {str(path)!r} ({exc.strerror or exc}). "
                           "Point it at a writable directory.") from None
     if not path.is_dir() or not os.access(path, os.W_OK):
@@ -71,13 +76,41 @@ def prepare_confdir(path: Path) -> Path:
     return prepare_dir(path)
 
 
-def _write(path: Path, data: bytes, mode: int = 0o644) -> None:
+def _write(path: Path, data: bytes, mode: int = 0o644, setting: str = "SIDECAR_CONFDIR") -> None:
+    """Write a file whole or not at all (written aside, then renamed); a failure (a full disk) leaves
+    neither a partial file nor the one aside, and is one line naming the path (sidecar.config.storage_error)."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise storage_error(path, exc, setting) from None
+
+
+def ensure_ca(confdir: Path) -> None:
+    """Create mitmproxy's CA in the confdir unless there is one, before mitmproxy would: it writes the files
+    in place, so a disk that fills up half-way would leave a CA cut short that no later start can load.
+    Written aside, then moved in, the CA file itself last (mitmproxy takes its presence as "a CA is here")."""
+    if (confdir / MITM_CA).exists():
+        return
+    # (here, not at import: `egress-sidecar grants` needs no mitmproxy)
+    from sidecar.proxy.leafcerts import CA_BASENAME, KEY_SIZE, CertStore
+
+    work = confdir / f".ca-{os.getpid()}.tmp"
+    try:
+        work.mkdir(mode=0o700, exist_ok=True)
+        CertStore.create_store(work, CA_BASENAME, KEY_SIZE)
+        for name in sorted((p.name for p in work.iterdir()), key=lambda n: n == MITM_CA):
+            os.replace(work / name, confdir / name)
+    except OSError as exc:
+        raise storage_error(confdir / MITM_CA, exc) from None
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def install_given_ca(cert_path: Path, key_path: Path, confdir: Path) -> None:
@@ -109,8 +142,8 @@ def install_given_ca(cert_path: Path, key_path: Path, confdir: Path) -> None:
         )
     key_pem = key.private_bytes(enc, serialization.PrivateFormat.TraditionalOpenSSL, serialization.NoEncryption())
     cert_pem = cert.public_bytes(enc)
-    _write(confdir / MITM_CA, key_pem + cert_pem, 0o600)
     _write(confdir / MITM_CA_CERT, cert_pem)
+    _write(confdir / MITM_CA, key_pem + cert_pem, 0o600)  # last: mitmproxy takes its presence as "a CA is here"
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,7 +216,8 @@ def java_truststore(roots: list[x509.Certificate], ca: x509.Certificate) -> byte
 
 
 def export_ca(
-    confdir: Path, trust_dir: Path | None = None, *, system: Path | None | Literal["auto"] = "auto"
+    confdir: Path, trust_dir: Path | None = None, *, system: Path | None | Literal["auto"] = "auto",
+    setting: str = "SIDECAR_TRUST_DIR",
 ) -> TrustFiles:
     """Write the trust files for apps (ca.pem, ca-bundle.pem, truststore.p12) into ``trust_dir`` (the
     confdir unless given) from the CA mitmproxy keeps in ``confdir``. ``system`` is the system store
@@ -193,9 +227,9 @@ def export_ca(
     cert_pem = (confdir / MITM_CA_CERT).read_bytes()
     ca = x509.load_pem_x509_certificate(cert_pem)
     roots = trust_roots(ca, system_store() if system == "auto" else system)
-    _write(files.ca_pem, cert_pem)
-    _write(files.ca_bundle, b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in roots))
-    _write(files.truststore, java_truststore(roots, ca))
+    _write(files.ca_pem, cert_pem, setting=setting)
+    _write(files.ca_bundle, b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in roots), setting=setting)
+    _write(files.truststore, java_truststore(roots, ca), setting=setting)
     return files
 
 

@@ -5,40 +5,30 @@ on a loopback address or on the address it listens on (any address of this host 
 all of them), is refused (a loop, or a way around the admin server's loopback binding). And when it serves as a shared proxy (``SIDECAR_PROXY_AUTH`` set, so clients
 may come from other hosts), not to loopback, link-local (169.254.0.0/16, fe80::/10: cloud metadata
 services live there), unspecified addresses, and, unless ``SIDECAR_ALLOW_PRIVATE_DESTINATIONS`` is set,
-private ranges. Checked on the addresses a name resolves to, before any connection is opened.
+private ranges. Checked on the addresses a name resolves to, before any connection is opened, and on
+the IPv4 address an IPv6 one carries (NAT64, 6to4, Teredo, SIIT, IPv4-compatible): a translator or tunnel
+on the way delivers there (local-use NAT64, whose IPv4 address cannot be located, is refused).
 """
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
-import re
 import socket
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+from sidecar.net.resolver import CLIENT_LOOKUPS, AddrInfo, IPAddress, Resolver, parse_ip
+
+__all__ = ["DestinationRefused", "Destinations", "embedded_ipv4", "is_ip", "parse_ip"]
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
-_SHORTHAND = re.compile(r"[0-9a-fA-FxX.]+")  # what an inet_aton IPv4 literal is made of
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the well-known prefix, IPv4 in the last 32 bits
+# RFC 8215 local-use NAT64: where its IPv4 address sits (RFC 6052 2.2) depends on a prefix length only its
+# operator knows, so what it leads to cannot be judged.
+_NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
+_SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 7915 IPv4-translated (::ffff:0:a.b.c.d)
+_COMPATIBLE = ipaddress.ip_network("::/96")  # RFC 4291 2.5.5.1 IPv4-compatible (deprecated; ::a.b.c.d)
 
 
 class DestinationRefused(Exception):
     """A destination the rules refuse; the message says why and is meant for the client."""
-
-
-def parse_ip(host: str) -> IPAddress | None:
-    """The address an IP literal stands for, in every form a resolver reads as one: the standard forms,
-    and the IPv4 shorthands ``inet_aton`` (and so ``getaddrinfo``) accepts: ``127.1``, ``2130706433``,
-    ``0x7f.1``, ``0177.0.0.1`` (octal). None for a name."""
-    text = host.strip("[]").split("%", 1)[0]
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        if not _SHORTHAND.fullmatch(text):
-            return None
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(text))
-        except OSError:
-            return None
-    return ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped else ip
 
 
 def is_ip(host: str) -> bool:
@@ -53,9 +43,11 @@ def is_ip(host: str) -> bool:
 
 
 class Destinations:
-    def __init__(self, *, shared_proxy: bool, allow_private: bool = False) -> None:
+    def __init__(self, *, shared_proxy: bool, allow_private: bool = False, resolver: Resolver | None = None) -> None:
         self.shared_proxy = shared_proxy  # SIDECAR_PROXY_AUTH is set
         self.allow_private = allow_private  # SIDECAR_ALLOW_PRIVATE_DESTINATIONS
+        # Looks up the destinations clients ask for; never the one token calls use (sidecar.net.resolver).
+        self.resolver = resolver or Resolver("client", CLIENT_LOOKUPS)
         self.own_ports: set[int] = set()  # the proxy, admin and internal ports, once they listen
         self.own_hosts: set[IPAddress] = set()  # the addresses they listen on (besides loopback)
         self.every_interface = False  # one of them listens on 0.0.0.0 / ::: every address of this host is its
@@ -70,7 +62,15 @@ class Destinations:
             self.every_interface = True
 
     def refusal(self, ip: IPAddress, port: int) -> str | None:
-        """Why a connection to ip:port is refused, or None."""
+        """Why a connection to ip:port is refused, or None. An IPv6 address that carries an IPv4 address
+        a translator or tunnel delivers to (:func:`embedded_ipv4`) is refused when either is."""
+        why = self._refusal(ip, port)
+        for inner in embedded_ipv4(ip) if why is None else ():
+            if (inner_why := self._refusal(inner, port)) is not None:
+                return f"{_show(ip, port)} carries the IPv4 address {inner}: {inner_why}"
+        return why
+
+    def _refusal(self, ip: IPAddress, port: int) -> str | None:
         if port in self.own_ports and (ip.is_loopback or ip.is_unspecified or ip in self.own_hosts
                                        or (self.every_interface and _is_local(ip))):
             return f"{_show(ip, port)} is the sidecar itself; it does not connect to its own ports"
@@ -79,6 +79,9 @@ class Destinations:
         if ip.is_loopback or ip.is_unspecified:
             return (f"{_show(ip, port)} is on this host; as a shared proxy (SIDECAR_PROXY_AUTH) the sidecar does not "
                     "connect to loopback destinations")
+        if ip in _NAT64_LOCAL:
+            return (f"{_show(ip, port)} is a local-use NAT64 address (64:ff9b:1::/48), whose IPv4 destination cannot "
+                    "be told from it; as a shared proxy the sidecar never connects there")
         if ip.is_link_local:
             return (f"{_show(ip, port)} is link-local (cloud metadata services live there); as a shared proxy the "
                     "sidecar never connects there")
@@ -102,19 +105,36 @@ class Destinations:
         else:
             await self.resolve(host, port)
 
-    async def resolve(self, host: str, port: int) -> list[tuple[int, int, int, tuple[object, ...]]]:
-        """``getaddrinfo`` for host:port, every address checked; raises DestinationRefused when the rules
-        refuse one of them (a name that also points somewhere refused is not half-trusted), OSError when
-        the name does not resolve."""
-        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             proto=socket.IPPROTO_TCP)
-        out = []
-        for family, type_, proto, _, addr in infos:
+    async def resolve(self, host: str, port: int, resolver: Resolver | None = None) -> list[AddrInfo]:
+        """The addresses of host:port (an IP literal's own, a name's looked up by ``resolver``, by default
+        the clients' one), every one checked; raises DestinationRefused when the rules refuse one of them
+        (a name that also points somewhere refused is not half-trusted), OSError when the name does not
+        resolve (in time)."""
+        infos = await (resolver or self.resolver).getaddrinfo(host, port)
+        for _, _, _, addr in infos:
             ip = parse_ip(str(addr[0]))
             if ip is not None and (why := self.refusal(ip, port)) is not None:
                 raise DestinationRefused(why if parse_ip(host) is not None else f"{host} resolves to {why}")
-            out.append((family, type_, proto, addr))
-        return out
+        return infos
+
+
+def embedded_ipv4(ip: IPAddress) -> list[ipaddress.IPv4Address]:
+    """The IPv4 addresses an IPv6 address hands packets on to, judged with it: IPv4-mapped and -compatible,
+    SIIT-translated (::ffff:0:0:0/96), NAT64 (64:ff9b::/96), 6to4 (2002::/16) and Teredo (2001::/32: its
+    server and its client). Empty for an IPv4 address and for any other IPv6 one."""
+    if ip.version == 4:
+        return []
+    assert isinstance(ip, ipaddress.IPv6Address)
+    found: list[ipaddress.IPv4Address] = []
+    if ip.ipv4_mapped is not None:
+        found.append(ip.ipv4_mapped)
+    if ip in _COMPATIBLE or ip in _SIIT or ip in _NAT64:
+        found.append(ipaddress.IPv4Address(ip.packed[12:]))
+    if ip.sixtofour is not None:
+        found.append(ip.sixtofour)
+    if ip.teredo is not None:
+        found += ip.teredo
+    return found
 
 
 def _is_local(ip: IPAddress) -> bool:

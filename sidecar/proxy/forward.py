@@ -33,6 +33,7 @@ from sidecar.net.upstream import (
     MAX_INTERIM,
     Addresses,
     ConnectFailure,
+    Owner,
     SendFailure,
     UpstreamConn,
     UpstreamPool,
@@ -66,13 +67,14 @@ class Forwarder:
 
     async def forward(self, client: HttpConnection, req: h11.Request, host: str, port: int,
                       member: Member | None, address: tuple[str, int] | None = None, *, tls: bool = True,
-                      addresses: Addresses | None = None) -> bool:
+                      addresses: Addresses | None = None, owner: Owner = None) -> bool:
         """Forward one request whose head was read from ``client``; True when the exchange completed
         (the connection may serve another), False when it must close. Raises Upstream502 while the
         client has seen nothing of an answer, ProtocolError / ClientGone for the client's faults.
         ``address``: where to connect when not ``(host, port)`` (an IP-literal CONNECT; ``host`` is the SNI);
         ``tls``: whether the server speaks TLS (False for a plain ``http://`` proxy request); ``addresses``:
-        the addresses a direct connection may go to, approved by the destination rules."""
+        the addresses a direct connection may go to, approved by the destination rules; ``owner``: the client
+        connection (only its requests reuse an upstream connection, UpstreamPool)."""
         upgrade = b"upgrade" in tokens(req.headers, b"connection") and has(req.headers, b"upgrade")
         head = self._upstream_head(req, host, port, upgrade, 443 if tls else 80)
         bodyless = not has(req.headers, b"transfer-encoding") and values(req.headers, b"content-length") in ([], [b"0"])
@@ -89,7 +91,7 @@ class Forwarder:
         for attempt in range(2 if bodyless and req.method in _RETRYABLE else 1):
             try:
                 conn, reused = await self.pool.acquire(member, *(address or (host, port)), host, tls=tls,
-                                                       addresses=addresses)
+                                                       addresses=addresses, owner=owner)
             except ConnectFailure as exc:
                 raise (Refused if exc.refused else Upstream502)(exc.detail) from None
             try:
@@ -115,7 +117,7 @@ class Forwarder:
                     continue  # a safe method without a body: resending it cannot do anything twice
                 raise Upstream502(f"{where} failed: {describe_error(exc)}") from None
             try:
-                return await self._relay_response(client, conn, first, upgrade, where)
+                return await self._relay_response(client, conn, first, upgrade, where, owner)
             except BaseException:
                 conn.close()
                 raise
@@ -155,7 +157,7 @@ class Forwarder:
         raise ProtocolError(400, "too many chunks in the request body")
 
     async def _relay_response(self, client: HttpConnection, conn: UpstreamConn, event: h11.Event, upgrade: bool,
-                              where: str) -> bool:
+                              where: str, owner: Owner) -> bool:
         try:
             for _ in range(MAX_INTERIM):
                 if not isinstance(event, h11.InformationalResponse):
@@ -209,7 +211,7 @@ class Forwarder:
         except (OSError, h11.LocalProtocolError):
             conn.close()  # the client left, or the server's answer did not match its own framing
             return False
-        self.pool.release(conn)
+        self.pool.release(conn, owner)
         return True
 
     async def _upstream_event(self, conn: UpstreamConn, where: str) -> h11.Event:

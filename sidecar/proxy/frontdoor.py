@@ -187,6 +187,14 @@ class FrontDoor:
         stream.recording = False
         if not isinstance(request, h11.Request):
             return  # the client closed before a whole head
+        pool = self.lane.forwarder.pool
+        owner = pool.new_owner()  # plain requests on this connection reuse upstream connections no other client uses
+        try:
+            await self._serve_heads(client, sock, request, owner)
+        finally:
+            pool.forget(owner)
+
+    async def _serve_heads(self, client: HttpConnection, sock: socket.socket, request: h11.Request, owner: int) -> None:
         for _ in range(MAX_REQUESTS):  # bounded: plain proxy requests on one keep-alive connection
             refusal = self.access.request_head(request)
             if refusal is not None:
@@ -195,7 +203,7 @@ class FrontDoor:
             if request.method == b"CONNECT":
                 await self._connect(client, sock, request)
                 return
-            if not await self._plain(client, request) or not client.next_cycle():
+            if not await self._plain(client, request, owner) or not client.next_cycle():
                 return
             try:
                 async with asyncio.timeout(self.idle_timeout):  # the next head, however slowly it trickles
@@ -233,7 +241,7 @@ class FrontDoor:
                 await client.send(*events)
         await linger(client.stream.sock)
 
-    async def _plain(self, client: HttpConnection, request: h11.Request) -> bool:
+    async def _plain(self, client: HttpConnection, request: h11.Request, owner: int) -> bool:
         """One plain proxy request (``GET http://host/...``); whether the connection may carry another. A
         token call goes to the core; anything else is forwarded along its route, a direct connection to
         the very addresses the destination rules approved here (never resolved again, so a name that
@@ -245,7 +253,7 @@ class FrontDoor:
         scheme, host, port = target
         on_token_host = self.hosts.matches(host)
         if on_token_host and is_token_request(request.method.decode("ascii"), origin_path(request.target)):
-            return await self.lane.proxied_token_call(client, request, host, port, scheme)
+            return await self.lane.proxied_token_call(client, request, host, port, scheme, owner)
         member = self.lane.routes.member_for(on_token_host)
         addresses = None
         try:
@@ -260,7 +268,7 @@ class FrontDoor:
             await self._refuse(client, *error_events(502, f"cannot resolve {host}: {describe_error(exc)}"))
             return False
         return await self.lane.forward(client, request, host, port, member, tls=scheme == "https",
-                                       addresses=addresses)
+                                       addresses=addresses, owner=owner)
 
     async def _ip_literal(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
         """A CONNECT to an IP literal: answered first (the client sends its ClientHello only then), then

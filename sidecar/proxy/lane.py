@@ -87,13 +87,21 @@ class Lane:
             return
         self.metrics.intercepted.inc()
         client = HttpConnection(tls, h11.SERVER)
+        owner = self.forwarder.pool.new_owner()  # its upstream connections serve no other client
+        try:
+            await self._serve(client, host, port, address, owner)
+        finally:
+            self.forwarder.pool.forget(owner)
+
+    async def _serve(self, client: HttpConnection, host: str, port: int, address: tuple[str, int] | None,
+                     owner: int) -> None:
         for _ in range(MAX_REQUESTS):
             try:
                 async with asyncio.timeout(self.idle_timeout):  # the whole head, however slowly it trickles
                     request = await client.next_event()
                 if not isinstance(request, h11.Request):
                     return  # the client closed (or left mid-head)
-                if not await self._one(client, request, host, port, address):
+                if not await self._one(client, request, host, port, address, owner=owner):
                     return
             except ProtocolError as exc:
                 event(log, logging.INFO, f"refused a malformed request to {host}: {exc.message}")
@@ -105,12 +113,12 @@ class Lane:
                 return
 
     async def proxied_token_call(self, client: HttpConnection, request: h11.Request, host: str, port: int,
-                                 scheme: str) -> bool:
+                                 scheme: str, owner: int | None = None) -> bool:
         """A token call that came as a plain proxy request (``POST http[s]://host/...``, no CONNECT), its head
         read by the front door: over ``http`` it is refused, over ``https`` the core sends it as any other.
         Whether the connection may carry another request."""
         try:
-            return await self._one(client, request, host, port, None, scheme)
+            return await self._one(client, request, host, port, None, scheme, owner=owner)
         except ProtocolError as exc:
             await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
         except (OSError, TimeoutError, ClientGone):
@@ -118,14 +126,16 @@ class Lane:
         return False
 
     async def _one(self, client: HttpConnection, request: h11.Request, host: str, port: int,
-                   address: tuple[str, int] | None = None, scheme: str = "https", last: bool = False) -> bool:
-        """Serve one request; whether the exchange completed (the connection may carry another)."""
+                   address: tuple[str, int] | None = None, scheme: str = "https", last: bool = False,
+                   owner: int | None = None) -> bool:
+        """Serve one request; whether the exchange completed (the connection may carry another).
+        ``owner``: the client connection, for the upstream pool (None: its upstream connection is used once)."""
         started = time.time()
         if request.method == b"CONNECT" or not (request.target.startswith(b"/") or b"://" in request.target[:10]):
             raise ProtocolError(400, "unsupported request target inside the tunnel")
         flow = self.core.detect(host, request.method.decode("ascii"), origin_path(request.target), started)
         if flow is None:
-            return await self.forward(client, request, host, port, self.routes.member_for(True), address)
+            return await self.forward(client, request, host, port, self.routes.member_for(True), address, owner=owner)
         headers = raw_headers(request)
         declared = values(request.headers, b"content-length")
         refusal = self.core.refusal(flow, scheme, int(declared[0]) if declared else None)
@@ -134,7 +144,7 @@ class Lane:
         if isinstance(refusal, Answer):  # the body is left unread: the connection ends with it
             return await self._unsent(client, flow, refusal)
         flow.request = TokenRequest(host, port, request.method.decode("ascii"), request.target, headers,
-                                    scheme=scheme, address=address, started=started, parsed=True)
+                                    scheme=scheme, address=address, started=started, parsed=True, owner=owner)
         try:
             body = await self._read_body(client)
         except (PeerClosed, OSError, TimeoutError) as exc:
@@ -195,12 +205,13 @@ class Lane:
 
     async def forward(self, client: HttpConnection, request: h11.Request, host: str, port: int,
                       member: Member | None, address: tuple[str, int] | None = None, *, tls: bool = True,
-                      addresses: Addresses | None = None) -> bool:
+                      addresses: Addresses | None = None, owner: int | None = None) -> bool:
         """Forward a request that is not a token call (on a token host, or a plain proxy request);
-        whether the connection may carry another. The sidecar's own refusals end the connection."""
+        whether the connection may carry another. The sidecar's own refusals end the connection.
+        ``owner``: the client connection, for the upstream pool (None: its upstream connection is used once)."""
         try:
             return await self.forwarder.forward(client, request, host, port, member, address, tls=tls,
-                                                addresses=addresses)
+                                                addresses=addresses, owner=owner)
         except (Upstream502, Refused) as exc:
             status, text = (403, f"refused: {exc}") if isinstance(exc, Refused) else (502, str(exc))
             await _refuse(client, error_events(status, text), self.idle_timeout)

@@ -30,7 +30,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from sidecar.logs import SCRUBBER, event
+from sidecar.logs import SCRUBBER, cause, event
 from sidecar.metrics import Metrics
 from sidecar.state.redis import SharedState
 from sidecar.state.sqlite import (
@@ -101,6 +101,7 @@ class GrantTracker:
         self._drops_at_full_prune = -1  # the file gets the full rule at start and after dropped writes
         self._stop = threading.Event()
         self._maintainer: threading.Thread | None = None
+        self.rounds = 0  # maintenance rounds that ran to the end
 
     # -- lifecycle ----------------------------------------------------------------------------
     def open(self, key: bytes, store: GrantStore | None = None, *, background: bool = True) -> None:
@@ -144,7 +145,8 @@ class GrantTracker:
             try:
                 self.maintain()
             except Exception as exc:  # noqa: BLE001 - the proxy must outlive a bug here
-                event(log, logging.ERROR, f"grant maintenance failed ({type(exc).__name__})")
+                event(log, logging.ERROR, f"grant maintenance failed ({cause(exc)}); the next round is in "
+                      f"{self.limits.maintenance_interval:g}s", error=type(exc).__name__)
 
     def _count_drop(self, n: int) -> None:
         self.metrics.grant_writes_dropped.inc(n)
@@ -173,7 +175,8 @@ class GrantTracker:
                 return
             self.observe(*seen[:4], status=seen[4], sf_error=seen[5])
         except Exception as exc:  # noqa: BLE001 - an observer must never break a token call
-            event(log, logging.ERROR, f"grant tracking failed ({type(exc).__name__}); the token call was not affected")
+            event(log, logging.ERROR, f"grant tracking failed ({cause(exc)}); the token call was not affected",
+                  error=type(exc).__name__)
 
     # -- across replicas (SIDECAR_REDIS_URL) --------------------------------------------------------
     def share(self, shared: SharedState) -> None:
@@ -204,8 +207,8 @@ class GrantTracker:
                     await self._hydrate(token_hash(self._key, presented))
                 self.observe(grant_type, outcome, presented, issued, status=status, sf_error=sf_error)
             except Exception as exc:  # noqa: BLE001 - tracking must outlive a bad observation
-                event(log, logging.ERROR, f"grant tracking failed ({type(exc).__name__}); the token call was not "
-                      "affected")
+                event(log, logging.ERROR, f"grant tracking failed ({cause(exc)}); the token call was not affected",
+                      error=type(exc).__name__)
 
     async def _hydrate(self, h: bytes) -> None:
         with self._lock:
@@ -408,7 +411,9 @@ class GrantTracker:
         return Prune(lim.max_grants, now - lim.grant_retention, lim.retired_per_grant, now - lim.retired_ttl, full)
 
     def maintain(self) -> None:
-        """Forget what the eviction rule says is too old, then refresh the gauges. Not on the event loop."""
+        """Forget what the eviction rule says is too old, then refresh the gauges. Runs in the maintenance
+        thread (and once at start), never on the event loop: it touches memory and the store's queue only
+        (Redis expires what it holds by itself, so nothing of a round goes there)."""
         change = Change()
         dropped = self.store.dropped if self.store is not None else 0
         full, self._drops_at_full_prune = dropped != self._drops_at_full_prune, dropped
@@ -418,9 +423,13 @@ class GrantTracker:
                 self._forget_oldest_grant()
             while self._retired and (r := next(iter(self._retired.values()))).at < rule.retired_before:
                 self._unretire(r)
-        change.prune = rule  # the same rule, applied to the file
-        self._submit(change)
-        self.update_gauges()
+        try:
+            if self.store is not None:
+                change.prune = rule  # the same rule, applied to the file
+                self.store.submit(change)
+        finally:
+            self.update_gauges()
+        self.rounds += 1
 
     def update_gauges(self) -> None:
         for window, n in self.idle_counts().items():

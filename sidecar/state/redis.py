@@ -4,29 +4,59 @@ answers, and refresh token tracking's grants.
 Answers hold tokens, so they are encrypted with AES-GCM under a key derived from ``SIDECAR_REDIS_KEY``
 (the Redis key name is bound in as associated data) and expire with the replay window; everything
 else is keyed hashes. The same secret derives the key the replicas hash tokens with, so they agree on
-them. Redis is never on the critical path: every call has a short deadline, and when Redis cannot be
-reached the sidecar serves on its local state, says so once in the log, in
-``egress_sidecar_redis_up`` and on ``/status``, and tries Redis again a few seconds later.
+them.
+
+**Health, on its own schedule.** A background check runs every HEALTH_SECONDS whether or not token
+calls run: ``egress_sidecar_redis_up``, ``/status`` and the log follow Redis within a second or two of
+it going away or coming back. Every call, the check's included, has a short deadline, and a call that
+fails on a pooled connection (Redis restarted behind it) is retried once on a fresh connection before
+Redis counts as down. While Redis is down nothing waits on it: calls fail at once until the check sees
+it again.
+
+**While Redis is down, never worse than without the sidecar.** Without Redis a replica cannot know
+whether another replica is redeeming the same refresh token right now. A redemption that cannot be
+coordinated waits for Redis (at most REDIS_WAIT seconds, which rides out a restart or a quick failover:
+every caller of one refresh token then gets the same answer); when Redis stays away, redemptions go from
+each replica alone, coalesced within it, as they would without the sidecar, and the log,
+``egress_sidecar_shield_uncoordinated_total`` and the ``RedisUnreachable`` alert say so.
+Refusing them instead would fail every refresh for the length of the outage to prevent a race the app
+has without the sidecar too (two of its workers redeeming one token at the same moment). A replica
+already waiting on another's redemption never sends while Redis is down: it keeps waiting for that
+answer, for as long as the redemption can take.
+
+**A Redis that lost its state** (restarted without persistence, flushed) loses the locks of redemptions
+in flight and the answers kept for replay. Every replica notices it at its next check (the
+``born`` key it remembers is gone or different) and puts back what it holds: the locks of its redemptions
+still in flight, the answers it could not publish while Redis was down, and the replayable answers it
+published within the window. No lock is granted until the state is RESTART_GRACE seconds old, so those
+come first. Not covered: a replica that cannot reach Redis for all of RESTART_GRACE after the restart
+while its redemption is in flight, and a failover to a Redis replica that had not yet received a lock
+(asynchronous replication); in both cases another replica may redeem the token too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import json
 import logging
 import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from redis import asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from sidecar.logs import event
+from sidecar.logs import cause, event
 from sidecar.metrics import Metrics
 from sidecar.state.sqlite import Change, GrantRow, Retired
 from sidecar.token.messages import Answer
@@ -35,16 +65,29 @@ from sidecar.token.shield import Unavailable
 log = logging.getLogger("egress_sidecar.redis")
 
 PREFIX = "egress-sidecar:"
-OP_TIMEOUT = 0.5  # seconds: a Redis call that takes longer counts as Redis being unreachable
-RETRY_SECONDS = 5.0  # after a failure, Redis is left alone this long
+OP_TIMEOUT = 0.5  # seconds per attempt: a Redis call that takes longer counts as a failure
+HEALTH_SECONDS = 1.0  # the health check's period
+REDIS_WAIT = 10.0  # how long a redemption waits for an unreachable Redis before it is refused
+RESTART_GRACE = 2.5  # after Redis lost its state, no lock is granted this long: holders put theirs back first
 MAX_WRITES = 1000  # grant changes queued for Redis; beyond, they are dropped (memory and SQLite keep them)
+MAX_KEPT = 1000  # answers kept to publish again after Redis lost its state (as the shield's own bounds)
+MAX_KEPT_BYTES = 8 * 1024 * 1024
 GRANT_TTL = 90 * 86400  # as grants.Limits.grant_retention
 RETIRED_TTL = 30 * 86400  # as grants.Limits.retired_ttl
+BORN = PREFIX + "born"  # when this Redis's state began (server time, ms): gone or new after a restart
+Claim = Literal["taken", "held", "young"]
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_NOW_MS = ("local t = redis.call('time') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
+           "local born = redis.call('get', KEYS[1]) "
+           "if not born then redis.call('set', KEYS[1], now) born = redis.call('get', KEYS[1]) end ")
+# The health check: when the state began (set when missing), in server time.
+_HEALTH = _NOW_MS + "return born"
 # Take the lock and, in the same step, drop the answer an earlier redemption left for its waiters: whoever
-# waits on this lock must get this redemption's answer, not the one before.
-_LOCK = ("if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then redis.call('del', KEYS[2]) return 1 "
-         "else return 0 end")
+# waits on this lock must get this redemption's answer, not the one before. 1: taken (or already ours: a
+# retried call), 0: held by another, -1: the state is too young (holders from before may not be back yet).
+_LOCK = ("local cur = redis.call('get', KEYS[1]) if cur == ARGV[1] then return 1 end if cur then return 0 end "
+         + _NOW_MS.replace("KEYS[1]", "KEYS[3]") + "if now - tonumber(born) < tonumber(ARGV[3]) then return -1 end "
+         "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) redis.call('del', KEYS[2]) return 1")
 T = TypeVar("T")
 
 
@@ -55,64 +98,173 @@ def derive(secret: bytes, purpose: bytes) -> bytes:
 
 class SharedState:
     def __init__(self, url: str, secret: bytes, metrics: Metrics, *, op_timeout: float = OP_TIMEOUT,
-                 retry_seconds: float = RETRY_SECONDS) -> None:
+                 health_seconds: float = HEALTH_SECONDS, redis_wait: float = REDIS_WAIT,
+                 restart_grace: float = RESTART_GRACE) -> None:
         self.url = url
         self.metrics = metrics
         self.op_timeout = op_timeout
-        self.retry_seconds = retry_seconds
+        self.health_seconds = health_seconds
+        self.redis_wait = redis_wait
+        self.restart_grace = restart_grace
         self.hash_key = derive(secret, b"token hashes")
         self._aead = AESGCM(derive(secret, b"answers"))
         self._owner = os.urandom(12).hex()  # this process, as the owner of the locks it takes
+        self._locks = itertools.count()
         self._client: aioredis.Redis | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: int | None = None  # the event loop's thread
+        self._up_event: asyncio.Event | None = None
+        self._health: asyncio.Task[None] | None = None
         self.up: bool | None = None  # None: not tried yet
         self.down_since: float | None = None
-        self._retry_at = 0.0
+        self.born: str | None = None  # the state's birth the last check saw
+        self._held: dict[bytes, tuple[str, float]] = {}  # locks this replica holds: key -> (value, monotonic expiry)
+        self._unpublished: dict[bytes, tuple[Answer, float, float]] = {}  # key -> answer, replay and keep deadline
+        self._published: OrderedDict[bytes, tuple[Answer, float]] = OrderedDict()  # replayable: key -> answer, until
+        self._published_bytes = 0
         self._writes: set[asyncio.Task[None]] = set()
 
     # -- lifecycle and health -------------------------------------------------------------------
     async def start(self) -> None:
+        """Connect, check once (the sidecar starts either way) and keep checking in the background."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.get_ident()
+        self._up_event = asyncio.Event()
+        # One retry, on a fresh connection (redis-py drops the connection that failed), and no backoff:
+        # a pooled connection Redis closed behind our back fails once, and that is not Redis being down.
         self._client = aioredis.from_url(self.url, socket_timeout=self.op_timeout,
-                                         socket_connect_timeout=self.op_timeout, retry_on_timeout=False)
-        try:
-            await self._call(lambda r: r.ping())
-        except Unavailable:
-            pass  # logged; the sidecar starts on local state
+                                         socket_connect_timeout=self.op_timeout, retry=Retry(NoBackoff(), 1))
+        await self.check()
+        self._health = self._loop.create_task(self._watch(), name="redis-health")
 
     async def close(self) -> None:
+        if self._health is not None:
+            self._health.cancel()
+            await asyncio.gather(self._health, return_exceptions=True)
         if self._writes:
             await asyncio.wait(list(self._writes), timeout=2.0)
         if self._client is not None:
             await self._client.aclose()
 
     def usable(self) -> bool:
-        return self._client is not None and (self.up is not False or time.monotonic() >= self._retry_at)
+        """Redis answered the last call or check (while it is down, nothing waits on it)."""
+        return self._client is not None and self.up is True
+
+    async def wait_up(self, timeout: float) -> bool:
+        """Whether Redis is up, waiting at most ``timeout`` seconds for the health check to see it back."""
+        if self.usable():
+            return True
+        try:
+            async with asyncio.timeout(max(0.0, timeout)):
+                if self._up_event is None:  # not started: nothing will set it
+                    await asyncio.sleep(timeout)
+                await self._up_event.wait()
+        except TimeoutError:
+            pass
+        return self.usable()
+
+    async def _watch(self) -> None:
+        for _ in itertools.count():  # until cancelled at close
+            await asyncio.sleep(self.health_seconds)
+            try:
+                await self.check()
+            except Exception as exc:  # noqa: BLE001 - the health check must outlive a bug
+                event(log, logging.ERROR, f"Redis health check failed ({cause(exc)})", error=type(exc).__name__)
+
+    async def check(self) -> None:
+        """One health check, whatever the state: up or down, and whether Redis lost its state since the
+        last one (then what this replica holds is put back)."""
+        try:
+            born = await self._attempt(lambda r: r.eval(_HEALTH, 1, BORN))
+        except Unavailable:
+            return
+        born = born.decode() if isinstance(born, bytes) else str(born)
+        lost, self.born = self.born is not None and born != self.born, born
+        if lost:
+            event(log, logging.WARNING, "Redis lost its state (restarted or flushed): this replica puts back the "
+                  "locks of its redemptions in flight and the answers it published", held=len(self._held),
+                  answers=len(self._published) + len(self._unpublished))
+        await self._restore(relock=lost)
 
     async def _call(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
+        """One call for the shield or the grants: at once Unavailable while Redis is down."""
         if not self.usable():
             raise Unavailable()
+        return await self._attempt(op)
+
+    async def _attempt(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         assert self._client is not None
         try:
-            async with asyncio.timeout(self.op_timeout * 2):
+            async with asyncio.timeout(self.op_timeout * 3):  # two attempts (one retry), each with op_timeout
                 result = await op(self._client)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             raise Unavailable() from None
+        self._reachable()
+        return result
+
+    def _reachable(self) -> None:
         if self.up is not True:
             if self.up is False:
                 event(log, logging.INFO, "Redis is reachable again: the replicas share refresh token state again")
             self.up, self.down_since = True, None
             self.metrics.redis_up.set(1)
-        return result
+            if self._up_event is not None:
+                self._up_event.set()
 
     def _failed(self, exc: BaseException) -> None:
-        self._retry_at = time.monotonic() + self.retry_seconds
         if self.up is not False:
             self.down_since = time.time()
-            event(log, logging.WARNING, f"Redis is unreachable ({type(exc).__name__}): serving on this replica's "
-                  "own state; coalescing, replay and reuse detection do not reach the other replicas until it "
-                  "is back", error=type(exc).__name__)
+            event(log, logging.WARNING, f"Redis is unreachable ({cause(exc)}): refresh token redemptions wait for it "
+                  f"(at most {self.redis_wait:g}s), then go from each replica alone (not coordinated with the other "
+                  "replicas until Redis is back)", error=type(exc).__name__)
         self.up = False
         self.metrics.redis_up.set(0)
+        if self._up_event is not None:
+            self._up_event.clear()
+
+    async def _restore(self, *, relock: bool) -> None:
+        """Publish what could not be published while Redis was down (then release its lock); after Redis
+        lost its state, also take back the locks of redemptions still in flight and publish again the
+        answers still within their replay window."""
+        now = time.monotonic()
+        for key, (answer, replay_until, keep_until) in list(self._unpublished.items()):
+            if keep_until <= now:
+                self._unpublished.pop(key, None)
+                continue
+            try:
+                await self._write_answer(key, answer, replay_until - now, keep_until - now)
+                self._unpublished.pop(key, None)
+                await self.unlock(key)
+            except Unavailable:
+                return
+        if not relock:
+            return
+        for key, (value, expires) in list(self._held.items()):
+            if expires <= now:  # over (its answer, if still unpublished, releases it)
+                if key not in self._unpublished:
+                    self._held.pop(key, None)
+                continue
+            name = self._name("lock", key)
+            try:
+                back = await self._attempt(lambda r, n=name, v=value, ms=int((expires - now) * 1000): r.set(
+                    n, v, nx=True, px=max(1, ms)))
+                holder = None if back else await self._attempt(lambda r, n=name: r.get(n))
+            except Unavailable:
+                return
+            if holder is not None and holder.decode() != value:
+                event(log, logging.WARNING, "another replica took the lock on a refresh token redemption this replica "
+                      "has in flight, before it could put its lock back (Redis lost its state): that token may be "
+                      "redeemed twice")
+        for key, (answer, until) in list(self._published.items()):
+            if until <= now:
+                continue  # (dropped by the next _keep)
+            name = self._name("replay", key)
+            try:
+                await self._attempt(lambda r, n=name, a=answer, ms=int((until - now) * 1000): r.set(
+                    n, self._seal(n, a), nx=True, px=max(1, ms)))
+            except Unavailable:
+                return
 
     # -- answers (encrypted) --------------------------------------------------------------------
     def _seal(self, name: str, answer: Answer) -> bytes:
@@ -147,21 +299,57 @@ class SharedState:
         name = self._name("done", key)
         return self._open(name, await self._call(lambda r: r.get(name)))
 
-    async def lock(self, key: bytes, ttl: float) -> bool:
+    async def lock(self, key: bytes, ttl: float) -> Claim:
+        """Take the lock on a redemption for ``ttl`` seconds: ``taken``, ``held`` by another replica, or
+        ``young``: Redis lost its state less than RESTART_GRACE ago, so a holder from before may not have
+        put its lock back yet (ask again)."""
         name, done = self._name("lock", key), self._name("done", key)
-        return bool(await self._call(lambda r: r.eval(_LOCK, 2, name, done, self._owner, max(1, int(ttl * 1000)))))
-
-    async def locked(self, key: bytes) -> bool:
-        name = self._name("lock", key)
-        return bool(await self._call(lambda r: r.exists(name)))
+        value = f"{self._owner}:{next(self._locks)}"  # this redemption's: a retried call finds it its own
+        got = int(await self._call(lambda r: r.eval(_LOCK, 3, name, done, BORN, value, max(1, int(ttl * 1000)),
+                                                    int(self.restart_grace * 1000))))
+        if got == 1:
+            self._held[key] = (value, time.monotonic() + ttl)
+            return "taken"
+        return "held" if got == 0 else "young"
 
     async def unlock(self, key: bytes) -> None:
+        held = self._held.pop(key, None)
+        if held is None:
+            return
         name = self._name("lock", key)
-        await self._call(lambda r: r.eval(_UNLOCK, 1, name, self._owner))
+        try:
+            await self._call(lambda r: r.eval(_UNLOCK, 1, name, held[0]))
+        except Unavailable:
+            self._held[key] = (held[0], 0.0)  # no longer in flight: released after its answer, never taken back
+            raise
 
     async def publish(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None:
         """The answer for whoever waited on the lock (``done``, briefly) and, when it may be replayed, for
-        later identical redemptions (``replay``, for the window)."""
+        later identical redemptions (``replay``, for the window). Raises Unavailable when Redis cannot take
+        it now: it is then kept, with the lock, and published as soon as Redis is back (within ``keep_for``)."""
+        now = time.monotonic()
+        if replay_for > 0:
+            self._keep(key, answer, now + replay_for, now)
+        try:
+            await self._write_answer(key, answer, replay_for, keep_for)
+        except Unavailable:
+            self._unpublished[key] = (answer, now + replay_for, now + keep_for)
+            while len(self._unpublished) > MAX_KEPT:
+                self._unpublished.pop(next(iter(self._unpublished)))
+            raise
+
+    def _keep(self, key: bytes, answer: Answer, until: float, now: float) -> None:
+        """Remember a replayable answer to publish again if Redis loses it (bounded as the shield's own)."""
+        old = self._published.pop(key, None)
+        self._published_bytes -= len(old[0].body) if old else 0
+        if len(answer.body) <= MAX_KEPT_BYTES:
+            self._published[key] = (answer, until)
+            self._published_bytes += len(answer.body)
+        while self._published and (len(self._published) > MAX_KEPT or self._published_bytes > MAX_KEPT_BYTES
+                                   or next(iter(self._published.values()))[1] <= now):
+            self._published_bytes -= len(self._published.popitem(last=False)[1][0].body)
+
+    async def _write_answer(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None:
         done, replay = self._name("done", key), self._name("replay", key)
 
         async def write(r: aioredis.Redis) -> None:
@@ -197,12 +385,23 @@ class SharedState:
 
     def write(self, change: Change, retired_of: Callable[[bytes], list[Retired]]) -> None:
         """Mirror a change of the grant tracker to Redis, off the request path (dropped when Redis is
-        down or too far behind: memory and SQLite keep it)."""
-        if not change or not self.usable() or len(self._writes) >= MAX_WRITES:
+        down or too far behind: memory and SQLite keep it). Callable from any thread: the write itself
+        runs on the event loop. A prune rule is for the file only (Redis keys expire by themselves)."""
+        if not (change.grants or change.retired or change.drop_grants or change.drop_retired):
+            return
+        if not self.usable() or len(self._writes) >= MAX_WRITES or self._loop is None:
             return
         grants = {row[0]: row for row in change.grants}
         olds = {key: [(r.token.hex(), r.at) for r in retired_of(key)] for key in grants}
-        task = asyncio.get_running_loop().create_task(self._write(change, grants, olds))
+        if threading.get_ident() == self._thread:
+            self._schedule(change, grants, olds)
+        else:
+            self._loop.call_soon_threadsafe(self._schedule, change, grants, olds)
+
+    def _schedule(self, change: Change, grants: dict[bytes, tuple[Any, ...]],
+                  olds: dict[bytes, list[tuple[str, float]]]) -> None:
+        assert self._loop is not None
+        task = self._loop.create_task(self._write(change, grants, olds))
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
 

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sidecar.config import ConfigError
+from sidecar.config import ConfigError, storage_error
 from sidecar.logs import event
 
 log = logging.getLogger("egress_sidecar.grants")
@@ -39,6 +39,7 @@ KEY_BYTES = 32
 HASH_BYTES = 16  # HMAC-SHA256 truncated to 128 bits (RFC 2104 section 5): half the file and memory, no collisions
 GRANT_ID_HEX = 12  # shown grant id: the first 12 hex digits of the chain's first token hash
 SCHEMA_VERSION = "1"
+_UNREADABLE = frozenset({11, 26})  # SQLITE_CORRUPT, SQLITE_NOTADB: a file to move aside, not a disk to fix
 QUEUE_SIZE = 10_000  # pending changes; beyond this a change is dropped and counted
 COMMIT_WINDOW_SECONDS = 0.05
 BATCH = 500  # changes per transaction
@@ -79,13 +80,15 @@ def load_or_create_key(confdir: Path) -> bytes:
     path = confdir / KEY_FILE
     if not path.exists():
         tmp = confdir / f".{KEY_FILE}.{os.getpid()}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_hex(KEY_BYTES) + "\n")
         try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(KEY_BYTES) + "\n")
             os.link(tmp, path)  # atomic, and never replaces a key another process just wrote
         except FileExistsError:
             pass
+        except OSError as exc:  # a full disk: no key cut short is left behind
+            raise storage_error(path, exc) from None
         finally:
             tmp.unlink(missing_ok=True)
     mode = stat.S_IMODE(path.stat().st_mode)
@@ -202,10 +205,14 @@ class GrantStore:
     # -- start: blocking, before the proxy listens ---------------------------------------------
     def load(self, fingerprint: str, limits: Prune) -> tuple[list[GrantRow], list[Retired]]:
         """Create or open the file and read what is within ``limits``: grants least recently redeemed
-        first, rotated-away hashes oldest first. A file that is not a database is moved aside, not fatal."""
+        first, rotated-away hashes oldest first. A file that is not a database (or a corrupt one) is moved
+        aside, not fatal; one that cannot be written (a full disk) is a StorageError naming it, and left
+        where it is: a full disk is no reason to give up the grants it holds."""
         try:
             return self._load(fingerprint, limits)
         except sqlite3.DatabaseError as exc:
+            if (getattr(exc, "sqlite_errorcode", 0) & 0xFF) not in _UNREADABLE:
+                raise storage_error(self.path, exc) from None
             aside = self.path.with_name(f"{self.path.name}.corrupt-{int(time.time())}")
             for suffix in ("", "-wal", "-shm"):
                 src = Path(str(self.path) + suffix)
@@ -213,7 +220,10 @@ class GrantStore:
                     os.replace(src, Path(str(aside) + suffix))
             event(log, logging.WARNING, f"{DB_FILE} could not be read ({type(exc).__name__}); moved it to "
                   f"{aside.name} and started with no tracked grants", file=str(aside))
-            return self._load(fingerprint, limits)
+            try:
+                return self._load(fingerprint, limits)
+            except sqlite3.Error as again:
+                raise storage_error(self.path, again) from None
 
     def _load(self, fingerprint: str, limits: Prune) -> tuple[list[GrantRow], list[Retired]]:
         with contextlib.closing(self._connect()) as db:

@@ -132,18 +132,19 @@ class TokenCore:
             refused = result.member
             retry = self.hooks.retry(flow, refused, [])
             if retry is not None:
-                await self._retry(flow, refused, retry)
+                await self._retry(flow, refused, retry, result.conn_id)
         except Unsendable as exc:
             flow.answer = _refuse(flow, 400, "token_request_malformed",
                                   f"the token request cannot be sent as HTTP/1.1 ({exc}); it was not sent anywhere")
 
-    async def _send(self, flow: TokenFlow, member: Member | None, next_member: object) -> SendResult:
+    async def _send(self, flow: TokenFlow, member: Member | None, next_member: object,
+                    avoid: int | None = None) -> SendResult:
         """One send (failing over while nothing has left); Salesforce's answer is classified and shown to
         the addons, or the sidecar's own answer says what failed."""
         req, call = flow.request, flow.call
         assert req is not None
         accept = (lambda m, ip: self.hooks.accept(flow, m, ip)) if self.hooks.accepts else None
-        result = await self.sender.send(req, member, next_member, accept)  # type: ignore[arg-type]
+        result = await self.sender.send(req, member, next_member, accept, avoid)  # type: ignore[arg-type]
         labels = [a.member.label if a.member else MEMBER_DIRECT for a in result.attempts]
         call.failovers += len(labels) - 1
         flow.egress_verified = result.egress_ip is not None
@@ -169,7 +170,7 @@ class TokenCore:
             self.hooks.upstream_answer(flow, result.member)
         return result
 
-    async def _retry(self, flow: TokenFlow, refused: Member, member: Member) -> None:
+    async def _retry(self, flow: TokenFlow, refused: Member, member: Member, avoid: int | None) -> None:
         """Send the same call once more through ``member`` (an addon asked for it after Salesforce's answer
         through ``refused``: an "ip restricted" refusal, where nothing was redeemed). When the retry
         never reaches Salesforce, the first answer stands."""
@@ -177,7 +178,8 @@ class TokenCore:
         first = (flow.answer, call.route, call.member, call.egress_ip, call.guard, call.outcome, call.error_code,
                  flow.egress_ip, flow.egress_verified, call.egress)
         call.retried_from = (call.member, call.egress_ip)
-        retry = await self._send(flow, member, lambda tried: self.hooks.retry(flow, refused, tried))
+        # never on the connection Salesforce refused (its egress IP may be unverified: a new one may differ)
+        retry = await self._send(flow, member, lambda tried: self.hooks.retry(flow, refused, tried), avoid)
         if retry.answer is None and not retry.sent:
             (flow.answer, call.route, call.member, call.egress_ip, call.guard, call.outcome, call.error_code,
              flow.egress_ip, flow.egress_verified, call.egress) = first

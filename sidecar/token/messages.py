@@ -36,6 +36,7 @@ class TokenRequest:
     address: tuple[str, int] | None = None  # where to connect, when not (host, port): an IP-literal CONNECT
     started: float = field(default_factory=time.time)
     parsed: bool = False  # headers as h11 read them from the app (checked once, not again when sent on)
+    owner: int | None = None  # the client connection it came on: only its calls reuse their upstream connection
     _fields: dict[str, list[str]] | None = field(default=None, repr=False, compare=False)
 
     def fields(self) -> dict[str, list[str]]:

@@ -45,6 +45,7 @@ class SendResult:
     detail: str | None = None
     egress_ip: str | None = None  # of the connection it went on, when verified on it
     egress_refused: bool = False  # nothing sent: no connection left from an egress IP the call may use
+    conn_id: int | None = None  # the connection it went on (UpstreamConn.id)
 
 Accept = Callable[[Member, str | None], bool]
 
@@ -99,11 +100,11 @@ class TokenSender:
 
     async def send(
         self, req: TokenRequest, first: Member | None, next_member: Callable[[list[Member]], Member | None],
-        accept: Accept | None = None,
+        accept: Accept | None = None, avoid: int | None = None,
     ) -> SendResult:
         """Send through ``first``, failing over to ``next_member(tried)`` while nothing has left. ``accept``:
         whether the call may leave through a connection of this member with this egress IP (verified on
-        it; None: unverified)."""
+        it; None: unverified). ``avoid``: a connection not to use (the one a refused attempt went on)."""
         attempts: list[Attempt] = []
         refused_egress = False
         member = first
@@ -115,7 +116,7 @@ class TokenSender:
             on = member
             try:
                 conn, reused = await self.pool.acquire(
-                    member, host, port, req.host, purpose="token",
+                    member, host, port, req.host, purpose="token", owner=req.owner, avoid=avoid,
                     accept=(lambda ip: accept(on, ip)) if accept is not None and on is not None else None)
             except ConnectFailure as failure:
                 attempt.failure = failure
@@ -148,6 +149,6 @@ class TokenSender:
                 conn.close()
                 raise
             egress_ip = conn.egress_ip
-            self.pool.release(conn)
-            return SendResult(answer, member, attempts, sent=True, egress_ip=egress_ip)
+            self.pool.release(conn, req.owner)
+            return SendResult(answer, member, attempts, sent=True, egress_ip=egress_ip, conn_id=conn.id)
         return SendResult(None, member, attempts, sent=False, detail="too many members tried")

@@ -15,19 +15,26 @@ form fields (grant, refresh token, client credentials, scope...) and the same HT
 compared as a keyed hash; a caller without the app's credentials never gets another caller's answer. Only ``refresh_token``
 redemptions are shielded and only successful answers are replayed. Answers live in memory, bounded in
 count and bytes, dropped when they expire, never logged or written to disk; with ``SIDECAR_REDIS_URL`` the
-replicas share them through Redis, encrypted (:mod:`sidecar.state.redis`).
+replicas share them through Redis, encrypted (:mod:`sidecar.state.redis`), and a redemption is sent once
+this replica holds the Redis lock on it. While Redis cannot be reached a redemption waits for it (up to
+``redis_wait``: a restart is ridden out); when it stays away, redemptions go from each replica alone, as
+they would without the sidecar, and the log and ``egress_sidecar_shield_uncoordinated_total``
+say so.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
+import logging
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
+from sidecar.logs import event
 from sidecar.metrics import Metrics
 from sidecar.token.messages import Answer
 
@@ -36,16 +43,18 @@ MAX_ANSWERS = 1000  # replayable answers kept in memory
 MAX_ANSWER_BYTES = 8 * 1024 * 1024  # and their bodies together
 POLL_SECONDS = 0.025  # how often a waiter looks for another replica's answer
 _CONTEXT = b"egress-sidecar shield"
+log = logging.getLogger("egress_sidecar.shield")
 
 
 class SharedAnswers(Protocol):
-    """What the shield needs from shared state (sidecar.state.redis.SharedState); every call may raise
-    ``Unavailable``, and the shield then carries on with what it has in this process."""
+    """What the shield needs from shared state (sidecar.state.redis.SharedState); every call but
+    ``wait_up`` may raise ``Unavailable``."""
 
-    def usable(self) -> bool: ...
+    redis_wait: float  # how long a redemption waits for unreachable shared state before it goes alone
+
+    async def wait_up(self, timeout: float) -> bool: ...
     async def replay(self, key: bytes) -> Answer | None: ...
-    async def lock(self, key: bytes, ttl: float) -> bool: ...
-    async def locked(self, key: bytes) -> bool: ...
+    async def lock(self, key: bytes, ttl: float) -> Literal["taken", "held", "young"]: ...
     async def done(self, key: bytes) -> Answer | None: ...
     async def publish(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None: ...
     async def unlock(self, key: bytes) -> None: ...
@@ -98,6 +107,7 @@ class Shield:
         self._answers: OrderedDict[bytes, tuple[float, Answer]] = OrderedDict()  # key -> (expires, answer)
         self._bytes = 0
         self._in_flight: dict[bytes, asyncio.Future[Answer]] = {}
+        self._alone_said = -1e9
 
     @property
     def cached(self) -> int:
@@ -126,8 +136,9 @@ class Shield:
         if cached is not None:
             return self._shielded(cached, "replayed")
         leader = self._in_flight.get(key)
-        if leader is not None:
-            answer = await asyncio.wait_for(asyncio.shield(leader), self.wait_limit)
+        if leader is not None:  # as long as the leader may take: waiting for Redis, for another replica, its send
+            longest = (self.shared.redis_wait + self.wait_limit if self.shared is not None else 0.0) + self.wait_limit
+            answer = await asyncio.wait_for(asyncio.shield(leader), longest)
             return self._shielded(answer, "coalesced")
         lead = Lead(key, asyncio.get_running_loop().create_future())
         self._in_flight[key] = lead.future
@@ -152,7 +163,7 @@ class Shield:
                 if lead.locked:
                     await shared.unlock(lead.key)
             except Unavailable:
-                pass
+                pass  # kept, with the lock, and published when Redis is back (sidecar.state.redis)
         self._settle(lead, answer)
         if 200 <= answer.status < 300:
             self._keep(lead.key, answer)
@@ -172,40 +183,60 @@ class Shield:
             lead.future.set_result(answer)
 
     async def _remote_begin(self, lead: Lead) -> tuple[Answer, How] | None:
-        """With Redis: another replica's answer (replayed or coalesced), or None with the lock taken
-        (or Redis out of reach: this replica alone then)."""
-        shared = self.shared if self.shared is not None and self.shared.usable() else None
+        """With Redis: another replica's answer (replayed, or coalesced after waiting for the replica
+        redeeming it), or None to send it: with this replica holding the Redis lock on it, or, when Redis
+        stayed unreachable for ``redis_wait`` and no other replica's lock was seen, alone (as the plain
+        recipe would; said in the log). Raises Contended when another replica's lock outlives the longest
+        a redemption takes."""
+        shared = self.shared
         if shared is None:
             return None
         key = lead.key
-        try:
-            answer = await shared.replay(key)
-            if answer is not None:
-                self._keep(key, answer)
-                return answer, "replayed"
-            locked = await shared.lock(key, self.wait_limit)
-            if not locked:  # another replica is redeeming this very token: wait for its answer
-                answer = await self._wait_remote(shared, key)
+        give_up = self.clock() + shared.redis_wait
+        waiting_since: float | None = None  # another replica's lock on this redemption was seen then
+        for _ in range(int((shared.redis_wait + self.wait_limit) / POLL_SECONDS) + 2):  # bounded in count and time
+            try:
+                if waiting_since is not None:
+                    answer = await shared.done(key)
+                    if answer is not None:
+                        return answer, "coalesced"
+                answer = await shared.replay(key)
                 if answer is not None:
-                    return answer, "coalesced"
-                locked = await shared.lock(key, self.wait_limit)  # it vanished without one
-                if not locked:  # someone else's again: never a second redemption in flight
-                    raise Contended()
-        except Unavailable:
-            return None
-        lead.shared, lead.locked = shared, locked
-        return None
+                    self._keep(key, answer)
+                    return answer, "replayed"
+                claim = await shared.lock(key, self.wait_limit)
+                if claim == "taken":  # (also after the holder vanished without an answer: it crashed)
+                    lead.shared, lead.locked = shared, True
+                    return None
+                if claim == "held" and waiting_since is None:
+                    waiting_since = self.clock()
+            except Unavailable:
+                pass  # Redis is being reconnected: wait for it (a replica waiting on a lock keeps waiting)
+            now = self.clock()
+            if waiting_since is not None and now >= waiting_since + self.wait_limit:
+                with contextlib.suppress(Unavailable):
+                    answer = await shared.done(key)  # (published just before the lock went)
+                    if answer is not None:
+                        return answer, "coalesced"
+                raise Contended()
+            if waiting_since is None and now >= give_up:
+                self._alone()
+                return None
+            deadline = give_up if waiting_since is None else waiting_since + self.wait_limit
+            if await shared.wait_up(min(1.0, max(POLL_SECONDS, deadline - now))):  # (while down: waits for it)
+                await asyncio.sleep(POLL_SECONDS)
+        raise Contended()  # pragma: no cover - the deadlines end the loop first
 
-    async def _wait_remote(self, shared: SharedAnswers, key: bytes) -> Answer | None:
-        deadline = self.clock() + self.wait_limit
-        for _ in range(int(self.wait_limit / POLL_SECONDS) + 2):  # bounded in count and time
-            answer = await shared.done(key)
-            if answer is not None:
-                return answer
-            if not await shared.locked(key) or self.clock() >= deadline:
-                return await shared.done(key)  # (published just before the lock went)
-            await asyncio.sleep(POLL_SECONDS)
-        return None
+    def _alone(self) -> None:
+        """A redemption goes without the other replicas' word: Redis stayed unreachable. Counted, and said
+        in the log at most once a minute."""
+        self.metrics.shield_uncoordinated.inc()
+        now = self.clock()
+        if now - self._alone_said >= 60.0:
+            self._alone_said = now
+            event(log, logging.WARNING, f"Redis stayed unreachable for {self.shared.redis_wait if self.shared else 0:g}s: "
+                  "refresh token redemptions go from this replica alone, as without the sidecar (a token redeemed "
+                  "by two replicas at once is not coalesced until Redis is back)", event="shield_uncoordinated")
 
     def _shielded(self, answer: Answer, how: How) -> tuple[Answer, How]:
         self.metrics.shield_answers.labels(how).inc()

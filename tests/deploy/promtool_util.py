@@ -43,6 +43,7 @@ CONTRACT_METRICS = frozenset({
     "egress_sidecar_connections_refused_total",
     "egress_sidecar_egress_verified",
     "egress_sidecar_egress_checks_total",
+    "egress_sidecar_redis_up",
 })
 
 # Label names per metric, as the rules and the dashboard use them (Prometheus adds job, instance).
@@ -71,6 +72,7 @@ CONTRACT_LABELS = {
     "egress_sidecar_connections_refused_total": ("reason",),
     "egress_sidecar_egress_verified": ("member",),
     "egress_sidecar_egress_checks_total": ("member", "result"),
+    "egress_sidecar_redis_up": (),
 }
 assert set(CONTRACT_LABELS) == CONTRACT_METRICS
 

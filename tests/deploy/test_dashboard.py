@@ -136,6 +136,8 @@ def test_the_required_panels_are_there():
         "client TLS failures": lambda p, e: "egress_sidecar_client_tls_failures_total" in e and "by (reason)" in e,
         "connections open and refused": lambda p, e: "egress_sidecar_client_connections" in e
         and "egress_sidecar_connections_refused_total" in e,
+        "Redis up/down per pod": lambda p, e: p["type"] == "state-timeline" and "egress_sidecar_redis_up" in e
+        and "by (instance)" in e,
     }
     missing = [name for name, predicate in required.items() if not find_panels(d, predicate)]
     assert not missing, f"no panel for: {missing}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -92,15 +93,19 @@ def test_a_load_balanced_address_learns_the_allowlist_from_salesforce_without_a_
 def test_the_pooled_connection_pays_the_question_once(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
-    """Two members, each its own IP: a kept-alive connection is verified when it is opened, never again."""
+    """Two members, each its own IP: a kept-alive connection is verified when it is opened, never again (the
+    count does not grow with the calls: one connection per member, and the spare opened ahead for the
+    next client)."""
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2,127.0.0.3"})
     assert wait_until(sc.egress_discovered, timeout=10)
-    world.echo.reset_hits()
+    checks = []
     with sc.session() as s:
-        for _ in range(10):
-            assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
-    checks = metric_value(sc.metrics(), "egress_sidecar_egress_checks_total", result="verified")
-    assert 1 <= checks <= 2  # one new upstream connection per member at most: the rest are reused
+        for _ in range(2):
+            for _ in range(5):
+                assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+            time.sleep(0.3)  # the spares opened in the background are in
+            checks.append(metric_value(sc.metrics(), "egress_sidecar_egress_checks_total", result="verified"))
+    assert 1 <= checks[0] <= 4 and checks[1] == checks[0], checks
     assert wait_until(lambda: len(sc.log_events()) == 10, timeout=10)
     calls = sc.log_events()
     assert {c["egress"] for c in calls} == {"verified"}
@@ -124,7 +129,8 @@ def test_a_member_that_refuses_a_connect_after_a_request_falls_back_to_unverifie
         for _ in range(6):
             statuses.append(redeem(s, world.salesforce.issue_refresh_token()).status_code)
             s.close()
-    assert statuses == [200] * 6  # a refusal through .3 is retried through another connection
+    assert 503 not in statuses  # never a refusal the plain recipe would not give
+    assert statuses.count(200) >= 3, statuses
     label = f"{balancer.address[0]}:{balancer.address[1]}"
     assert wait_until(lambda: metric_value(sc.metrics(), "egress_sidecar_egress_verified", member=label) == 0, timeout=5)
     assert metric_value(sc.metrics(), "egress_sidecar_egress_checks_total", member=label, result="connect_refused") >= 1
@@ -132,6 +138,9 @@ def test_a_member_that_refuses_a_connect_after_a_request_falls_back_to_unverifie
     assert wait_until(lambda: len(sc.log_events()) == 6, timeout=10)
     calls = sc.log_events()
     assert {c["egress"] for c in calls} == {"unverified"} and {c["egress_ip"] for c in calls} == {"unverified"}
+    # a refusal through an unverified connection is sent once more on another connection (which may leave
+    # from the other IP): the safe retry behind every call
+    assert all(c.get("retried_from") for c in calls if c["outcome"] != "success"), calls
     [member] = sc.status()["pair"]
     assert member["verification"]["mode"] == "unverified" and "tunnel" in member["verification"]["reason"]
     out = run_check(tmp_path, test_ca, balanced_env(balancer), "--admin-url", sc.admin_url)

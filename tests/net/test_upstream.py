@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,15 +17,16 @@ import h11
 import pytest
 
 from sidecar.net.http1 import HttpConnection
-from sidecar.net.streams import SocketStream
+from sidecar.net.streams import SocketStream, TlsStream
 from sidecar.net.upstream import (
+    MAX_INTERIM,
     POOL_IDLE_SECONDS,
     Connector,
     SendFailure,
     UpstreamPool,
     read_answer,
 )
-from sidecar.sim.certs import TestCA
+from sidecar.sim.certs import TestCA, server_context
 from sidecar.token.messages import TokenRequest
 from sidecar.token.sender import TokenSender, Unsendable, request_events
 from tests.harness import SidecarProcess, redeem
@@ -53,7 +56,7 @@ def token_request(port: int) -> TokenRequest:
         "localhost", port, "POST", b"/services/oauth2/token",
         [(b"Content-Type", b"application/x-www-form-urlencoded"), (b"Connection", b"keep-alive, X-Drop"),
          (b"X-Drop", b"1"), (b"Proxy-Authorization", b"Basic c2VjcmV0"), (b"Keep-Alive", b"timeout=5")],
-        b"grant_type=refresh_token&refresh_token=OLD")
+        b"grant_type=refresh_token&refresh_token=OLD", owner=1)  # one client: its calls share a connection
 
 
 async def send_twice(origin: ScriptedOrigin, ca: Path) -> list[tuple[int | None, bytes, str | None]]:
@@ -206,14 +209,164 @@ class _IdleConn:
 
 
 def test_the_pool_forgets_hosts_it_no_longer_uses() -> None:
-    """Idle connections past POOL_IDLE_SECONDS are closed, and a host with none left is forgotten, even
-    if it is never asked for again (one per org's My Domain would otherwise pile up, sockets and all)."""
+    """Idle connections past POOL_IDLE_SECONDS are closed, and a host (or a client) with none left is
+    forgotten, even if it is never asked for again (one per org's My Domain would otherwise pile up,
+    sockets and all); a client connection that ends takes its idle connections with it."""
     pool = UpstreamPool(Connector(None, ssl.create_default_context()), 1.0)
     now = time.monotonic()
     stale = [_IdleConn(now - POOL_IDLE_SECONDS - 5) for _ in range(3)]
-    fresh = _IdleConn(now - 1)
-    pool._idle[("other", None, "acme.my.salesforce.com", 443, "acme.my.salesforce.com")].extend(stale)
-    pool._idle[("token", None, "login.salesforce.com", 443, "login.salesforce.com")].append(fresh)
+    fresh, spare, gone = _IdleConn(now - 1), _IdleConn(now - POOL_IDLE_SECONDS - 1), _IdleConn(now - 1)
+    token_key = ("token", None, "login.salesforce.com", 443, "login.salesforce.com")
+    pool._idle[7] = {("other", None, "acme.my.salesforce.com", 443, "acme.my.salesforce.com"): deque(stale),
+                     token_key: deque([fresh])}
+    pool._idle[None] = {token_key: deque([spare])}
+    pool._idle[8] = {token_key: deque([gone])}
     pool._sweep(now)
-    assert all(c.closed for c in stale) and not fresh.closed
-    assert list(pool._idle) == [("token", None, "login.salesforce.com", 443, "login.salesforce.com")]
+    assert all(c.closed for c in stale) and spare.closed and not fresh.closed
+    assert pool._idle == {7: {token_key: deque([fresh])}, 8: {token_key: deque([gone])}}
+    pool.forget(8)
+    assert gone.closed and list(pool._idle) == [7]
+
+
+# -- interim answers and conflicting framing (issue 24) ------------------------------------------------
+def interim_flood(n: int, head: bytes) -> list[bytes | float]:
+    """More `102 Processing` answers than anyone waits for, then the answer."""
+    return [b"HTTP/1.1 102 Processing\r\n\r\n" * (MAX_INTERIM + 1), *ok(n, head)]
+
+
+def both_lengths(n: int, head: bytes) -> list[bytes | float]:
+    """An answer framed two ways at once (a valid chunked body, and a Content-Length): response splitting."""
+    return [b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"]
+
+
+def test_a_token_call_stops_at_as_many_interim_answers_as_the_forwarder(
+    origin_cert: tuple[Path, Path], test_ca: TestCA
+) -> None:
+    """Was: read_answer skipped every 1xx its loop bound allowed (about a million; 20,000 `102`s were
+    measured) while the forwarder stops at MAX_INTERIM. Both now stop there: a failure after send."""
+    with ScriptedOrigin(origin_cert, interim_flood) as origin:
+        results = asyncio.run(send_twice(origin, test_ca.ca_path))
+    assert all(status is None and "interim" in (detail or "") for status, _, detail in results), results
+
+
+def test_an_answer_with_both_content_length_and_transfer_encoding_is_a_502(
+    make_sidecar_proc: Callable[..., SidecarProcess], origin_cert: tuple[Path, Path]
+) -> None:
+    """Was: h11 reads such an answer by its Transfer-Encoding and the app got it (or, when the body did
+    not parse as chunks, a 200 head and nothing). RFC 9112 6.3 calls it response splitting and says it
+    ought to be handled as an error: a 502, on the token path and on the forwarder alike."""
+    with ScriptedOrigin(origin_cert, both_lengths) as origin:
+        sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
+        port = origin.address[1]
+        conn = https_via(sc, port)
+        try:
+            status, body, _ = get(conn, "GET", "/services/data/")
+        finally:
+            conn.close()
+        assert status == 502 and b"Transfer-Encoding" in body and b"hello" not in body, body
+        with sc.session() as s:
+            resp = redeem(s, "5Aep861BOTH", url=f"https://localhost:{port}/services/oauth2/token")
+        assert resp.status_code == 502 and resp.json()["sent_to_salesforce"] == "unknown", resp.text
+        assert "Transfer-Encoding" in resp.json()["error_description"]
+
+
+# -- a late unsolicited answer never reaches another caller (issue 24) --------------------------------
+FORGED = b'{"access_token":"FORGED","refresh_token":"FORGED","instance_url":"https://x","token_type":"Bearer"}'
+
+
+def late_second_answer(n: int, head: bytes) -> list[bytes | float]:
+    """The first request is answered, then, 0.6 s later, answered again with a forged 200 nobody asked for
+    (the origin reads nothing meanwhile); every later request gets its own answer."""
+    answer = ok(n, head) if head.split(b" ", 2)[1] == b"/services/oauth2/token" else \
+        [b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nA%03d" % n]
+    if n == 1:
+        return [*answer, 0.6, json_response(FORGED, b"Content-Length: %d\r\n" % len(FORGED))]
+    return answer
+
+
+@pytest.mark.parametrize("path", ["/services/oauth2/token", "/services/data/"])
+def test_a_late_unsolicited_answer_never_reaches_another_caller(
+    make_sidecar_proc: Callable[..., SidecarProcess], origin_cert: tuple[Path, Path], path: str
+) -> None:
+    """Was: call A's connection went back to the shared pool; call B (another client) took it at 0.35 s,
+    when nothing had arrived on it yet, wrote its request, and read the forged answer the origin sent at
+    0.6 s; its own answer, behind it, was thrown away with the connection. Same on the forwarder's pool.
+    Checking at the moment of reuse cannot catch bytes that arrive after the request left, so an
+    upstream connection now carries one client connection's exchanges only, and a new client gets a
+    spare connection that never carried any."""
+    with ScriptedOrigin(origin_cert, late_second_answer) as origin:
+        sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
+        url = f"https://localhost:{origin.address[1]}{path}"
+        token = path.endswith("/token")
+        bodies = []
+        for i in range(2):  # A, then B on a new client connection, 0.35 s after A's answer
+            with sc.session() as s:
+                resp = redeem(s, f"5Aep861LATE{i}", url=url) if token else s.get(url, timeout=15)
+            assert resp.status_code == 200, resp.text
+            bodies.append(resp.content)
+            time.sleep(0.35)
+    assert b"FORGED" not in bodies[1], bodies
+    assert bodies == ([token_body(1), token_body(2)] if token else [b"A001", b"A002"]), bodies
+    assert len(set(origin.connection_of)) == 2  # B's request went on a connection of its own
+
+
+def test_one_client_connection_keeps_reusing_its_own_upstream_connection(
+    make_sidecar_proc: Callable[..., SidecarProcess], origin_cert: tuple[Path, Path]
+) -> None:
+    """Keep-alive is kept where it is safe: a client's calls on one connection share one upstream
+    connection (here three token calls, on one origin connection; at most one more is opened, a spare
+    for the next client)."""
+    with ScriptedOrigin(origin_cert, ok) as origin:
+        sc = make_sidecar_proc({"SIDECAR_TOKEN_HOSTS": "localhost"})
+        url = f"https://localhost:{origin.address[1]}/services/oauth2/token"
+        with sc.session() as s:
+            for i in range(3):
+                assert redeem(s, f"5Aep861KEEP{i}", url=url).status_code == 200
+    assert len(set(origin.connection_of)) == 1 and origin.connections <= 2, (origin.connection_of,
+                                                                              origin.connections)
+
+
+def test_a_tls_connection_that_got_only_session_tickets_is_idle_and_data_is_never_lost(
+    origin_cert: tuple[Path, Path], test_ca: TestCA
+) -> None:
+    """A spare (a connection opened ahead, never used) has TLS 1.3 session tickets waiting on its socket,
+    which are TLS's own messages, not data: it is idle and clean (was: "readable", so every spare was
+    thrown away). Data that arrives unasked makes it readable, and is kept for the next read."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    go = threading.Event()
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with server_context(*origin_cert).wrap_socket(conn, server_side=True) as tls:
+            go.wait(10)
+            tls.sendall(b"unasked")
+            go.clear()
+            go.wait(10)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+
+    async def run() -> tuple[bool, bool, bytes]:
+        sock = socket.create_connection(listener.getsockname(), timeout=5)
+        sock.setblocking(False)
+        stream = TlsStream.client(SocketStream(sock), ssl.create_default_context(cafile=str(test_ca.ca_path)),
+                                  "localhost")
+        try:
+            await stream.handshake()
+            await asyncio.sleep(0.3)  # the tickets have arrived
+            idle = not stream.readable_now()
+            go.set()
+            for _ in range(50):  # bounded: until the data is there
+                if stream.readable_now():
+                    break
+                await asyncio.sleep(0.05)
+            return idle, stream.readable_now(), await stream.recv()
+        finally:
+            go.set()
+            stream.close()
+
+    try:
+        assert asyncio.run(run()) == (True, True, b"unasked")
+    finally:
+        listener.close()
+        server.join(5)

@@ -47,6 +47,38 @@ def test_the_rules(ip: str, port: int, shared: bool, private: bool, refused: boo
     assert parsed is not None and (rules.refusal(parsed, port) is not None) is refused
 
 
+# Was: IPv6 forms that carry an IPv4 address a translator or tunnel reaches were judged as IPv6 only, and
+# all of them are global: a shared proxy connected to the cloud metadata service or loopback through them.
+TEREDO_TO_METADATA = "2001:0:4136:e378:8000:63bf:5601:5601"  # Teredo, client 169.254.169.254 (bits inverted)
+
+
+@pytest.mark.parametrize("host,private,refused", [
+    ("[::a9fe:a9fe]", True, True),  # IPv4-compatible ::169.254.169.254
+    ("[64:ff9b::a9fe:a9fe]", True, True),  # NAT64 well-known prefix
+    ("[64:ff9b:1::a9fe:a9fe]", True, True),  # NAT64 local-use prefix (RFC 8215): where its IPv4 address
+    ("[64:ff9b:1:a9fe:a9:fe00::]", True, True),  # sits depends on the operator's prefix length (RFC 6052 2.2)
+    ("[64:ff9b:1::3401:203]", True, True),  # so none of it is reached
+    ("[2002:a9fe:a9fe::1]", True, True),  # 6to4
+    ("[::ffff:0:7f00:1]", True, True),  # SIIT IPv4-translated 127.0.0.1
+    (f"[{TEREDO_TO_METADATA}]", True, True),
+    ("[64:ff9b::a01:203]", False, True),  # 10.1.2.3: private
+    ("[64:ff9b::a01:203]", True, False),
+    ("[2002:a01:203::1]", False, True),
+    ("[64:ff9b::3401:203]", False, False),  # 52.1.2.3: global, as is the IPv6 address
+    ("[2002:3401:203::1]", False, False),
+    ("[2600:1f18::a9fe:a9fe]", False, False),  # an ordinary global address that happens to end like one
+])
+def test_an_ipv4_address_embedded_in_ipv6_is_judged_too(host: str, private: bool, refused: bool) -> None:
+    rules = Destinations(shared_proxy=True, allow_private=private)
+    ip = parse_ip(host)
+    assert ip is not None
+    why = rules.refusal(ip, 443)
+    assert (why is not None) is refused, why
+    if refused:
+        with pytest.raises(DestinationRefused, match="carries the IPv4 address|local-use NAT64"):
+            rules.check_literal(host, 443)
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.ip_addresses(), st.integers(1, 65535))
 def test_a_shared_proxy_reaches_only_global_addresses(ip: ipaddress.IPv4Address | ipaddress.IPv6Address,

@@ -4,12 +4,16 @@ to the IP with the SNI's name. Detection, guard, sender and record are wired as 
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import socket
 import ssl
 import time
 from collections.abc import Callable
 
+import pytest
+
+from sidecar.proxy.relay import UnfinishedHello, client_hello_sni
 from tests.harness import (
     SF_HOST,
     SidecarProcess,
@@ -194,3 +198,35 @@ def test_a_request_head_to_an_ip_literal_is_capped_like_everywhere_else(
     finally:
         conn.close()
     assert answer == b"" or answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 400")), answer[:200]
+
+
+# -- issue 24: a short first message that cannot be TLS is relayed at once --------------------------
+def _sni_of(first: bytes, deadline: float = 5.0) -> tuple[str | None, bytes] | str:
+    """What client_hello_sni makes of a client that sends ``first`` and then waits for an answer."""
+    async def look() -> tuple[str | None, bytes] | str:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with a, b:
+            b.sendall(first)
+            try:
+                return await client_hello_sni(a, b"", deadline)
+            except UnfinishedHello:
+                return "unfinished"
+
+    return asyncio.run(look())
+
+
+@pytest.mark.parametrize("first", [b"hi\n", b"\x00", b"\x16\x04", b"\x16\x03\x09", b"PING"])
+def test_a_short_message_that_cannot_be_tls_is_relayed_at_once(first: bytes) -> None:
+    """Was: fewer than 5 bytes (a TLS record header) were waited on until the head deadline, then the
+    tunnel was closed as an unfinished ClientHello: a protocol whose client speaks first with a short
+    message (`hi\\n`, a 4-byte `PING`) never got through an IP-literal tunnel. A message whose first
+    bytes cannot start a TLS record (0x16, 0x03, 0x00-0x03) is relayed as it came."""
+    assert _sni_of(first) == (None, first)
+
+
+@pytest.mark.parametrize("first", [b"\x16", b"\x16\x03", b"\x16\x03\x01", b"\x16\x03\x01\x02"])
+def test_a_short_prefix_of_a_tls_record_still_waits_for_the_whole_hello(first: bytes) -> None:
+    """A prefix of a valid TLS record header may be a token host's ClientHello sent in pieces: never
+    relayed as is (it would leave unguarded), so it waits, and closes at the deadline."""
+    assert _sni_of(first, deadline=0.5) == "unfinished"

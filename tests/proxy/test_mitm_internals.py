@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from tests.harness import ROOT, SidecarProcess, World, metric_value, read_until_closed
 
@@ -80,3 +81,19 @@ def test_mitmproxys_client_hello_parser_reads_the_sni() -> None:
         raise AssertionError("not TLS must raise ValueError")
     except ValueError:
         pass
+
+
+def test_the_ca_made_ahead_of_mitmproxy_is_the_one_mitmproxy_loads(tmp_path: Path) -> None:
+    """sidecar/ops/trust.py ensure_ca makes mitmproxy's CA files with CertStore.create_store before mitmproxy
+    starts (so a full disk cannot leave a CA cut short); mitmproxy then loads it instead of making its own."""
+    from mitmproxy import certs
+    from mitmproxy.options import CONF_BASENAME, Options
+
+    from sidecar.ops.trust import MITM_CA, ensure_ca
+
+    confdir = tmp_path
+    ensure_ca(confdir)
+    made = (confdir / MITM_CA).read_bytes()
+    store = certs.CertStore.from_store(confdir, CONF_BASENAME, Options().key_size)
+    assert (confdir / MITM_CA).read_bytes() == made and store.default_ca is not None
+    assert [p.name for p in confdir.iterdir() if p.name.startswith(".")] == []  # nothing left aside

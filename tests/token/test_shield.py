@@ -8,32 +8,29 @@ import asyncio
 import hashlib
 import hmac
 import json
-import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
-import pytest
 import requests
 
 from sidecar.metrics import Metrics
 from sidecar.state.redis import SharedState
 from sidecar.token.messages import Answer
-from sidecar.token.shield import Shield, request_key
+from sidecar.token.shield import Contended, Shield, Unavailable, request_key
 from tests.harness import (
+    CLIENT_ID,
     CLIENT_SECRET,
+    TOKEN_URL,
     SidecarProcess,
     World,
-    free_port,
     iter_written_files,
     metric_value,
     redeem,
-    require_tool,
     wait_until,
 )
+from tests.redis_server import RedisServer, redis_dump, settled
 
 REDIS_KEY = "5f" * 32
 BOTH = ["127.0.0.2", "127.0.0.3"]
@@ -196,62 +193,6 @@ def test_six_concurrent_redemptions_then_one_more_get_the_same_rotated_token(
     assert token not in log and not [r.json()["access_token"] for r in answers if r.json()["access_token"] in log]
 
 
-@dataclass
-class RedisServer:
-    url: str
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[Callable[[], RedisServer]]:
-    """Start (and stop) real redis-servers on loopback, no persistence."""
-    binary = require_tool(("redis-server",), "REDIS_SERVER", "apt-get install redis-server")
-    servers: list[RedisServer] = []
-
-    def start() -> RedisServer:
-        port = free_port()
-        workdir = tmp_path / f"redis-{port}"
-        workdir.mkdir()
-        proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
-                                 "no", "--dir", str(workdir), "--protected-mode", "yes"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        servers.append(RedisServer(f"redis://127.0.0.1:{port}/0", port, proc))
-        assert wait_until(lambda: _pong(port), timeout=10), "redis-server did not start"
-        return servers[-1]
-
-    yield start
-    for server in servers:
-        if server.proc.poll() is None:
-            server.proc.terminate()
-            server.proc.wait(timeout=10)
-
-
-def _pong(port: int) -> bool:
-    import socket
-
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1) as c:
-            c.sendall(b"PING\r\n")
-            return c.recv(16).startswith(b"+PONG")
-    except OSError:
-        return False
-
-
-def redis_dump(url: str) -> list[bytes]:
-    import redis
-
-    client = redis.Redis.from_url(url)
-    try:
-        return [k + b"=" + (client.dump(k) or b"") for k in client.keys("*")]
-    finally:
-        client.close()
-
-
 def test_two_sidecars_sharing_redis_redeem_a_token_once_for_everyone(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
 ) -> None:
@@ -307,33 +248,111 @@ def test_a_reuse_through_another_replica_is_seen_through_redis(
     assert "refresh token reuse" in b.log_text()
 
 
-def test_redis_killed_mid_run_calls_keep_working(
+def test_with_redis_down_refreshes_wait_then_go_alone_and_other_grants_keep_working(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
 ) -> None:
+    """With Redis gone a refresh waits for it (a restart is ridden out), then goes from this replica alone, as
+    it would without the sidecar (never worse than the plain recipe), coalesced within the replica: three
+    identical redemptions send one and all get its answer; other grants are not held up; the health check
+    reports Redis down and back without any token call, and the uncoordinated send is counted."""
     world.salesforce.set_allowlist(BOTH)
     redis = redis_server()
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": redis.url,
                             "SIDECAR_REDIS_KEY": REDIS_KEY})
     token = world.salesforce.issue_refresh_token()
     with sc.session() as s:
-        for _ in range(3):
-            resp = redeem(s, token)
-            assert resp.status_code == 200
-            token = resp.json()["refresh_token"]
+        resp = redeem(s, token)
+        assert resp.status_code == 200
+        token = resp.json()["refresh_token"]
     redis.kill()
-    assert not _pong(redis.port)
-    with sc.session() as s:
-        for _ in range(5):  # a rotating chain, every call answered
-            resp = redeem(s, token)
-            assert resp.status_code == 200, resp.text
-            token = resp.json()["refresh_token"]
-        answers = concurrent_redemptions([sc], token, 4)  # coalescing still works within the replica
-    assert [r.status_code for r in answers] == [200] * 4 and len({r.json()["refresh_token"] for r in answers}) == 1
-    assert metric_value(sc.metrics(), "egress_sidecar_redis_up") == 0
+    assert wait_until(lambda: metric_value(sc.metrics(), "egress_sidecar_redis_up") == 0, timeout=5)
     status = sc.status()
     assert status["shield"]["redis"]["up"] is False and status["verdict"]["level"] == "warning"
     assert any("Redis (SIDECAR_REDIS_URL) is unreachable" in line for line in status["verdict"]["lines"])
-    assert sc.log_text().count("Redis is unreachable") == 1  # said once, not per call
+    world.salesforce.reset_seen()
+    with sc.session() as s:
+        code = s.post(TOKEN_URL, data={"grant_type": "authorization_code", "code": world.salesforce.issue_auth_code(),
+                                       "client_id": CLIENT_ID, "client_secret": CLIENT_SECRET}, timeout=15)
+        assert code.status_code == 200, code.text  # not a refresh: not shielded, not held up
+        answers = concurrent_redemptions([sc], token, 3)
+    assert [r.status_code for r in answers] == [200] * 3, [r.text for r in answers]
+    assert len({r.json()["refresh_token"] for r in answers}) == 1  # one redemption, its answer for all three
+    assert len([r for r in world.salesforce.seen if r.grant_type == "refresh_token"]) == 1
+    assert metric_value(sc.metrics(), "egress_sidecar_shield_uncoordinated_total") == 1
+    redis.restart()
+    assert wait_until(lambda: metric_value(sc.metrics(), "egress_sidecar_redis_up") == 1, timeout=5)
+    assert sc.status()["shield"]["redis"]["up"] is True
+    log = sc.log_text()
+    assert log.count("Redis is unreachable") == 1 and log.count("Redis is reachable again") == 1  # said once each
+
+
+def _callers(sidecars: list[SidecarProcess], token: str, n: int) -> tuple[threading.Thread, list[requests.Response]]:
+    """``n`` identical redemptions spread over ``sidecars``, running in the background."""
+    out: list[requests.Response] = []
+    runner = threading.Thread(target=lambda: out.extend(concurrent_redemptions(sidecars, token, n)))
+    runner.start()
+    return runner, out
+
+
+def test_a_redis_killed_and_restarted_mid_run_leaves_every_caller_of_one_refresh_token_with_the_same_answer(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
+) -> None:
+    """Issue 24's done-when, on two real replicas and one real redis-server without persistence:
+    1. a redemption in flight on one replica when Redis dies and comes back empty (its lock gone): the
+       callers waiting on the other replica never send; the holder puts its lock back, then its answer;
+    2. callers on both replicas arriving while Redis is down: they wait, then one redemption for all;
+    3. Redis restarted again, empty: the answer is replayed to a later caller on the replica that did not
+       send it (the sender publishes it again), instead of the token going to Salesforce a second time.
+    Was: a stale pooled connection failed once, the replica ignored Redis for 5 s and sent the same
+    redemption again; the other replica's caller got 400 "expired access/refresh token"."""
+    world.salesforce.set_allowlist(BOTH)
+    redis = redis_server()
+    env = {**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": redis.url,
+           "SIDECAR_REDIS_KEY": REDIS_KEY}
+    a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    assert wait_until(a.egress_discovered, timeout=10) and wait_until(b.egress_discovered, timeout=10)
+
+    def redis_up_on_both(value: int) -> bool:
+        return all(metric_value(sc.metrics(), "egress_sidecar_redis_up") == value for sc in (a, b))
+
+    first = world.salesforce.issue_refresh_token()
+    world.salesforce.slow_seconds = 3.0  # the redemption is in flight while Redis goes and comes back
+    world.salesforce.fail_mode = "slow"
+    try:
+        runner, answers = _callers([a, b], first, 6)
+        time.sleep(1.0)
+        redis.kill()
+        time.sleep(0.5)
+        redis.restart()
+        runner.join(40)
+    finally:
+        world.salesforce.fail_mode = None
+    assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+    assert len({r.json()["refresh_token"] for r in answers}) == 1 and redemptions_of(world, first) == 1
+
+    second = world.salesforce.issue_refresh_token()
+    redis.kill()
+    assert wait_until(lambda: redis_up_on_both(0), timeout=5)
+    runner, answers = _callers([a, b], second, 6)
+    time.sleep(1.0)  # every caller is waiting for Redis
+    redis.restart()
+    runner.join(40)
+    assert [r.status_code for r in answers] == [200] * 6, [r.text for r in answers]
+    rotated = {r.json()["refresh_token"] for r in answers}
+    assert len(rotated) == 1 and redemptions_of(world, second) == 1
+
+    redis.kill()
+    redis.restart()
+    assert wait_until(lambda: redis_up_on_both(1), timeout=5)
+    sender = a if any(c.get("shield") is None and c["outcome"] == "success" and c["grant_type"] == "refresh_token"
+                      for c in a.log_events()[-6:]) else b
+    other = b if sender is a else a
+    with other.session() as s:
+        again = redeem(s, second)
+    assert again.status_code == 200 and again.json()["refresh_token"] in rotated, again.text
+    assert redemptions_of(world, second) == 1
+    for sc in (a, b):
+        assert "Traceback" not in sc.log_text()
 
 
 # -- found by independent reviews of this module; each test failed before its fix --------------------
@@ -342,7 +361,7 @@ SLOW = 4.0  # seconds the fake Salesforce takes for every answer
 
 def test_a_leader_slowed_by_the_ip_restricted_retry_keeps_its_lock_and_the_token_is_redeemed_once(
     make_world: Callable[..., World], make_sidecar_proc: Callable[..., SidecarProcess],
-    redis_server: Callable[[], RedisServer],  # noqa: F811
+    redis_server: Callable[[], RedisServer],
 ) -> None:
     """Was: the shield's Redis lock lives ``connect + response timeout + 1 s``, but a leader may legitimately
     take longer: failover over members and, in enforce mode, the one retry of an "ip restricted" refusal
@@ -353,10 +372,12 @@ def test_a_leader_slowed_by_the_ip_restricted_retry_keeps_its_lock_and_the_token
     Salesforce allows only 127.0.0.3 and answers in 4 s; sidecar A's first choice is 127.0.0.2 (refused,
     then retried through 127.0.0.3: ~8 s), B gets the identical redemption 1 s after A."""
     world = make_world(allowlist=("127.0.0.3",))
-    env = {**world.pair_env(), "SIDECAR_REDIS_URL": redis_server().url, "SIDECAR_REDIS_KEY": REDIS_KEY,
+    url = redis_server().url
+    env = {**world.pair_env(), "SIDECAR_REDIS_URL": url, "SIDECAR_REDIS_KEY": REDIS_KEY,
            "SIDECAR_CONNECT_TIMEOUT": "1", "SIDECAR_RESPONSE_TIMEOUT": "6"}
     a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
     assert wait_until(a.egress_discovered, timeout=10) and wait_until(b.egress_discovered, timeout=10)
+    assert settled(url)  # A's lock is granted at once, so A leads
     token = world.salesforce.issue_refresh_token()
     world.salesforce.slow_seconds = SLOW
     world.salesforce.fail_mode = "slow"
@@ -391,17 +412,16 @@ def test_a_leader_slowed_by_the_ip_restricted_retry_keeps_its_lock_and_the_token
 class _AlwaysLocked:
     """Shared state in which another replica holds the lock for good and never publishes an answer."""
 
-    def usable(self) -> bool:
+    redis_wait = 0.1
+
+    async def wait_up(self, timeout: float) -> bool:
         return True
 
     async def replay(self, key: bytes) -> None:
         return None
 
-    async def lock(self, key: bytes, ttl: float) -> bool:
-        return False
-
-    async def locked(self, key: bytes) -> bool:
-        return True
+    async def lock(self, key: bytes, ttl: float) -> str:
+        return "held"
 
     async def done(self, key: bytes) -> None:
         return None
@@ -429,12 +449,12 @@ def test_a_waiter_that_never_gets_the_lock_does_not_send() -> None:
         except Exception as exc:  # noqa: BLE001 - the shield may refuse; it must not send
             return exc
 
-    asyncio.run(run())
+    assert isinstance(asyncio.run(run()), Contended)  # 503 redemption_in_flight
     assert sent == [], "the redemption was sent while another replica held its lock"
 
 
 def test_a_waiting_replica_gets_the_answer_in_flight_not_an_earlier_one(
-    redis_server: Callable[[], RedisServer],  # noqa: F811
+    redis_server: Callable[[], RedisServer],
 ) -> None:
     """Was: the answer a redemption publishes for the replicas waiting on it (``done``) outlives the
     redemption by the longest one may take, and a waiter looks for it first: a redemption that failed
@@ -480,16 +500,18 @@ def test_a_waiting_replica_gets_the_answer_in_flight_not_an_earlier_one(
 
 def test_a_replica_that_coalesced_on_the_sidecars_own_answer_records_it_as_such(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess],
-    redis_server: Callable[[], RedisServer],  # noqa: F811
+    redis_server: Callable[[], RedisServer],
 ) -> None:
     """Was: an answer shared through Redis lost its "local" mark (the sidecar's own answer, not
     Salesforce's), so the replica that coalesced on the sidecar's own 502 (Salesforce did not answer in
     time) recorded it as Salesforce's: outcome ``server_error``, the outcome the Salesforce-side alerts
     count, instead of ``upstream_error``."""
     world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
-    env = {**world.pair_env(), "SIDECAR_REDIS_URL": redis_server().url, "SIDECAR_REDIS_KEY": REDIS_KEY,
+    url = redis_server().url
+    env = {**world.pair_env(), "SIDECAR_REDIS_URL": url, "SIDECAR_REDIS_KEY": REDIS_KEY,
            "SIDECAR_RESPONSE_TIMEOUT": "2"}
     a, b = make_sidecar_proc(env, name="a"), make_sidecar_proc(env, name="b")
+    assert settled(url)  # A's lock is granted at once, so A leads
     token = world.salesforce.issue_refresh_token()
     world.salesforce.slow_seconds = 4.0  # past the response deadline
     world.salesforce.fail_mode = "slow"
@@ -512,3 +534,38 @@ def test_a_replica_that_coalesced_on_the_sidecars_own_answer_records_it_as_such(
     (leader,), (waiter,) = a.log_events(), b.log_events()
     assert waiter.get("shield") == "coalesced", waiter
     assert (leader["outcome"], waiter["outcome"]) == ("upstream_error", "upstream_error"), (leader, waiter)
+
+
+class _Down:
+    """Shared state that cannot be reached, for as long as the test runs."""
+
+    redis_wait = 0.3
+
+    async def wait_up(self, timeout: float) -> bool:
+        await asyncio.sleep(timeout)
+        return False
+
+    async def _unavailable(self, *args: object) -> None:
+        raise Unavailable()
+
+    replay = lock = done = publish = unlock = _unavailable
+
+
+def test_without_redis_a_redemption_waits_for_it_then_goes_alone_once() -> None:
+    """Redis unreachable past the wait: the redemption is sent by this replica alone (as without the
+    sidecar), once for all its identical callers, and counted."""
+    sent: list[int] = []
+
+    async def send() -> Answer:
+        sent.append(1)
+        return Answer(200, [], b"{}")
+
+    async def run() -> tuple[list[object], Metrics]:
+        metrics = Metrics()
+        shield = Shield(metrics, 60, 5.0, _Down())  # type: ignore[arg-type]
+        return list(await asyncio.gather(*(shield.redeem(b"k" * 16, send) for _ in range(3)))), metrics
+
+    results, metrics = asyncio.run(run())
+    assert [how for _, how in results] == ["sent", "coalesced", "coalesced"]  # type: ignore[misc]
+    assert sent == [1]
+    assert metric_value(metrics.render().decode(), "egress_sidecar_shield_uncoordinated_total") == 1
