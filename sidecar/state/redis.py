@@ -234,3 +234,36 @@ class SharedState:
         return {"configured": True, "up": self.up,
                 "down_since": None if self.down_since is None else time.strftime(
                     "%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.down_since))}
+
+    # -- customer orgs (sealed by their owner, sidecar.state.seal: opaque bytes here) ---------------
+    async def identity(self, grant: bytes) -> bytes | None:
+        """The sealed org and user of a grant, as a replica that learnt them wrote it."""
+        name = self._name("identity", grant)
+        value = await self._call(lambda r: r.get(name))
+        return bytes(value) if value else None
+
+    def write_identities(self, items: list[tuple[bytes, bytes]], ttl: float) -> None:
+        """Mirror grants' sealed orgs and users to Redis, off the request path (as :meth:`write`)."""
+        async def apply(r: aioredis.Redis) -> None:
+            async with r.pipeline(transaction=False) as p:
+                for grant, sealed in items:
+                    p.set(self._name("identity", grant), sealed, ex=max(1, int(ttl)))
+                await p.execute()
+
+        self.spawn(apply)
+
+    def spawn(self, op: Callable[[aioredis.Redis], Awaitable[Any]]) -> None:
+        """Run ``op`` on Redis in the background (on the event loop; dropped when Redis is down or too many
+        writes are pending: the caller's memory and SQLite keep what it wrote)."""
+        if not self.usable() or len(self._writes) >= MAX_WRITES:
+            return
+
+        async def run() -> None:
+            try:
+                await self._call(op)
+            except Unavailable:
+                pass
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)

@@ -62,6 +62,10 @@ CREATE TABLE IF NOT EXISTS retired (
     retired_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS retired_by_grant ON retired (grant_key, retired_at);
+CREATE TABLE IF NOT EXISTS grant_identity (
+    grant_key BLOB PRIMARY KEY,   -- a grant (grants.grant_key)
+    identity BLOB NOT NULL        -- its org and user ids (from a token answer's `id`), sealed (sidecar.state.seal)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS evidence (
     app BLOB NOT NULL,            -- keyed hash of the app's client_id
     label TEXT NOT NULL,          -- the client_id shortened for people (sidecar.egress.evidence.short_client_id)
@@ -127,6 +131,8 @@ class GrantRow:
     rotations: int = 0
     reuses: int = 0
     last_reuse: float | None = None
+    org: str | None = None  # the customer org and user a token answer named (memory; sealed in grant_identity)
+    user: str | None = None
 
     @property
     def grant_id(self) -> str:
@@ -176,10 +182,11 @@ class Change:
     drop_retired: list[bytes] = field(default_factory=list)
     prune: Prune | None = None
     evidence: list[EvidenceRow] = field(default_factory=list)
+    identities: list[tuple[bytes, bytes]] = field(default_factory=list)  # (grant key, sealed org and user)
 
     def __bool__(self) -> bool:
         return bool(self.grants or self.retired or self.drop_grants or self.drop_retired or self.prune
-                    or self.evidence)
+                    or self.evidence or self.identities)
 
 
 _STOP = object()
@@ -242,6 +249,16 @@ class GrantStore:
             ).fetchall()
             retired = [Retired(*r) for r in rows]
         return grants, retired
+
+    def load_identities(self) -> dict[bytes, bytes]:
+        """Each grant's sealed org and user (after :meth:`load` created the file)."""
+        try:
+            with contextlib.closing(self._connect()) as db:
+                return dict(db.execute("SELECT grant_key, identity FROM grant_identity").fetchall())
+        except sqlite3.Error as exc:
+            event(log, logging.WARNING, f"{DB_FILE}: the grants' orgs could not be read ({type(exc).__name__}); "
+                  "they are learnt again from the next answers")
+            return {}
 
     def load_evidence(self, limit: int) -> list[EvidenceRow]:
         """The newest ``limit`` evidence rows, oldest first (after :meth:`load` created the file)."""
@@ -353,6 +370,9 @@ def _write(db: sqlite3.Connection, c: Change) -> None:
     if c.drop_grants:
         db.executemany("DELETE FROM grants WHERE grant_key = ?", [(k,) for k in c.drop_grants])
         db.executemany("DELETE FROM retired WHERE grant_key = ?", [(k,) for k in c.drop_grants])
+        db.executemany("DELETE FROM grant_identity WHERE grant_key = ?", [(k,) for k in c.drop_grants])
+    if c.identities:
+        db.executemany("INSERT OR REPLACE INTO grant_identity VALUES (?, ?)", c.identities)
     if c.drop_retired:
         db.executemany("DELETE FROM retired WHERE token_hash = ?", [(k,) for k in c.drop_retired])
     if c.grants:
@@ -363,6 +383,8 @@ def _write(db: sqlite3.Connection, c: Change) -> None:
         return
     db.execute("DELETE FROM retired WHERE grant_key IN (SELECT grant_key FROM grants WHERE last_used < ?)",
                (p.grants_before,))
+    db.execute("DELETE FROM grant_identity WHERE grant_key IN (SELECT grant_key FROM grants WHERE last_used < ?)",
+               (p.grants_before,))
     db.execute("DELETE FROM grants WHERE last_used < ?", (p.grants_before,))
     db.execute("DELETE FROM retired WHERE retired_at < ?", (p.retired_before,))
     if p.full:
@@ -372,6 +394,7 @@ def _write(db: sqlite3.Connection, c: Change) -> None:
             (p.max_grants,),
         )
         db.execute("DELETE FROM retired WHERE grant_key NOT IN (SELECT grant_key FROM grants)")
+        db.execute("DELETE FROM grant_identity WHERE grant_key NOT IN (SELECT grant_key FROM grants)")
         db.execute(
             "DELETE FROM retired WHERE token_hash IN (SELECT token_hash FROM (SELECT token_hash, row_number() "
             "OVER (PARTITION BY grant_key ORDER BY retired_at DESC) AS n FROM retired) WHERE n > ?)",

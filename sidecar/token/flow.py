@@ -47,12 +47,15 @@ log = logging.getLogger("egress_sidecar.addons")
 @dataclass(slots=True, eq=False)
 class TokenFlow:
     """One token call: the record it becomes (``call``), what the app sent (``request``, its ``fields``
-    parsed once), what the addons decided (``app``, ``member``) and what the app gets (``answer``)."""
+    parsed once), what the addons decided (``app``, ``org``, ``member``) and what the app gets (``answer``)."""
 
     call: TokenCall
     request: TokenRequest | None = None
     fields: dict[str, list[str]] = field(default_factory=dict)
     app: Any = None  # sidecar.egress.evidence.App: the app Salesforce sees (its client_id, as a keyed hash)
+    # sidecar.egress.evidence.Org: the customer org the call is for, from the grant it redeems (``org.id`` the
+    # raw org id, ``org.user`` the user, once an answer named them; until then the grant's own key), or None
+    org: Any = None
     member: Member | None = None  # the route: None is direct
     answer: Answer | None = None
     metadata: dict[str, Any] = field(default_factory=dict)  # an addon's own state for this call
