@@ -261,6 +261,10 @@ class GrantTracker:
         self.metrics.grants_tracked.set(len(self._grants))
 
     # -- the grant's org and user ---------------------------------------------------------------
+    def token_key(self, token: str) -> bytes | None:
+        """The keyed hash this tracker (and every replica sharing its key) knows a token by."""
+        return token_hash(self._key, token) if self._key is not None else None
+
     def grant_of(self, h: bytes) -> tuple[bytes, Identity | None] | None:
         """The grant whose current (or a rotated-away) token hashes to ``h``, and its org and user when an
         answer named them; None for a token this replica has not seen."""
