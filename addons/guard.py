@@ -43,7 +43,10 @@ class Guard:
         if not (self.retry_ip_restricted and flow.call.outcome == "ip_restricted"
                 and subject_to_allowlist(flow.call.grant_type)):
             return None
-        return self._verdict(flow, self.rules.retry_member(flow.app, refused, org=flow.org, exclude=tuple(tried)))
+        member = self.rules.retry_member(flow.app, refused, org=flow.org, exclude=tuple(tried))
+        if flow.call.guard == "retest":  # the record says this call re-tested a refused IP (retried_from names it)
+            return member
+        return self._verdict(flow, member)
 
     def _verdict(self, flow: TokenFlow, member: Member | None) -> Member | None:
         if member is not None:  # the call leaves through another member now: its verdict is that member's

@@ -330,6 +330,7 @@ class Evidence:
                   egress_ip=ip, app=app.label, org=org.id)
         acc = self._accepted.get((app.key, ip))
         newer_refusal = any(r.at > (acc.stored if acc else 0.0) for r in subs.values())
+        before = {k: self._scope(app.key, ip, r) for k, r in subs.items()}
         first = acc is None
         if acc is None:
             acc = self._accepted[(app.key, ip)] = Accepted(app, ip, now, org)
@@ -345,7 +346,14 @@ class Evidence:
             self._claims.pop((app.key, ip), None)
             event(log, logging.INFO, f"Salesforce accepted egress IP {ip} for app {app.label} ({org.label}): the app's "
                   "Refresh Token IP Allowlist admits it", egress_ip=ip, app=app.label, org=org.id)
-        news = first or mine is not None or bool(wide)
+        proven = [r for k, r in subs.items() if before[k] != "org" and self._scope(app.key, ip, r) == "org"]
+        for r in proven:
+            event(log, logging.WARNING, f"Salesforce refuses egress IP {ip} for app {app.label}, {r.org.label} only: "
+                  f"{org.label} redeemed through it, so the app's allowlist admits it and that org's own IP "
+                  "restrictions refuse it (a profile's Login IP Ranges, or the app's IP relaxation set to Enforce "
+                  "there); the fix is on the customer's side. The other orgs keep using it",
+                  egress_ip=ip, app=app.label, org=r.org.id, scope="org")
+        news = first or mine is not None or bool(wide) or bool(proven)
         # Every successful refresh repeats this: written at most every STORE_EVERY seconds, unless it is news
         # or a refusal through the IP is newer than what was written (the replicas count on "no success since").
         if news or newer_refusal or now - acc.stored >= STORE_EVERY:
