@@ -147,10 +147,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="preflight: probe each pair member's egress IP and check it against the allowlist",
         description="Validate the configuration, resolve the pair, probe every member's egress IP through "
-        "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST; when a sidecar is running (--admin-url), add what "
-        "Salesforce answered it through each egress IP. Exit 0 when every observed egress IP is allowlisted, "
-        "every member is reachable and stable, Salesforce refused none and NO_PROXY/no_proxy in the environment "
-        "lists no Salesforce host (clients would send token calls around the sidecar); 1 otherwise; 2 on bad "
+        "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST; when a sidecar is running (--admin-url), judge with "
+        "its guard mode and what Salesforce answered it through each egress IP (and say so when none answered). "
+        "Exit 0 when every member is reachable and stable, every observed egress IP is listed and not refused by "
+        "Salesforce (with no list typed: accepted by Salesforce), and NO_PROXY/no_proxy in the environment lists "
+        "no Salesforce host (clients would send token calls around the sidecar); 1 otherwise; 2 on bad "
         "configuration. Usable as a deploy gate; run it in the app's environment.",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
