@@ -84,9 +84,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.app.demo import run_demo
 
     phases = run_demo(calls=args.calls)
-    observe, enforce, learn = phases
+    observe, enforce, learn, isv = phases
+    org_b, org_a = isv.orgs
     ok = (observe.total.get("ip_restricted", 0) > 0 and enforce.total.get("success", 0) == args.calls
-          and learn.app_failures == 0)
+          and learn.app_failures == 0 and org_b.app_failures <= 1 and org_a.app_failures == 0
+          and org_a.by_egress.get(("127.0.0.3", 200), 0) > 0)
     return EXIT_OK if ok else EXIT_FAIL
 
 

@@ -207,7 +207,7 @@ def _orgs(orgs: tuple[str, ...]) -> str:
 def _refused_line(f: Finding, listed: bool, enforce: bool) -> str:
     although = ", although SIDECAR_ALLOWLIST lists it" if listed else ""
     tail = ("Until then the guard keeps {} redemptions off it, so the pair has no redundancy for {}."
-            if enforce else "Until then {} redemptions through that IP fail ({}).")
+            if enforce else "Until then {} redemptions through that IP fail.")
     if f.scope == "app":
         return (f"Salesforce refused egress IP {f.egress_ip} for app {f.app}: {len(f.orgs)} orgs were refused through "
                 f"it ({_orgs(f.orgs)}) and none has redeemed through it since (last at {when(f.at)}; {_retest(f)})"
