@@ -475,7 +475,9 @@ class GrantTracker:
     def _submit(self, change: Change) -> None:
         if self.store is not None and change:
             self.store.submit(change)
-        if self.shared is not None and change:
+        # To Redis only what it holds (a prune has nothing for it: its keys expire by themselves, and the
+        # maintenance thread that prunes has no event loop to write with).
+        if self.shared is not None and (change.grants or change.retired or change.drop_grants or change.drop_retired):
             self.shared.write(change, self._retired_rows)
             if change.identities:
                 self.shared.write_identities(change.identities, self.limits.grant_retention)

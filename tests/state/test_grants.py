@@ -45,6 +45,7 @@ from sidecar.state.sqlite import (
 from sidecar.token.call import TokenCall
 from sidecar.token.messages import Answer, TokenRequest
 from tests.harness import metric_value
+from tests.token.test_shield import redis_server  # noqa: F401  (a fixture: real redis-servers)
 
 KEY = bytes(range(32))
 T0 = 1_750_000_000.0
@@ -651,3 +652,32 @@ def test_retired_rows_helper_reads_back(tmp_path: Path) -> None:
     redeem(t, "a", "b")
     t.close()
     assert [r.token for r in retired_rows(tmp_path / DB_FILE)] == [token_hash(KEY, "a")]
+
+
+def test_with_redis_the_periodic_maintenance_still_refreshes_the_idle_gauges(tmp_path: Path, redis_server) -> None:  # noqa: ANN001
+    """Was: with SIDECAR_REDIS_URL the maintenance thread handed its prune to the Redis mirror, which needs
+    the event loop: it raised in the thread every minute ("grant maintenance failed"), before the idle
+    gauges were refreshed, so SalesforceRefreshTokenIdle never saw a grant go idle. A prune has nothing to
+    mirror (Redis keys expire by themselves)."""
+    import asyncio
+
+    from sidecar.state.redis import SharedState
+
+    clock = Clock()
+    t = tracker(tmp_path, clock)
+    redeem(t, "idle0", "idle1")
+
+    async def run() -> None:
+        shared = SharedState(redis_server().url, KEY, Metrics())
+        await shared.start()
+        t.share(shared)
+        try:
+            clock.advance(26 * DAY)
+            await asyncio.to_thread(t.maintain)  # as the maintenance thread runs it
+        finally:
+            await t.stop_sharing()
+            await shared.close()
+
+    asyncio.run(run())
+    assert metric(t, "egress_sidecar_grants_idle", window="25d") == 1
+    t.close()
