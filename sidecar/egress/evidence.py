@@ -330,7 +330,7 @@ class Evidence:
                   egress_ip=ip, app=app.label, org=org.id)
         acc = self._accepted.get((app.key, ip))
         newer_refusal = any(r.at > (acc.stored if acc else 0.0) for r in subs.values())
-        before = {k: self._scope(app.key, ip, r) for k, r in subs.items()}
+        before = dict(zip(subs, self._scopes(app.key, ip, subs.values()), strict=True))
         first = acc is None
         if acc is None:
             acc = self._accepted[(app.key, ip)] = Accepted(app, ip, now, org)
@@ -346,7 +346,8 @@ class Evidence:
             self._claims.pop((app.key, ip), None)
             event(log, logging.INFO, f"Salesforce accepted egress IP {ip} for app {app.label} ({org.label}): the app's "
                   "Refresh Token IP Allowlist admits it", egress_ip=ip, app=app.label, org=org.id)
-        proven = [r for k, r in subs.items() if before[k] != "org" and self._scope(app.key, ip, r) == "org"]
+        after = dict(zip(subs, self._scopes(app.key, ip, subs.values()), strict=True))
+        proven = [r for k, r in subs.items() if before[k] != "org" and after[k] == "org"]
         for r in proven:
             event(log, logging.WARNING, f"Salesforce refuses egress IP {ip} for app {app.label}, {r.org.label} only: "
                   f"{org.label} redeemed through it, so the app's allowlist admits it and that org's own IP "
@@ -463,7 +464,7 @@ class Evidence:
                 return Said("refused", self._scope(app.key, egress_ip, own), now >= own.retest and (wide is None or wide_due))
             if wide is not None:
                 return Said("refused", "app", wide_due)
-            if (org is None or not org.known) and any(self._scope(app.key, egress_ip, r) == "unproven" for r in subs.values()):
+            if (org is None or not org.known) and "unproven" in self._scopes(app.key, egress_ip, subs.values()):
                 # A grant whose org no answer has named cannot be told apart from the org refused there, while
                 # nothing proves that refusal the org's own: it keeps off the IP (the refused org re-tests it).
                 return Said("refused", "unproven", False)
@@ -502,11 +503,14 @@ class Evidence:
         return max(max(r.at for r in wide) + self.ttl, self._claims.get((app_key, ip), 0.0))
 
     def _scope(self, app_key: bytes, ip: str, r: Refusal) -> Scope:
-        wide = self._wide(app_key, ip, self._refusals.get((app_key, ip)) or {})
-        if wide is not None and any(w is r for w in wide):
-            return "app"
+        return self._scopes(app_key, ip, [r])[0]
+
+    def _scopes(self, app_key: bytes, ip: str, rs: Iterable[Refusal]) -> list[Scope]:
+        """The scope of each refusal through ``ip`` (the app-wide rule worked out once for them all)."""
+        wide = {id(w) for w in self._wide(app_key, ip, self._refusals.get((app_key, ip)) or {}) or ()}
         acc = self._accepted.get((app_key, ip))
-        return "org" if acc is not None and acc.by_other_than(r.org) else "unproven"
+        return ["app" if id(r) in wide else
+                "org" if acc is not None and acc.by_other_than(r.org) else "unproven" for r in rs]
 
     # -- what people see ------------------------------------------------------------------------
     def findings(self) -> list[Finding]:
@@ -518,8 +522,8 @@ class Evidence:
             for (app_key, ip), subs in self._refusals.items():
                 wide = self._wide(app_key, ip, subs)
                 groups: dict[Scope, list[Refusal]] = {}
-                for r in subs.values():
-                    groups.setdefault(self._scope(app_key, ip, r), []).append(r)
+                for r, scope in zip(subs.values(), self._scopes(app_key, ip, subs.values()), strict=True):
+                    groups.setdefault(scope, []).append(r)
                 for scope, rs in groups.items():
                     retest = self._wide_retest(app_key, ip, wide) if scope == "app" and wide else min(r.retest for r in rs)
                     out.append(Finding(rs[0].app.label, ip, "refused", scope,
