@@ -27,6 +27,7 @@ from sidecar.state.sqlite import GrantStore, Prune
 from sidecar.token.call import Identity
 from tests.egress.pairs import make_pair
 from tests.harness import metric_value
+from tests.token.test_shield import redis_server  # noqa: F401  (a fixture: real redis-servers)
 
 KEY = bytes(range(32))
 IP, OTHER_IP = "52.0.0.2", "52.0.0.1"
@@ -423,3 +424,57 @@ def test_enforce_sends_through_a_refused_ip_only_its_retest(events: list[tuple[s
                 else:
                     said = ev.said(app, org(ev, n), decision.member.egress_ip)
                     assert said is None or said.kind == "allowed"
+
+
+def test_replicas_share_refusals_successes_and_retests_through_a_real_redis(redis_server) -> None:  # noqa: ANN001
+    """Two Evidence objects, as two replicas, on one redis-server: what one learns the other reads before its
+    next call is routed (a refusal, a re-test taken, the success that disproves it), sealed in Redis."""
+    import asyncio
+
+    from sidecar.state.redis import SharedState
+    from tests.token.test_shield import redis_dump
+
+    url = redis_server().url
+
+    async def run() -> None:
+        clock = Clock()
+        shared = [SharedState(url, KEY, Metrics()) for _ in range(2)]
+        one, two = (Evidence(Metrics(), 60, parse_allowlist(None), clock=clock, monotonic=lambda: clock.now)
+                    for _ in range(2))
+        for ev, sh in zip((one, two), shared, strict=True):
+            await sh.start()
+            ev.open(sh.hash_key)
+            ev.share(sh)
+        try:
+            app, a, b = one.app("3MVG9demo"), org(one, 1), org(one, 2)
+            one.record(app, a, IP, "refused")
+            one.record(app, b, IP, "refused")  # refused for the app
+            await asyncio.sleep(0.2)  # (the write is off the request path)
+            await two.pull(app)
+            assert two.said(app, org(two, 3), IP) == one.said(app, org(one, 3), IP)
+            assert two.said(app, org(two, 3), IP).scope == "app"  # type: ignore[union-attr]
+            clock.now += 61
+            assert two.claim(app, org(two, 3), IP)  # replica two takes the re-test...
+            await asyncio.sleep(0.2)
+            clock.now += 3  # (past PENDING: what Redis says counts)
+            await one.pull(app)
+            assert not one.said(app, org(one, 3), IP).due  # type: ignore[union-attr]  # ...so replica one does not
+            two.record(app, org(two, 3), IP, "allowed")  # and it succeeded: the app's allowlist admits the IP
+            await asyncio.sleep(0.2)
+            clock.now += 3
+            await one.pull(app)
+            assert one.said(app, org(one, 3), IP).kind == "allowed"  # type: ignore[union-attr]
+            assert one.said(app, a, IP).scope == "org" and one.said(app, a, IP).due  # type: ignore[union-attr]
+            two.record(app, a, IP, "allowed")  # org A's own re-test succeeded too: its refusal goes everywhere
+            await asyncio.sleep(0.2)
+            clock.now += 3
+            await one.pull(app)
+            assert one.said(app, a, IP).kind == "allowed"  # type: ignore[union-attr]
+            assert [f.orgs for f in one.findings() if f.kind == "refused"] == [(b.label,)]
+            dumped = b"\n".join(redis_dump(url))
+            assert dumped and a.id.encode() not in dumped and b"3MVG9demo" not in dumped  # type: ignore[union-attr]
+        finally:
+            for sh in shared:
+                await sh.close()
+
+    asyncio.run(run())
