@@ -92,11 +92,17 @@ def verdict(pair: Pair, guard: Guard, findings: list[Finding] | None = None, *, 
     findings = _findings(guard) if findings is None else findings
     lines: list[str] = []
     level: Level = "ok"
+    critical: set[int] = set()  # the lines that made the verdict critical: said first
+    judged = 0  # lines before this one have their level
 
     def worse(to: Level) -> None:
-        nonlocal level
+        """The lines said since the last call are of level ``to``."""
+        nonlocal level, judged
         if to == "critical" or level == "ok":
             level = to
+        if to == "critical":
+            critical.update(range(judged, len(lines)))
+        judged = len(lines)
 
     n = len(pair.members)
     allowlisted_up = [m for m in pair.members if m.up is not False and guard.is_allowlisted(m.egress_ip)]
@@ -123,11 +129,13 @@ def verdict(pair: Pair, guard: Guard, findings: list[Finding] | None = None, *, 
         worse("critical")
     if len(refused) > EVIDENCE_LINES:
         lines.append(f"... and {len(refused) - EVIDENCE_LINES} more refusals: see `evidence` in /status.")
+        worse("critical")
     for f in own[:EVIDENCE_LINES]:
         lines.append(_org_line(f, enforce))
         worse("warning")
     if len(own) > EVIDENCE_LINES:
         lines.append(f"... and {len(own) - EVIDENCE_LINES} more customer-side refusals: see `evidence` in /status.")
+        worse("warning")
     answered = set(accepted) | {f.egress_ip for f in refused}
     if not guard.allowlist:
         if guard.mode == "observe":
@@ -180,7 +188,10 @@ def verdict(pair: Pair, guard: Guard, findings: list[Finding] | None = None, *, 
                 "no redemption has been answered yet"
             lines.append(f"All {n} pair members are up ({ips or 'egress IPs not known yet'}); {confirmed}, and it "
                          "refused none. No SIDECAR_ALLOWLIST is set: the guard follows Salesforce's answers.")
-    return Verdict(level, lines)
+    # What must be fixed first, then what is worth knowing (a FAIL of `check` starts with its reason).
+    ordered = [line for i, line in enumerate(lines) if i in critical] + \
+        [line for i, line in enumerate(lines) if i not in critical]
+    return Verdict(level, ordered)
 
 
 EVIDENCE_LINES = 5  # per kind; /status has them all

@@ -478,3 +478,17 @@ def test_replicas_share_refusals_successes_and_retests_through_a_real_redis(redi
                 await sh.close()
 
     asyncio.run(run())
+
+
+def test_the_verdict_says_what_must_be_fixed_before_what_is_worth_knowing() -> None:
+    """A FAIL of `check` prints the verdict's first line after "FAIL:": it must be a reason to fail, not a
+    note about one org's own restriction that happened to be found first."""
+    pair = make_pair(OTHER_IP, IP)
+    ev, _, _ = evidence(OTHER_IP)
+    guard = Guard(pair, parse_allowlist(OTHER_IP), "enforce", ev)
+    app = ev.app("3MVG9demo")
+    ev.record(app, org(ev, 1), OTHER_IP, "allowed")
+    ev.record(app, org(ev, 2), OTHER_IP, "refused")  # org 2's own restriction: a warning
+    v = verdict(pair, guard)  # and IP is not on SIDECAR_ALLOWLIST: critical
+    assert v.level == "critical" and len(v.lines) == 2
+    assert v.lines[0].startswith(f"Egress IP {IP} is not on the allowlist") and "only" in v.lines[1]
