@@ -271,8 +271,19 @@ class Settings(BaseSettings):
         900.0,
         ge=1.0,
         le=7 * 86400.0,
-        doc="Seconds an \"ip restricted\" answer through an egress IP keeps that IP off an app's redemptions; then "
-        "the guard tries it again, so an allowlist fixed in Salesforce is picked up without a restart.",
+        doc="Seconds after an \"ip restricted\" answer through an egress IP before it is re-tested: then one real "
+        "redemption may go through it (a refused one is sent again through another IP), so an allowlist fixed in "
+        "Salesforce is picked up without a restart. The refusal holds until a redemption through that IP "
+        "succeeds; a refused re-test schedules the next one.",
+    )
+    app_refusal_orgs: int = _setting(
+        2,
+        ge=1,
+        le=1000,
+        doc="How many customer orgs must be refused (\"ip restricted\") through an egress IP, with no org redeeming "
+        "through it since, before it counts as refused for the whole app (missing from the External Client App's "
+        "Refresh Token IP Allowlist). Fewer is each org's own restriction: only that org's redemptions avoid the "
+        "IP. `1` treats every refusal as the app's.",
     )
     retry_ip_restricted: bool | None = _setting(
         None,

@@ -207,8 +207,16 @@ class Metrics:
         )
         self.egress_ip_refused = Gauge(
             f"{NS}_egress_ip_refused",
-            "Apps (client_ids) whose latest redemption through this egress IP Salesforce refused as \"ip restricted\" "
-            "(within SIDECAR_EVIDENCE_TTL): the IP is missing from their Refresh Token IP Allowlist.",
+            "Apps (client_ids) for which Salesforce refuses this egress IP as \"ip restricted\" and no org has "
+            "redeemed through it since: refused for enough orgs (SIDECAR_APP_REFUSAL_ORGS), or for fewer with no "
+            "success through it yet. Held until a success through the IP (re-tested every SIDECAR_EVIDENCE_TTL).",
+            ("egress_ip",),
+            registry=r,
+        )
+        self.egress_ip_org_refused = Gauge(
+            f"{NS}_egress_ip_org_refused",
+            "Customer orgs whose own IP restrictions refuse this egress IP while other orgs of the same app redeem "
+            "through it (the fix is on the customer's side; /status names them). Held until a success.",
             ("egress_ip",),
             registry=r,
         )

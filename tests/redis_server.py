@@ -99,3 +99,4 @@ def redis_dump(url: str) -> list[bytes]:
         return [k + b"=" + (client.dump(k) or b"") for k in client.keys("*")]
     finally:
         client.close()
+REDIS_KEY = "5f" * 32  # SIDECAR_REDIS_KEY of the replicas in tests

@@ -86,9 +86,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from sidecar.app.demo import run_demo
 
     phases = run_demo(calls=args.calls)
-    observe, enforce, learn = phases
+    observe, enforce, learn, isv = phases
+    org_b, org_a = isv.orgs
     ok = (observe.total.get("ip_restricted", 0) > 0 and enforce.total.get("success", 0) == args.calls
-          and learn.app_failures == 0)
+          and learn.app_failures == 0 and org_b.app_failures <= 1 and org_a.app_failures == 0
+          and org_a.by_egress.get(("127.0.0.3", 200), 0) > 0)
     return EXIT_OK if ok else EXIT_FAIL
 
 
@@ -149,10 +151,11 @@ def build_parser() -> argparse.ArgumentParser:
         "check",
         help="preflight: probe each pair member's egress IP and check it against the allowlist",
         description="Validate the configuration, resolve the pair, probe every member's egress IP through "
-        "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST; when a sidecar is running (--admin-url), add what "
-        "Salesforce answered it through each egress IP. Exit 0 when every observed egress IP is allowlisted, "
-        "every member is reachable and stable, Salesforce refused none and NO_PROXY/no_proxy in the environment "
-        "lists no Salesforce host (clients would send token calls around the sidecar); 1 otherwise; 2 on bad "
+        "SIDECAR_ECHO_URL and compare with SIDECAR_ALLOWLIST; when a sidecar is running (--admin-url), judge with "
+        "its guard mode and what Salesforce answered it through each egress IP (and say so when none answered). "
+        "Exit 0 when every member is reachable and stable, every observed egress IP is listed and not refused by "
+        "Salesforce (with no list typed: accepted by Salesforce), and NO_PROXY/no_proxy in the environment lists "
+        "no Salesforce host (clients would send token calls around the sidecar); 1 otherwise; 2 on bad "
         "configuration. Usable as a deploy gate; run it in the app's environment.",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

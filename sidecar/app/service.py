@@ -86,7 +86,8 @@ class Sidecar:
         self.confdir = prepare_confdir(settings.confdir_path)
         self.metrics = Metrics()
         self.pair: Pair = build_pair(settings)
-        self.evidence = Evidence(self.metrics, settings.evidence_ttl, settings.allowlist_ranges)
+        self.evidence = Evidence(self.metrics, settings.evidence_ttl, settings.allowlist_ranges,
+                                 app_orgs=settings.app_refusal_orgs)
         self.guard = Guard(self.pair, settings.allowlist_ranges, settings.guard_mode, self.evidence)
         self.recorder = Recorder(self.metrics)
         self.hosts = TokenHosts(settings.token_hosts)
@@ -131,10 +132,10 @@ class Sidecar:
         self.shield = Shield(self.metrics, settings.replay_window, longest_redemption(settings, len(self.pair.members)),
                              self.shared)
         self.routes = Routes(self.guard, settings.route, settings.salesforce_tunnels)
-        # The policies, in the order the core calls their hooks (sidecar/token/flow.py): the app is named
-        # before the shield and the guard look at the call; the record is written before the grants are.
+        # The policies, in the order the core calls their hooks (sidecar/token/flow.py): the app and the org
+        # are named before the shield and the guard look at the call; the record is written before the grants are.
         self.addons = (
-            EvidenceAddon(self.evidence),
+            EvidenceAddon(self.evidence, self.grants),
             RotationShield(self.shield),
             GuardAddon(self.guard, retry_ip_restricted=settings.retry_on_ip_restricted),
             Record(self.recorder, self.metrics),
@@ -234,6 +235,8 @@ class Sidecar:
         self.shield.hash_key = key
         if self.shared is not None:
             self.grants.share(self.shared)
+            self.evidence.share(self.shared)  # per org and app-wide, read before each call is routed
+            await self.evidence.pull_all()
         admin = self.settings.admin_address
         try:
             self.admin = AdminServer(admin.host, admin.port, self, render_page)

@@ -250,7 +250,7 @@ class Prober:
             self._member_up_ip[m.label] = ip
             self.metrics.member_up.labels(m.label, ip).set(1 if m.up else 0)
         if self.guard.evidence is not None:
-            self.guard.evidence.update_metrics()  # refusals past SIDECAR_EVIDENCE_TTL leave the gauges
+            self.guard.evidence.update_metrics()  # refusals not seen for evidence.FORGET_AFTER leave the gauges
         if self.guard.allowlist:
             ips = self.pair.egress_ips()
             for gone in self._allowlisted_ips - set(ips):

@@ -42,7 +42,7 @@ class Recorder:
             "not_allowlisted" else logging.WARNING
         event(log, level, _message(call), **fields)
         with self._lock:
-            self.recent.append(fields)
+            self.recent.append({**fields, "at": round(call.started, 3)})  # (the status page shows its time)
             self.by_egress.setdefault(call.egress_ip, Counter())[call.outcome] += 1
             if call.retried_from:
                 self.by_egress.setdefault(call.retried_from[1], Counter())["ip_restricted"] += 1

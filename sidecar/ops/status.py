@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
 from sidecar import __version__
+from sidecar.egress.evidence import Finding, disagreements
 from sidecar.egress.guard import Guard
 from sidecar.egress.pair import Pair
 from sidecar.egress.verify import Verifier
@@ -40,8 +41,13 @@ class Verdict:
         return " ".join(self.lines)
 
 
-def member_rows(pair: Pair, guard: Guard, verifier: Verifier | None = None) -> list[dict[str, Any]]:
+def member_rows(pair: Pair, guard: Guard, findings: list[Finding] | None = None,
+                verifier: Verifier | None = None) -> list[dict[str, Any]]:
+    """Each member with its egress IP's state: ``allowlisted`` is what SIDECAR_ALLOWLIST says (None: not set
+    or IP unknown), ``salesforce`` what Salesforce's answers say (:func:`ip_says`), ``verification`` whether
+    each new connection's egress IP is asked on it."""
     now = time.time()
+    findings = _findings(guard) if findings is None else findings
     return [
         {
             **({"verification": verifier.describe(m)} if verifier is not None else {}),
@@ -53,6 +59,7 @@ def member_rows(pair: Pair, guard: Guard, verifier: Verifier | None = None) -> l
             "up": m.up,
             "ejected": m.ejected,
             "allowlisted": guard.is_allowlisted(m.egress_ip),
+            "salesforce": ip_says(m.egress_ip, findings),
             "last_probe_age_seconds": None if m.last_probe is None else round(now - m.last_probe, 1),
             "last_error": m.last_error,
         }
@@ -60,7 +67,25 @@ def member_rows(pair: Pair, guard: Guard, verifier: Verifier | None = None) -> l
     ]
 
 
-def verdict(pair: Pair, guard: Guard) -> Verdict:
+def ip_says(ip: str | None, findings: list[Finding]) -> dict[str, Any]:
+    """What Salesforce's answers say about one egress IP: ``says`` is "refused" (for some app: refused by
+    enough orgs, or by one and nobody redeemed through it since), "accepted" (some org redeemed through it)
+    or "unknown"; ``orgs_refused`` the orgs whose own restriction refuses it while others redeem."""
+    mine = [f for f in findings if ip is not None and f.egress_ip == ip]
+    refused = [f for f in mine if f.kind == "refused" and f.scope != "org"]
+    orgs = sorted({o for f in mine if f.kind == "refused" and f.scope == "org" for o in f.orgs})
+    says = "refused" if refused else "accepted" if any(f.kind == "allowed" for f in mine) else "unknown"
+    return {"says": says, "apps_refused": sorted({f.app for f in refused}), "orgs_refused": orgs}
+
+
+def _findings(guard: Guard) -> list[Finding]:
+    return guard.evidence.findings() if guard.evidence is not None else []
+
+
+def verdict(pair: Pair, guard: Guard, findings: list[Finding] | None = None, *, strict: bool = False) -> Verdict:
+    """The verdict in plain words. ``findings``: what Salesforce answered (by default the guard's evidence;
+    ``check`` passes a running sidecar's). ``strict`` (``check``): without SIDECAR_ALLOWLIST, an egress IP
+    Salesforce has not accepted a redemption through is not good enough."""
     if pair.direct:
         return Verdict(
             "warning",
@@ -69,15 +94,28 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
                 "and no static IP is in use."
             ],
         )
+    findings = _findings(guard) if findings is None else findings
     lines: list[str] = []
     level: Level = "ok"
+    critical: set[int] = set()  # the lines that made the verdict critical: said first
+    judged = 0  # lines before this one have their level
+
+    def worse(to: Level) -> None:
+        """The lines said since the last call are of level ``to``."""
+        nonlocal level, judged
+        if to == "critical" or level == "ok":
+            level = to
+        if to == "critical":
+            critical.update(range(judged, len(lines)))
+        judged = len(lines)
+
     n = len(pair.members)
     allowlisted_up = [m for m in pair.members if m.up is not False and (guard.is_allowlisted(m.egress_ip) or (
         m.egress_ip is None and m.verifies and any(guard.is_allowlisted(ip) for ip in m.observed_ips)))]
     for m in pair.members:
         if m.up is False:
             lines.append(f"Pair member {m.label} is unreachable ({m.last_error or 'no answer'}).")
-            level = "critical"
+            worse("critical")
         elif m.stable is False and m.verifies:
             pass  # one load-balanced address: each connection's egress IP is judged (with_egress_checks says so)
         elif m.stable is False:
@@ -85,45 +123,57 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
                 f"Pair member {m.label} is unstable: it left from {', '.join(m.observed_ips)}; "
                 "its egress IP is not claimed. Allowlist every IP it uses."
             )
-            level = "critical"
+            worse("critical")
         elif m.egress_ip is None:
             lines.append(f"Egress IP of pair member {m.label} is not known yet (probe pending).")
-            level = "critical" if level == "critical" else "warning"
-    facts = guard.evidence.facts() if guard.evidence is not None else []
-    refused = [f for f in facts if f.kind == "refused"]
-    accepted = sorted({f.egress_ip for f in facts if f.kind == "allowed"} - {f.egress_ip for f in refused})
+            worse("warning")
+    enforce = guard.mode == "enforce"
+    refused = [f for f in findings if f.kind == "refused" and f.scope != "org"]
+    own = [f for f in findings if f.kind == "refused" and f.scope == "org"]
+    accepted = sorted({f.egress_ip for f in findings if f.kind == "allowed"} - {f.egress_ip for f in refused})
     for f in refused[:EVIDENCE_LINES]:
         listed = bool(guard.allowlist) and guard.allowlist.contains(f.egress_ip)
-        lines.append(
-            f"Salesforce refused egress IP {f.egress_ip} for app {f.app.label} at {when(f.at)} (ip restricted by app "
-            f"developer){', although SIDECAR_ALLOWLIST lists it' if listed else ''}: add {f.egress_ip} to that "
-            "External Client App's Refresh Token IP Allowlist (External Client App Manager → Edit Settings). "
-            + ("Until then the guard keeps that app's redemptions off it, so the pair has no redundancy."
-               if guard.mode == "enforce" else "Until then its redemptions through that IP fail.")
-        )
-        level = "critical"
+        lines.append(_refused_line(f, listed, enforce))
+        worse("critical")
     if len(refused) > EVIDENCE_LINES:
         lines.append(f"... and {len(refused) - EVIDENCE_LINES} more refusals: see `evidence` in /status.")
+        worse("critical")
+    for f in own[:EVIDENCE_LINES]:
+        lines.append(_org_line(f, enforce))
+        worse("warning")
+    if len(own) > EVIDENCE_LINES:
+        lines.append(f"... and {len(own) - EVIDENCE_LINES} more customer-side refusals: see `evidence` in /status.")
+        worse("warning")
+    answered = set(accepted) | {f.egress_ip for f in refused}
     if not guard.allowlist:
         if guard.mode == "observe":
             lines.append(
                 "No allowlist is configured (SIDECAR_ALLOWLIST) and the guard observes: set the allowlist, or let the "
                 "guard enforce (the default with a pair), so that refreshes stay off refused egress IPs."
             )
-            level = "critical" if level == "critical" else "warning"
+            worse("warning")
+        if strict:
+            for ip in pair.egress_ips():
+                if ip not in answered:
+                    lines.append(
+                        f"Egress IP {ip} is not confirmed: no SIDECAR_ALLOWLIST is set and Salesforce has not accepted a "
+                        "redemption through it (none answered yet, or no running sidecar was asked). Add it to the "
+                        "External Client App's Refresh Token IP Allowlist and set SIDECAR_ALLOWLIST to the same list."
+                    )
+                    worse("critical")
     else:
-        unlisted_accepted = [d.fact for d in guard.evidence.disagreements() if not d.listed] if guard.evidence else []
-        for f in unlisted_accepted[:EVIDENCE_LINES]:
+        for d in [d for d in disagreements(findings, guard.allowlist) if not d.listed][:EVIDENCE_LINES]:
+            f = d.finding
             lines.append(
-                f"Salesforce accepted a redemption through egress IP {f.egress_ip} for app {f.app.label} at "
+                f"Salesforce accepted a redemption through egress IP {f.egress_ip} for app {f.app} at "
                 f"{when(f.at)}, but SIDECAR_ALLOWLIST does not list it: add it there (the guard follows Salesforce)."
             )
-            level = "critical" if level == "critical" else "warning"
+            worse("warning")
         for ip in guard.missing_ips():
-            if ip in accepted or ip in {f.egress_ip for f in refused}:
+            if ip in answered:
                 continue  # Salesforce's answers said it already (the lines above)
             share = "about half of" if n == 2 else "some"
-            if guard.mode == "enforce":
+            if enforce:
                 lines.append(
                     f"Egress IP {ip} is not on the allowlist: the guard keeps refresh token redemptions off it, "
                     "so you have no redundancy; add it in External Client App Manager."
@@ -133,10 +183,10 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
                     f"Egress IP {ip} is not on the allowlist: {share} refresh token redemptions will fail; "
                     "add it in External Client App Manager."
                 )
-            level = "critical"
-        if guard.mode == "enforce" and not allowlisted_up:
+            worse("critical")
+        if enforce and not allowlisted_up:
             lines.append("No pair member with an allowlisted egress IP is available: refresh calls are refused (503).")
-            level = "critical"
+            worse("critical")
     if not lines:
         ips = ", ".join(pair.egress_ips())
         if guard.allowlist:
@@ -146,23 +196,69 @@ def verdict(pair: Pair, guard: Guard) -> Verdict:
                 "no redemption has been answered yet"
             lines.append(f"All {n} pair members are up ({ips or 'egress IPs not known yet'}); {confirmed}, and it "
                          "refused none. No SIDECAR_ALLOWLIST is set: the guard follows Salesforce's answers.")
-    return Verdict(level, lines)
+    # What must be fixed first, then what is worth knowing (a FAIL of `check` starts with its reason).
+    ordered = [line for i, line in enumerate(lines) if i in critical] + \
+        [line for i, line in enumerate(lines) if i not in critical]
+    return Verdict(level, ordered)
 
 
 EVIDENCE_LINES = 5  # per kind; /status has them all
+MAX_ORGS_NAMED = 5
 
 
 def when(at: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(at))
 
 
-def evidence_rows(guard: Guard) -> list[dict[str, Any]]:
+def _retest(f: Finding) -> str:
+    if f.retest is None:
+        return ""
+    if f.retest <= time.time():
+        return "its re-test goes with the next redemption"
+    return f"re-tested from {when(f.retest)}"
+
+
+def _orgs(orgs: tuple[str, ...]) -> str:
+    named = ", ".join(orgs[:MAX_ORGS_NAMED])
+    return named + (f" and {len(orgs) - MAX_ORGS_NAMED} more" if len(orgs) > MAX_ORGS_NAMED else "")
+
+
+def _refused_line(f: Finding, listed: bool, enforce: bool) -> str:
+    although = ", although SIDECAR_ALLOWLIST lists it" if listed else ""
+    tail = ("Until then the guard keeps {} redemptions off it, so the pair has no redundancy for {}."
+            if enforce else "Until then {} redemptions through that IP fail.")
+    if f.scope == "app":
+        return (f"Salesforce refused egress IP {f.egress_ip} for app {f.app}: {len(f.orgs)} orgs were refused through "
+                f"it ({_orgs(f.orgs)}) and none has redeemed through it since (last at {when(f.at)}; {_retest(f)})"
+                f"{although}: it is missing from that External Client App's Refresh Token IP Allowlist. Add "
+                f"{f.egress_ip} there (External Client App Manager → Edit Settings). "
+                + tail.format("that app's", "it"))
+    return (f"Salesforce refused egress IP {f.egress_ip} for app {f.app} ({_orgs(f.orgs)}) at {when(f.at)} (ip "
+            f"restricted), and no org has redeemed through it since ({_retest(f)}){although}: add {f.egress_ip} to that "
+            "External Client App's Refresh Token IP Allowlist (External Client App Manager → Edit Settings); if it "
+            "is there already, that org's own IP restrictions refuse it. "
+            + tail.format("that org's", "that org"))
+
+
+def _org_line(f: Finding, enforce: bool) -> str:
+    who = f.orgs[0] if len(f.orgs) == 1 else f"{len(f.orgs)} orgs ({_orgs(f.orgs)})"
+    return (f"Salesforce refused egress IP {f.egress_ip} for app {f.app}, {who} only (last at {when(f.at)}; "
+            f"{_retest(f)}), while other orgs redeem through it: the app's allowlist admits it, and that org's own "
+            "IP restrictions refuse it (a profile's Login IP Ranges, or the app's IP relaxation policy set to "
+            f"Enforce in that org). The fix is on the customer's side: ask its admin to allow {f.egress_ip}. "
+            + ("The guard sends that org's redemptions through the other egress IPs; the other orgs keep using it."
+               if enforce else "Until then that org's redemptions through it fail."))
+
+
+def evidence_rows(guard: Guard, findings: list[Finding] | None = None) -> list[dict[str, Any]]:
+    """What Salesforce answered, for /status and the page: one row per app, egress IP and kind (refusals
+    per scope), with when it was last said and when a refusal will be re-tested."""
     now = time.time()
-    facts = guard.evidence.facts() if guard.evidence is not None else []
-    return [{"app": f.app.label, "egress_ip": f.egress_ip, "evidence": f.kind, "at": when(f.at),
-             "age_seconds": round(now - f.at, 1),
+    findings = _findings(guard) if findings is None else findings
+    return [{**f.as_dict(), "at": when(f.at), "age_seconds": round(now - f.at, 1),
+             "retest_at": None if f.retest is None else when(f.retest),
              "allowlist_says": None if not guard.allowlist else guard.allowlist.contains(f.egress_ip)}
-            for f in facts]
+            for f in findings]
 
 
 TLS_RECENT_SECONDS = 600.0  # client TLS failures this recent make the verdict say so
@@ -214,8 +310,9 @@ def with_shared_state(v: Verdict, redis: dict[str, Any]) -> Verdict:
 def build_status(sidecar: StatusSource) -> dict[str, Any]:
     ready, why = sidecar.is_ready()
     facts = sidecar.status_facts()
-    v = with_shared_state(with_client_tls(with_egress_checks(verdict(sidecar.pair, sidecar.guard), sidecar.pair,
-                                                             sidecar.verifier), facts["client_tls"]),
+    findings = _findings(sidecar.guard)
+    v = with_shared_state(with_client_tls(with_egress_checks(verdict(sidecar.pair, sidecar.guard, findings),
+                                                             sidecar.pair, sidecar.verifier), facts["client_tls"]),
                           facts["shield"]["redis"])
     return {
         "version": __version__,
@@ -228,12 +325,12 @@ def build_status(sidecar: StatusSource) -> dict[str, Any]:
         "guard": sidecar.guard.mode,
         "allowlist": str(sidecar.guard.allowlist) if sidecar.guard.allowlist else None,
         "missing_from_allowlist": sidecar.guard.missing_ips(),
-        "pair": member_rows(sidecar.pair, sidecar.guard, sidecar.verifier),
+        "pair": member_rows(sidecar.pair, sidecar.guard, findings, sidecar.verifier),
         "layout": sidecar.verifier.layout() if not sidecar.pair.direct else None,
         "probe_rounds": facts["probe_rounds"],
         "client_tls": facts["client_tls"],
         "shield": facts["shield"],
-        "evidence": evidence_rows(sidecar.guard),
+        "evidence": evidence_rows(sidecar.guard, findings),
         "verdict": {"level": v.level, "lines": v.lines},
         **facts["calls"],
     }
@@ -260,6 +357,26 @@ def _state_cell(column: str, value: object) -> str:
     return f"<td class='{column} {kind}'>{_yes_no(value)}</td>"
 
 
+def _says_cell(says: dict[str, Any] | None) -> str:
+    """What Salesforce said about an egress IP: yes, refused (for the app), refused for some orgs only (their
+    own restriction), or unknown (nothing answered yet)."""
+    says = says or {}
+    word = {"accepted": "yes", "refused": "refused", "unknown": "unknown"}.get(says.get("says"), "unknown")
+    kind = {"yes": "good", "refused": "bad"}.get(word, "unknown")
+    orgs = says.get("orgs_refused") or []
+    if orgs:
+        word += f"; refused for {', '.join(orgs[:3])}{' and more' if len(orgs) > 3 else ''} only (customer side)"
+        kind = "bad" if kind == "bad" else "partial"
+    return f"<td class='salesforce {kind}'>{html.escape(word)}</td>"
+
+
+def _listed_cell(listed: object, configured: bool) -> str:
+    """What SIDECAR_ALLOWLIST says about an egress IP."""
+    word = "listed" if listed is True else "NOT listed" if listed is False else "not set" if not configured else "?"
+    kind = "good" if listed is True else "bad" if listed is False else "unknown"
+    return f"<td class='allowlisted {kind}'>{word}</td>"
+
+
 def _age(seconds: object) -> str:
     return "never" if seconds is None else f"{seconds:.0f} s ago" if isinstance(seconds, int | float) else "?"
 
@@ -283,12 +400,18 @@ def render_page(status: dict[str, Any]) -> str:
     """
     e = html.escape
     v = status["verdict"]
-    allowlisted_by_ip = {r["egress_ip"]: r["allowlisted"] for r in status["pair"] if r["egress_ip"]}
+    configured = bool(status.get("allowlist"))
+    says_by_ip = {r["egress_ip"]: r.get("salesforce") for r in status["pair"] if r["egress_ip"]}
+
+    def flagged(r: dict[str, Any]) -> bool:
+        return r["allowlisted"] is False or r["up"] is False or (r.get("salesforce") or {}).get("says") == "refused"
+
     rows = "".join(
-        f"<tr class='member{' flagged' if r['allowlisted'] is False or r['up'] is False else ''}'"
+        f"<tr class='member{' flagged' if flagged(r) else ''}'"
         f" data-member='{e(r['member'])}' data-egress='{e(r['egress_ip'] or 'unknown')}'>"
         f"<td>{e(r['member'])}</td><td class='ip'>{e(str(r['egress_ip'] or 'unknown'))}</td>"
-        + _state_cell("allowlisted", r["allowlisted"])
+        + _says_cell(r.get("salesforce"))
+        + _listed_cell(r["allowlisted"], configured)
         + _state_cell("up", r["up"])
         + _state_cell("stable", r["stable"])
         + f"<td class='probe'>{e(_age(r.get('last_probe_age_seconds')))}</td>"
@@ -298,7 +421,7 @@ def render_page(status: dict[str, Any]) -> str:
     by_ip: dict[str, dict[str, int]] = status["outcomes_by_egress_ip"]
     columns = _outcome_columns(by_ip)
     outcome_head = (
-        "<tr><th>egress IP</th><th>allowlisted</th><th>calls</th><th>failed</th>"
+        "<tr><th>egress IP</th><th>Salesforce says</th><th>calls</th><th>failed</th>"
         + "".join(f"<th>{e(k)}</th>" for k in columns)
         + "</tr>"
     )
@@ -312,11 +435,10 @@ def render_page(status: dict[str, Any]) -> str:
             f" data-outcome='{e(k)}'>{counts.get(k, 0)}</td>"
             for k in columns
         )
-        listed = allowlisted_by_ip.get(ip)
         return (
             f"<tr class='outcomes{' flagged' if failed else ''}' data-egress='{e(ip)}'>"
             f"<td class='ip'>{e(_egress_label(ip))}</td>"
-            + (_state_cell("allowlisted", listed) if ip in allowlisted_by_ip else "<td class='allowlisted'>-</td>")
+            + (_says_cell(says_by_ip[ip]) if ip in says_by_ip else "<td class='salesforce'>-</td>")
             + f"<td class='n total'>{total}</td><td class='n share{' bad' if failed else ''}'>{share}</td>{cells}</tr>"
         )
 
@@ -330,10 +452,13 @@ def render_page(status: dict[str, Any]) -> str:
         else ""
     )
     evidence_rows_html = "".join(
-        f"<tr class='evidence{' flagged' if r['evidence'] == 'refused' else ''}' data-egress='{e(r['egress_ip'])}'>"
+        f"<tr class='evidence{' flagged' if r['evidence'] == 'refused' else ''}' data-egress='{e(r['egress_ip'])}'"
+        f" data-scope='{e(str(r.get('scope') or ''))}'>"
         f"<td>{e(r['app'])}</td><td class='ip'>{e(r['egress_ip'])}</td>"
-        f"<td class='{'bad' if r['evidence'] == 'refused' else 'good'}'>{e(r['evidence'])}</td>"
-        f"<td>{e(r['at'])}</td><td>{e(_listed(r.get('allowlist_says')))}</td></tr>"
+        f"<td class='{'bad' if r['evidence'] == 'refused' else 'good'}'>{e(_answer(r))}</td>"
+        f"<td class='orgs'>{e(', '.join(r.get('orgs') or []))}</td>"
+        f"<td>{e(r['at'])}</td><td>{e(r.get('retest_at') or '-')}</td>"
+        f"<td>{e(_listed(r.get('allowlist_says')))}</td></tr>"
         for r in status.get("evidence") or []
     )
     sh = status.get("shield") or {}
@@ -344,7 +469,8 @@ def render_page(status: dict[str, Any]) -> str:
                                          + ")" if redis.get("configured") else "state kept in this process") + ".")
     recent = list(reversed(status.get("recent") or []))[:_RECENT_ROWS]
     recent_rows = "".join(
-        f"<tr class='call'><td>{e(str(c.get('grant_type')))}</td><td>{e(str(c.get('member')))}</td>"
+        f"<tr class='call'><td class='time'>{e(_clock(c.get('at')))}</td>"
+        f"<td>{e(str(c.get('grant_type')))}</td><td>{e(str(c.get('member')))}</td>"
         f"<td class='ip'>{e(str(c.get('egress_ip')))}</td>"
         f"<td class='{'good' if c.get('outcome') == 'success' else 'bad'}'>{e(str(c.get('outcome')))}</td>"
         f"<td class='n'>{e(str(c.get('status') if c.get('status') is not None else '-'))}</td>"
@@ -366,7 +492,7 @@ table{{border-collapse:collapse;margin:.4em 0}}
 td,th{{border:1px solid #ccc;padding:.35em .8em;text-align:left}}th{{background:#f2f2f2;font-weight:600}}
 td.n{{text-align:right;font-variant-numeric:tabular-nums}}td.ip{{font-family:ui-monospace,monospace}}
 td.good{{color:#1b7f3a}}td.bad{{color:#b00020;font-weight:700;background:#fdecee}}
-td.unknown{{color:#a86500}}td.zero{{color:#999}}td.error{{color:#b00020}}
+td.unknown,td.partial{{color:#a86500}}td.zero{{color:#999}}td.error{{color:#b00020}}
 tr.flagged td:first-child{{box-shadow:inset .3em 0 0 #b00020}}
 .verdict{{border:1px solid {color};border-left:.5em solid {color};background:{tint};padding:.6em 1.2em;border-radius:.2em}}
 .verdict h2{{margin:.1em 0 .2em;color:{color};font-size:1.3em}}.verdict ul{{margin:.2em 0;padding-left:1.2em}}
@@ -381,20 +507,31 @@ up {e(_uptime(status.get('uptime_seconds')))} · version {e(status['version'])}<
 <div class="verdict" id="verdict" data-level="{e(v['level'])}"><h2>{e(_HEADLINES[v['level']])}</h2>
 <ul>{verdict_lines}</ul></div>
 <h2>Pair</h2>
-<table id="pair"><tr><th>member</th><th>egress IP</th><th>allowlisted</th><th>up</th><th>stable</th>
-<th>last probe</th><th>last error</th></tr>{rows}</table>
+<table id="pair"><tr><th>member</th><th>egress IP</th><th>Salesforce says</th><th>SIDECAR_ALLOWLIST</th><th>up</th>
+<th>stable</th><th>last probe</th><th>last error</th></tr>{rows}</table>
 <h2>Token call outcomes by egress IP (since start)</h2>
 <table id="outcomes">{outcome_head + outcome_rows if outcome_rows else '<tr><td>no token calls yet</td></tr>'}</table>
 {hint}
-<h2>What Salesforce answered, per app and egress IP</h2>
-<table id="evidence">{'<tr><th>app (client_id)</th><th>egress IP</th><th>last answer</th><th>when</th><th>SIDECAR_ALLOWLIST</th></tr>' + evidence_rows_html if evidence_rows_html else '<tr><td>no redemption answered yet</td></tr>'}</table>
+<h2>What Salesforce answered, per app, org and egress IP</h2>
+<table id="evidence">{'<tr><th>app (client_id)</th><th>egress IP</th><th>answer</th><th>orgs</th><th>last seen</th><th>re-test from</th><th>SIDECAR_ALLOWLIST</th></tr>' + evidence_rows_html if evidence_rows_html else '<tr><td>no redemption answered yet</td></tr>'}</table>
 <p id="shield">Rotation shield: {shield_line}</p>
 <h2>Recent token calls (newest first)</h2>
-<table id="recent">{'<tr><th>grant type</th><th>member</th><th>egress IP</th><th>outcome</th><th>status</th><th>ms</th></tr>' + recent_rows if recent_rows else '<tr><td>none yet</td></tr>'}</table>
+<table id="recent">{'<tr><th>time (UTC)</th><th>grant type</th><th>member</th><th>egress IP</th><th>outcome</th><th>status</th><th>ms</th></tr>' + recent_rows if recent_rows else '<tr><td>none yet</td></tr>'}</table>
 <p>Allowlist: <code id="allowlist">{e(status['allowlist'] or 'not configured')}</code></p>
 <p><a href="/metrics">/metrics</a> · <a href="/status">/status</a> · <a href="/ca.pem">/ca.pem</a> · refreshes every 10 s</p>
 </body></html>
 """
+
+
+def _answer(row: dict[str, Any]) -> str:
+    if row["evidence"] != "refused":
+        return "allowed"
+    return {"app": "refused for the app", "org": "refused for these orgs only (customer side)",
+            "unproven": "refused (app or org: not proven)"}.get(str(row.get("scope")), "refused")
+
+
+def _clock(at: object) -> str:
+    return time.strftime("%H:%M:%S", time.gmtime(at)) if isinstance(at, int | float) else "-"
 
 
 def _listed(value: object) -> str:

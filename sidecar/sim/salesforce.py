@@ -4,6 +4,15 @@ Why: the sidecar exists because Salesforce rejects refresh-token and web-server-
 TCP source address is not allowlisted, and rotates refresh tokens on every redemption. Tests and
 the demo need a server that does exactly that, judged on the real peer address (never a header),
 with the exact error bodies (REFERENCE.md), the same token shapes, and fault knobs for chaos tests.
+
+One External Client App serves many customer orgs (an ISV's case): every grant belongs to an org
+(:meth:`FakeSalesforce.add_org`), every successful answer names it (``id`` =
+``https://login.salesforce.com/id/ORG_ID/USER_ID``), and an org may restrict the IPs its users log in
+from (a profile's Login IP Ranges, or the app's IP relaxation policy set to Enforce in that org:
+:meth:`FakeSalesforce.set_org_ip_ranges`). Such a customer-side refusal gets the very same
+``invalid_grant`` / "ip restricted" answer as the app's allowlist: Salesforce does not document the
+wording for the allowlist, and public code shows "ip restricted" texts for customer-side restrictions
+(REFERENCE.md), so the sidecar cannot tell the two apart by the text, and neither can the tests.
 """
 
 from __future__ import annotations
@@ -71,6 +80,25 @@ def _parse_allow_entry(entry: str) -> tuple[ipaddress.IPv4Address | ipaddress.IP
     return lo, hi
 
 
+Range = tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]
+
+
+def _in_ranges(ranges: list[Range], ip: str) -> bool:
+    addr = ipaddress.ip_address(ip)
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
+        addr = addr.ipv4_mapped
+    return any(lo.version == addr.version and lo <= addr <= hi for lo, hi in ranges)  # type: ignore[operator]
+
+
+@dataclass(slots=True)
+class Org:
+    """A customer org of the app: its id, its one user, and its own IP restrictions (None: none)."""
+
+    org_id: str
+    user_id: str
+    ranges: list[Range] | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class SeenRequest:
     source_ip: str
@@ -82,6 +110,7 @@ class SeenRequest:
     headers: dict[str, str]  # lowercase names
     body: bytes
     at: float = field(default_factory=time.time)
+    org_id: str | None = None  # the org of the grant redeemed, when the server knew it
 
 
 class FakeSalesforce(ThreadedServer):
@@ -112,15 +141,16 @@ class FakeSalesforce(ThreadedServer):
         self.require_secret = require_secret  # False: refresh/auth-code may omit the secret
         self.instance_url = instance_url  # None: https://<Host header>
         self.users = dict(users or {"demo@example.com": "demo-password"})
-        self.org_id = "00D" + _rand(15, _ID_CHARS)
+        self.org_id = "00D" + _rand(15, _ID_CHARS)  # the org of grants issued without naming one
         self.user_id = "005" + _rand(15, _ID_CHARS)
+        self._orgs: dict[str, Org] = {self.org_id: Org(self.org_id, self.user_id)}
         self.slow_seconds = 3.0  # for fail_mode "slow"; capped at 30 s
         self._fail_mode: str | None = None
         self._allow: tuple[str, ...] = ()
-        self._ranges: list[tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...]] = []
+        self._ranges: list[Range] = []
         self.set_allowlist(allowlist)
-        self._refresh_tokens: set[str] = set()
-        self._auth_codes: set[str] = set()
+        self._refresh_tokens: dict[str, str] = {}  # token -> its grant's org id
+        self._auth_codes: dict[str, str] = {}  # code -> the org id of the user who authorised it
         self._seen: list[SeenRequest] = []
 
     # ---- runtime knobs & state (thread-safe) -------------------------------------------------
@@ -145,27 +175,57 @@ class FakeSalesforce(ThreadedServer):
             self._allow, self._ranges = entries, ranges
 
     def ip_allowed(self, ip: str) -> bool:
-        addr = ipaddress.ip_address(ip)
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-            addr = addr.ipv4_mapped
         with self._lock:
-            return any(lo.version == addr.version and lo <= addr <= hi for lo, hi in self._ranges)  # type: ignore[operator]
+            return _in_ranges(self._ranges, ip)
 
-    def issue_refresh_token(self) -> str:
+    # ---- customer orgs ---------------------------------------------------------------------------
+    def add_org(self, ip_ranges: Iterable[str] | None = None) -> str:
+        """A new customer org of this app (with one user); its id. ``ip_ranges``: see set_org_ip_ranges."""
+        org = Org("00D" + _rand(15, _ID_CHARS), "005" + _rand(15, _ID_CHARS))
+        with self._lock:
+            self._orgs[org.org_id] = org
+        self.set_org_ip_ranges(org.org_id, ip_ranges)
+        return org.org_id
+
+    def set_org_ip_ranges(self, org_id: str, entries: Iterable[str] | None) -> None:
+        """The IPs the org's own restrictions let its grants be redeemed from (None: any). A redemption
+        from outside gets the same "ip restricted" answer as the app's allowlist gives."""
+        ranges = None if entries is None else [_parse_allow_entry(e) for e in entries]
+        with self._lock:
+            self._orgs[org_id].ranges = ranges
+
+    def user_of(self, org_id: str) -> str:
+        with self._lock:
+            return self._orgs[org_id].user_id
+
+    def issue_refresh_token(self, org_id: str | None = None) -> str:
         token = "5Aep861" + _rand(80)
         with self._lock:
-            self._refresh_tokens.add(token)
+            self._refresh_tokens[token] = self._org(org_id).org_id
         return token
 
-    def issue_auth_code(self) -> str:
+    def issue_auth_code(self, org_id: str | None = None) -> str:
         code = "aPrx" + _rand(60, _ID_CHARS) + "=="
         with self._lock:
-            self._auth_codes.add(code)
+            self._auth_codes[code] = self._org(org_id).org_id
         return code
+
+    def org_of(self, token_or_code: str) -> str | None:
+        """The org of a refresh token or authorization code this server issued (and has not consumed)."""
+        with self._lock:
+            return self._refresh_tokens.get(token_or_code) or self._auth_codes.get(token_or_code)
 
     def refresh_token_valid(self, token: str) -> bool:
         with self._lock:
             return token in self._refresh_tokens
+
+    def _org(self, org_id: str | None) -> Org:
+        return self._orgs[org_id or self.org_id]  # (under the lock)
+
+    def _org_refuses(self, org_id: str | None, ip: str) -> bool:
+        with self._lock:
+            org = self._orgs.get(org_id or "")
+            return org is not None and org.ranges is not None and not _in_ranges(org.ranges, ip)
 
     @property
     def seen(self) -> list[SeenRequest]:
@@ -192,23 +252,25 @@ class FakeSalesforce(ThreadedServer):
             if mode == "slow":
                 await asyncio.sleep(min(max(self.slow_seconds, 0.0), 30.0))
             path = urlsplit(req.target).path
+            org: str | None = None
             if mode == "500":
                 status, body, grant = 500, error_body("server_error", "internal server error"), None
             elif path.endswith(TOKEN_PATH):  # also under an Experience Cloud site's path (/customers/services/...)
-                status, body, grant = self._token(req, ip)
+                status, body, grant, org = self._token(req, ip)
             elif path in ("/services/data", "/services/data/") and req.method == "GET":
                 status, body, grant = 200, self._versions(), None
             else:
                 body = b'[{"errorCode":"NOT_FOUND","message":"The requested resource does not exist"}]'
                 status, grant = 404, None
-            self._record(req, ip, port, grant, status)
+            self._record(req, ip, port, grant, status, org)
             headers = {"Content-Type": JSON_TYPE, "Cache-Control": "no-cache,must-revalidate,max-age=0,no-store,private"}
             await conn.respond(status, body, headers)
             if not conn.keep_alive:
                 return
 
-    def _record(self, req: HttpRequest, ip: str, port: int, grant: str | None, status: int | None) -> None:
-        rec = SeenRequest(ip, port, req.method, req.target, grant, status, req.header_map, req.body)
+    def _record(self, req: HttpRequest, ip: str, port: int, grant: str | None, status: int | None,
+                org: str | None = None) -> None:
+        rec = SeenRequest(ip, port, req.method, req.target, grant, status, req.header_map, req.body, org_id=org)
         with self._lock:
             self._seen.append(rec)
 
@@ -217,23 +279,31 @@ class FakeSalesforce(ThreadedServer):
         versions = [("Spring '25", "63.0"), ("Summer '25", "64.0"), ("Winter '26", "65.0")]
         return json.dumps([{"label": lb, "url": f"/services/data/v{v}", "version": v} for lb, v in versions]).encode()
 
-    def _token(self, req: HttpRequest, ip: str) -> tuple[int, bytes, str | None]:
+    def _token(self, req: HttpRequest, ip: str) -> tuple[int, bytes, str | None, str | None]:
+        """(status, body, grant type, the org of the grant when known)."""
         if req.method != "POST":
-            return 400, error_body("invalid_request", "must use HTTP POST"), None
+            return 400, error_body("invalid_request", "must use HTTP POST"), None, None
         form = dict(parse_qsl(urlsplit(req.target).query, keep_blank_values=True))
         ctype = (req.header("content-type") or "").split(";")[0].strip().lower()
         if req.body:
             if ctype != "application/x-www-form-urlencoded":
-                return 400, error_body("invalid_request", "invalid content type"), None
+                return 400, error_body("invalid_request", "invalid content type"), None, None
             try:
                 form.update(parse_qsl(req.body.decode("utf-8"), keep_blank_values=True, strict_parsing=True))
             except (UnicodeDecodeError, ValueError):
-                return 400, error_body("invalid_request", "malformed form body"), None
+                return 400, error_body("invalid_request", "malformed form body"), None, None
         grant = form.get("grant_type")
         if grant not in GRANT_TYPES:
-            return 400, UNSUPPORTED_GRANT_BODY, grant
+            return 400, UNSUPPORTED_GRANT_BODY, grant, None
         if grant == JWT_BEARER:
-            return (*self._jwt_grant(form.get("assertion", "")), grant)
+            return (*self._jwt_grant(form.get("assertion", "")), grant, self.org_id)
+        org = self.org_of(form.get("refresh_token" if grant == REFRESH else "code", "")) \
+            if grant in ALLOWLISTED_GRANTS else self.org_id
+        status, body = self._token_grant(req, ip, form, grant, org)
+        return status, body, grant, org
+
+    def _token_grant(self, req: HttpRequest, ip: str, form: dict[str, str], grant: str,
+                     org: str | None) -> tuple[int, bytes]:
         client_id, secret = form.get("client_id"), form.get("client_secret")
         auth = req.header("authorization") or ""
         if auth[:6].lower() == "basic ":
@@ -241,35 +311,38 @@ class FakeSalesforce(ThreadedServer):
                 client_id, _, secret = base64.b64decode(auth[6:].strip(), validate=True).decode().partition(":")
                 client_id, secret = unquote_plus(client_id), unquote_plus(secret)
             except (binascii.Error, UnicodeDecodeError):
-                return 400, INVALID_CLIENT_BODY, grant
+                return 400, INVALID_CLIENT_BODY
         if client_id != self.client_id:
-            return 400, INVALID_CLIENT_ID_BODY, grant
+            return 400, INVALID_CLIENT_ID_BODY
         secret_optional = not self.require_secret and grant in ALLOWLISTED_GRANTS and not secret
         if not secret_optional and not hmac.compare_digest((secret or "").encode(), self.client_secret.encode()):
-            return 400, INVALID_CLIENT_BODY, grant
-        # Allowlist before touching the token, so a blocked call never consumes/rotates it.
+            return 400, INVALID_CLIENT_BODY
+        # Allowlist before touching the token, so a blocked call never consumes/rotates it; the org's own
+        # restriction likewise, with the same answer.
         if grant in ALLOWLISTED_GRANTS and self.enforce_allowlist and not self.ip_allowed(ip):
-            return 400, IP_RESTRICTED_BODY, grant
+            return 400, IP_RESTRICTED_BODY
+        if grant in ALLOWLISTED_GRANTS and self._org_refuses(org, ip):
+            return 400, IP_RESTRICTED_BODY
         host = req.header("host") or f"{self.host}:{self._port}"
         if grant == REFRESH:
             old = form.get("refresh_token", "")
             with self._lock:
                 if old not in self._refresh_tokens:
-                    return 400, EXPIRED_TOKEN_BODY, grant
+                    return 400, EXPIRED_TOKEN_BODY
                 if self.rotate:
-                    self._refresh_tokens.discard(old)
-            new = self.issue_refresh_token() if self.rotate else None
-            return 200, self._token_response(host, new, "refresh_token api"), grant
+                    del self._refresh_tokens[old]
+            new = self.issue_refresh_token(org) if self.rotate else None
+            return 200, self._token_response(host, new, "refresh_token api", org)
         if grant == AUTH_CODE:
             with self._lock:
                 code = form.get("code", "")
                 if code not in self._auth_codes:
-                    return 400, error_body("invalid_grant", "invalid authorization code"), grant
-                self._auth_codes.discard(code)
-            return 200, self._token_response(host, self.issue_refresh_token(), "refresh_token api"), grant
+                    return 400, error_body("invalid_grant", "invalid authorization code")
+                del self._auth_codes[code]
+            return 200, self._token_response(host, self.issue_refresh_token(org), "refresh_token api", org)
         if grant == PASSWORD and self.users.get(form.get("username", "")) != form.get("password"):
-            return 400, error_body("invalid_grant", "authentication failure"), grant
-        return 200, self._token_response(host, None, "api"), grant
+            return 400, error_body("invalid_grant", "authentication failure")
+        return 200, self._token_response(host, None, "api")
 
     def _jwt_grant(self, assertion: str) -> tuple[int, bytes]:
         """Checks shape and `iss` only; the signature is not verified (no app certificate here)."""
@@ -283,13 +356,15 @@ class FakeSalesforce(ThreadedServer):
             return 400, INVALID_CLIENT_ID_BODY
         return 200, self._token_response(None, None, "api")
 
-    def _token_response(self, host: str | None, refresh_token: str | None, scope: str) -> bytes:
-        identity = f"https://login.salesforce.com/id/{self.org_id}/{self.user_id}"
+    def _token_response(self, host: str | None, refresh_token: str | None, scope: str, org_id: str | None = None) -> bytes:
+        with self._lock:
+            org = self._org(org_id)
+        identity = f"https://login.salesforce.com/id/{org.org_id}/{org.user_id}"
         issued_at = str(int(time.time() * 1000))
         # Salesforce's signature: base64(HMAC-SHA256(client_secret, id + issued_at)).
         mac = hmac.new(self.client_secret.encode(), (identity + issued_at).encode(), hashlib.sha256)
         out = {
-            "access_token": f"{self.org_id[:15]}!AQ{_rand(4, _ID_CHARS)}{_rand(105)}",
+            "access_token": f"{org.org_id[:15]}!AQ{_rand(4, _ID_CHARS)}{_rand(105)}",
             "signature": base64.b64encode(mac.digest()).decode(),
             "scope": scope,
             "instance_url": self.instance_url or f"https://{host or f'{self.host}:{self._port}'}",

@@ -33,6 +33,7 @@ from typing import Any, Literal
 from sidecar.logs import SCRUBBER, cause, event
 from sidecar.metrics import Metrics
 from sidecar.state.redis import SharedState
+from sidecar.state.seal import Sealer
 from sidecar.state.sqlite import (
     DB_FILE,
     Change,
@@ -44,7 +45,7 @@ from sidecar.state.sqlite import (
     read_grants,
     token_hash,
 )
-from sidecar.token.call import TokenCall, issued_refresh_token, single_field
+from sidecar.token.call import Identity, TokenCall, answer_grant, single_field
 from sidecar.token.messages import Answer, TokenRequest
 from sidecar.token.shield import Unavailable
 
@@ -81,7 +82,9 @@ class Seen:
 
 
 class GrantTracker:
-    """Follows refresh token chains. Thread-safe; ignores calls until :meth:`open`."""
+    """Follows refresh token chains, and the customer org and user each grant belongs to (learnt from the
+    ``id`` of a successful answer: the guard routes each org's redemptions by it before they are sent).
+    Thread-safe; ignores calls until :meth:`open`."""
 
     def __init__(self, metrics: Metrics, *, clock: Callable[[], float] = time.time, limits: Limits = LIMITS) -> None:
         self.metrics = metrics
@@ -92,6 +95,7 @@ class GrantTracker:
         self._pending: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
         self._consumer: asyncio.Task[None] | None = None
         self._key: bytes | None = None
+        self._sealer: Sealer | None = None  # seals each grant's org and user (grant_identity, Redis)
         self._lock = threading.Lock()
         self._grants: OrderedDict[bytes, GrantRow] = OrderedDict()  # least recently redeemed first
         self._current: dict[bytes, bytes] = {}  # current token hash -> grant key
@@ -108,13 +112,16 @@ class GrantTracker:
         """Load the stored grants and start the writer and the periodic maintenance."""
         SCRUBBER.add(key.hex())
         self._stop.clear()
+        self._sealer = Sealer(key, b"identities")
         if store is not None:
             store.on_drop = self._count_drop
             grants, retired = store.load(key_fingerprint(key), self._prune_rule(self.clock()))
+            identities = store.load_identities()
             with self._lock:
                 for g in grants:
                     self._grants[g.key] = g
                     self._current[g.current] = g.key
+                    self._open_identity(g, identities.get(g.key))
                 for r in retired:
                     if r.grant in self._grants:
                         self._retire(r, Change())
@@ -153,7 +160,8 @@ class GrantTracker:
 
     # -- the token route's observer (on the event loop: memory only, never the disk) -------------
     def on_call(self, call: TokenCall, req: TokenRequest | None, answer: Answer | None) -> None:
-        """The token core's observer: a finished call, its request and the answer the app got."""
+        """The token core's observer: a finished call, its request and the answer the app got (its ``id``
+        names the grant's org and user)."""
         if self._key is None or call.outcome is None or call.shielded:
             return  # (an answer the rotation shield gave never reached Salesforce: nothing was redeemed)
         if call.grant_type != "refresh_token" and call.outcome != "success":
@@ -163,17 +171,17 @@ class GrantTracker:
             if call.grant_type == "refresh_token" and req is not None:
                 fields = req.fields()
                 presented = single_field(fields, "refresh_token")
-            issued = None
+            issued = identity = None
             if call.outcome == "success" and answer is not None:
-                issued = issued_refresh_token(answer.content()[:MAX_BODY])
-            seen = (call.grant_type, call.outcome, presented, issued, call.status, call.error_code)
+                issued, identity = answer_grant(answer.content()[:MAX_BODY])
+            seen = (call.grant_type, call.outcome, presented, issued, call.status, call.error_code, identity)
             if self.shared is not None:
                 try:
                     self._pending.put_nowait(seen)  # in order, after what the other replicas know is read
                 except asyncio.QueueFull:
                     self._count_drop(1)
                 return
-            self.observe(*seen[:4], status=seen[4], sf_error=seen[5])
+            self.observe(*seen[:4], status=seen[4], sf_error=seen[5], identity=seen[6])
         except Exception as exc:  # noqa: BLE001 - an observer must never break a token call
             event(log, logging.ERROR, f"grant tracking failed ({cause(exc)}); the token call was not affected",
                   error=type(exc).__name__)
@@ -201,11 +209,11 @@ class GrantTracker:
     async def _observe_shared(self) -> None:
         assert self.shared is not None and self._key is not None
         for _ in itertools.count():  # one observation at a time, in the order the calls finished
-            grant_type, outcome, presented, issued, status, sf_error = await self._pending.get()
+            grant_type, outcome, presented, issued, status, sf_error, identity = await self._pending.get()
             try:
                 if presented:
                     await self._hydrate(token_hash(self._key, presented))
-                self.observe(grant_type, outcome, presented, issued, status=status, sf_error=sf_error)
+                self.observe(grant_type, outcome, presented, issued, status=status, sf_error=sf_error, identity=identity)
             except Exception as exc:  # noqa: BLE001 - tracking must outlive a bad observation
                 event(log, logging.ERROR, f"grant tracking failed ({cause(exc)}); the token call was not affected",
                       error=type(exc).__name__)
@@ -217,33 +225,100 @@ class GrantTracker:
             return
         try:
             row, olds = await self.shared.grant_state(h)
+            sealed = await self.shared.identity(row.key) if row is not None else None
         except Unavailable:
             return
         if row is not None:
-            self._adopt(row, olds)
+            self._adopt(row, olds, sealed)
 
-    def _adopt(self, row: GrantRow, olds: list[Retired]) -> None:
-        """Take in a grant another replica tracked (the newer view of it wins)."""
+    def _adopt(self, row: GrantRow, olds: list[Retired], sealed: bytes | None = None) -> None:
+        """Take in a grant another replica tracked (the newer view of it wins), with its org when known."""
         change = Change()
         with self._lock:
             mine = self._grants.get(row.key)
-            if mine is not None and mine.last_used >= row.last_used:
-                return
-            if mine is None:
-                while len(self._grants) >= self.limits.max_grants:
-                    change.drop_grants.append(self._forget_oldest_grant())
-            else:
-                self._current.pop(mine.current, None)
-            self._grants[row.key] = replace(row)
-            self._grants.move_to_end(row.key)
-            self._current[row.current] = row.key
-            for r in olds:
-                if r.token not in self._retired and r.token != row.current:
-                    self._retire(r, change)
-            change.grants.append(row.values())
-            self.metrics.grants_tracked.set(len(self._grants))
+            if mine is not None and mine.org is not None:
+                row.org, row.user = mine.org, mine.user
+            elif sealed is not None and self._open_identity(row, sealed):
+                change.identities.append((row.key, sealed))
+                if mine is not None:
+                    mine.org, mine.user = row.org, row.user
+            if mine is None or mine.last_used < row.last_used:
+                self._take(row, olds, mine, change)
         if self.store is not None and change:
             self.store.submit(change)  # (not back to Redis: it came from there)
+
+    def _take(self, row: GrantRow, olds: list[Retired], mine: GrantRow | None, change: Change) -> None:
+        """Replace this replica's view of a grant with ``row`` (called under the lock)."""
+        if mine is None:
+            while len(self._grants) >= self.limits.max_grants:
+                change.drop_grants.append(self._forget_oldest_grant())
+        else:
+            self._current.pop(mine.current, None)
+        self._grants[row.key] = replace(row)
+        self._grants.move_to_end(row.key)
+        self._current[row.current] = row.key
+        for r in olds:
+            if r.token not in self._retired and r.token != row.current:
+                self._retire(r, change)
+        change.grants.append(row.values())
+        self.metrics.grants_tracked.set(len(self._grants))
+
+    # -- the grant's org and user ---------------------------------------------------------------
+    def token_key(self, token: str) -> bytes | None:
+        """The keyed hash this tracker (and every replica sharing its key) knows a token by."""
+        return token_hash(self._key, token) if self._key is not None else None
+
+    def grant_of(self, h: bytes) -> tuple[bytes, Identity | None] | None:
+        """The grant whose current (or a rotated-away) token hashes to ``h``, and its org and user when an
+        answer named them; None for a token this replica has not seen."""
+        with self._lock:
+            gkey = self._current.get(h)
+            if gkey is None:
+                old = self._retired.get(h)
+                gkey = old.grant if old is not None else None
+            grant = self._grants.get(gkey) if gkey is not None else None
+            if grant is None:
+                return None
+            return grant.key, Identity(grant.org, grant.user or "") if grant.org else None
+
+    async def grant_shared(self, h: bytes) -> tuple[bytes, Identity | None] | None:
+        """As :meth:`grant_of`, after asking the replicas (Redis) when this replica does not know the token
+        or the org of its grant (another replica may have rotated it, or learnt the org). Bounded by
+        Redis's deadline; on any failure, what this replica knows."""
+        mine = self.grant_of(h)
+        if (mine is not None and mine[1] is not None) or self.shared is None or not self.shared.usable():
+            return mine
+        if mine is None:
+            await self._hydrate(h)
+            return self.grant_of(h)
+        try:
+            sealed = await self.shared.identity(mine[0])
+        except Unavailable:
+            return mine
+        if sealed is not None:
+            with self._lock:
+                grant = self._grants.get(mine[0])
+                learnt = grant is not None and grant.org is None and self._open_identity(grant, sealed)
+            if learnt and self.store is not None:
+                self.store.submit(Change(identities=[(mine[0], sealed)]))
+        return self.grant_of(h)
+
+    def _learn_identity(self, grant: GrantRow, identity: Identity | None, change: Change) -> None:
+        """A successful answer named the grant's org and user (called under the lock)."""
+        if identity is None or self._sealer is None or (grant.org, grant.user) == (identity.org, identity.user):
+            return
+        grant.org, grant.user = identity.org, identity.user
+        change.identities.append((grant.key, self._sealer.seal(f"{identity.org}/{identity.user}".encode(),
+                                                               _identity_context(grant.key))))
+
+    def _open_identity(self, grant: GrantRow, sealed: bytes | None) -> bool:
+        """Set the grant's org and user from their sealed form; False when it does not open."""
+        plain = self._sealer.open(sealed, _identity_context(grant.key)) if self._sealer is not None else None
+        if plain is None:
+            return False
+        org, _, user = plain.decode("utf-8", "replace").partition("/")
+        grant.org, grant.user = org, user or None
+        return True
 
     # -- the decision -------------------------------------------------------------------------
     def observe(
@@ -255,9 +330,11 @@ class GrantTracker:
         *,
         status: int | None = None,
         sf_error: str | None = None,
+        identity: Identity | None = None,
     ) -> Seen:
         """Account for one finished token call: ``presented`` is the refresh token the app sent (for
-        ``refresh_token`` calls), ``issued`` the refresh token in a successful response, if any."""
+        ``refresh_token`` calls), ``issued`` the refresh token in a successful response, if any, and
+        ``identity`` the org and user that response named."""
         key = self._key
         if key is None:
             return Seen("ignored")
@@ -269,13 +346,13 @@ class GrantTracker:
                 return Seen("ignored")
             h = token_hash(key, presented)
             if outcome == "success":
-                return self._redeemed(h, token_hash(key, issued) if rotated and issued else None)
+                return self._redeemed(h, token_hash(key, issued) if rotated and issued else None, identity)
             return self._failed(h, outcome, status, sf_error)
         if outcome == "success" and issued:  # a new grant: web server flow, device flow, ...
-            return self._issued(token_hash(key, issued))
+            return self._issued(token_hash(key, issued), identity)
         return Seen("ignored")
 
-    def _redeemed(self, h: bytes, new: bytes | None) -> Seen:
+    def _redeemed(self, h: bytes, new: bytes | None, identity: Identity | None = None) -> Seen:
         change = Change()
         with self._lock:
             now = self._tick()
@@ -292,6 +369,7 @@ class GrantTracker:
                 grant.current = new
                 self._current[new] = grant.key
                 grant.rotations += 1
+            self._learn_identity(grant, identity, change)
             change.grants.append(grant.values())
             self.metrics.grants_tracked.set(len(self._grants))
             gid = grant.grant_id
@@ -360,13 +438,14 @@ class GrantTracker:
         if not mine:
             self._retired_of.pop(r.grant, None)
 
-    def _issued(self, h: bytes) -> Seen:
+    def _issued(self, h: bytes, identity: Identity | None = None) -> Seen:
         change = Change()
         with self._lock:
             now = self._tick()
             gkey = self._current.get(h)
             grant = self._grants[gkey] if gkey is not None else self._add_grant(h, now, change)
             grant.last_used = now
+            self._learn_identity(grant, identity, change)
             self._grants.move_to_end(grant.key)
             change.grants.append(grant.values())
             self.metrics.grants_tracked.set(len(self._grants))
@@ -399,8 +478,12 @@ class GrantTracker:
     def _submit(self, change: Change) -> None:
         if self.store is not None and change:
             self.store.submit(change)
-        if self.shared is not None and change:
+        # To Redis only what it holds (a prune has nothing for it: its keys expire by themselves, and the
+        # maintenance thread that prunes has no event loop to write with).
+        if self.shared is not None and (change.grants or change.retired or change.drop_grants or change.drop_retired):
             self.shared.write(change, self._retired_rows)
+            if change.identities:
+                self.shared.write_identities(change.identities, self.limits.grant_retention)
 
     def _retired_rows(self, grant: bytes) -> list[Retired]:
         return [self._retired[t] for t in self._retired_of.get(grant, ()) if t in self._retired]
@@ -451,6 +534,10 @@ class GrantTracker:
 
 
 # -- words --------------------------------------------------------------------------------------
+def _identity_context(grant_key: bytes) -> bytes:
+    return b"grant identity " + grant_key
+
+
 def reuse_message(grant_id: str, ago: float, outcome: str, status: int | None, sf_error: str | None) -> str:
     if outcome == "invalid_grant":
         answer = f"Salesforce answered {status} {sf_error} (expired access/refresh token)"

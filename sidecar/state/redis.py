@@ -433,3 +433,79 @@ class SharedState:
         return {"configured": True, "up": self.up,
                 "down_since": None if self.down_since is None else time.strftime(
                     "%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.down_since))}
+
+    # -- customer orgs (sealed by their owner, sidecar.state.seal: opaque bytes here) ---------------
+    async def identity(self, grant: bytes) -> bytes | None:
+        """The sealed org and user of a grant, as a replica that learnt them wrote it."""
+        name = self._name("identity", grant)
+        value = await self._call(lambda r: r.get(name))
+        return bytes(value) if value else None
+
+    def write_identities(self, items: list[tuple[bytes, bytes]], ttl: float) -> None:
+        """Mirror grants' sealed orgs and users to Redis, off the request path (as :meth:`write`)."""
+        async def apply(r: aioredis.Redis) -> None:
+            async with r.pipeline(transaction=False) as p:
+                for grant, sealed in items:
+                    p.set(self._name("identity", grant), sealed, ex=max(1, int(ttl)))
+                await p.execute()
+
+        self.spawn(apply)
+
+    def spawn(self, op: Callable[[aioredis.Redis], Awaitable[Any]]) -> None:
+        """Run ``op`` on Redis in the background (on the event loop; dropped when Redis is down or too many
+        writes are pending: the caller's memory and SQLite keep what it wrote)."""
+        if not self.usable() or len(self._writes) >= MAX_WRITES:
+            return
+
+        async def run() -> None:
+            try:
+                await self._call(op)
+            except Unavailable:
+                pass
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    # -- Salesforce's evidence per app (sidecar.egress.evidence; values sealed there) -------------------
+    def evidence_name(self, app: bytes) -> str:
+        return self._name("evidence", app)
+
+    async def evidence(self, app: bytes) -> dict[str, bytes]:
+        """Everything the replicas know of one app's evidence: field -> sealed value."""
+        name = self.evidence_name(app)
+        raw = await self._call(lambda r: r.hgetall(name))
+        return {(k.decode() if isinstance(k, bytes) else str(k)): bytes(v) for k, v in raw.items()}
+
+    def write_evidence(self, app: bytes, sets: dict[str, bytes], deletes: list[str], ttl: float) -> None:
+        """Change fields of one app's evidence, off the request path; the hash lives ``ttl`` seconds past
+        its last change."""
+        name = self.evidence_name(app)
+
+        async def apply(r: aioredis.Redis) -> None:
+            async with r.pipeline(transaction=True) as p:
+                if deletes:
+                    p.hdel(name, *deletes)
+                if sets:
+                    p.hset(name, mapping=sets)  # type: ignore[arg-type]
+                p.expire(name, max(1, int(ttl)))
+                await p.execute()
+
+        if sets or deletes:
+            self.spawn(apply)
+
+    async def evidence_apps(self, limit: int = 1000) -> list[bytes]:
+        """The apps the replicas hold evidence for (at start: a new replica knows what the others learnt)."""
+        async def scan(r: aioredis.Redis) -> list[bytes]:
+            found: list[bytes] = []
+            async for key in r.scan_iter(match=f"{PREFIX}evidence:*", count=100):
+                text = key.decode() if isinstance(key, bytes) else str(key)
+                try:
+                    found.append(bytes.fromhex(text.rsplit(":", 1)[1]))
+                except ValueError:
+                    continue
+                if len(found) >= limit:
+                    break
+            return found
+
+        return await self._call(scan)

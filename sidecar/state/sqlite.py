@@ -63,14 +63,29 @@ CREATE TABLE IF NOT EXISTS retired (
     retired_at REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS retired_by_grant ON retired (grant_key, retired_at);
-CREATE TABLE IF NOT EXISTS evidence (
+CREATE TABLE IF NOT EXISTS grant_identity (
+    grant_key BLOB PRIMARY KEY,   -- a grant (grants.grant_key)
+    identity BLOB NOT NULL        -- its org and user ids (from a token answer's `id`), sealed (sidecar.state.seal)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS evidence_v2 (
     app BLOB NOT NULL,            -- keyed hash of the app's client_id
     label TEXT NOT NULL,          -- the client_id shortened for people (sidecar.egress.evidence.short_client_id)
+    subject BLOB NOT NULL,        -- refusals: keyed hash of the org (of the grant while its org is not known);
+                                  -- empty for the app's latest successes through the IP
     egress_ip TEXT NOT NULL,
-    kind TEXT NOT NULL,           -- what Salesforce answered last through this IP: allowed / refused
-    at REAL NOT NULL,
-    PRIMARY KEY (app, egress_ip)
+    kind TEXT NOT NULL,           -- refused (that org, through this IP) / allowed (some org, through this IP)
+    at REAL NOT NULL,             -- when Salesforce last said it
+    retest REAL,                  -- refusals: from when one redemption may test the IP again
+    who BLOB,                     -- the org ids involved, sealed (sidecar.state.seal)
+    PRIMARY KEY (app, subject, egress_ip)
 ) WITHOUT ROWID;
+"""
+# Before the evidence was kept per org it was kept per app: its acceptances still hold (some org redeemed
+# through the IP); its refusals named no org, so they are learnt again (with the retry behind the first).
+_MIGRATE_EVIDENCE = """
+INSERT OR IGNORE INTO evidence_v2 SELECT app, label, x'', egress_ip, 'allowed', at, NULL, NULL FROM evidence
+    WHERE kind = 'allowed';
+DROP TABLE evidence;
 """
 
 
@@ -130,6 +145,8 @@ class GrantRow:
     rotations: int = 0
     reuses: int = 0
     last_reuse: float | None = None
+    org: str | None = None  # the customer org and user a token answer named (memory; sealed in grant_identity)
+    user: str | None = None
 
     @property
     def grant_id(self) -> str:
@@ -155,18 +172,22 @@ class Prune:
     retired_per_grant: int  # rotated-away hashes kept per grant (the most recent ones)
     retired_before: float  # rotated-away hashes older than this are forgotten
     full: bool = True  # also the count rules (memory sends those deletes itself; needed after dropped writes)
-    evidence_max: int = 10_000  # evidence rows kept (sidecar.egress.evidence.MAX_FACTS), the newest
+    evidence_max: int = 20_000  # evidence rows kept (sidecar.egress.evidence.MAX_FACTS of each kind), the newest
 
 
 @dataclass(frozen=True, slots=True)
 class EvidenceRow:
-    """What Salesforce answered last for one app through one egress IP (sidecar.egress.evidence)."""
+    """What Salesforce answered for one app through one egress IP (sidecar.egress.evidence): one org's
+    latest refusal, or (``subject`` empty) the app's latest successes."""
 
     app: bytes
     label: str
+    subject: bytes
     egress_ip: str
     kind: str
     at: float
+    retest: float | None = None
+    who: bytes | None = None  # sealed
 
 
 @dataclass(slots=True)
@@ -179,10 +200,12 @@ class Change:
     drop_retired: list[bytes] = field(default_factory=list)
     prune: Prune | None = None
     evidence: list[EvidenceRow] = field(default_factory=list)
+    drop_evidence: list[tuple[bytes, bytes, str]] = field(default_factory=list)  # (app, subject, egress IP)
+    identities: list[tuple[bytes, bytes]] = field(default_factory=list)  # (grant key, sealed org and user)
 
     def __bool__(self) -> bool:
         return bool(self.grants or self.retired or self.drop_grants or self.drop_retired or self.prune
-                    or self.evidence)
+                    or self.evidence or self.drop_evidence or self.identities)
 
 
 _STOP = object()
@@ -228,6 +251,8 @@ class GrantStore:
     def _load(self, fingerprint: str, limits: Prune) -> tuple[list[GrantRow], list[Retired]]:
         with contextlib.closing(self._connect()) as db:
             db.executescript(_SCHEMA)
+            if db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'evidence'").fetchone():
+                db.executescript("BEGIN;" + _MIGRATE_EVIDENCE + "COMMIT;")
             meta = dict(db.execute("SELECT name, value FROM meta").fetchall())
             if meta.get("key") not in (None, fingerprint):
                 n = db.execute("SELECT count(*) FROM grants").fetchone()[0]
@@ -253,12 +278,22 @@ class GrantStore:
             retired = [Retired(*r) for r in rows]
         return grants, retired
 
+    def load_identities(self) -> dict[bytes, bytes]:
+        """Each grant's sealed org and user (after :meth:`load` created the file)."""
+        try:
+            with contextlib.closing(self._connect()) as db:
+                return dict(db.execute("SELECT grant_key, identity FROM grant_identity").fetchall())
+        except sqlite3.Error as exc:
+            event(log, logging.WARNING, f"{DB_FILE}: the grants' orgs could not be read ({type(exc).__name__}); "
+                  "they are learnt again from the next answers")
+            return {}
+
     def load_evidence(self, limit: int) -> list[EvidenceRow]:
         """The newest ``limit`` evidence rows, oldest first (after :meth:`load` created the file)."""
         try:
             with contextlib.closing(self._connect()) as db:
                 db.executescript(_SCHEMA)
-                rows = db.execute("SELECT * FROM evidence ORDER BY at DESC LIMIT ?", (limit,)).fetchall()
+                rows = db.execute("SELECT * FROM evidence_v2 ORDER BY at DESC LIMIT ?", (limit,)).fetchall()
         except sqlite3.Error as exc:
             event(log, logging.WARNING, f"{DB_FILE}: the evidence could not be read ({type(exc).__name__}); "
                   "starting without it")
@@ -357,12 +392,17 @@ class GrantStore:
 
 
 def _write(db: sqlite3.Connection, c: Change) -> None:
+    if c.drop_evidence:
+        db.executemany("DELETE FROM evidence_v2 WHERE app = ? AND subject = ? AND egress_ip = ?", c.drop_evidence)
     if c.evidence:
-        db.executemany("INSERT OR REPLACE INTO evidence VALUES (?, ?, ?, ?, ?)",
-                       [(e.app, e.label, e.egress_ip, e.kind, e.at) for e in c.evidence])
+        db.executemany("INSERT OR REPLACE INTO evidence_v2 VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(e.app, e.label, e.subject, e.egress_ip, e.kind, e.at, e.retest, e.who) for e in c.evidence])
     if c.drop_grants:
         db.executemany("DELETE FROM grants WHERE grant_key = ?", [(k,) for k in c.drop_grants])
         db.executemany("DELETE FROM retired WHERE grant_key = ?", [(k,) for k in c.drop_grants])
+        db.executemany("DELETE FROM grant_identity WHERE grant_key = ?", [(k,) for k in c.drop_grants])
+    if c.identities:
+        db.executemany("INSERT OR REPLACE INTO grant_identity VALUES (?, ?)", c.identities)
     if c.drop_retired:
         db.executemany("DELETE FROM retired WHERE token_hash = ?", [(k,) for k in c.drop_retired])
     if c.grants:
@@ -373,6 +413,8 @@ def _write(db: sqlite3.Connection, c: Change) -> None:
         return
     db.execute("DELETE FROM retired WHERE grant_key IN (SELECT grant_key FROM grants WHERE last_used < ?)",
                (p.grants_before,))
+    db.execute("DELETE FROM grant_identity WHERE grant_key IN (SELECT grant_key FROM grants WHERE last_used < ?)",
+               (p.grants_before,))
     db.execute("DELETE FROM grants WHERE last_used < ?", (p.grants_before,))
     db.execute("DELETE FROM retired WHERE retired_at < ?", (p.retired_before,))
     if p.full:
@@ -382,13 +424,14 @@ def _write(db: sqlite3.Connection, c: Change) -> None:
             (p.max_grants,),
         )
         db.execute("DELETE FROM retired WHERE grant_key NOT IN (SELECT grant_key FROM grants)")
+        db.execute("DELETE FROM grant_identity WHERE grant_key NOT IN (SELECT grant_key FROM grants)")
         db.execute(
             "DELETE FROM retired WHERE token_hash IN (SELECT token_hash FROM (SELECT token_hash, row_number() "
             "OVER (PARTITION BY grant_key ORDER BY retired_at DESC) AS n FROM retired) WHERE n > ?)",
             (p.retired_per_grant,),
         )
-        db.execute("DELETE FROM evidence WHERE (app, egress_ip) NOT IN "
-                   "(SELECT app, egress_ip FROM evidence ORDER BY at DESC LIMIT ?)", (p.evidence_max,))
+        db.execute("DELETE FROM evidence_v2 WHERE (app, subject, egress_ip) NOT IN "
+                   "(SELECT app, subject, egress_ip FROM evidence_v2 ORDER BY at DESC LIMIT ?)", (p.evidence_max,))
 
 
 # -- reading, for the CLI (no key needed, nothing secret in the output) ---------------------------

@@ -189,12 +189,42 @@ def _error_fields(body: bytes) -> tuple[str | None, str | None]:
 
 def issued_refresh_token(body: bytes) -> str | None:
     """The refresh token in a successful token response (rotated or newly issued), if there is one."""
+    return answer_grant(body)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who a successful token answer was for: the customer org and the user (Salesforce record ids,
+    ``00D...`` and ``005...``; identifiers, not secrets)."""
+
+    org: str
+    user: str
+
+
+# `id` = https://HOST/id/ORG_ID/USER_ID (REFERENCE.md: "Each successful token answer names the org and user"),
+# each id 15 or 18 characters.
+_IDENTITY_URL = re.compile(r"https://[^/\s]+/id/(00D[A-Za-z0-9]{12}(?:[A-Za-z0-9]{3})?)/"
+                           r"(005[A-Za-z0-9]{12}(?:[A-Za-z0-9]{3})?)/?")
+
+
+def answer_grant(body: bytes) -> tuple[str | None, Identity | None]:
+    """What a successful token answer says about its grant: the refresh token it carries (rotated or newly
+    issued) and the org and user its ``id`` names; each None when absent or malformed. Never raises."""
     try:
         data = json.loads(body[:1_048_576])
     except (ValueError, UnicodeDecodeError):
-        return None
-    token = data.get("refresh_token") if isinstance(data, dict) else None
-    return token if isinstance(token, str) and token else None
+        return None, None
+    if not isinstance(data, dict):
+        return None, None
+    token, url = data.get("refresh_token"), data.get("id")
+    found = _IDENTITY_URL.fullmatch(url) if isinstance(url, str) and len(url) < 512 else None
+    return (token if isinstance(token, str) and token else None,
+            Identity(found.group(1), found.group(2)) if found else None)
+
+
+def answer_identity(body: bytes) -> Identity | None:
+    """The org and user a successful token answer names, or None."""
+    return answer_grant(body)[1]
 
 
 def host_class(host: str) -> str:

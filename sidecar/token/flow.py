@@ -52,12 +52,15 @@ log = logging.getLogger("egress_sidecar.addons")
 @dataclass(slots=True, eq=False)
 class TokenFlow:
     """One token call: the record it becomes (``call``), what the app sent (``request``, its ``fields``
-    parsed once), what the addons decided (``app``, ``member``) and what the app gets (``answer``)."""
+    parsed once), what the addons decided (``app``, ``org``, ``member``) and what the app gets (``answer``)."""
 
     call: TokenCall
     request: TokenRequest | None = None
     fields: dict[str, list[str]] = field(default_factory=dict)
     app: Any = None  # sidecar.egress.evidence.App: the app Salesforce sees (its client_id, as a keyed hash)
+    # sidecar.egress.evidence.Org: the customer org the call is for, from the grant it redeems (``org.id`` the
+    # raw org id, ``org.user`` the user, once an answer named them; until then the grant's own key), or None
+    org: Any = None
     member: Member | None = None  # the route: None is direct
     egress_ip: str | None = None  # the IP the last attempt left from (verified on its connection, or probed)
     egress_verified: bool = False  # whether egress_ip was asked on that very connection

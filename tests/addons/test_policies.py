@@ -48,41 +48,62 @@ def facts() -> Evidence:
     return ev
 
 
-def test_evidence_names_the_app_and_learns_what_salesforce_said_through_each_ip() -> None:
-    ev = facts()
-    addon, f = EvidenceAddon(ev), flow()
-    addon.request(f)
+ORG, USER = "00D5e000000AbCdEAA", "0055e000001XyZwAAC"
+ANSWER = json.dumps({"refresh_token": "5Aep861new", "id": f"https://login.salesforce.com/id/{ORG}/{USER}"}).encode()
+
+
+def tracked() -> GrantTracker:
+    grants = GrantTracker(Metrics())
+    grants.open(KEY, background=False)
+    return grants
+
+
+def test_evidence_names_the_app_and_the_org_and_learns_what_salesforce_said_through_each_ip() -> None:
+    ev, grants = facts(), tracked()
+    addon, f = EvidenceAddon(ev, grants), flow()
+    asyncio.run(addon.request(f))
     assert f.app is not None and f.call.app == "3MVG9app"
+    assert f.org is not None and not f.org.known and f.org.key == grants.token_key("5Aep861rt")  # its own key
     pair = make_pair("52.0.0.1", "52.0.0.2")
     f.call.outcome, f.egress_ip = "ip_restricted", "52.0.0.1"  # (the core sets the IP the attempt left from)
     addon.upstream_answer(f, pair.members[0])
-    f.call.outcome, f.egress_ip = "success", "52.0.0.2"
+    unknown = f.org
+    f.call.outcome, f.answer, f.egress_ip = "success", Answer(200, [], ANSWER), "52.0.0.2"  # the retry's answer names the org
     addon.upstream_answer(f, pair.members[1])
-    assert ev.state(f.app, "52.0.0.1") == "refused" and ev.state(f.app, "52.0.0.2") == "allowed"
+    assert f.org.known and (f.org.id, f.org.user) == (ORG, USER)
+    assert ev.said(f.app, f.org, "52.0.0.1").kind == "refused"  # the grant's refusal is now the org's  # type: ignore[union-attr]
+    assert ev.said(f.app, f.org, "52.0.0.2").kind == "allowed"  # type: ignore[union-attr]
+    assert not [x for x in ev.findings() if unknown.label in x.orgs]
     other = flow(grant="jwt_bearer")  # a grant the allowlist does not apply to teaches nothing
-    addon.request(other)
+    asyncio.run(addon.request(other))
     other.call.outcome, other.egress_ip = "success", "52.0.0.1"
     addon.upstream_answer(other, pair.members[0])
-    assert ev.state(f.app, "52.0.0.1") == "refused"
+    assert ev.said(f.app, f.org, "52.0.0.1").kind == "refused"  # type: ignore[union-attr]
+    # The next redemption of the grant (its rotated token) is known as the org's before it is sent.
+    f.call.outcome = "success"
+    Grants(grants).done(f)
+    again = flow(FORM.replace(b"5Aep861rt", b"5Aep861new"))
+    asyncio.run(addon.request(again))
+    assert again.org == f.org
 
 
-def test_the_guard_routes_blocks_and_retries_only_an_ip_restricted_refusal() -> None:
+def test_the_guard_routes_by_org_blocks_and_retries_only_an_ip_restricted_refusal() -> None:
     ev = facts()
     pair = make_pair("52.0.0.1", "52.0.0.2")
     rules = Guard(pair, parse_allowlist(None), "enforce", ev)
     guard, f = GuardAddon(rules, retry_ip_restricted=True), flow()
-    EvidenceAddon(ev).request(f)
+    asyncio.run(EvidenceAddon(ev, tracked()).request(f))
     guard.request(f)
     assert f.answer is None and f.member in pair.members and f.call.guard == "allow"
     f.call.outcome = "invalid_grant"  # a refusal that is not about the IP: never sent again
     assert guard.retry(f, pair.members[0], []) is None
     f.call.outcome = "ip_restricted"
-    ev.record(f.app, "52.0.0.1", "refused")
+    ev.record(f.app, f.org, "52.0.0.1", "refused")
     assert guard.retry(f, pair.members[0], []) is pair.members[1]
     assert GuardAddon(rules, retry_ip_restricted=False).retry(f, pair.members[0], []) is None
-    ev.record(f.app, "52.0.0.2", "refused")  # both refused for this app: blocked, nothing sent
+    ev.record(f.app, f.org, "52.0.0.2", "refused")  # both refused for this grant: blocked, nothing sent
     blocked = flow()
-    EvidenceAddon(ev).request(blocked)
+    asyncio.run(EvidenceAddon(ev, tracked()).request(blocked))
     guard.request(blocked)
     assert blocked.answer is not None and blocked.answer.status == 503
     assert (blocked.call.outcome, blocked.call.route, blocked.call.local) == ("blocked", "blocked", True)

@@ -48,6 +48,7 @@ EXPECTED_ALERTS = {
     "SalesforceRefreshTokenReuse",
     "EgressSidecarClientTLSFailing",
     "SalesforceEgressIPRefused",
+    "SalesforceOrgRestrictsEgressIP",
     "SalesforceAllowlistDisagreement",
     "QuotaGuardEgressProbesFailing",
     "EgressSidecarConnectionsRefused",

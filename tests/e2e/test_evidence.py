@@ -6,6 +6,7 @@ no allowlist, or with one that wrongly lists both IPs (the classic slip). Real s
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 
@@ -98,7 +99,7 @@ def test_observe_mode_routes_as_quotaguard_would_and_still_says_what_salesforce_
     assert any(x.startswith("Salesforce refused egress IP 127.0.0.3") for x in status["verdict"]["lines"])
 
 
-def test_evidence_survives_a_restart_and_a_refusal_expires(
+def test_evidence_survives_a_restart_and_a_refusal_holds_until_its_retest_succeeds(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_EVIDENCE_TTL": "4"})
@@ -112,13 +113,17 @@ def test_evidence_survives_a_restart_and_a_refusal_expires(
     world.salesforce.reset_seen()
     assert refresh_many(sc, world, 4) == [200] * 4
     assert not refusals_at_salesforce(world)  # remembered across the restart: .3 not tried again
-    # The allowlist gets fixed in Salesforce; once the refusal is older than SIDECAR_EVIDENCE_TTL the
-    # guard tries .3 again, Salesforce accepts it, and the verdict turns green.
+    # The allowlist gets fixed in Salesforce. Past SIDECAR_EVIDENCE_TTL nothing changes by itself: the
+    # refusal holds until a redemption re-tests .3, Salesforce accepts it, and only then the verdict turns green.
     world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
-    assert wait_until(lambda: not [r for r in sc.status()["evidence"] if r["evidence"] == "refused"], timeout=10)
+    (refusal,) = [r for r in sc.status()["evidence"] if r["evidence"] == "refused"]
+    assert wait_until(lambda: time.time() > refusal["retest"] + 0.5, timeout=10)
+    assert sc.status()["verdict"]["level"] == "critical"
+    assert metric_value(sc.metrics(), "egress_sidecar_egress_ip_refused", egress_ip="127.0.0.3") == 1
     world.salesforce.reset_seen()
     assert refresh_many(sc, world, 6) == [200] * 6
     assert {r.source_ip for r in world.salesforce.seen} == {"127.0.0.2", "127.0.0.3"}
+    assert [c["guard"] for c in sc.log_events()].count("retest") == 1
     assert sc.status()["verdict"]["level"] == "ok"
     assert metric_value(sc.metrics(), "egress_sidecar_egress_ip_refused", egress_ip="127.0.0.3") == 0
 

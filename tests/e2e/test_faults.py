@@ -91,10 +91,11 @@ def test_no_member_reachable_is_a_502_that_says_nothing_was_sent(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_PROBE_INTERVAL": "30"})
+    assert wait_until(sc.egress_discovered, timeout=10)  # both up at the last probe; they stop before the next
     world.pair.stop()
     with sc.session() as s:
         resp = redeem(s, "5Aep861_not_a_real_token")
-    assert resp.status_code == 502
+    assert resp.status_code == 502, resp.text
     body = resp.json()
     assert body["error"] == "upstream_unreachable" and body["sent_to_salesforce"] is False
     assert "safe to retry" in body["error_description"]

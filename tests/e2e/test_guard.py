@@ -133,12 +133,16 @@ def run_check(tmp_path: Path, test_ca: TestCA, env: dict[str, str], *args: str) 
 def test_check_exit_codes(world: World, tmp_path: Path, test_ca: TestCA) -> None:
     partial = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2"})
     assert partial.returncode == 1, partial.stdout + partial.stderr
-    assert "Egress IP 127.0.0.3 is not on the allowlist" in partial.stdout
-    assert "about half of refresh token redemptions will fail" in partial.stdout
+    # Judged with the guard these settings start (enforce, with a pair): it keeps refreshes off the IP.
+    assert "FAIL: Egress IP 127.0.0.3 is not on the allowlist: the guard keeps refresh token redemptions off it" \
+        in partial.stdout
+    observe = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2", "SIDECAR_GUARD": "observe"})
+    assert "about half of refresh token redemptions will fail" in observe.stdout
     lines = partial.stdout.splitlines()
-    assert lines[0].split() == ["MEMBER", "EGRESS", "IP", "STABLE", "ALLOWLISTED", "REACHABLE"]
+    assert lines[0].split() == ["MEMBER", "EGRESS", "IP", "STABLE", "REACHABLE", "ALLOWLISTED", "SALESFORCE"]
     row_b = next(line for line in lines if line.startswith(world.members[1]))
-    assert row_b.split()[1:] == ["127.0.0.3", "yes", "no", "yes"]
+    assert row_b.split()[1:] == ["127.0.0.3", "yes", "yes", "no", "unknown"]
+    assert "No running sidecar answered at http://127.0.0.1:" in partial.stdout  # said, not silently skipped
 
     both = run_check(tmp_path, test_ca, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2-127.0.0.3"}, "--json")
     assert both.returncode == 0, both.stdout + both.stderr
@@ -239,6 +243,41 @@ def test_check_includes_what_salesforce_answered_a_running_sidecar(
     assert report["running_sidecar"] == sc.admin_url and report["ok"] is False
     assert {(r["egress_ip"], r["evidence"]) for r in report["evidence"]} == {("127.0.0.3", "refused"),
                                                                             ("127.0.0.2", "allowed")}
-    # No sidecar at the admin URL: the probes alone decide, and they pass.
+    # No sidecar at the admin URL: the probes alone decide, they pass, and the check says what it did not see.
     alone = run_check(tmp_path, test_ca, both, "--admin-url", "http://127.0.0.1:9")
     assert alone.returncode == 0, alone.stdout + alone.stderr
+    assert "No running sidecar answered at http://127.0.0.1:9: this check judged the probe and SIDECAR_ALLOWLIST " \
+        "alone" in alone.stdout
+
+
+def test_check_judges_with_the_running_sidecars_guard_and_never_contradicts_itself(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], tmp_path: Path, test_ca: TestCA
+) -> None:
+    """Was: check judged as if the guard observed ("the guard observes" against an enforcing sidecar), a
+    FAIL also printed "every egress IP ... is on the allowlist", and with no SIDECAR_ALLOWLIST it failed even
+    when Salesforce had accepted both IPs."""
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sc = make_sidecar_proc(world.pair_env())  # enforce, no allowlist typed
+    assert wait_until(sc.egress_discovered, timeout=10)
+    before = run_check(tmp_path, test_ca, world.pair_env(), "--admin-url", sc.admin_url)
+    assert before.returncode == 1  # nothing confirms either IP yet
+    assert "FAIL: Egress IP 127.0.0.2 is not confirmed" in before.stdout and "observes" not in before.stdout
+    redeem_chain(sc, world.salesforce, 4)  # round-robin: both IPs accepted
+    after = run_check(tmp_path, test_ca, world.pair_env(), "--admin-url", sc.admin_url)
+    assert after.returncode == 0, after.stdout + after.stderr
+    assert "PASS: All 2 pair members are up" in after.stdout and "Salesforce accepted redemptions through" in after.stdout
+    assert "Judged with the guard mode (enforce) and the evidence of the running sidecar" in after.stdout
+    assert "observes" not in after.stdout
+    # Salesforce now refuses .3 for the app (two orgs): the verdict fails, and nothing says all is well.
+    world.salesforce.set_allowlist(["127.0.0.2"])
+    for org in (world.salesforce.add_org(), world.salesforce.add_org()):
+        token = world.salesforce.issue_refresh_token(org)
+        with sc.session() as s:
+            for _ in range(4):
+                resp = redeem(s, token)
+                token = resp.json()["refresh_token"] if resp.status_code == 200 else token
+    failed = run_check(tmp_path, test_ca, world.pair_env(), "--admin-url", sc.admin_url, "--json")
+    report = json.loads(failed.stdout)
+    assert failed.returncode == 1 and report["ok"] is False and report["guard"] == "enforce"
+    assert report["verdict"]["lines"][0].startswith("Salesforce refused egress IP 127.0.0.3 for app 3MVG9demo: 2 orgs")
+    assert not [x for x in report["verdict"]["lines"] if "is on the allowlist" in x or "refused none" in x]

@@ -291,8 +291,9 @@ def test_status_page_in_headless_chromium(
         (cell,) = members[ip].find_all("td", class_=column)
         return cell.all_text()
 
-    assert (state(GOOD_IP, "allowlisted"), state(GOOD_IP, "up")) == ("yes", "yes")
-    assert (state(BAD_IP, "allowlisted"), state(BAD_IP, "up")) == ("NO", "yes")
+    # What Salesforce said beside what was typed: the refused IP says so, the allowlisted one says yes.
+    assert (state(GOOD_IP, "salesforce"), state(GOOD_IP, "allowlisted"), state(GOOD_IP, "up")) == ("yes", "listed", "yes")
+    assert (state(BAD_IP, "salesforce"), state(BAD_IP, "allowlisted"), state(BAD_IP, "up")) == ("refused", "NOT listed", "yes")
     for ip, row in members.items():
         assert ip in cells(row), cells(row)
 
@@ -332,6 +333,10 @@ def test_status_page_in_headless_chromium(
                 if "data-egress" in row.attrs}
     assert "refused" in answered[BAD_IP].all_text() and "flagged" in answered[BAD_IP].attrs.get("class", "")
     assert "allowed" in answered[GOOD_IP].all_text() and "flagged" not in answered[GOOD_IP].attrs.get("class", "")
+
+    # Recent calls show when they were made.
+    times = [r.find_all("td", class_="time")[0].all_text() for r in root.by_id("recent").find_all("tr", class_="call")]
+    assert len(times) == CALLS and all(re.fullmatch(r"\d\d:\d\d:\d\d", t) for t in times), times
 
     # Self-contained: nothing in the DOM points at another origin, and the page requested nothing else.
     assert not root.find_all("script"), "the page needs no script"

@@ -222,6 +222,34 @@ def test_allowlist_changes_at_runtime(sf: FakeSalesforce, ca: TestCA) -> None:
     assert token_call(sf, ca, refresh_form(sf.issue_refresh_token()), source="127.0.0.3")[0] == 200
 
 
+def test_each_org_is_named_in_its_answers_and_may_restrict_ips_with_the_same_answer(sf: FakeSalesforce, ca: TestCA) -> None:
+    """An ISV's app serves many orgs: each answer names the grant's org and user in `id`, across
+    rotations and from the web server flow; an org's own IP restriction refuses with exactly the body the
+    app's allowlist gives, without consuming the token, and leaves every other org alone."""
+    sf.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    a, b = sf.add_org(), sf.add_org(ip_ranges=["127.0.0.2"])
+    assert a.startswith("00D") and len(a) == 18 and a != b and sf.org_id not in (a, b)
+    token_b = sf.issue_refresh_token(b)
+    assert token_call(sf, ca, refresh_form(token_b), source="127.0.0.3") == (400, IP_RESTRICTED_BODY)
+    assert sf.refresh_token_valid(token_b) and sf.org_of(token_b) == b
+    status, body = token_call(sf, ca, refresh_form(token_b), source="127.0.0.2")
+    assert status == 200 and json.loads(body)["id"] == f"https://login.salesforce.com/id/{b}/{sf.user_of(b)}"
+    rotated = json.loads(body)["refresh_token"]
+    assert sf.org_of(rotated) == b  # rotation keeps the grant's org
+    token_a = sf.issue_refresh_token(a)
+    status, body = token_call(sf, ca, refresh_form(token_a), source="127.0.0.3")  # org A: no restriction
+    assert status == 200 and json.loads(body)["id"].endswith(f"/id/{a}/{sf.user_of(a)}")
+    code = sf.issue_auth_code(b)
+    form = {"grant_type": "authorization_code", "code": code, "redirect_uri": "https://app/cb", **CLIENT}
+    assert token_call(sf, ca, form, source="127.0.0.3") == (400, IP_RESTRICTED_BODY)
+    status, body = token_call(sf, ca, form, source="127.0.0.2")
+    assert status == 200 and f"/id/{b}/" in json.loads(body)["id"]
+    assert [(r.source_ip, r.status, r.org_id) for r in sf.seen] == [
+        ("127.0.0.3", 400, b), ("127.0.0.2", 200, b), ("127.0.0.3", 200, a), ("127.0.0.3", 400, b), ("127.0.0.2", 200, b)]
+    sf.set_org_ip_ranges(b, None)  # the customer lifted its restriction
+    assert token_call(sf, ca, refresh_form(rotated), source="127.0.0.3")[0] == 200
+
+
 def test_authorization_code_single_use_and_allowlisted(sf: FakeSalesforce, ca: TestCA) -> None:
     code = sf.issue_auth_code()
     form = {"grant_type": "authorization_code", "code": code, "redirect_uri": "https://app/cb", **CLIENT}

@@ -284,6 +284,47 @@ def test_state_survives_reopen_and_the_chain_continues(tmp_path: Path) -> None:
     t.close()
 
 
+ORG_A, USER_A = "00D5e000000AbCdEAA", "0055e000001XyZwAAC"
+
+
+def test_the_org_and_user_of_each_grant_follow_it_across_rotations_and_restarts_sealed(tmp_path: Path) -> None:
+    """A successful answer's `id` names the grant's org and user: the tracker keeps them with the grant,
+    finds them from any of its tokens (the guard routes by it before a redemption is sent), and writes them
+    sealed, so the file names no customer."""
+    from sidecar.token.call import Identity
+
+    clock = Clock()
+    t = tracker(tmp_path, clock)
+    assert t.grant_of(token_hash(KEY, "o0")) is None  # never seen
+    t.observe("refresh_token", "success", "o0", "o1", status=200)  # an answer without `id`: org unknown
+    assert t.grant_of(token_hash(KEY, "o1")) == (token_hash(KEY, "o0"), None)
+    who = Identity(ORG_A, USER_A)
+    t.observe("refresh_token", "success", "o1", "o2", status=200, identity=who)
+    t.observe("refresh_token", "success", "o2", "o3", status=200, identity=who)
+    gkey = token_hash(KEY, "o0")
+    assert t.grant_of(token_hash(KEY, "o3")) == (gkey, who)
+    assert t.grant_of(token_hash(KEY, "o2")) == (gkey, who)  # a rotated-away token still names its grant
+    t.observe("authorization_code", "success", None, "n1", status=200, identity=Identity("00D000000000001", "005000000000001"))
+    assert t.grant_of(token_hash(KEY, "n1")) == (token_hash(KEY, "n1"), Identity("00D000000000001", "005000000000001"))
+    assert t.store is not None and t.store.flush()
+    t = reopen(t, tmp_path, clock)
+    assert t.grant_of(token_hash(KEY, "o3")) == (gkey, who)
+    raw = b"".join(p.read_bytes() for p in tmp_path.iterdir())
+    assert ORG_A.encode() not in raw and USER_A.encode() not in raw and b"00D000000000001" not in raw
+    t.close()
+    other = tracker(tmp_path, clock, key=bytes(range(1, 33)))  # another key: the grants (and orgs) are gone
+    assert other.grant_of(token_hash(bytes(range(1, 33)), "o3")) is None
+    other.close()
+
+
+def test_on_call_learns_the_org_from_the_answer() -> None:
+    t = tracker()
+    ok = json.dumps({"refresh_token": "RT-2", "id": f"https://login.salesforce.com/id/{ORG_A}/{USER_A}"}).encode()
+    t.on_call(_call("refresh_token", "success"), *_flow(b"grant_type=refresh_token&refresh_token=RT-1", ok))
+    grant = t.grant_of(token_hash(KEY, "RT-2"))
+    assert grant is not None and grant[1] is not None and (grant[1].org, grant[1].user) == (ORG_A, USER_A)
+
+
 def test_key_file_is_created_once_with_mode_0600(tmp_path: Path) -> None:
     key = load_or_create_key(tmp_path)
     path = tmp_path / KEY_FILE
@@ -610,3 +651,32 @@ def test_retired_rows_helper_reads_back(tmp_path: Path) -> None:
     redeem(t, "a", "b")
     t.close()
     assert [r.token for r in retired_rows(tmp_path / DB_FILE)] == [token_hash(KEY, "a")]
+
+
+def test_with_redis_the_periodic_maintenance_still_refreshes_the_idle_gauges(tmp_path: Path, redis_server) -> None:  # noqa: ANN001
+    """Was: with SIDECAR_REDIS_URL the maintenance thread handed its prune to the Redis mirror, which needs
+    the event loop: it raised in the thread every minute ("grant maintenance failed"), before the idle
+    gauges were refreshed, so SalesforceRefreshTokenIdle never saw a grant go idle. A prune has nothing to
+    mirror (Redis keys expire by themselves)."""
+    import asyncio
+
+    from sidecar.state.redis import SharedState
+
+    clock = Clock()
+    t = tracker(tmp_path, clock)
+    redeem(t, "idle0", "idle1")
+
+    async def run() -> None:
+        shared = SharedState(redis_server().url, KEY, Metrics())
+        await shared.start()
+        t.share(shared)
+        try:
+            clock.advance(26 * DAY)
+            await asyncio.to_thread(t.maintain)  # as the maintenance thread runs it
+        finally:
+            await t.stop_sharing()
+            await shared.close()
+
+    asyncio.run(run())
+    assert metric(t, "egress_sidecar_grants_idle", window="25d") == 1
+    t.close()

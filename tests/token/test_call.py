@@ -217,3 +217,22 @@ def test_long_paths_are_judged_the_same_and_never_kept() -> None:
 def test_salesforce_domain_class_is_bounded(host: str, cls: str | None) -> None:
     assert salesforce_domain_class(host) == cls
     assert cls is None or cls in DOMAIN_CLASSES
+
+
+@pytest.mark.parametrize(("url", "expected"), [
+    ("https://login.salesforce.com/id/00D5e000000AbCdEAA/0055e000001XyZwAAC", ("00D5e000000AbCdEAA", "0055e000001XyZwAAC")),
+    ("https://acme.my.salesforce.com/id/00D5e000000AbCd/0055e000001XyZw", ("00D5e000000AbCd", "0055e000001XyZw")),
+    ("https://test.salesforce.com/id/00D5e000000AbCdEAA/0055e000001XyZwAAC/", ("00D5e000000AbCdEAA", "0055e000001XyZwAAC")),
+    ("https://login.salesforce.com/id/0055e000001XyZwAAC/00D5e000000AbCdEAA", None),  # user and org swapped
+    ("https://login.salesforce.com/id/00D5e000000AbCdEA/0055e000001XyZwAAC", None),  # 17 characters
+    ("http://login.salesforce.com/id/00D5e000000AbCdEAA/0055e000001XyZwAAC", None),
+    ("https://login.salesforce.com/id/00D5e000000AbCdEAA/0055e000001XyZwAAC?x=1", None),
+    (42, None),
+])
+def test_the_org_and_user_of_an_answer_come_from_its_id_url(url: object, expected: tuple[str, str] | None) -> None:
+    from sidecar.token.call import Identity, answer_grant, answer_identity
+
+    body = json.dumps({"access_token": "00D!x", "refresh_token": "RT", "id": url}).encode()
+    assert answer_identity(body) == (Identity(*expected) if expected else None)
+    assert answer_grant(body)[0] == "RT"
+    assert answer_grant(b"not json") == (None, None) and answer_grant(b"[1]") == (None, None)

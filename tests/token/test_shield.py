@@ -30,9 +30,8 @@ from tests.harness import (
     redeem,
     wait_until,
 )
-from tests.redis_server import RedisServer, redis_dump, settled
+from tests.redis_server import REDIS_KEY, RedisServer, redis_dump, settled
 
-REDIS_KEY = "5f" * 32
 BOTH = ["127.0.0.2", "127.0.0.3"]
 
 
