@@ -12,8 +12,10 @@ demo: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/egress-sidecar run
 
+# Four workers on two cores: most of the suite's time is spent waiting on real servers and sidecar processes.
+TEST_WORKERS ?= 4
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS)
 
 bench: $(STAMP)
 	$(PY) -m bench

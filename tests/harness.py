@@ -161,6 +161,7 @@ class SidecarProcess:
     admin_port: int
     proc: subprocess.Popen[bytes] | None = None
     _log: Any = field(default=None, repr=False)
+    _start_offset: int = field(default=0, repr=False)
 
     @property
     def proxy_url(self) -> str:
@@ -176,6 +177,7 @@ class SidecarProcess:
 
     def start(self, wait_ready: bool = True, timeout: float = 20.0) -> SidecarProcess:
         self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self._start_offset = self.log_path.stat().st_size  # this run's lines come after it (a restart appends)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "sidecar", "run"],
             env=self.env,
@@ -183,12 +185,45 @@ class SidecarProcess:
             stderr=subprocess.STDOUT,
             cwd=ROOT,
         )
+        deadline = time.monotonic() + timeout
+        problem = self._learn_ports(timeout)
         path = "/readyz" if wait_ready else "/healthz"
-        problem = wait_http_ok(self.admin_url + path, self.proc, timeout)
+        if problem is None:
+            problem = wait_http_ok(self.admin_url + path, self.proc, max(1.0, deadline - time.monotonic()))
         if problem is None:
             return self
         self.stop()
         raise RuntimeError(f"sidecar {problem}:\n{self.log_text()}")
+
+    def _learn_ports(self, timeout: float) -> str | None:
+        """The ports the sidecar listens on, from its start-up line (it binds port 0 unless the test named one:
+        no port is picked ahead and then taken by someone else meanwhile); None, or what went wrong."""
+        deadline = time.monotonic() + timeout
+        assert self.proc is not None
+        while time.monotonic() < deadline:
+            for rec in self._records():
+                if rec.get("proxy") and rec.get("admin"):
+                    self.proxy_port = int(str(rec["proxy"]).rsplit(":", 1)[1])
+                    self.admin_port = int(str(rec["admin"]).rsplit(":", 1)[1])
+                    return None
+            if self.proc.poll() is not None:
+                return f"exited with {self.proc.returncode}"
+            time.sleep(0.05)
+        return f"not listening within {timeout}s"
+
+    def _records(self) -> list[dict[str, Any]]:
+        with open(self.log_path, "rb") as f:
+            f.seek(self._start_offset)
+            text = f.read().decode(errors="replace")
+        out = []
+        for line in text.splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
 
     def stop(self) -> int | None:
         if self.proc is None:
@@ -274,11 +309,10 @@ def sidecar_env(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> dict[str
 
 
 def make_sidecar(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> SidecarProcess:
-    proxy_port, admin_port = free_port(), free_port()
-    env = sidecar_env(tmp, upstream_ca, {"SIDECAR_LISTEN": f"127.0.0.1:{proxy_port}",
-                                         "SIDECAR_ADMIN_LISTEN": f"127.0.0.1:{admin_port}", **extra})
-    return SidecarProcess(env=env, confdir=tmp / "confdir", log_path=tmp / "sidecar.log",
-                          proxy_port=proxy_port, admin_port=admin_port)
+    """A sidecar process to start; it listens on ports the kernel picks (SIDECAR_LISTEN and
+    SIDECAR_ADMIN_LISTEN port 0, unless ``extra`` names them), learnt from its start-up line."""
+    env = sidecar_env(tmp, upstream_ca, extra)
+    return SidecarProcess(env=env, confdir=tmp / "confdir", log_path=tmp / "sidecar.log", proxy_port=0, admin_port=0)
 
 
 def refresh_form(token: str) -> str:

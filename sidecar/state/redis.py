@@ -75,7 +75,7 @@ MAX_KEPT_BYTES = 8 * 1024 * 1024
 GRANT_TTL = 90 * 86400  # as grants.Limits.grant_retention
 RETIRED_TTL = 30 * 86400  # as grants.Limits.retired_ttl
 BORN = PREFIX + "born"  # when this Redis's state began (server time, ms): gone or new after a restart
-Claim = Literal["taken", "held", "young"]
+Claim = Literal["taken", "held", "young", "answered"]
 _UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _NOW_MS = ("local t = redis.call('time') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
            "local born = redis.call('get', KEYS[1]) "
@@ -86,6 +86,7 @@ _HEALTH = _NOW_MS + "return born"
 # waits on this lock must get this redemption's answer, not the one before. 1: taken (or already ours: a
 # retried call), 0: held by another, -1: the state is too young (holders from before may not be back yet).
 _LOCK = ("local cur = redis.call('get', KEYS[1]) if cur == ARGV[1] then return 1 end if cur then return 0 end "
+         "if redis.call('exists', KEYS[4]) == 1 then return 2 end "
          + _NOW_MS.replace("KEYS[1]", "KEYS[3]") + "if now - tonumber(born) < tonumber(ARGV[3]) then return -1 end "
          "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) redis.call('del', KEYS[2]) return 1")
 T = TypeVar("T")
@@ -303,14 +304,14 @@ class SharedState:
         """Take the lock on a redemption for ``ttl`` seconds: ``taken``, ``held`` by another replica, or
         ``young``: Redis lost its state less than RESTART_GRACE ago, so a holder from before may not have
         put its lock back yet (ask again)."""
-        name, done = self._name("lock", key), self._name("done", key)
+        name, done, replay = self._name("lock", key), self._name("done", key), self._name("replay", key)
         value = f"{self._owner}:{next(self._locks)}"  # this redemption's: a retried call finds it its own
-        got = int(await self._call(lambda r: r.eval(_LOCK, 3, name, done, BORN, value, max(1, int(ttl * 1000)),
-                                                    int(self.restart_grace * 1000))))
+        got = int(await self._call(lambda r: r.eval(_LOCK, 4, name, done, BORN, replay, value,
+                                                    max(1, int(ttl * 1000)), int(self.restart_grace * 1000))))
         if got == 1:
             self._held[key] = (value, time.monotonic() + ttl)
             return "taken"
-        return "held" if got == 0 else "young"
+        return {0: "held", 2: "answered"}.get(got, "young")  # type: ignore[return-value]
 
     async def unlock(self, key: bytes) -> None:
         held = self._held.pop(key, None)

@@ -488,7 +488,7 @@ def test_startup_probe_passes_while_readyz_is_503(sidecar, make_world, make_side
     else:
         env["SIDECAR_ALLOWLIST"] = "192.0.2.10,192.0.2.11"
     sc = make_sidecar_proc(env, wait_ready=False)
-    probe_env = {"SIDECAR_LISTEN": sc.env["SIDECAR_LISTEN"], "SIDECAR_CONFDIR": sc.env["SIDECAR_CONFDIR"]}
+    probe_env = {"SIDECAR_LISTEN": f"127.0.0.1:{sc.proxy_port}", "SIDECAR_CONFDIR": sc.env["SIDECAR_CONFDIR"]}
     assert wait_until(lambda: run_startup_probe(sidecar, probe_env).returncode == 0, timeout=30, interval=0.2), (
         f"startup probe never passed:\n{run_startup_probe(sidecar, probe_env).stderr}\n{sc.log_text()[-3000:]}"
     )

@@ -207,3 +207,31 @@ async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
             return True
         await asyncio.sleep(0.05)
     return predicate()
+
+
+def test_no_lock_is_granted_on_a_redemption_whose_answer_is_replayable(redis_server: Callable[[], RedisServer]) -> None:
+    """Was: a replica that looked for a replayable answer, found none, and then took the lock after the other
+    replica had published its answer and let go of its lock sent the same refresh token a second time
+    (Salesforce: expired access/refresh token). Seen with two replicas under load, while Redis was young.
+    The lock and the look are now one step: a published replayable answer refuses the lock."""
+    from sidecar.token.messages import Answer
+
+    redis = redis_server()
+
+    async def run() -> tuple[str, str, bytes | None]:
+        a, b = (SharedState(redis.url, KEY, Metrics(), health_seconds=3600, restart_grace=0.0) for _ in range(2))
+        await a.start()
+        await b.start()
+        try:
+            assert await a.lock(b"k", 5.0) == "taken"
+            await a.publish(b"k", Answer(200, [], b'{"refresh_token":"5Aep861new"}'), 60.0, 5.0)
+            await a.unlock(b"k")
+            claim = await b.lock(b"k", 5.0)
+            replayed = await b.replay(b"k")
+            fresh = await b.lock(b"other", 5.0)
+            return claim, fresh, replayed.body if replayed else None
+        finally:
+            await a.close()
+            await b.close()
+
+    assert asyncio.run(run()) == ("answered", "taken", b'{"refresh_token":"5Aep861new"}')
