@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -313,6 +314,22 @@ def make_sidecar(tmp: Path, upstream_ca: Path, extra: dict[str, str]) -> Sidecar
     SIDECAR_ADMIN_LISTEN port 0, unless ``extra`` names them), learnt from its start-up line."""
     env = sidecar_env(tmp, upstream_ca, extra)
     return SidecarProcess(env=env, confdir=tmp / "confdir", log_path=tmp / "sidecar.log", proxy_port=0, admin_port=0)
+
+
+def redeem_in_background(sc: SidecarProcess, world: World) -> tuple[threading.Thread, dict[str, object]]:
+    """A refresh through ``sc`` on a thread of its own (started): its status (or error) lands in the dict."""
+    result: dict[str, object] = {}
+
+    def call() -> None:
+        with sc.session() as s:
+            try:
+                result["status"] = redeem(s, world.salesforce.issue_refresh_token()).status_code
+            except Exception as exc:  # noqa: BLE001 - the caller asserts on it
+                result["error"] = repr(exc)
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    return thread, result
 
 
 def refresh_form(token: str) -> str:

@@ -6,12 +6,17 @@ from __future__ import annotations
 
 import json
 import signal
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from tests.harness import SidecarProcess, World, free_port, redeem, wait_until
+from tests.harness import (
+    SidecarProcess,
+    World,
+    free_port,
+    redeem_in_background,
+    wait_until,
+)
 
 
 def probe(sc: SidecarProcess, path: str) -> tuple[int, dict]:
@@ -61,17 +66,7 @@ def test_during_the_sigterm_drain_readyz_and_serving_answer_503_with_a_reason(
     assert probe(sc, "/readyz")[0] == 200 and probe(sc, "/serving")[0] == 200
     world.salesforce.slow_seconds = 4.0
     world.salesforce.fail_mode = "slow"
-    result: dict[str, object] = {}
-
-    def call() -> None:
-        with sc.session() as s:
-            try:
-                result["status"] = redeem(s, world.salesforce.issue_refresh_token()).status_code
-            except Exception as exc:  # noqa: BLE001 - reported by the assertion below
-                result["error"] = repr(exc)
-
-    t = threading.Thread(target=call)
-    t.start()
+    t, result = redeem_in_background(sc, world)
     try:
         # The sidecar opens a connection to Salesforce only for a token call: one open is one in flight.
         assert wait_until(lambda: world.salesforce.open_connections >= 1, timeout=10)

@@ -26,6 +26,7 @@ from tests.harness import (
     metric_value,
     read_until_closed,
     redeem,
+    redeem_in_background,
 )
 
 
@@ -228,23 +229,12 @@ def test_sigterm_lets_a_token_call_in_flight_finish(
     world: World, make_sidecar_proc: Callable[..., SidecarProcess]
 ) -> None:
     import signal
-    import threading
 
     world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
     sc = make_sidecar_proc(world.pair_env())
     world.salesforce.slow_seconds = 1.5
     world.salesforce.fail_mode = "slow"
-    result: dict[str, object] = {}
-
-    def call() -> None:
-        with sc.session() as s:
-            try:
-                result["status"] = redeem(s, world.salesforce.issue_refresh_token()).status_code
-            except Exception as exc:  # noqa: BLE001
-                result["error"] = repr(exc)
-
-    t = threading.Thread(target=call)
-    t.start()
+    t, result = redeem_in_background(sc, world)
     time.sleep(0.5)
     assert sc.proc is not None
     sc.proc.send_signal(signal.SIGTERM)
