@@ -319,11 +319,11 @@ def test_heads_trickled_byte_by_byte_are_cut_within_the_idle_timeout(
         assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
 
 
-def test_bare_lf_head_is_answered_at_once(make_sidecar_proc: Callable[..., SidecarProcess]) -> None:
-    """h11 accepts a head whose lines end in LF alone; it is served, not left waiting for CRLF CRLF."""
+def test_bare_lf_head_is_answered_at_once(inproc_front_door: tuple[str, int]) -> None:
+    """h11 accepts a head whose lines end in LF alone; it is served, not left waiting for CRLF CRLF (the
+    default idle timeout, 300 s, would be the only other way out)."""
     with FakeIPEcho() as origin:
-        sc = make_sidecar_proc({})  # the default idle timeout (300 s) would be the only other way out
-        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+        with socket.create_connection(inproc_front_door, timeout=5) as c:
             c.sendall(b"CONNECT localhost:%d HTTP/1.1\nHost: localhost\n\n" % origin.address[1])
             assert read_head(c).startswith(b"HTTP/1.1 200")
             c.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
@@ -337,12 +337,13 @@ def test_bare_lf_head_is_answered_at_once(make_sidecar_proc: Callable[..., Sidec
     (b"GET http://x/ HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 70_000 + b"\r\n\r\n", b"431"),
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", b"400"),
 ])
-def test_malformed_first_heads_get_clear_errors(make_sidecar_proc: Callable[..., SidecarProcess], head: bytes,
+def test_malformed_first_heads_get_clear_errors(inproc_front_door: tuple[str, int], head: bytes,
                                                 status: bytes) -> None:
-    sc = make_sidecar_proc({})
-    with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=5) as c:
+    with socket.create_connection(inproc_front_door, timeout=5) as c:
         with contextlib.suppress(OSError):
             c.sendall(head)
         answer = read_until_closed(c)
     assert answer.startswith(b"HTTP/1.1 " + status) and b"egress-sidecar: " in answer, answer[:120]
-    assert sc.proc is not None and sc.proc.poll() is None
+    with socket.create_connection(inproc_front_door, timeout=5) as c:  # and it serves on
+        c.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_until_closed(c).startswith(b"HTTP/1.1 400")
