@@ -41,10 +41,10 @@ from sidecar.net.http1 import (
     parse_authority,
 )
 from sidecar.net.pipe import pipe
-from sidecar.net.streams import CHUNK, SocketStream, Stream, linger
+from sidecar.net.streams import CHUNK, SocketStream, Stream
 from sidecar.net.upstream import ConnectFailure, Connector, describe_error
 from sidecar.proxy.destinations import DestinationRefused, Destinations, is_ip
-from sidecar.proxy.lane import MAX_REQUESTS, Lane
+from sidecar.proxy.lane import MAX_REQUESTS, Lane, refuse
 from sidecar.proxy.relay import UnfinishedHello, client_hello_sni
 from sidecar.token.call import is_token_request
 from sidecar.token.hosts import TokenHosts, salesforce_domain_class
@@ -234,12 +234,7 @@ class FrontDoor:
             await self._relay(client, sock, host, port)
 
     async def _refuse(self, client: HttpConnection, *events: h11.Event) -> None:
-        """Answer and close, lingering: a client still sending (a trickled head, an unread body) would
-        otherwise get a reset that can destroy the answer before it reads it."""
-        with contextlib.suppress(OSError, TimeoutError, h11.LocalProtocolError):
-            async with asyncio.timeout(self.connect_timeout):
-                await client.send(*events)
-        await linger(client.stream.sock)
+        await refuse(client, events, self.connect_timeout)
 
     async def _plain(self, client: HttpConnection, request: h11.Request, owner: int) -> bool:
         """One plain proxy request (``GET http://host/...``); whether the connection may carry another. A

@@ -105,7 +105,7 @@ class Lane:
                     return
             except ProtocolError as exc:
                 event(log, logging.INFO, f"refused a malformed request to {host}: {exc.message}")
-                await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
+                await refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
                 return
             except (OSError, TimeoutError, ClientGone):
                 return
@@ -120,7 +120,7 @@ class Lane:
         try:
             return await self._one(client, request, host, port, None, scheme, owner=owner)
         except ProtocolError as exc:
-            await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
+            await refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
         except (OSError, TimeoutError, ClientGone):
             pass
         return False
@@ -214,17 +214,18 @@ class Lane:
                                                 addresses=addresses, owner=owner)
         except (Upstream502, Refused) as exc:
             status, text = (403, f"refused: {exc}") if isinstance(exc, Refused) else (502, str(exc))
-            await _refuse(client, error_events(status, text), self.idle_timeout)
+            await refuse(client, error_events(status, text), self.idle_timeout)
         except ProtocolError as exc:
-            await _refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
+            await refuse(client, error_events(exc.status, exc.message), self.idle_timeout)
         except (OSError, TimeoutError, ClientGone):
             pass
         return False
 
 
-async def _refuse(client: HttpConnection, events: tuple[h11.Event, ...], timeout: float) -> None:
+async def refuse(client: HttpConnection, events: tuple[h11.Event, ...], timeout: float) -> None:
     """Send the sidecar's own closing answer (whatever fails, quietly), then linger: the request may be
-    unread, and the client must still read the answer."""
+    unread (a trickled head, an unread body), and a close would then be a reset that can destroy the
+    answer before the client reads it. Every refusal of the front door and the lane ends here."""
     with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, h11.LocalProtocolError):
         async with asyncio.timeout(timeout):
             await client.send(*events)
