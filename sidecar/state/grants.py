@@ -621,15 +621,14 @@ def reuse_message(grant_id: str, ago: float, outcome: str, status: int | None, s
 
 
 def idle_message(org: str | None, state: str, idles: list[float], policy: IdlePolicy) -> str:
-    who = f"org {org}" if org else "grants whose org is not known yet"
-    expiry = policy.describe(org)
+    who, whose = (f"org {org}", "the org's") if org else ("grants whose org is not known yet", "the default")
+    expiry = f"{whose} refresh token expiry ({policy.describe(org)}, SIDECAR_IDLE_POLICY; the longest idle for " \
+        f"{human_age(max(idles))})"
     if state == "expired":
-        return (f"{who}: {len(idles)} refresh token grant(s) went unused for longer than the org's refresh token expiry "
-                f"({expiry}, SIDECAR_IDLE_POLICY; the longest for {human_age(max(idles))}): Salesforce has expired them, "
-                "and their users must authorize the app again")
-    return (f"{who}: {len(idles)} refresh token grant(s) idle close to the org's refresh token expiry ({expiry}, "
-            f"SIDECAR_IDLE_POLICY; the longest for {human_age(max(idles))}): redeem them once (a refresh restarts the "
-            "window) or their users must authorize the app again")
+        return (f"{who}: {len(idles)} refresh token grant(s) went unused for longer than {expiry}: Salesforce has "
+                "expired them, and their users must authorize the app again")
+    return (f"{who}: {len(idles)} refresh token grant(s) idle close to {expiry}: redeem them once (a refresh restarts "
+            "the window) or their users must authorize the app again")
 
 
 def human_age(seconds: float) -> str:

@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from sidecar.app import cli
 from sidecar.config import ConfigError
 from sidecar.metrics import Metrics
+from sidecar.state.expiry import parse_idle_policy
 from sidecar.state.grants import (
     DAY,
     LIMITS,
@@ -658,6 +659,50 @@ def test_grants_command_without_a_grants_file(tmp_path: Path, capsys: pytest.Cap
 def test_report_of_an_empty_store(tmp_path: Path) -> None:
     tracker(tmp_path).close()
     assert format_report(grants_report(tmp_path)) == "0 grants tracked; idle over 7d: 0, over 25d: 0, over 30d (expired): 0"
+
+
+def test_idle_grants_are_judged_by_their_orgs_expiry_with_one_log_line_per_org(caplog: pytest.LogCaptureFixture) -> None:
+    """SIDECAR_IDLE_POLICY: org A keeps the default 30 days, org B's admin set 10 days, org C's never expire. The
+    gauges count by each org's expiry, /status gets a summary per org, and the log says it once per org as grants
+    cross (again only when a grant crosses anew, e.g. after a redemption)."""
+    org_a, org_b, org_c = "00D000000000001EAA", "00D000000000002EAA", "00D000000000003EAA"
+    clock = Clock()
+    t = GrantTracker(Metrics(), clock=clock, idle_policy=parse_idle_policy(f"30d,{org_b}=10d,{org_c}=never"))
+    t.open(KEY, background=False)
+    for i, org in enumerate((org_a, org_a, org_b, org_c)):
+        t.observe("refresh_token", "success", f"t{i}", f"t{i}x", status=200, identity=Identity(org, USER_A))
+    redeem(t, "u0", "u1")  # a grant whose org no answer named: the default expiry
+    clock.advance(9 * DAY)
+    with caplog.at_level(logging.WARNING, logger="egress_sidecar.grants"):
+        t.maintain()  # 9 days of B's 10: expiring (10 - 10/6 = 8.3 days)
+        assert metric(t, "egress_sidecar_grants_expiry", state="expiring") == 1
+        assert metric(t, "egress_sidecar_grants_expiry", state="expired") == 0
+        t.maintain()  # nothing new: said once
+        clock.advance(17 * DAY)  # 26 days: A's two and the unnamed one are expiring, B's has expired, C's never
+        t.maintain()
+    assert metric(t, "egress_sidecar_grants_expiry", state="expiring") == 3
+    assert metric(t, "egress_sidecar_grants_expiry", state="expired") == 1
+    assert metric(t, "egress_sidecar_grants_idle", window="25d") == 5  # (the absolute windows are unchanged)
+    summary = t.org_summary
+    assert (summary[org_a].grants, summary[org_a].expiring, summary[org_a].expired) == (2, 2, 0)
+    assert (summary[org_b].expiring, summary[org_b].expired) == (0, 1)
+    assert (summary[org_c].grants, summary[org_c].expiring, summary[org_c].expired) == (1, 0, 0)
+    assert summary[None].expiring == 1 and summary[org_a].longest_idle == 26 * DAY
+    said = [(r.__dict__["fields"]["org"], r.__dict__["fields"]["state"], r.__dict__["fields"]["grants"])
+            for r in caplog.records if r.__dict__.get("fields", {}).get("event") == "grants_idle"]
+    assert said == [(org_b, "expiring", 1), (org_b, "expired", 1), (org_a, "expiring", 2), (None, "expiring", 1)]
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert f"org {org_b}: 1 refresh token grant(s) went unused for longer than the org's refresh token expiry (10d, SIDECAR_IDLE_POLICY" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="egress_sidecar.grants"):
+        t.observe("refresh_token", "success", "t0x", "t0y", status=200)  # one of A's is redeemed: fine again
+        t.maintain()
+        clock.advance(26 * DAY)
+        t.maintain()  # ... and idle again for 26 days: said again; the others expired meanwhile; C's never
+    said = [(r.__dict__["fields"]["org"], r.__dict__["fields"]["state"], r.__dict__["fields"]["grants"])
+            for r in caplog.records if r.__dict__.get("fields", {}).get("event") == "grants_idle"]
+    assert sorted(said, key=str) == sorted([(org_a, "expired", 1), (None, "expired", 1), (org_a, "expiring", 1)], key=str)
+    t.close()
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59, "59s"), (61, "1m"), (3 * 3600 + 120, "3h 2m"),
