@@ -305,8 +305,8 @@ class Settings(BaseSettings):
     confdir: Path = _setting(
         DEFAULT_CONFDIR,
         doc="The sidecar's private state: its CA with the private key (`mitmproxy-ca.pem`), `grants.key`, "
-        "`grants.sqlite3`. Only the sidecar may read it: never share it with the app (share "
-        "`SIDECAR_TRUST_DIR`).",
+        "`grants.sqlite3`, the audit trail `audit.sqlite3`. Only the sidecar may read it: never share it with the app "
+        "(share `SIDECAR_TRUST_DIR`).",
     )
     trust_dir: Path | None = _setting(
         None,
@@ -346,8 +346,8 @@ class Settings(BaseSettings):
         2_000_000,
         ge=1_000,
         le=100_000_000,
-        doc="The audit trail's size bound: beyond this many records the oldest are pruned (about 200 bytes each "
-        "on disk, so 2,000,000 records take about 400 MB).",
+        doc="The audit trail's size bound: beyond this many records the oldest are pruned (about 256 bytes each "
+        "on disk, so 2,000,000 records take about 500 MB).",
     )
     idle_policy: str = _setting(
         "30d",

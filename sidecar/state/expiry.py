@@ -3,9 +3,13 @@ the settings are written in. Pure code, no I/O.
 
 Salesforce's default for a connected app or External Client App is "expire refresh token if not used for
 30 days": a sliding window, restarted by every redemption. A customer org's admin can change it for the
-app in that org (Manage → Edit Policies: valid until revoked, immediately, if not used for N hours, days
-or months, or after N), so an ISV's one app may live under a different expiry in each org. The policy
-tells the sidecar which applies where, so idle warnings come when they matter:
+app in that org (Edit Policies → Refresh Token Policy: valid until revoked, immediately, if not used for N
+hours, days or months, or after N), so an ISV's one app may live under a different expiry in each org; an
+app developer who limits the idle refresh token TTL caps it at 30 days sliding for every subscriber
+(Salesforce Help, "Limit the Idle Refresh Token TTL in External Client Apps",
+https://help.salesforce.com/s/articleView?id=xcloud.eca_limit_idle_refresh_token_ttl.htm). The policy
+tells the sidecar which applies where, so idle warnings come when they matter (sliding expiries only:
+"after N" counts from a grant's first issue, which the sidecar may not have seen):
 
 ``30d`` (the default), ``90d``, ``12h``, ``never``, then per org overrides:
 ``30d,00DXX0000001abcEAA=90d,00DYY0000002defEAA=never``. An org id is given as 15 or 18 characters (the
