@@ -29,6 +29,7 @@ from tests.harness import (
     redeem,
     wait_until,
 )
+from tests.redis_server import REDIS_KEY, RedisServer
 
 GOOD, BAD = "127.0.0.2", "127.0.0.3"
 
@@ -202,3 +203,34 @@ def test_audit_without_a_trail_says_so_and_a_bad_argument_is_exit_2(
     assert off.stop() == 0
     assert not (off.confdir / AUDIT_FILE).exists()
     assert [e["org"] for e in off.log_events()] == [world.salesforce.org_id]  # the log line still carries it
+
+
+def test_two_replicas_on_redis_file_one_chain_under_one_grant_and_export_with_the_shared_key(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer]
+) -> None:
+    """An app with two replicas sharing Redis: a chain rotated on one and redeemed on the other is one grant in
+    both replicas' trails (the grant id is keyed with the key the replicas share), and each replica's export
+    opens its names with SIDECAR_REDIS_KEY (grants.key plays no part)."""
+    sf = world.salesforce
+    sf.set_allowlist([GOOD, BAD])
+    org = sf.add_org()
+    env = {**world.pair_env(), "SIDECAR_REDIS_URL": redis_server().url, "SIDECAR_REDIS_KEY": REDIS_KEY}
+    one, two = make_sidecar_proc(env, name="one"), make_sidecar_proc(env, name="two")
+    token = sf.issue_refresh_token(org)
+    for sc in (one, two, one, two):
+        with sc.session() as s:
+            resp = redeem(s, token)
+        assert resp.status_code == 200, resp.text
+        token = resp.json()["refresh_token"]
+    rows = []
+    for sc in (one, two):
+        assert wait_until(lambda sc=sc: (sc.confdir / AUDIT_FILE).exists() and count_calls(sc.confdir / AUDIT_FILE) == 2)
+        rows += audit_csv(sc)
+    assert len(rows) == 4 and {r["org_id"] for r in rows} == {org} and {r["user_id"] for r in rows} == {sf.user_of(org)}
+    assert len({r["grant"] for r in rows}) == 1, [r["grant"] for r in rows]
+    assert not (one.confdir / "grants.key").exists()  # (with Redis, the shared key seals and hashes)
+    blind = subprocess.run([sys.executable, "-m", "sidecar", "audit", "--confdir", str(one.confdir)],
+                           env={k: v for k, v in one.env.items() if k != "SIDECAR_REDIS_KEY" and k != "SIDECAR_REDIS_URL"},
+                           capture_output=True, text=True, timeout=60, cwd=ROOT, check=True)
+    assert "(sealed under another key)" in blind.stdout and "key not found" in blind.stderr
+    assert org not in blind.stdout
