@@ -37,6 +37,14 @@ class Audit:
         self._issued: OrderedDict[bytes, bytes] = OrderedDict()
 
     def done(self, flow: TokenFlow) -> None:
+        try:
+            self._record(flow)
+        except Exception as exc:  # noqa: BLE001 - a record lost to a bug is counted and said, like any other
+            if self.store is None:
+                raise  # (the hooks log it)
+            self.store.lost(f"the audit addon failed ({type(exc).__name__})")
+
+    def _record(self, flow: TokenFlow) -> None:
         call = flow.call
         if call.outcome is None:
             return

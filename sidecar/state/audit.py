@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sidecar.config import storage_error
-from sidecar.logs import event
+from sidecar.logs import cause, event
 from sidecar.state.seal import Sealer
 from sidecar.state.sqlite import key_fingerprint
 
@@ -209,6 +209,10 @@ class AuditStore:
             self._dropped("queue_full", 1, "the writer's queue is full (the disk is slower than the token calls)")
             return False
 
+    def lost(self, why: str) -> None:
+        """A record that could not even be made (counted as write_failed, and said)."""
+        self._dropped("write_failed", 1, why)
+
     # -- the writer ------------------------------------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
@@ -281,7 +285,10 @@ class AuditStore:
                     if db is None:
                         self._dropped("write_failed", len(entries), "the file could not be opened")
                     else:
-                        self._write(db, entries)
+                        try:
+                            self._write(db, entries)
+                        except Exception as exc:  # noqa: BLE001 - the writer must outlive a bad record
+                            self._dropped("write_failed", len(entries), f"the writer failed ({cause(exc)})")
                 for item in batch:
                     if isinstance(item, _Prune) and db is not None:
                         self._prune(db)
@@ -297,14 +304,19 @@ class AuditStore:
 
     def _write(self, db: sqlite3.Connection, entries: list[Entry]) -> None:
         now = self.clock()
-        names: dict[bytes, tuple[str, str | None, str]] = {}
+        names: dict[bytes, tuple[str, str | None, bytes]] = {}  # key -> (kind, label, sealed value)
         rows = []
         for e in entries:
-            rows.append((e.at, self._name(names, "app", e.client_id, e.app_label, now),
-                         self._name(names, "org", e.org, None, now), self._name(names, "user", e.user, None, now),
-                         e.grant, e.grant_type, self._name(names, "host", e.host, None, now), e.host_class,
-                         e.egress_ip, e.egress, e.member, e.route, e.guard, e.outcome, e.status, e.sf_error,
-                         e.retried_from, e.shield, e.duration_ms))
+            try:
+                rows.append((e.at, self._name(names, "app", e.client_id, e.app_label, now),
+                             self._name(names, "org", e.org, None, now), self._name(names, "user", e.user, None, now),
+                             e.grant, e.grant_type, self._name(names, "host", e.host, None, now), e.host_class,
+                             e.egress_ip, e.egress, e.member, e.route, e.guard, e.outcome, e.status, e.sf_error,
+                             e.retried_from, e.shield, e.duration_ms))
+            except Exception as exc:  # noqa: BLE001 - one bad record (a bug upstream) costs only itself
+                self._dropped("write_failed", 1, f"a record could not be read ({cause(exc)})")
+        if not rows:
+            return
         try:
             with db:
                 db.execute("BEGIN IMMEDIATE")
@@ -312,7 +324,7 @@ class AuditStore:
                     db.executemany(
                         "INSERT INTO names VALUES (?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET "
                         "last_seen = excluded.last_seen",
-                        [(k, kind, label, self.names.seal(k, value), now) for k, (kind, label, value) in names.items()])
+                        [(k, kind, label, sealed, now) for k, (kind, label, sealed) in names.items()])
                 db.executemany(_INSERT, rows)
         except sqlite3.Error as exc:
             for k in names:  # (not written: written again with the next record that names it)
@@ -332,7 +344,7 @@ class AuditStore:
                   file=str(self.path), dropped_total=self.dropped)
             self._full_since = None
 
-    def _name(self, names: dict[bytes, tuple[str, str | None, str]], kind: str, value: str | None,
+    def _name(self, names: dict[bytes, tuple[str, str | None, bytes]], kind: str, value: str | None,
               label: str | None, now: float) -> bytes | None:
         """The keyed hash of a name; a name not written lately joins ``names`` (to be written with the batch)."""
         if not value:
@@ -345,10 +357,10 @@ class AuditStore:
             self._keys[(kind, value)] = k
         seen = self._named.get(k)
         if seen is None or now - seen >= NAME_REFRESH:
+            names[k] = (kind, label, self.names.seal(k, value))
             if len(self._named) >= MAX_CACHED_NAMES:
                 self._named.clear()
             self._named[k] = now
-            names[k] = (kind, label, value)
         return k
 
     def _prune(self, db: sqlite3.Connection) -> int:

@@ -190,9 +190,14 @@ class Queue:
     def __init__(self) -> None:
         self.entries: list[object] = []
 
+        self.lost_because: list[str] = []
+
     def submit(self, entry: object) -> bool:
         self.entries.append(entry)
         return True
+
+    def lost(self, why: str) -> None:
+        self.lost_because.append(why)
 
 
 def redemption(token: str, issued: str | None, *, org: str | None = None, status: int = 200) -> TokenFlow:
@@ -239,6 +244,16 @@ def test_the_audit_names_the_org_and_the_grant_as_the_tracker_files_it_even_when
         assert f"'{secret}'" not in text and secret not in text.replace("3MVG9app", ""), secret
     (row,) = orgs.snapshot().values()
     assert row.calls == 2 and row.refusals == 1 and row.by_ip == {"52.0.0.1": {"success": 1, "ip_restricted": 1}}
+
+
+def test_a_record_the_audit_cannot_make_is_counted_not_silent() -> None:
+    class Broken(GrantTracker):
+        def token_key(self, token: str) -> bytes | None:
+            raise RuntimeError("a bug")
+
+    queue = Queue()
+    Audit(queue, Broken(Metrics())).done(redemption("rt0", "rt1"))  # type: ignore[arg-type]
+    assert queue.entries == [] and queue.lost_because == ["the audit addon failed (RuntimeError)"]
 
 
 def test_client_access_refuses_strangers_and_asks_for_credentials() -> None:

@@ -270,3 +270,19 @@ def test_a_file_that_is_not_a_trail_is_refused(tmp_path: Path) -> None:
     (tmp_path / AUDIT_FILE).write_bytes(b"not sqlite at all, long enough to be looked at" * 20)
     with pytest.raises(ValueError, match="not an audit trail"):
         connect_readonly(tmp_path / AUDIT_FILE)
+
+
+def test_a_record_the_writer_cannot_handle_is_counted_and_the_writer_goes_on(tmp_path: Path) -> None:
+    metrics = Metrics()
+    s = store(tmp_path, metrics=metrics)
+    bad = entry(T0)
+    bad.org = 12345  # type: ignore[assignment]  # a bug upstream: not a string
+    s.submit(bad)
+    s.submit(entry(T0 + 1))
+    assert s.flush()
+    s.submit(entry(T0 + 2))
+    assert s.flush()
+    assert count_calls(tmp_path / AUDIT_FILE) == 2  # the bad one costs only itself
+    assert s.dropped == 1
+    assert metric_value(metrics.render().decode(), "egress_sidecar_audit_writes_dropped_total", reason="write_failed") == 1
+    s.close()
