@@ -23,6 +23,7 @@ LABELS = {
     "sidecar-nolog": "sidecar, per-call log line off",
     "sidecar-bare": "sidecar, both off",
     "sidecar-noshield": "sidecar, rotation shield off",
+    "sidecar-noaudit": "sidecar, audit trail off",
 }
 NA = "n/a"
 

@@ -437,6 +437,7 @@ ABLATIONS = {
     "sidecar-nolog": ("per-call INFO log line off (SIDECAR_LOG_LEVEL=WARNING)", {"SIDECAR_LOG_LEVEL": "WARNING"}),
     "sidecar-bare": ("both off", {"BENCH_DISABLE": "grants", "SIDECAR_LOG_LEVEL": "WARNING"}),
     "sidecar-noshield": ("rotation shield off", {"BENCH_DISABLE": "shield"}),
+    "sidecar-noaudit": ("audit trail off", {"BENCH_DISABLE": "audit"}),
 }
 
 

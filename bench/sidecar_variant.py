@@ -3,8 +3,9 @@
 - ``BENCH_PROFILE_PREFIX`` set: SIGUSR1 starts a fresh cProfile, SIGUSR2 stops it and writes
   ``PREFIX-N.prof`` (then an empty ``PREFIX-N.done``, so the bench knows the write finished). The
   window lets the bench profile only the token calls it sends, not the start or the probes.
-- ``BENCH_DISABLE=grants,shield,record``: those policy addons are left out of the token core (the
-  grant tracking, the rotation shield, the log line and metrics), to measure what each costs per call. Anything else is the unmodified ``sidecar.app.cli.main``.
+- ``BENCH_DISABLE=grants,shield,record,audit``: those policy addons are left out of the token core (the
+  grant tracking, the rotation shield, the log line and metrics, the audit trail), to measure what each
+  costs per call. Anything else is the unmodified ``sidecar.app.cli.main``.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def install_profiler(prefix: str) -> None:
 
 def disable(parts: set[str]) -> None:
     """Leave the named addons out of the token core (their class names, lower case: ``grants``,
-    ``rotationshield``, ``record``, ``evidence``, ``guard``; ``shield`` is ``rotationshield``)."""
+    ``rotationshield``, ``record``, ``evidence``, ``guard``, ``audit``; ``shield`` is ``rotationshield``)."""
     names = {"rotationshield" if p == "shield" else p for p in parts}
     if not names:
         return

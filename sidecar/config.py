@@ -33,6 +33,7 @@ from pydantic_settings import (
 from pydantic_settings.sources.utils import parse_env_vars
 
 from sidecar.egress.allowlist import Allowlist, AllowlistError, parse_allowlist
+from sidecar.state.expiry import IdlePolicy, parse_duration, parse_idle_policy
 
 # The hosts Salesforce serves /services/oauth2/token on (sources and what each says: sidecar/token/hosts.py).
 # My Domain login hosts: production, then the partitioned forms Salesforce gives sandboxes, Developer
@@ -304,8 +305,8 @@ class Settings(BaseSettings):
     confdir: Path = _setting(
         DEFAULT_CONFDIR,
         doc="The sidecar's private state: its CA with the private key (`mitmproxy-ca.pem`), `grants.key`, "
-        "`grants.sqlite3`. Only the sidecar may read it: never share it with the app (share "
-        "`SIDECAR_TRUST_DIR`).",
+        "`grants.sqlite3`, the audit trail `audit.sqlite3`. Only the sidecar may read it: never share it with the app "
+        "(share `SIDECAR_TRUST_DIR`).",
     )
     trust_dir: Path | None = _setting(
         None,
@@ -334,6 +335,26 @@ class Settings(BaseSettings):
         None,
         doc="32-byte secret shared by the replicas (64 hex digits, or base64): encrypts the answers kept in Redis "
         "(AES-GCM) and keys the hashes of tokens, so replicas agree on them. E.g. `openssl rand -hex 32`.",
+    )
+    audit_retention: str = _setting(
+        "400d",
+        doc="How long the audit trail (`SIDECAR_CONFDIR/audit.sqlite3`: one record per token call, read with "
+        "`egress-sidecar audit`) keeps a record: a number and a unit, `d`, `h`, `m` or `s`. Older records are "
+        "pruned every 10 minutes. `0` keeps no trail on disk (the log line of each call still carries it).",
+    )
+    audit_max_rows: int = _setting(
+        2_000_000,
+        ge=1_000,
+        le=100_000_000,
+        doc="The audit trail's size bound: beyond this many records the oldest are pruned (about 256 bytes each "
+        "on disk, so 2,000,000 records take about 500 MB).",
+    )
+    idle_policy: str = _setting(
+        "30d",
+        doc="The refresh token expiry that applies (Salesforce's \"expire if not used for\", sliding), for the "
+        "idle warnings: a default, then per customer org overrides, e.g. `30d,00DXX0000001abcEAA=90d,"
+        "00DYY0000002defEAA=never` (`h` or `d`, or `never`: valid until revoked; an org id of 15 or 18 "
+        "characters). A grant warns past `expiry - min(5d, expiry/6)` idle (25 days of 30).",
     )
     ca_cert: Path | None = _setting(
         None,
@@ -483,6 +504,18 @@ class Settings(BaseSettings):
             raise ValueError("is not user:password")
         return value
 
+    @field_validator("audit_retention")
+    @classmethod
+    def _check_audit_retention(cls, value: str) -> str:
+        parse_duration(value)
+        return value
+
+    @field_validator("idle_policy")
+    @classmethod
+    def _check_idle_policy(cls, value: str) -> str:
+        parse_idle_policy(value)
+        return value
+
     @field_validator("echo_url")
     @classmethod
     def _check_echo_url(cls, value: str) -> str:
@@ -541,6 +574,14 @@ class Settings(BaseSettings):
     def trust_dir_path(self) -> Path:
         """Where ca.pem and ca-bundle.pem go (SIDECAR_TRUST_DIR, else the confdir)."""
         return (self.trust_dir if self.trust_dir is not None else self.confdir).expanduser()
+
+    @property
+    def audit_retention_seconds(self) -> float:
+        return parse_duration(self.audit_retention)
+
+    @property
+    def idle_expiry(self) -> IdlePolicy:
+        return parse_idle_policy(self.idle_policy)
 
     @property
     def log_level_number(self) -> int:
@@ -611,6 +652,8 @@ _HINTS = {
     "allowlist": "Copy the entries of the External Client App's Refresh Token IP Allowlist.",
     "proxy_auth": "Example: SIDECAR_PROXY_AUTH=app:long-random-password.",
     "redis_url": "Example: SIDECAR_REDIS_URL=redis://redis:6379/0.",
+    "audit_retention": "Example: SIDECAR_AUDIT_RETENTION=400d.",
+    "idle_policy": "Example: SIDECAR_IDLE_POLICY=30d,00DXX0000001abcEAA=90d.",
 }
 
 

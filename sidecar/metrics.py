@@ -54,6 +54,9 @@ PROBE_RESULTS = ("ok", "unstable", "echo_failed", "member_down")
 # Why the front door refused a client connection: the SIDECAR_MAX_CONNECTIONS cap, or a client not on
 # loopback without SIDECAR_PROXY_AUTH.
 CONNECTION_REFUSALS = ("max_connections", "not_loopback")
+# Why an audit record was not written (sidecar.state.audit), and a grant's place against its org's expiry.
+AUDIT_DROPS = ("queue_full", "write_failed", "disk_full")
+EXPIRY_STATES = ("expiring", "expired")
 
 
 def _dist_version(name: str) -> str:
@@ -197,6 +200,26 @@ class Metrics:
             "Grant changes not written to grants.sqlite3 (writer queue full or SQLite error); a restart may forget them.",
             registry=r,
         )
+        self.grants_expiry = Gauge(
+            f"{NS}_grants_expiry",
+            "Tracked grants idle past the warning point of their org's refresh token expiry (state=expiring) or past the "
+            "expiry itself (state=expired), each judged by its org's expiry (SIDECAR_IDLE_POLICY).",
+            ("state",),
+            registry=r,
+        )
+        for state in EXPIRY_STATES:
+            self.grants_expiry.labels(state)
+        self.orgs = Gauge(f"{NS}_orgs", "Customer orgs in the per-org table of /status: named by a token answer since "
+                          "start, or owning a tracked grant.", registry=r)
+        self.audit_writes_dropped = Counter(
+            f"{NS}_audit_writes_dropped_total",
+            "Audit records not written to audit.sqlite3, by reason: queue_full (the writer fell behind), write_failed "
+            "(SQLite failed), disk_full. Each call's log line still carries its record.",
+            ("reason",),
+            registry=r,
+        )
+        for reason in AUDIT_DROPS:  # at 0 from the start: increase() cannot see a series' first step
+            self.audit_writes_dropped.labels(reason)
         self.guard_enforcing = Gauge(
             f"{NS}_guard_enforcing", "1 when the allowlist guard enforces, 0 when it observes.", registry=r
         )

@@ -98,7 +98,7 @@ def test_every_admin_endpoint_is_documented_in_the_observability_page() -> None:
 
 def test_every_command_is_documented_in_the_configuration_page_and_has_help() -> None:
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"run", "check", "demo", "exec", "grants"}
+    assert set(sub.choices) == {"run", "check", "demo", "exec", "grants", "audit"}
     documented = {cell.split()[1] for cell in first_cells(section(CONFIGURATION, "Commands"))
                   if cell.startswith("egress-sidecar ")}
     assert documented == set(sub.choices), f"commands: code {sorted(sub.choices)}, docs {sorted(documented)}"

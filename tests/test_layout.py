@@ -10,7 +10,7 @@ from pathlib import Path
 from tests.harness import ROOT
 
 MAX_TOP_LEVEL_MODULES = 8
-POLICY_ADDONS = {"guard", "shield", "evidence", "grants", "record", "client_access"}
+POLICY_ADDONS = {"guard", "shield", "evidence", "grants", "record", "client_access", "audit"}
 
 
 def module_name(path: Path) -> str:

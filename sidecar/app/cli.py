@@ -98,10 +98,13 @@ def cmd_grants(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from sidecar.state.grants import format_report, grants_report
+    from sidecar.state.sqlite import reader_keys
 
-    confdir = Path(args.confdir).expanduser() if args.confdir else _settings().confdir_path
+    settings = _settings()
+    confdir = Path(args.confdir).expanduser() if args.confdir else settings.confdir_path
+    keys = reader_keys(confdir, settings.redis_key.get_secret_value() if settings.redis_key else None)
     try:
-        report = grants_report(confdir)
+        report = grants_report(confdir, policy=settings.idle_expiry, keys=keys)
     except FileNotFoundError:
         print(f"egress-sidecar: no grants file in {confdir} (the sidecar creates grants.sqlite3 there when it "
               "starts); is SIDECAR_CONFDIR the sidecar's?", file=sys.stderr)
@@ -111,6 +114,58 @@ def cmd_grants(args: argparse.Namespace) -> int:
         return EXIT_FAIL
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return EXIT_OK
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    import contextlib
+    from pathlib import Path
+
+    from sidecar.ops.audit import EXPORT_COLUMNS, SUMMARY_COLUMNS, Query, Reader, write_rows
+    from sidecar.state.audit import AUDIT_FILE, connect_readonly
+    from sidecar.state.sqlite import reader_keys
+
+    settings = _settings()
+    confdir = Path(args.confdir).expanduser() if args.confdir else settings.confdir_path
+    keys = reader_keys(confdir, settings.redis_key.get_secret_value() if settings.redis_key else None)
+    try:
+        db = connect_readonly(confdir / AUDIT_FILE)
+    except FileNotFoundError:
+        print(f"egress-sidecar: no audit trail in {confdir} (the sidecar creates {AUDIT_FILE} there when it starts, "
+              "unless SIDECAR_AUDIT_RETENTION=0); is SIDECAR_CONFDIR the sidecar's?", file=sys.stderr)
+        return EXIT_FAIL
+    except ValueError as exc:
+        print(f"egress-sidecar: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    with contextlib.closing(db):
+        reader = Reader(db, keys)
+        query = Query(args.since, args.until, args.org, args.app)
+        if args.summary:
+            write_rows(reader.summary(query), SUMMARY_COLUMNS, args.format, sys.stdout)
+        else:
+            write_rows(reader.records(query), EXPORT_COLUMNS, args.format, sys.stdout)
+        if reader.names is None:
+            print("egress-sidecar: the apps, orgs, users and hosts of this trail are sealed under a key not found here "
+                  "(grants.key in the confdir, or SIDECAR_REDIS_KEY when the sidecar shares state on Redis): they show "
+                  "as unreadable", file=sys.stderr)
+    return EXIT_OK
+
+
+def _when(text: str) -> float:
+    from sidecar.ops.audit import parse_when
+
+    try:
+        return parse_when(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _org_id(text: str) -> str:
+    from sidecar.state.expiry import org_id_18
+
+    try:
+        return org_id_18(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def cmd_exec(args: argparse.Namespace) -> int:
@@ -170,13 +225,37 @@ def build_parser() -> argparse.ArgumentParser:
     grants = sub.add_parser(
         "grants",
         help="list the refresh token grants the sidecar tracks (rotation, reuse, idle time)",
-        description="List the grants (refresh token rotation chains) recorded in SIDECAR_CONFDIR/grants.sqlite3: "
-        "grant id (a keyed-hash prefix, never a token), last redemption, idle age, rotations, reuses and state, "
-        "most idle first. Salesforce expires a refresh token unused for 30 days.",
+        description="List the grants (refresh token rotation chains) recorded in SIDECAR_CONFDIR/grants.sqlite3, "
+        "grouped by customer org: grant id (a keyed-hash prefix, never a token), user, last redemption, idle age, "
+        "rotations, reuses and state (expiring, expired: by the org's refresh token expiry, SIDECAR_IDLE_POLICY), "
+        "most idle first.",
     )
-    grants.add_argument("--json", action="store_true", help="print the grants as JSON")
+    grants.add_argument("--json", action="store_true", help="print the grants as JSON (each with its org and user, "
+                        "and a summary per org)")
     grants.add_argument("--confdir", help="the sidecar's confdir (default: SIDECAR_CONFDIR)")
     grants.set_defaults(func=cmd_grants)
+    audit = sub.add_parser(
+        "audit",
+        help="export the audit trail: every token call with its app, org, grant and egress IP",
+        description="Export the audit trail recorded in SIDECAR_CONFDIR/audit.sqlite3 to standard output: one record "
+        "per token call (time, app client_id, org id, user id, grant id, grant type, token host, egress IP and whether "
+        "it was verified, member, outcome, Salesforce's error code, retried, coalesced, replayed), oldest first; never "
+        "a token or a secret. Reads the file whether or not the sidecar runs. With --summary: per org and egress IP, "
+        "calls, counts by outcome, first and last seen. Exit 0; 1 no audit trail or unreadable; 2 bad arguments.",
+    )
+    audit.add_argument("--since", type=_when, metavar="WHEN",
+                       help="records from this time on: ISO 8601 (2026-11-01, 2026-11-01T12:00:00Z; UTC without an "
+                       "offset) or a duration ago (7d, 12h)")
+    audit.add_argument("--until", type=_when, metavar="WHEN", help="records before this time (same forms as --since)")
+    audit.add_argument("--org", type=_org_id, metavar="ORG_ID", help="only this customer org (15 or 18 characters)")
+    audit.add_argument("--app", metavar="CLIENT_ID", help="only this app: its client_id, or its short label as the log "
+                       "shows it")
+    audit.add_argument("--format", choices=("csv", "json"), default="csv",
+                       help="csv (with a header row, the default) or json (JSON lines)")
+    audit.add_argument("--summary", action="store_true",
+                       help="per org and egress IP: calls, counts by outcome, first and last seen")
+    audit.add_argument("--confdir", help="the sidecar's confdir (default: SIDECAR_CONFDIR)")
+    audit.set_defaults(func=cmd_audit)
     wrap = sub.add_parser(
         "exec",
         help="run COMMAND with the sidecar beside it (Heroku-style wrapper)",

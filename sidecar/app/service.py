@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from addons.audit import Audit
 from addons.client_access import ClientAccess
 from addons.evidence import Evidence as EvidenceAddon
 from addons.grants import Grants
@@ -32,6 +33,7 @@ from sidecar.metrics import Metrics
 from sidecar.net.resolver import CLIENT_LOOKUPS, TOKEN_LOOKUPS, Resolver
 from sidecar.net.upstream import ConnectFailure, Connector, UpstreamPool
 from sidecar.ops.admin import AdminServer
+from sidecar.ops.orgs import OrgsSeen, org_table
 from sidecar.ops.record import Recorder
 from sidecar.ops.status import build_status, render_page
 from sidecar.ops.trust import (
@@ -52,6 +54,7 @@ from sidecar.proxy.frontdoor import HEAD_TIMEOUT, FrontDoor
 from sidecar.proxy.lane import Lane
 from sidecar.proxy.leafcerts import CertStore, LeafContexts, open_certstore
 from sidecar.proxy.route import Routes
+from sidecar.state.audit import AUDIT_FILE, AuditStore
 from sidecar.state.grants import GrantTracker
 from sidecar.state.redis import SharedState
 from sidecar.state.sqlite import DB_FILE, GrantStore, load_or_create_key
@@ -110,7 +113,11 @@ class Sidecar:
         self.metrics.direct_mode.set(1 if self.pair.direct else 0)
         self.metrics.guard_enforcing.set(1 if self.guard.mode == "enforce" else 0)
         # Refresh token hygiene (rotation, reuse, idle grants): observes finished token calls.
-        self.grants = GrantTracker(self.metrics)
+        self.grants = GrantTracker(self.metrics, idle_policy=settings.idle_expiry)
+        # The per-org view of /status (calls since start, grants per org) and the audit trail (opened in run()).
+        self.orgs = OrgsSeen(self.metrics)
+        self.grants.on_maintained = lambda: self.orgs.grant_orgs(frozenset(o for o in self.grants.org_summary if o))
+        self.audit = Audit(None, self.grants, self.orgs)
         self.upstream_trust = upstream_trust(settings, self.confdir)
         # Name lookups: one resolver for the destinations clients ask for, another for direct token calls;
         # members are IP literals (sidecar.net.resolver).
@@ -133,11 +140,13 @@ class Sidecar:
                              self.shared)
         self.routes = Routes(self.guard, settings.route, settings.salesforce_tunnels)
         # The policies, in the order the core calls their hooks (sidecar/token/flow.py): the app and the org
-        # are named before the shield and the guard look at the call; the record is written before the grants are.
+        # are named before the shield and the guard look at the call; the audit names the call's org, user and grant
+        # before the record writes its log line (which carries them), and both before the grants take the call in.
         self.addons = (
             EvidenceAddon(self.evidence, self.grants),
             RotationShield(self.shield),
             GuardAddon(self.guard, retry_ip_restricted=settings.retry_on_ip_restricted),
+            self.audit,
             Record(self.recorder, self.metrics),
             Grants(self.grants),
         )
@@ -153,6 +162,9 @@ class Sidecar:
                   f"pair member {member.label} ejected for {ejected_for:g}s after "
                   f"{member.consecutive_failures} consecutive connect failures; a successful probe re-admits it",
                   member=member.label)
+
+    def _audit_dropped(self, reason: str, n: int) -> None:
+        self.metrics.audit_writes_dropped.labels(reason).inc(n)
 
     def _member_ok(self, member: Member) -> None:
         member.record_connect_success()
@@ -178,8 +190,11 @@ class Sidecar:
             return False, self.guard.explain_block()
         return True, "ok"
 
-    def status(self) -> dict[str, Any]:
-        return build_status(self)
+    def status(self, orgs_page: int = 1) -> dict[str, Any]:
+        return build_status(self, orgs_page)
+
+    def org_rows(self, page: int, findings: list[Any]) -> dict[str, Any]:
+        return org_table(self.orgs.snapshot(), self.grants.org_summary, findings, self.settings.idle_expiry, page)
 
     def status_facts(self) -> dict[str, Any]:
         upstream = self.settings.upstream
@@ -222,6 +237,7 @@ class Sidecar:
         export_ca(self.confdir, self.trust_dir, setting="SIDECAR_TRUST_DIR" if s.trust_dir else "SIDECAR_CONFDIR")
 
     async def run(self) -> None:
+        s = self.settings
         self._loop = asyncio.get_running_loop()
         self.prepare()
         # grants.sqlite3: refresh token tracking and Salesforce's evidence per egress IP, as keyed hashes.
@@ -232,6 +248,12 @@ class Sidecar:
         store = GrantStore(self.confdir / DB_FILE)
         self.grants.open(key, store)  # loads the grants, starts the writer thread
         self.evidence.open(key, store)
+        if s.audit_retention_seconds > 0:  # the audit trail: one record per token call (SIDECAR_AUDIT_RETENTION)
+            audit = AuditStore(self.confdir / AUDIT_FILE, key, retention=s.audit_retention_seconds,
+                               max_rows=s.audit_max_rows, on_drop=self._audit_dropped)
+            audit.open()
+            audit.start()
+            self.audit.store = audit
         self.shield.hash_key = key
         if self.shared is not None:
             self.grants.share(self.shared)
@@ -268,6 +290,8 @@ class Sidecar:
             await self.grants.stop_sharing()
             self.evidence.flush()  # the latest time of each answer, before the store closes
             await asyncio.to_thread(self.grants.close)  # writes what is queued (bounded)
+            if self.audit.store is not None:
+                await asyncio.to_thread(self.audit.store.close)
             if self.shared is not None:
                 await self.shared.close()
             self._listening.clear()

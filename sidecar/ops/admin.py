@@ -14,6 +14,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
@@ -24,7 +25,7 @@ class AdminSource(Protocol):
     def metrics_text(self) -> bytes: ...
     def is_serving(self) -> tuple[bool, str]: ...
     def is_ready(self) -> tuple[bool, str]: ...
-    def status(self) -> dict[str, Any]: ...
+    def status(self, orgs_page: int = 1) -> dict[str, Any]: ...
     def ca_path(self) -> Path | None: ...
 
 
@@ -56,7 +57,7 @@ def _make_handler(source: AdminSource, page: Callable[[dict[str, Any]], str]) ->
             self._route(head_only=False)
 
         def _route(self, head_only: bool) -> None:
-            path = self.path.split("?", 1)[0]
+            path, _, query = self.path.partition("?")
             try:
                 if path == "/metrics":
                     self._send(200, source.metrics_text(), CONTENT_TYPE_LATEST, head_only)
@@ -69,7 +70,7 @@ def _make_handler(source: AdminSource, page: Callable[[dict[str, Any]], str]) ->
                     ready, why = source.is_ready()
                     self._json(200 if ready else 503, {"ready": ready, "reason": why}, head_only)
                 elif path == "/status":
-                    self._json(200, source.status(), head_only)
+                    self._json(200, source.status(orgs_page(query)), head_only)
                 elif path == "/ca.pem":
                     ca = source.ca_path()
                     if ca is None or not ca.exists():
@@ -77,7 +78,7 @@ def _make_handler(source: AdminSource, page: Callable[[dict[str, Any]], str]) ->
                     else:
                         self._send(200, ca.read_bytes(), "application/x-pem-file", head_only)
                 elif path in ("/", "/index.html"):
-                    html = page(source.status()).encode()
+                    html = page(source.status(orgs_page(query))).encode()
                     self._send(200, html, "text/html; charset=utf-8", head_only)
                 else:
                     self._json(404, {"error": "not found", "endpoints": ENDPOINTS}, head_only)
@@ -94,6 +95,17 @@ def _make_handler(source: AdminSource, page: Callable[[dict[str, Any]], str]) ->
 
 
 ENDPOINTS = ["/", "/metrics", "/healthz", "/serving", "/readyz", "/status", "/ca.pem"]
+MAX_PAGE = 1_000_000
+
+
+def orgs_page(query: str) -> int:
+    """The page of the per-org table a query asks for (``?orgs_page=N``, 1-based); 1 when absent or malformed
+    (a page past the last shows the last)."""
+    values = parse_qs(query).get("orgs_page") or ["1"]
+    try:
+        return min(MAX_PAGE, max(1, int(values[0])))
+    except ValueError:
+        return 1
 
 
 class _Server(ThreadingHTTPServer):

@@ -27,6 +27,7 @@ class StatusSource(Protocol):
 
     def is_ready(self) -> tuple[bool, str]: ...
     def status_facts(self) -> dict[str, Any]: ...
+    def org_rows(self, page: int, findings: list[Finding]) -> dict[str, Any]: ...
 
 Level = Literal["ok", "warning", "critical"]
 
@@ -307,7 +308,8 @@ def with_shared_state(v: Verdict, redis: dict[str, Any]) -> Verdict:
     return Verdict("critical" if v.level == "critical" else "warning", [*v.lines, line])
 
 
-def build_status(sidecar: StatusSource) -> dict[str, Any]:
+def build_status(sidecar: StatusSource, orgs_page: int = 1) -> dict[str, Any]:
+    """The status; ``orgs_page`` is the page of the per-org table it carries (1-based)."""
     ready, why = sidecar.is_ready()
     facts = sidecar.status_facts()
     findings = _findings(sidecar.guard)
@@ -331,6 +333,7 @@ def build_status(sidecar: StatusSource) -> dict[str, Any]:
         "client_tls": facts["client_tls"],
         "shield": facts["shield"],
         "evidence": evidence_rows(sidecar.guard, findings),
+        "orgs": sidecar.org_rows(orgs_page, findings),
         "verdict": {"level": v.level, "lines": v.lines},
         **facts["calls"],
     }
@@ -478,6 +481,7 @@ def render_page(status: dict[str, Any]) -> str:
         for c in recent
     )
     verdict_lines = "".join(f"<li>{e(line)}</li>" for line in v["lines"])
+    orgs_html = _orgs_section(status.get("orgs"))
     color, tint = _COLORS[v["level"]], _TINTS[v["level"]]
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>egress-sidecar: {e(v['level'])}</title>
@@ -515,12 +519,57 @@ up {e(_uptime(status.get('uptime_seconds')))} · version {e(status['version'])}<
 <h2>What Salesforce answered, per app, org and egress IP</h2>
 <table id="evidence">{'<tr><th>app (client_id)</th><th>egress IP</th><th>answer</th><th>orgs</th><th>last seen</th><th>re-test from</th><th>SIDECAR_ALLOWLIST</th></tr>' + evidence_rows_html if evidence_rows_html else '<tr><td>no redemption answered yet</td></tr>'}</table>
 <p id="shield">Rotation shield: {shield_line}</p>
+{orgs_html}
 <h2>Recent token calls (newest first)</h2>
 <table id="recent">{'<tr><th>time (UTC)</th><th>grant type</th><th>member</th><th>egress IP</th><th>outcome</th><th>status</th><th>ms</th></tr>' + recent_rows if recent_rows else '<tr><td>none yet</td></tr>'}</table>
 <p>Allowlist: <code id="allowlist">{e(status['allowlist'] or 'not configured')}</code></p>
 <p><a href="/metrics">/metrics</a> · <a href="/status">/status</a> · <a href="/ca.pem">/ca.pem</a> · refreshes every 10 s</p>
 </body></html>
 """
+
+
+def _orgs_section(orgs: dict[str, Any] | None) -> str:
+    """The per-org table (one page of it) with its pager: bounded whatever the number of orgs."""
+    e = html.escape
+    orgs = orgs or {"total": 0, "rows": [], "page": 1, "pages": 1, "per_page": 0, "attention": 0}
+    rows = orgs.get("rows") or []
+
+    def ips(r: dict[str, Any]) -> str:
+        return "; ".join(f"{ip}: " + ", ".join(f"{n} {k}" for k, n in sorted(c.items(), key=lambda kv: -kv[1]))
+                         for ip, c in (r.get("egress_ips") or {}).items()) or "-"
+
+    def grants(r: dict[str, Any]) -> str:
+        extra = [f"{r[k]} {w}" for k, w in (("grants_expiring", "expiring"), ("grants_expired", "expired")) if r.get(k)]
+        return f"{r.get('grants', 0)}" + (f" ({', '.join(extra)})" if extra else "")
+
+    body = "".join(
+        f"<tr class='org{' flagged' if r.get('attention') else ''}' data-org='{e(r['org'])}'>"
+        f"<td class='orgid'>{e(r['org'])}</td><td>{e(', '.join(r.get('apps') or []) or '-')}</td>"
+        f"<td class='ips'>{e(ips(r))}</td>"
+        f"<td class='n refusals{' bad' if r.get('refusals') else ''}'>{r.get('refusals', 0)}</td>"
+        f"<td class='refused{' bad' if r.get('refused_ips') else ''}'>{e(', '.join(r.get('refused_ips') or []) or '-')}</td>"
+        f"<td class='grants{' bad' if r.get('idle_warning') else ''}'>{e(grants(r))}</td>"
+        f"<td>{e(str(r.get('expiry') or '-'))}</td><td class='last'>{e(r.get('last_redemption') or 'not since start')}</td>"
+        f"<td class='warning'>{e(r.get('idle_warning') or '')}</td></tr>"
+        for r in rows
+    )
+    page, pages, per_page, total = orgs.get("page", 1), orgs.get("pages", 1), orgs.get("per_page", 0), orgs.get("total", 0)
+    first = (page - 1) * per_page + 1 if rows else 0
+    links = []
+    if page > 1:
+        links.append(f"<a rel='prev' href='/?orgs_page={page - 1}'>&larr; previous</a>")
+    if page < pages:
+        links.append(f"<a rel='next' href='/?orgs_page={page + 1}'>next &rarr;</a>")
+    pager = (f"<p id='orgs-pager' data-page='{page}' data-pages='{pages}' data-total='{total}'>Orgs {first}&ndash;"
+             f"{first + len(rows) - 1 if rows else 0} of {total} (page {page} of {pages}; {orgs.get('attention', 0)} need "
+             f"attention, listed first)" + (" · " + " · ".join(links) if links else "") + "</p>")
+    head = ("<tr><th>org</th><th>apps</th><th>egress IPs (calls since start)</th><th>refusals</th><th>refused IPs</th>"
+            "<th>grants</th><th>expiry</th><th>last redemption</th><th>warning</th></tr>")
+    unnamed = orgs.get("grants_without_org") or 0
+    note = (f"<p class='hint'>{unnamed} tracked grant(s) belong to an org no answer has named yet.</p>" if unnamed else "")
+    return (f"<h2>Customer orgs</h2>\n{pager}\n<table id='orgs'>"
+            f"{head + body if body else '<tr><td>no customer org seen yet</td></tr>'}</table>\n{note}"
+            "<p class='hint'>The full history, per org and egress IP: <code>egress-sidecar audit --summary</code>.</p>")
 
 
 def _answer(row: dict[str, Any]) -> str:

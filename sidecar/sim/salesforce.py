@@ -61,6 +61,15 @@ INVALID_CLIENT_BODY = error_body("invalid_client", "invalid client credentials")
 UNSUPPORTED_GRANT_BODY = error_body("unsupported_grant_type", "grant type not supported")
 
 
+def _record_id(prefix: str) -> str:
+    """An 18-character Salesforce record id as Salesforce makes them: 15 characters, then one checksum letter per
+    block of 5 (bit i set when character i is an upper case letter), so the id survives case-insensitive use."""
+    short = prefix + _rand(12, _ID_CHARS)
+    blocks = (short[i:i + 5] for i in (0, 5, 10))
+    return short + "".join("ABCDEFGHIJKLMNOPQRSTUVWXYZ012345"[int("".join("1" if c.isupper() else "0"
+                                                                         for c in reversed(b)), 2)] for b in blocks)
+
+
 def _rand(n: int, alphabet: str = _TOKEN_CHARS) -> str:
     return "".join(secrets.choice(alphabet) for _ in range(n))
 
@@ -141,8 +150,8 @@ class FakeSalesforce(ThreadedServer):
         self.require_secret = require_secret  # False: refresh/auth-code may omit the secret
         self.instance_url = instance_url  # None: https://<Host header>
         self.users = dict(users or {"demo@example.com": "demo-password"})
-        self.org_id = "00D" + _rand(15, _ID_CHARS)  # the org of grants issued without naming one
-        self.user_id = "005" + _rand(15, _ID_CHARS)
+        self.org_id = _record_id("00D")  # the org of grants issued without naming one
+        self.user_id = _record_id("005")
         self._orgs: dict[str, Org] = {self.org_id: Org(self.org_id, self.user_id)}
         self.slow_seconds = 3.0  # for fail_mode "slow"; capped at 30 s
         self._fail_mode: str | None = None
@@ -181,7 +190,7 @@ class FakeSalesforce(ThreadedServer):
     # ---- customer orgs ---------------------------------------------------------------------------
     def add_org(self, ip_ranges: Iterable[str] | None = None) -> str:
         """A new customer org of this app (with one user); its id. ``ip_ranges``: see set_org_ip_ranges."""
-        org = Org("00D" + _rand(15, _ID_CHARS), "005" + _rand(15, _ID_CHARS))
+        org = Org(_record_id("00D"), _record_id("005"))
         with self._lock:
             self._orgs[org.org_id] = org
         self.set_org_ip_ranges(org.org_id, ip_ranges)

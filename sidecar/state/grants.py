@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sidecar.logs import SCRUBBER, cause, event
-from sidecar.metrics import Metrics
+from sidecar.metrics import EXPIRY_STATES, Metrics
+from sidecar.state.expiry import IdlePolicy
 from sidecar.state.redis import SharedState
 from sidecar.state.seal import Sealer
 from sidecar.state.sqlite import (
@@ -43,6 +44,8 @@ from sidecar.state.sqlite import (
     Retired,
     key_fingerprint,
     read_grants,
+    read_identities,
+    reader_key,
     token_hash,
 )
 from sidecar.token.call import Identity, TokenCall, answer_grant, single_field
@@ -70,6 +73,18 @@ class Limits:
 LIMITS = Limits()
 
 Kind = Literal["ignored", "issued", "rotated", "not_rotated", "reuse", "not_redeemed"]
+MAX_ORGS_WARNED = 20  # per maintenance round, one log line per org; the rest are counted in one more line
+
+
+@dataclass(frozen=True, slots=True)
+class OrgGrants:
+    """One org's grants, judged by its refresh token expiry (SIDECAR_IDLE_POLICY): for /status."""
+
+    grants: int
+    expiring: int  # idle past the warning point
+    expired: int  # idle past the expiry
+    last_used: float  # the latest redemption (or issue) of any of its grants
+    longest_idle: float  # of its grants that are expiring or expired (0 when none)
 
 
 @dataclass(frozen=True)
@@ -86,10 +101,16 @@ class GrantTracker:
     ``id`` of a successful answer: the guard routes each org's redemptions by it before they are sent).
     Thread-safe; ignores calls until :meth:`open`."""
 
-    def __init__(self, metrics: Metrics, *, clock: Callable[[], float] = time.time, limits: Limits = LIMITS) -> None:
+    def __init__(self, metrics: Metrics, *, clock: Callable[[], float] = time.time, limits: Limits = LIMITS,
+                 idle_policy: IdlePolicy | None = None) -> None:
         self.metrics = metrics
         self.clock = clock
         self.limits = limits
+        self.idle_policy = idle_policy or IdlePolicy()
+        # Per org (None: grants whose org no answer has named yet), refreshed by each maintenance round.
+        self.org_summary: dict[str | None, OrgGrants] = {}
+        self._warned: dict[bytes, str] = {}  # grant key -> the expiry state the log has said
+        self.on_maintained: Callable[[], None] | None = None
         self.store: GrantStore | None = None
         self.shared: SharedState | None = None
         self._pending: asyncio.Queue[tuple[Any, ...]] = asyncio.Queue()
@@ -313,12 +334,7 @@ class GrantTracker:
 
     def _open_identity(self, grant: GrantRow, sealed: bytes | None) -> bool:
         """Set the grant's org and user from their sealed form; False when it does not open."""
-        plain = self._sealer.open(sealed, _identity_context(grant.key)) if self._sealer is not None else None
-        if plain is None:
-            return False
-        org, _, user = plain.decode("utf-8", "replace").partition("/")
-        grant.org, grant.user = org, user or None
-        return True
+        return self._sealer is not None and open_identity(self._sealer, grant, sealed)
 
     # -- the decision -------------------------------------------------------------------------
     def observe(
@@ -518,6 +534,46 @@ class GrantTracker:
         for window, n in self.idle_counts().items():
             self.metrics.grants_idle.labels(window).set(n)
         self.metrics.grants_tracked.set(len(self._grants))
+        self._judge_expiry()
+        if self.on_maintained is not None:
+            self.on_maintained()
+
+    def _judge_expiry(self) -> None:
+        """Each grant against its org's refresh token expiry: the gauges, the per-org summary, and one log line
+        per org whose grants became expiring or expired since the last round."""
+        now, policy = self.clock(), self.idle_policy
+        counts = dict.fromkeys(EXPIRY_STATES, 0)
+        summary: dict[str | None, list[float]] = {}  # org -> [grants, expiring, expired, last_used, longest idle]
+        news: dict[tuple[str | None, str], list[float]] = {}  # (org, state) -> idle times of grants newly there
+        warned: dict[bytes, str] = {}
+        with self._lock:
+            for g in self._grants.values():
+                idle = max(0.0, now - g.last_used)
+                state = policy.state(g.org, idle)
+                row = summary.setdefault(g.org, [0, 0, 0, 0.0, 0.0])
+                row[0] += 1
+                row[3] = max(row[3], g.last_used)
+                if state is None:
+                    continue
+                counts[state] += 1
+                row[1 if state == "expiring" else 2] += 1
+                row[4] = max(row[4], idle)
+                warned[g.key] = state
+                if self._warned.get(g.key) != state:
+                    news.setdefault((g.org, state), []).append(idle)
+            self._warned = warned
+        for state, n in counts.items():
+            self.metrics.grants_expiry.labels(state).set(n)
+        self.org_summary = {org: OrgGrants(int(r[0]), int(r[1]), int(r[2]), r[3], r[4]) for org, r in summary.items()}
+        for i, ((org, state), idles) in enumerate(sorted(news.items(), key=lambda kv: (kv[0][1], str(kv[0][0])))):
+            if i == MAX_ORGS_WARNED:
+                rest = sum(len(v) for v in list(news.values())[i:])
+                event(log, logging.WARNING, f"... and {rest} more grants of {len(news) - i} more orgs became idle close "
+                      "to or past their refresh token expiry: see the org table of /status or egress-sidecar grants",
+                      event="grants_idle", grants=rest)
+                break
+            event(log, logging.WARNING, idle_message(org, state, idles, policy), event="grants_idle", org=org,
+                  state=state, grants=len(idles), expiry=policy.describe(org), longest_idle_seconds=round(max(idles)))
 
     # -- reading ------------------------------------------------------------------------------
     def snapshot(self) -> tuple[list[GrantRow], list[Retired]]:
@@ -538,6 +594,16 @@ def _identity_context(grant_key: bytes) -> bytes:
     return b"grant identity " + grant_key
 
 
+def open_identity(sealer: Sealer, grant: GrantRow, sealed: bytes | None) -> bool:
+    """Set a grant's org and user from their sealed form; False when it does not open."""
+    plain = sealer.open(sealed, _identity_context(grant.key))
+    if plain is None:
+        return False
+    org, _, user = plain.decode("utf-8", "replace").partition("/")
+    grant.org, grant.user = org, user or None
+    return True
+
+
 def reuse_message(grant_id: str, ago: float, outcome: str, status: int | None, sf_error: str | None) -> str:
     if outcome == "invalid_grant":
         answer = f"Salesforce answered {status} {sf_error} (expired access/refresh token)"
@@ -552,6 +618,17 @@ def reuse_message(grant_id: str, ago: float, outcome: str, status: int | None, s
         "and let only one worker refresh a grant at a time. Unless another worker saved the new token, this "
         "grant is lost and its user must authorize the app again."
     )
+
+
+def idle_message(org: str | None, state: str, idles: list[float], policy: IdlePolicy) -> str:
+    who, whose = (f"org {org}", "the org's") if org else ("grants whose org is not known yet", "the default")
+    expiry = f"{whose} refresh token expiry ({policy.describe(org)}, SIDECAR_IDLE_POLICY; the longest idle for " \
+        f"{human_age(max(idles))})"
+    if state == "expired":
+        return (f"{who}: {len(idles)} refresh token grant(s) went unused for longer than {expiry}: Salesforce has "
+                "expired them, and their users must authorize the app again")
+    return (f"{who}: {len(idles)} refresh token grant(s) idle close to {expiry}: redeem them once (a refresh restarts "
+            "the window) or their users must authorize the app again")
 
 
 def human_age(seconds: float) -> str:
@@ -570,14 +647,17 @@ def idle_counts(last_used: list[float], now: float) -> dict[str, int]:
     return {w: bisect.bisect_left(last_used, now - s) for w, s in WINDOWS.items()}
 
 
-def grant_state(g: GrantRow, now: float) -> str:
+def grant_state(g: GrantRow, now: float, policy: IdlePolicy | None = None) -> str:
+    """``expired`` or ``expiring`` by its org's refresh token expiry (SIDECAR_IDLE_POLICY), ``reused``,
+    ``idle>7d`` or ``ok``."""
     idle = now - g.last_used
-    if idle > WINDOWS["30d"]:
+    judged = (policy or IdlePolicy()).state(g.org, idle)
+    if judged == "expired":
         return "expired"
     if g.last_reuse is not None and g.last_reuse > g.last_used:
         return "reused"
-    if idle > WINDOWS["25d"]:
-        return "idle>25d"
+    if judged == "expiring":
+        return "expiring"
     if idle > WINDOWS["7d"]:
         return "idle>7d"
     return "ok"
@@ -589,44 +669,89 @@ def _iso(t: float | None) -> str | None:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
-def grants_report(confdir: Path, now: float | None = None) -> dict[str, Any]:
-    """What ``egress-sidecar grants`` shows: hashes' prefixes, times and counts; no secret.
-    Raises FileNotFoundError when the confdir has no grants file."""
+def read_grants_named(path: Path, keys: list[bytes]) -> list[GrantRow]:
+    """The grants in ``path`` with their orgs and users, opened with whichever of ``keys`` wrote them."""
+    rows = read_grants(path)
+    fingerprint, sealed = read_identities(path)
+    key = reader_key(fingerprint, keys)
+    if key is not None:
+        sealer = Sealer(key, b"identities")
+        for g in rows:
+            open_identity(sealer, g, sealed.get(g.key))
+    return rows
+
+
+def grants_report(confdir: Path, now: float | None = None, policy: IdlePolicy | None = None,
+                  keys: list[bytes] | None = None) -> dict[str, Any]:
+    """What ``egress-sidecar grants`` shows: hashes' prefixes, times and counts, each grant's org and user
+    (opened with whichever of ``keys`` the file was written with); no secret. Grouped by org, most idle
+    first. Raises FileNotFoundError when the confdir has no grants file."""
     now = time.time() if now is None else now
-    rows = read_grants(confdir / DB_FILE)
+    policy = policy or IdlePolicy()
+    rows = read_grants_named(confdir / DB_FILE, keys or [])
+    states = {g.key: grant_state(g, now, policy) for g in rows}
+    expiry = {g.key: policy.state(g.org, now - g.last_used) for g in rows}  # (a reused grant may expire too)
+    orgs: dict[str | None, list[GrantRow]] = {}
+    for g in rows:  # (least recently redeemed first: each org's list too, and the orgs by their most idle grant)
+        orgs.setdefault(g.org, []).append(g)
     return {
         "tracked": len(rows),
         "idle": idle_counts([g.last_used for g in rows], now),
+        "expiry": {state: sum(1 for v in expiry.values() if v == state) for state in EXPIRY_STATES},
+        "orgs": [
+            {
+                "org": org,
+                "expiry": policy.describe(org),
+                "grants": len(grants),
+                **{state: sum(1 for g in grants if expiry[g.key] == state) for state in EXPIRY_STATES},
+                "last_redeemed": _iso(max(g.last_used for g in grants)),
+            }
+            for org, grants in orgs.items()
+        ],
         "grants": [
             {
                 "grant_id": g.grant_id,
+                "org": g.org,
+                "user": g.user,
                 "first_seen": _iso(g.first_seen),
                 "last_redeemed": _iso(g.last_used),
                 "idle_seconds": round(max(0.0, now - g.last_used)),
                 "rotations": g.rotations,
                 "reuses": g.reuses,
                 "last_reuse": _iso(g.last_reuse),
-                "state": grant_state(g, now),
+                "state": states[g.key],
             }
-            for g in rows
+            for grants in orgs.values() for g in grants
         ],
     }
 
 
 def format_report(report: dict[str, Any]) -> str:
-    idle = report["idle"]
+    idle, expiry = report["idle"], report.get("expiry") or {}
+    n_orgs = len([o for o in report.get("orgs", []) if o["org"]])
     lines = [
         (f"{report['tracked']} grants tracked; idle over 7d: {idle['7d']}, over 25d: {idle['25d']}, "
-         f"over 30d (expired): {idle['30d']}")
+         f"over 30d (expired): {idle['30d']}"),
+        (f"{n_orgs} customer orgs; by each org's refresh token expiry (SIDECAR_IDLE_POLICY): "
+         f"{expiry.get('expiring', 0)} expiring, {expiry.get('expired', 0)} expired"),
     ]
-    if report["grants"]:
-        header = ("GRANT", "LAST REDEEMED", "AGE", "ROTATIONS", "REUSES", "STATE")
-        rows = [
-            (g["grant_id"], g["last_redeemed"], human_age(g["idle_seconds"]), str(g["rotations"]), str(g["reuses"]),
-             g["state"])
-            for g in report["grants"]
-        ]
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        for r in [header, *rows]:
-            lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+    if not report["grants"]:
+        return lines[0]
+    header = ("GRANT", "USER", "LAST REDEEMED", "AGE", "ROTATIONS", "REUSES", "STATE")
+    rows = [(g["grant_id"], g.get("user") or "-", g["last_redeemed"], human_age(g["idle_seconds"]), str(g["rotations"]),
+             str(g["reuses"]), g["state"]) for g in report["grants"]]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(r: tuple[str, ...]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+
+    by_org: dict[str | None, list[tuple[str, ...]]] = {}
+    for g, r in zip(report["grants"], rows, strict=True):
+        by_org.setdefault(g.get("org"), []).append(r)
+    for o in report.get("orgs") or [{"org": None, "expiry": "30d", "grants": len(rows)}]:
+        who = f"org {o['org']}" if o["org"] else "org not known yet (no answer has named it)"
+        flags = "".join(f", {o[s]} {s}" for s in EXPIRY_STATES if o.get(s))
+        lines += ["", f"{who}: {o['grants']} grant{'s' if o['grants'] != 1 else ''}, expiry {o['expiry']}{flags}",
+                  line(header)]
+        lines += [line(r) for r in by_org.get(o["org"], [])]
     return "\n".join(lines)

@@ -447,6 +447,40 @@ def read_grants(path: Path) -> list[GrantRow]:
         raise ValueError(f"{path} is not a grants database written by egress-sidecar ({exc})") from None
 
 
+def read_identities(path: Path) -> tuple[str | None, dict[bytes, bytes]]:
+    """The fingerprint of the key ``path`` was written with, and each grant's sealed org and user (read-only)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=5.0)) as db:
+            meta = db.execute("SELECT value FROM meta WHERE name = 'key'").fetchone()
+            return (meta[0] if meta else None,
+                    dict(db.execute("SELECT grant_key, identity FROM grant_identity").fetchall()))
+    except sqlite3.DatabaseError:
+        return None, {}
+
+
+def reader_keys(confdir: Path, redis_key: str | None) -> list[bytes]:
+    """The keys a reader of the state may hold: ``grants.key`` (read, never created here) and, with
+    ``SIDECAR_REDIS_KEY``, the one derived from it (what the replicas hash and seal with)."""
+    keys = []
+    with contextlib.suppress(OSError, ValueError):
+        key = bytes.fromhex((confdir / KEY_FILE).read_text().strip())
+        if len(key) == KEY_BYTES:
+            keys.append(key)
+    if redis_key:
+        from sidecar.config import decode_key
+        from sidecar.state.redis import derive
+
+        with contextlib.suppress(ValueError):
+            keys.append(derive(decode_key(redis_key), b"token hashes"))
+    return keys
+
+
+def reader_key(fingerprint: str | None, keys: Iterable[bytes]) -> bytes | None:
+    """Of the keys a reader has (grants.key, the one derived from SIDECAR_REDIS_KEY), the one a file was
+    written with, or None."""
+    return next((k for k in keys if fingerprint is not None and key_fingerprint(k) == fingerprint), None)
+
+
 def count_rows(path: Path) -> tuple[int, int]:
     """(grants, rotated-away hashes) in the file; for tests and diagnostics."""
     with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)) as db:

@@ -271,6 +271,11 @@ class TokenCall:
     egress: str | None = None  # how egress_ip is known: "verified" (on its connection), "probed", "unverified"
     failovers: int = 0  # moves to another member before any byte was sent
     retry_outcome: str | None = None  # the outcome of a retry through another egress IP, when one was made
+    # The audit trail's names (addons/audit.py, before the log line is written): the customer org and user (Salesforce
+    # record ids, not secrets) and the grant (12 hex digits of a keyed hash, as `egress-sidecar grants` shows it).
+    org: str | None = None
+    user: str | None = None
+    grant: str | None = None
 
     def log_fields(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -289,6 +294,12 @@ class TokenCall:
         }
         if self.app:
             out["app"] = self.app
+        if self.org:
+            out["org"] = self.org
+        if self.user:
+            out["user"] = self.user
+        if self.grant:
+            out["grant"] = self.grant
         if self.shielded:
             out["shield"] = self.shielded
         if self.retried_from:

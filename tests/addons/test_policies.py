@@ -10,6 +10,7 @@ import logging
 import h11
 import pytest
 
+from addons.audit import Audit
 from addons.client_access import ClientAccess
 from addons.evidence import Evidence as EvidenceAddon
 from addons.grants import Grants
@@ -20,10 +21,11 @@ from sidecar.egress.allowlist import parse_allowlist
 from sidecar.egress.evidence import Evidence
 from sidecar.egress.guard import Guard
 from sidecar.metrics import Metrics
+from sidecar.ops.orgs import OrgsSeen
 from sidecar.ops.record import Recorder
 from sidecar.proxy.access import Access
 from sidecar.state.grants import GrantTracker
-from sidecar.token.call import TokenCall
+from sidecar.token.call import Identity, TokenCall
 from sidecar.token.flow import Hooks, TokenFlow
 from sidecar.token.messages import Answer, TokenRequest
 from sidecar.token.shield import Shield
@@ -180,6 +182,78 @@ def test_grants_hands_every_finished_call_to_the_tracker() -> None:
     f.answer = Answer(200, [], b"{}")
     Grants(Tracker(Metrics())).done(f)
     assert seen == [(f.call, f.request, f.answer)]
+
+
+class Queue:
+    """Stands in for the audit store's queue: what the addon hands over."""
+
+    def __init__(self) -> None:
+        self.entries: list[object] = []
+
+        self.lost_because: list[str] = []
+
+    def submit(self, entry: object) -> bool:
+        self.entries.append(entry)
+        return True
+
+    def lost(self, why: str) -> None:
+        self.lost_because.append(why)
+
+
+def redemption(token: str, issued: str | None, *, org: str | None = None, status: int = 200) -> TokenFlow:
+    f = flow(f"grant_type=refresh_token&refresh_token={token}&client_id=3MVG9app&client_secret=s3cret".encode())
+    body = {"refresh_token": issued, "id": f"https://login.salesforce.com/id/{org or ORG}/{USER}"} if issued else \
+        {"error": "invalid_grant", "error_description": "ip restricted"}
+    f.answer = Answer(status, [], json.dumps(body).encode())
+    f.call.outcome, f.call.status, f.call.egress_ip = ("success" if status == 200 else "ip_restricted"), status, "52.0.0.1"
+    f.call.app = "3MVG9app"
+    return f
+
+
+def test_the_audit_names_the_org_and_the_grant_as_the_tracker_files_it_even_when_it_lags() -> None:
+    """The next redemption may finish before the tracker has taken in the rotation (with Redis its observations
+    wait in a queue): the audit still files it under the same grant, and the grant id is the tracker's."""
+    grants, queue, orgs = tracked(), Queue(), OrgsSeen(Metrics())
+    audit = Audit(queue, grants, orgs)  # type: ignore[arg-type]
+    ev = facts()
+    first = redemption("rt0", "rt1")
+    audit.done(first)
+    second = redemption("rt1", "rt2")
+    second.org = ev.org(Identity(ORG, USER))
+    audit.done(second)  # the tracker has seen neither call yet
+    refused = redemption("rt2", None, status=400)
+    refused.org = second.org
+    audit.done(refused)
+    assert first.call.grant == second.call.grant == refused.call.grant == grants.token_key("rt0").hex()[:12]
+    Grants(grants).done(first)
+    Grants(grants).done(second)
+    (g,) = grants.snapshot()[0]
+    assert g.grant_id == first.call.grant and g.org == ORG  # the id egress-sidecar grants shows
+    code = flow(b"grant_type=authorization_code&code=aPrx1&client_id=3MVG9app&client_secret=s3cret",
+                grant="authorization_code")
+    code.answer, code.call.outcome, code.call.status = Answer(200, [], ANSWER), "success", 200
+    audit.done(code)
+    assert code.call.grant == grants.token_key("5Aep861new").hex()[:12] != first.call.grant  # a new grant
+    # The log line carries the org, the user and the grant (the record addon writes it next).
+    assert second.call.log_fields()["org"] == ORG and second.call.log_fields()["grant"] == first.call.grant
+    assert "org" not in first.call.log_fields()  # (its org was not known when it was routed)
+    # What the store gets: identifiers, never a token, a secret or a code.
+    text = repr(queue.entries)
+    assert len(queue.entries) == 4 and "3MVG9app" in text and ORG in text
+    for secret in ("rt0", "rt1", "rt2", "s3cret", "aPrx1", "5Aep861new"):
+        assert f"'{secret}'" not in text and secret not in text.replace("3MVG9app", ""), secret
+    (row,) = orgs.snapshot().values()
+    assert row.calls == 2 and row.refusals == 1 and row.by_ip == {"52.0.0.1": {"success": 1, "ip_restricted": 1}}
+
+
+def test_a_record_the_audit_cannot_make_is_counted_not_silent() -> None:
+    class Broken(GrantTracker):
+        def token_key(self, token: str) -> bytes | None:
+            raise RuntimeError("a bug")
+
+    queue = Queue()
+    Audit(queue, Broken(Metrics())).done(redemption("rt0", "rt1"))  # type: ignore[arg-type]
+    assert queue.entries == [] and queue.lost_because == ["the audit addon failed (RuntimeError)"]
 
 
 def test_client_access_refuses_strangers_and_asks_for_credentials() -> None:

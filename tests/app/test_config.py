@@ -91,6 +91,14 @@ def test_guard_defaults_to_enforce_whenever_a_pair_is_configured() -> None:
         ({"QUOTAGUARDSTATIC_URL": "socks5://u:p@h:1080"}, "QUOTAGUARDSTATIC_URL", "http://USER:PASS@HOST"),
         ({"QUOTAGUARDSTATIC_URL": "http://proxy.example:9293"}, "QUOTAGUARDSTATIC_URL", "USER:PASS"),
         ({"SIDECAR_PROXY_AUTH": "nocolon"}, "SIDECAR_PROXY_AUTH", "user:password"),
+        ({"SIDECAR_AUDIT_RETENTION": "400"}, "SIDECAR_AUDIT_RETENTION", "a number and a unit"),
+        ({"SIDECAR_AUDIT_RETENTION": "forever"}, "SIDECAR_AUDIT_RETENTION", "not a duration"),
+        ({"SIDECAR_AUDIT_MAX_ROWS": "10"}, "SIDECAR_AUDIT_MAX_ROWS", "greater than or equal to 1000"),
+        ({"SIDECAR_IDLE_POLICY": "30d 90d"}, "SIDECAR_IDLE_POLICY", "ORG_ID=EXPIRY"),
+        ({"SIDECAR_IDLE_POLICY": "30 days"}, "SIDECAR_IDLE_POLICY", "not a duration"),
+        ({"SIDECAR_IDLE_POLICY": "30d,00DXX=90d"}, "SIDECAR_IDLE_POLICY", "not a Salesforce org id"),
+        ({"SIDECAR_IDLE_POLICY": "30d,00DXX0000001abc=0d"}, "SIDECAR_IDLE_POLICY", "longer than 0"),
+        ({"SIDECAR_IDLE_POLICY": "30d,00DXX0000001abc=9d,00DXX0000001abc2AA=8d"}, "SIDECAR_IDLE_POLICY", "given twice"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], name: str, fragment: str) -> None:
@@ -99,6 +107,25 @@ def test_bad_values_name_the_variable(env: dict[str, str], name: str, fragment: 
     message = str(info.value)
     assert message.startswith(name), message
     assert fragment in message, message
+
+
+def test_the_idle_policy_and_the_audit_retention() -> None:
+    s = load_settings({})
+    assert s.audit_retention_seconds == 400 * 86400 and s.audit_max_rows == 2_000_000
+    policy = s.idle_expiry
+    assert policy.expiry(None) == policy.expiry("00D000000000001EAA") == 30 * 86400
+    assert policy.state(None, 24 * 86400) is None and policy.state(None, 25.5 * 86400) == "expiring"
+    assert policy.state(None, 30.5 * 86400) == "expired"
+    s = load_settings({"SIDECAR_IDLE_POLICY": "7d, 00DXX0000001abc=90d  00DYY0000002defEAA=never",
+                       "SIDECAR_AUDIT_RETENTION": "36h"})
+    policy = s.idle_expiry
+    assert s.audit_retention_seconds == 36 * 3600
+    assert policy.expiry("00DXX0000001abc2AA") == 90 * 86400  # a 15-character id is read as its 18-character form
+    assert policy.expiry("00DYY0000002defEAA") is None and policy.state("00DYY0000002defEAA", 1e9) is None
+    assert policy.expiry("00DZZ0000003ghiEAA") == 7 * 86400 and policy.warn_after(None) == 7 * 86400 - 7 * 86400 / 6
+    assert policy.state("00DXX0000001abc2AA", 85.5 * 86400) == "expiring"  # five days before its 90
+    assert [policy.describe(o) for o in (None, "00DXX0000001abc2AA", "00DYY0000002defEAA")] == ["7d", "90d", "never"]
+    assert load_settings({"SIDECAR_AUDIT_RETENTION": "0"}).audit_retention_seconds == 0  # no trail on disk
 
 
 def test_secret_values_never_in_errors() -> None:

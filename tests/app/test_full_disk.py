@@ -59,6 +59,7 @@ CASES = [  # (tmpfs size, trust files elsewhere, the file named, the cause named
     ("160k", False, "ca-bundle.pem", "No space left on device"),  # the trust files apps read
     ("72k", True, "grants.sqlite3", "database or disk is full"),  # SQLite's own words (SQLITE_FULL)
     ("48k", True, "grants.sqlite3", "disk I/O error"),  # SQLite, when the full disk hits its shared memory file
+    ("160k", True, "audit.sqlite3", "database or disk is full"),  # the audit trail, opened after the grants
 ]
 
 

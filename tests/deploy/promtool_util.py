@@ -45,6 +45,9 @@ CONTRACT_METRICS = frozenset({
     "egress_sidecar_egress_verified",
     "egress_sidecar_egress_checks_total",
     "egress_sidecar_redis_up",
+    "egress_sidecar_grants_expiry",
+    "egress_sidecar_audit_writes_dropped_total",
+    "egress_sidecar_orgs",
 })
 
 # Label names per metric, as the rules and the dashboard use them (Prometheus adds job, instance).
@@ -75,6 +78,9 @@ CONTRACT_LABELS = {
     "egress_sidecar_egress_verified": ("member",),
     "egress_sidecar_egress_checks_total": ("member", "result"),
     "egress_sidecar_redis_up": (),
+    "egress_sidecar_grants_expiry": ("state",),
+    "egress_sidecar_audit_writes_dropped_total": ("reason",),
+    "egress_sidecar_orgs": (),
 }
 assert set(CONTRACT_LABELS) == CONTRACT_METRICS
 

@@ -599,6 +599,20 @@ def test_confdir_is_private_to_the_sidecar(pod_spec, sidecar, app_containers):
         )
 
 
+AUDIT_BYTES_PER_RECORD = 256  # measured: 200,000 records of 500 orgs took 51 MB (audit.sqlite3 with its indexes)
+GRANT_STATE_BYTES = 16 * 1024 * 1024  # grants.sqlite3 at its 50,000-grant bound, the CA and the keys, with room
+
+
+def test_the_audit_trail_fits_the_confdir(pod_spec, sidecar):
+    """An emptyDir past its sizeLimit gets the pod evicted: the audit trail's bound must fit beside the grants."""
+    confdir = sidecar_setting(sidecar, "SIDECAR_CONFDIR", "")
+    volume, _, _ = resolve_mount(sidecar, pod_spec, confdir)
+    limit = volume["emptyDir"]["sizeLimit"]
+    assert limit.endswith("Mi"), limit
+    rows = int(sidecar_setting(sidecar, "SIDECAR_AUDIT_MAX_ROWS", "2000000"))
+    assert rows * AUDIT_BYTES_PER_RECORD * 1.2 + GRANT_STATE_BYTES <= int(limit[:-2]) * 1024 * 1024, (rows, limit)
+
+
 def test_trust_dir_is_its_own_volume_shared_read_only(pod_spec, sidecar, app_containers):
     confdir = sidecar_setting(sidecar, "SIDECAR_CONFDIR", "")
     trust = literal_env(sidecar, "SIDECAR_TRUST_DIR")

@@ -18,6 +18,7 @@ import re
 import signal
 import struct
 import subprocess
+import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Callable
@@ -381,6 +382,12 @@ def test_render_page_without_a_browser_edge_cases() -> None:
         "outcomes_by_egress_ip": {"52.1.2.3": {"success": 7, "upstream_error": 1}, "none": {"blocked": 2}},
         "recent": [{"grant_type": "refresh_token", "member": "none", "egress_ip": "none", "outcome": "blocked",
                     "status": 503, "duration_ms": None}],
+        "orgs": {"total": 51, "attention": 1, "page": 2, "pages": 2, "per_page": 50, "grants_without_org": 3,
+                 "rows": [{"org": "00D000000000001EAA", "apps": ["<script>alert(2)</script>"],
+                           "egress_ips": {"52.1.2.3": {"success": 2, "ip_restricted": 1}}, "calls": 3, "refusals": 1,
+                           "refused_ips": [], "grants": 2, "grants_expiring": 0, "grants_expired": 1, "expiry": "10d",
+                           "idle_warning": "1 grant(s) past the org's refresh token expiry (10d)",
+                           "last_redemption": None, "attention": True}]},
     }
     dom = parse_dom(render_page(status))
     root = dom.root
@@ -396,4 +403,79 @@ def test_render_page_without_a_browser_edge_cases() -> None:
     assert rows["52.1.2.3"]["calls"] == "8" and rows["52.1.2.3"]["failed"] == "12 %"
     assert rows["none"]["blocked"] == "2" and rows["none"]["egress IP"].startswith("none (blocked")
     assert root.by_id("verdict").attrs["data-level"] == "critical"
+    (org,) = root.by_id("orgs").find_all("tr", class_="org")
+    assert "<script>alert(2)</script>" in org.all_text() and "flagged" in org.attrs["class"]
+    assert [c.all_text() for c in org.find_all("td", class_="grants")] == ["2 (1 expired)"]
+    assert "52.1.2.3: 2 success, 1 ip_restricted" in org.all_text() and "not since start" in org.all_text()
+    pager = root.by_id("orgs-pager")
+    assert "Orgs 51–51 of 51 (page 2 of 2" in pager.all_text() and [a.attrs["href"] for a in pager.find_all("a")] == \
+        ["/?orgs_page=1"]
+    assert "3 tracked grant(s) belong to an org no answer has named yet" in root.all_text()
     assert all(same_origin(urljoin("http://x/", u), "http://x") for _, _, u in dom.urls), dom.urls
+
+
+ORGS = 500
+
+
+def test_the_per_org_table_of_500_orgs_is_paged_in_headless_chromium(
+    chromium: str, world: World, make_sidecar_proc: Callable[..., SidecarProcess], tmp_path: Path
+) -> None:
+    """An ISV's app with 500 customer orgs, each redeeming once through the real sidecar; the last org restricts
+    127.0.0.3 itself (its refusal is retried through 127.0.0.2). The page shows 50 orgs at a time, the one that
+    needs attention first, each with the egress IP Salesforce saw its redemption come from, and pages on."""
+    sf = world.salesforce
+    sf.set_allowlist([GOOD_IP, BAD_IP])
+    orgs = [sf.add_org() for _ in range(ORGS - 1)] + [sf.add_org(ip_ranges=[GOOD_IP])]
+    sc = make_sidecar_proc(world.pair_env())
+    assert wait_until(sc.egress_discovered, timeout=10), sc.status()
+    sf.reset_seen()
+    with sc.session() as s:
+        for org in orgs[:-1]:
+            assert redeem(s, sf.issue_refresh_token(org)).status_code == 200
+        token = sf.issue_refresh_token(orgs[-1])
+        for _ in range(4):  # round-robin: within two redemptions one goes through .3, is refused and retried
+            resp = redeem(s, token)
+            assert resp.status_code == 200, resp.text
+            token = resp.json()["refresh_token"]
+            if any(r.org_id == orgs[-1] and r.status == 400 for r in sf.seen):
+                break
+    seen: dict[str, list[tuple[str, int | None]]] = {}
+    for r in sf.seen:
+        if r.path == "/services/oauth2/token":
+            seen.setdefault(r.org_id, []).append((r.source_ip, r.status))
+    assert set(seen) == set(orgs) and (BAD_IP, 400) in seen[orgs[-1]], seen[orgs[-1]]
+    assert wait_until(lambda: sc.status()["orgs"]["total"] == ORGS, timeout=10)
+
+    def rows_of(url: str) -> tuple[list[Element], Element]:
+        dumped = run_chromium(chromium, tmp_path, url, "--dump-dom")
+        assert dumped.returncode == 0, dumped.stderr[-3000:]
+        root = parse_dom(dumped.stdout).root
+        return root.by_id("orgs").find_all("tr", class_="org"), root.by_id("orgs-pager")
+
+    first, pager = rows_of(sc.admin_url + "/")
+    assert len(first) == 50 and (pager.attrs["data-page"], pager.attrs["data-pages"], pager.attrs["data-total"]) == (
+        "1", "10", str(ORGS))
+    assert "Orgs 1–50 of 500 (page 1 of 10; 1 need attention" in pager.all_text()
+    assert [a.attrs["href"] for a in pager.find_all("a")] == ["/?orgs_page=2"]
+    restricted = first[0]  # the org that needs attention comes first, flagged, its refusal counted
+    assert restricted.attrs["data-org"] == orgs[-1] and "flagged" in restricted.attrs["class"]
+    cells_of = {r.attrs["data-org"]: r for r in first}
+    for org, row in cells_of.items():  # each org with the egress IPs Salesforce saw, and its counts
+        ips = row.find_all("td", class_="ips")[0].all_text()
+        for ip, status in seen[org]:
+            assert f"{ip}: " in ips, (org, ips, seen[org])
+        assert row.find_all("td", class_="refusals")[0].all_text() == str(sum(1 for _, st in seen[org] if st == 400))
+    last, pager = rows_of(sc.admin_url + "/?orgs_page=10")
+    assert len(last) == 50 and pager.attrs["data-page"] == "10"
+    assert [a.attrs["href"] for a in pager.find_all("a")] == ["/?orgs_page=9"]
+    assert not {r.attrs["data-org"] for r in last} & set(cells_of)
+    # /status pages the same table; every org is on exactly one page.
+    on_pages: list[str] = []
+    for page in range(1, 11):
+        with urllib.request.urlopen(f"{sc.admin_url}/status?orgs_page={page}", timeout=10) as resp:
+            table = json.loads(resp.read())["orgs"]
+        assert table["page"] == page and len(table["rows"]) == 50
+        on_pages += [r["org"] for r in table["rows"]]
+    assert sorted(on_pages) == sorted(orgs)
+    with urllib.request.urlopen(f"{sc.admin_url}/status?orgs_page=99", timeout=10) as resp:
+        assert json.loads(resp.read())["orgs"]["page"] == 10  # past the last: the last

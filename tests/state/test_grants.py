@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 from sidecar.app import cli
 from sidecar.config import ConfigError
 from sidecar.metrics import Metrics
+from sidecar.state.expiry import parse_idle_policy
 from sidecar.state.grants import (
     DAY,
     LIMITS,
@@ -42,7 +43,7 @@ from sidecar.state.sqlite import (
     retired_rows,
     token_hash,
 )
-from sidecar.token.call import TokenCall
+from sidecar.token.call import Identity, TokenCall
 from sidecar.token.messages import Answer, TokenRequest
 from tests.harness import metric_value
 
@@ -585,46 +586,66 @@ def test_on_call_ignores_what_it_cannot_read_and_never_raises(caplog: pytest.Log
 
 # -- the grants command ----------------------------------------------------------------------------
 def _seed(confdir: Path) -> tuple[str, str, str]:
-    """Three grants: redeemed now (rotated twice), 10 days ago, and 26 days ago then reused."""
+    """Three grants: redeemed now (rotated twice), 10 days ago, and 26 days ago then reused. The first two are
+    of org A (its users named by the answers), the last of no org named yet."""
     now = time.time()
     clock = Clock(now - 26 * DAY)
     t = GrantTracker(Metrics(), clock=clock)
     t.open(load_or_create_key(confdir), GrantStore(confdir / DB_FILE), background=False)
     old = redeem(t, "o0", "o1").grant_id
     clock.now = now - 10 * DAY
-    mid = redeem(t, "m0", "m1").grant_id
+    mid = t.observe("refresh_token", "success", "m0", "m1", status=200, identity=Identity(ORG_A, USER_A)).grant_id
     clock.now = now - 1 * DAY
     expired(t, "o0")
     clock.now = now
-    fresh = redeem(t, "f0", "f1").grant_id
+    fresh = t.observe("refresh_token", "success", "f0", "f1", status=200, identity=Identity(ORG_A, USER_B)).grant_id
     redeem(t, "f1", "f2")
     t.close()
     return old, mid, fresh
 
 
-def test_grants_command_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+ORG_A, USER_A, USER_B = "00D000000000001AAA", "005000000000001AAA", "005000000000002AAA"
+
+
+def test_grants_command_groups_by_org_in_a_table_and_json(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     old, mid, fresh = _seed(tmp_path)
+    monkeypatch.setenv("SIDECAR_IDLE_POLICY", f"30d,{ORG_A}=12d")  # org A's grants expire after 12 idle days
     assert cli.main(["grants", "--confdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
     assert lines[0] == "3 grants tracked; idle over 7d: 2, over 25d: 1, over 30d (expired): 0"
-    assert lines[1].split() == ["GRANT", "LAST", "REDEEMED", "AGE", "ROTATIONS", "REUSES", "STATE"]
-    rows = [line.split() for line in lines[2:]]
-    assert [r[0] for r in rows] == [old, mid, fresh]  # most idle first
-    assert rows[0][2:] == ["26d", "0h", "1", "1", "reused"]
-    assert rows[1][2:] == ["10d", "0h", "1", "0", "idle>7d"]
-    assert rows[2][3:] == ["2", "0", "ok"]
+    assert lines[1] == "1 customer orgs; by each org's refresh token expiry (SIDECAR_IDLE_POLICY): 2 expiring, 0 expired"
+    # Grouped by org, the org of the most idle grant first, most idle first within each.
+    assert lines[2:5] == ["", "org not known yet (no answer has named it): 1 grant, expiry 30d, 1 expiring",
+                          lines[4]]
+    assert lines[4].split() == ["GRANT", "USER", "LAST", "REDEEMED", "AGE", "ROTATIONS", "REUSES", "STATE"]
+    assert lines[5].split()[0] == old and lines[5].split()[3:] == ["26d", "0h", "1", "1", "reused"]
+    assert lines[6:8] == ["", f"org {ORG_A}: 2 grants, expiry 12d, 1 expiring"]
+    rows = [line.split() for line in lines[9:]]
+    assert [r[0] for r in rows] == [mid, fresh]
+    assert rows[0][1] == USER_A and rows[0][3:] == ["10d", "0h", "1", "0", "expiring"]  # 10 days of 12: past 10
+    assert rows[1][1] == USER_B and rows[1][4:] == ["2", "0", "ok"]
     monkeypatch.setenv("SIDECAR_CONFDIR", str(tmp_path))
+    monkeypatch.delenv("SIDECAR_IDLE_POLICY")
     assert cli.main(["grants", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["tracked"] == 3 and report["idle"] == {"7d": 2, "25d": 1, "30d": 0}
+    assert report["expiry"] == {"expiring": 1, "expired": 0}  # by the default 30d: the 26-day-old one
     first = report["grants"][0]
-    assert first["grant_id"] == old and first["reuses"] == 1 and first["state"] == "reused"
-    assert set(first) == {"grant_id", "first_seen", "last_redeemed", "idle_seconds", "rotations", "reuses",
-                          "last_reuse", "state"}
+    assert first["grant_id"] == old and first["reuses"] == 1 and first["state"] == "reused" and first["org"] is None
+    assert set(first) == {"grant_id", "org", "user", "first_seen", "last_redeemed", "idle_seconds", "rotations",
+                          "reuses", "last_reuse", "state"}
+    assert [(g["grant_id"], g["org"], g["user"], g["state"]) for g in report["grants"][1:]] == [
+        (mid, ORG_A, USER_A, "idle>7d"), (fresh, ORG_A, USER_B, "ok")]
+    assert [(o["org"], o["grants"], o["expiry"]) for o in report["orgs"]] == [(None, 1, "30d"), (ORG_A, 2, "30d")]
     key_hex = (tmp_path / KEY_FILE).read_text().strip()
     assert key_hex[:12] not in out and all(g["grant_id"] not in key_hex for g in report["grants"])
+    # Without the key that sealed them, the orgs cannot be named: the grants are still listed.
+    (tmp_path / KEY_FILE).unlink()
+    assert cli.main(["grants", "--json"]) == 0
+    blind = json.loads(capsys.readouterr().out)
+    assert [g["grant_id"] for g in blind["grants"]] == [old, mid, fresh] and {g["org"] for g in blind["grants"]} == {None}
 
 
 def test_grants_command_without_a_grants_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -638,6 +659,50 @@ def test_grants_command_without_a_grants_file(tmp_path: Path, capsys: pytest.Cap
 def test_report_of_an_empty_store(tmp_path: Path) -> None:
     tracker(tmp_path).close()
     assert format_report(grants_report(tmp_path)) == "0 grants tracked; idle over 7d: 0, over 25d: 0, over 30d (expired): 0"
+
+
+def test_idle_grants_are_judged_by_their_orgs_expiry_with_one_log_line_per_org(caplog: pytest.LogCaptureFixture) -> None:
+    """SIDECAR_IDLE_POLICY: org A keeps the default 30 days, org B's admin set 10 days, org C's never expire. The
+    gauges count by each org's expiry, /status gets a summary per org, and the log says it once per org as grants
+    cross (again only when a grant crosses anew, e.g. after a redemption)."""
+    org_a, org_b, org_c = "00D000000000001EAA", "00D000000000002EAA", "00D000000000003EAA"
+    clock = Clock()
+    t = GrantTracker(Metrics(), clock=clock, idle_policy=parse_idle_policy(f"30d,{org_b}=10d,{org_c}=never"))
+    t.open(KEY, background=False)
+    for i, org in enumerate((org_a, org_a, org_b, org_c)):
+        t.observe("refresh_token", "success", f"t{i}", f"t{i}x", status=200, identity=Identity(org, USER_A))
+    redeem(t, "u0", "u1")  # a grant whose org no answer named: the default expiry
+    clock.advance(9 * DAY)
+    with caplog.at_level(logging.WARNING, logger="egress_sidecar.grants"):
+        t.maintain()  # 9 days of B's 10: expiring (10 - 10/6 = 8.3 days)
+        assert metric(t, "egress_sidecar_grants_expiry", state="expiring") == 1
+        assert metric(t, "egress_sidecar_grants_expiry", state="expired") == 0
+        t.maintain()  # nothing new: said once
+        clock.advance(17 * DAY)  # 26 days: A's two and the unnamed one are expiring, B's has expired, C's never
+        t.maintain()
+    assert metric(t, "egress_sidecar_grants_expiry", state="expiring") == 3
+    assert metric(t, "egress_sidecar_grants_expiry", state="expired") == 1
+    assert metric(t, "egress_sidecar_grants_idle", window="25d") == 5  # (the absolute windows are unchanged)
+    summary = t.org_summary
+    assert (summary[org_a].grants, summary[org_a].expiring, summary[org_a].expired) == (2, 2, 0)
+    assert (summary[org_b].expiring, summary[org_b].expired) == (0, 1)
+    assert (summary[org_c].grants, summary[org_c].expiring, summary[org_c].expired) == (1, 0, 0)
+    assert summary[None].expiring == 1 and summary[org_a].longest_idle == 26 * DAY
+    said = [(r.__dict__["fields"]["org"], r.__dict__["fields"]["state"], r.__dict__["fields"]["grants"])
+            for r in caplog.records if r.__dict__.get("fields", {}).get("event") == "grants_idle"]
+    assert said == [(org_b, "expiring", 1), (org_b, "expired", 1), (org_a, "expiring", 2), (None, "expiring", 1)]
+    text = " ".join(r.getMessage() for r in caplog.records)
+    assert f"org {org_b}: 1 refresh token grant(s) went unused for longer than the org's refresh token expiry (10d, SIDECAR_IDLE_POLICY" in text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="egress_sidecar.grants"):
+        t.observe("refresh_token", "success", "t0x", "t0y", status=200)  # one of A's is redeemed: fine again
+        t.maintain()
+        clock.advance(26 * DAY)
+        t.maintain()  # ... and idle again for 26 days: said again; the others expired meanwhile; C's never
+    said = [(r.__dict__["fields"]["org"], r.__dict__["fields"]["state"], r.__dict__["fields"]["grants"])
+            for r in caplog.records if r.__dict__.get("fields", {}).get("event") == "grants_idle"]
+    assert sorted(said, key=str) == sorted([(org_a, "expired", 1), (None, "expired", 1), (org_a, "expiring", 1)], key=str)
+    t.close()
 
 
 @pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59, "59s"), (61, "1m"), (3 * 3600 + 120, "3h 2m"),
