@@ -120,7 +120,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
     import contextlib
     from pathlib import Path
 
-    from sidecar.ops.audit import EXPORT_COLUMNS, SUMMARY_COLUMNS, Query, Reader, write_rows
+    from sidecar.ops.audit import (
+        EXPORT_COLUMNS,
+        SUMMARY_COLUMNS,
+        Query,
+        Reader,
+        write_rows,
+    )
     from sidecar.state.audit import AUDIT_FILE, connect_readonly
     from sidecar.state.sqlite import reader_keys
 

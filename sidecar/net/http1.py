@@ -57,10 +57,10 @@ class HttpConnection:
     def _reading_head(self) -> bool:
         return self.h11.their_state is (h11.IDLE if self._server else h11.SEND_RESPONSE)
 
-    async def next_event(self) -> h11.Event:
-        """The peer's next event (``ConnectionClosed`` at a clean end); reads as needed. Raises
-        ProtocolError for anything malformed, PeerClosed when the peer left in the middle of a
-        message, OSError from the stream."""
+    async def next_event(self, deadline: float | None = None) -> h11.Event:
+        """The peer's next event (``ConnectionClosed`` at a clean end); reads as needed, by ``deadline`` (the
+        event loop's clock: TimeoutError past it). Raises ProtocolError for anything malformed, PeerClosed
+        when the peer left in the middle of a message, OSError from the stream."""
         if self._error is not None:
             self._fail(self._error)
         for _ in range(MAX_EVENTS):
@@ -72,7 +72,7 @@ class HttpConnection:
             except h11.RemoteProtocolError as exc:
                 self._fail(exc)
             if event is h11.NEED_DATA:
-                data = await self.stream.recv(CHUNK)
+                data = await self.stream.recv(CHUNK, deadline)
                 self._eof = not data
                 if head and self._head is not None:
                     self._head += data
@@ -116,11 +116,12 @@ class HttpConnection:
             raise ProtocolError(400, "both Transfer-Encoding and Content-Length in one "
                                 + ("request" if isinstance(event, h11.Request) else "response"))
 
-    async def send(self, *events: h11.Event) -> None:
-        """Frame the events and write them in one go."""
+    async def send(self, *events: h11.Event, deadline: float | None = None) -> None:
+        """Frame the events and write them in one go (waiting, by ``deadline``, only for a peer that does not
+        read)."""
         data = b"".join(self.h11.send(e) or b"" for e in events)
         if data:
-            await self.stream.send(data)
+            await self.stream.send(data, deadline)
 
     def next_cycle(self) -> bool:
         """After a complete exchange: ready for the next one (False when the connection must close)."""

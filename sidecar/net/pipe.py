@@ -9,23 +9,15 @@ counts as activity, so a slow but steady download is never cut.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
-import socket
-import struct
-import termios
 
-from sidecar.net.streams import CHUNK, SocketStream, Stream, abort
+from sidecar.net.streams import CHUNK, SocketStream, Stream
 
 MAX_WAKEUPS = 10_000_000  # bounded: reads of one direction, and idle checks of one pipe
 
 
-def _unsent(sock: socket.socket) -> int:
-    """Bytes still queued in the kernel for the peer (Linux SIOCOUTQ); 0 where that is unknown."""
-    try:
-        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-    except OSError:
-        return 0
+def _unsent(stream: Stream) -> int:
+    """Bytes written to ``stream`` and not yet taken by its peer."""
+    return (stream.raw if not isinstance(stream, SocketStream) else stream).unsent()
 
 
 async def pipe(a: Stream, b: Stream, idle_timeout: float, a_to_b: bytes = b"", b_to_a: bytes = b"", *,
@@ -33,20 +25,20 @@ async def pipe(a: Stream, b: Stream, idle_timeout: float, a_to_b: bytes = b"", b
     """Copy both ways until both directions are done (or, with ``until_b_ends``, until ``b`` has nothing more
     to say: a server that ended an upgraded connection), or nothing moved for ``idle_timeout`` seconds
     (then both are reset). ``a_to_b``/``b_to_a``: bytes already read that go first in their direction
-    (a stream's own unread prefix follows them)."""
+    (what a stream has received and not yet given out follows them)."""
     loop = asyncio.get_running_loop()
     last = [loop.time()]
     reset = [False]
 
     async def copy(src: Stream, dst: Stream, first: bytes) -> None:
         try:
-            data = first + (src.take_prefix() if isinstance(src, SocketStream) else b"")
+            data = first
             for _ in range(MAX_WAKEUPS):
                 if data:
                     last[0] = loop.time()
                     await dst.send(data)
                     last[0] = loop.time()
-                data = await src.recv(CHUNK)  # a fresh chunk per read, sized to what arrived
+                data = await src.recv(CHUNK)  # what has arrived, at most a chunk
                 if not data:
                     break
         except ConnectionResetError:
@@ -55,8 +47,7 @@ async def pipe(a: Stream, b: Stream, idle_timeout: float, a_to_b: bytes = b"", b
             pass
         finally:
             if isinstance(dst, SocketStream):  # (a TLS stream ends with the connection)
-                with contextlib.suppress(OSError):
-                    dst.sock.shutdown(socket.SHUT_WR)
+                dst.shutdown_write()
 
     upward = asyncio.create_task(copy(a, b, a_to_b))
     downward = asyncio.create_task(copy(b, a, b_to_a))
@@ -70,9 +61,9 @@ async def pipe(a: Stream, b: Stream, idle_timeout: float, a_to_b: bytes = b"", b
             if len(done) == len(watch) or reset[0]:
                 break
             if loop.time() - last[0] > idle_timeout:
-                # Bytes queued in the kernel for a slow reader drain without any call of ours: a queue that
-                # shrank since the last look is progress, not idleness.
-                queued = (_unsent(a.sock), _unsent(b.sock))
+                # Bytes queued for a slow reader drain without any call of ours: a queue that shrank since the
+                # last look is progress, not idleness.
+                queued = (_unsent(a), _unsent(b))
                 if queued != seen_queued:
                     seen_queued = queued
                     last[0] = loop.time()
@@ -84,5 +75,5 @@ async def pipe(a: Stream, b: Stream, idle_timeout: float, a_to_b: bytes = b"", b
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         if idle or reset[0]:
-            abort(a.sock)
-            abort(b.sock)
+            a.abort()
+            b.abort()

@@ -106,21 +106,27 @@ def authority(host: str, port: int) -> bytes:
     return (f"[{host}]:{port}" if ":" in host else f"{host}:{port}").encode("idna")
 
 
-async def open_tunnel(stream: SocketStream, upstream: Upstream, member: Member, host: str, port: int) -> SocketStream:
+async def open_tunnel(stream: SocketStream, upstream: Upstream, member: Member, host: str, port: int,
+                      deadline: float | None = None) -> None:
     """Ask ``member`` (connected on ``stream``) for a tunnel to host:port, with the proxy credentials on
-    the CONNECT only. Returns the tunnel's stream; raises ConnectFailure (nothing of a request left)."""
+    the CONNECT only, by ``deadline``; ``stream`` then carries the tunnel. Raises ConnectFailure (nothing of
+    a request left)."""
     http = HttpConnection(stream, h11.CLIENT)
     target = authority(host, port)
     try:
         await http.send(h11.Request(method=b"CONNECT", target=target, headers=[
-            (b"Host", target), (b"Proxy-Authorization", upstream.proxy_authorization)]), h11.EndOfMessage())
+            (b"Host", target), (b"Proxy-Authorization", upstream.proxy_authorization)]), h11.EndOfMessage(),
+            deadline=deadline)
         for _ in range(MAX_INTERIM):
-            event = await http.next_event()
+            event = await http.next_event(deadline)
             if not isinstance(event, h11.InformationalResponse):
                 break
     except ProtocolError:
         raise ConnectFailure("proxy_error", f"pair member {member.label} answered the CONNECT with garbage",
                              stage="tunnel") from None
+    except TimeoutError:
+        raise ConnectFailure("timeout", f"pair member {member.label} did not answer the CONNECT in time",
+                             stage="tunnel", cause="timed out") from None
     except (OSError, h11.LocalProtocolError) as exc:
         raise ConnectFailure("reset", f"pair member {member.label} failed during the CONNECT: {describe_error(exc)}",
                              stage="tunnel") from None
@@ -138,18 +144,19 @@ async def open_tunnel(stream: SocketStream, upstream: Upstream, member: Member, 
         raise ConnectFailure(
             "proxy_error", f"pair member {member.label} answered the CONNECT with {event.status_code}", ejects=False,
             stage="tunnel")
-    return SocketStream(stream.sock, http.h11.trailing_data[0])
+    stream.unread(http.h11.trailing_data[0])
 
 
-async def read_answer(http: HttpConnection, method: bytes, cap: int = MAX_RESPONSE_BYTES) -> Answer:
-    """Read one whole final response (interim 1xx answers skipped). Raises SendFailure for anything
-    malformed, incomplete or over ``cap``; OSErrors from the stream pass through."""
+async def read_answer(http: HttpConnection, method: bytes, cap: int = MAX_RESPONSE_BYTES,
+                      deadline: float | None = None) -> Answer:
+    """Read one whole final response (interim 1xx answers skipped), by ``deadline``. Raises SendFailure for
+    anything malformed, incomplete or over ``cap``; OSErrors (and TimeoutError) from the stream pass through."""
     head: h11.Response | None = None
     body = bytearray()
     interim = 0
     for _ in range(MAX_INTERIM + cap + 2):  # bounded: every Data event brings at least one byte
         try:
-            event = await http.next_event()
+            event = await http.next_event(deadline)
         except ProtocolError as exc:
             raise SendFailure(f"the server answered with something that is not HTTP/1.1 ({exc.message})") from None
         if isinstance(event, h11.InformationalResponse):
@@ -221,12 +228,12 @@ class VerifyFailure(Exception):
 
 
 async def ask_echo(http: HttpConnection, target: EchoTarget, proxy_authorization: bytes | None, *,
-                   close: bool = False) -> str:
+                   close: bool = False, deadline: float | None = None) -> str:
     """Ask the IP echo once on ``http`` (absolute-form with the credentials on a proxy connection, or
     origin-form in a tunnel: ``proxy_authorization`` None) and return the IP it names. Raises EchoError
     (the proxy's own 407 with ``member_down``), SendFailure and the stream's OSErrors."""
-    await http.send(target.request(proxy_authorization, close=close), h11.EndOfMessage())
-    answer = await read_answer(http, b"GET", MAX_ECHO_BYTES)
+    await http.send(target.request(proxy_authorization, close=close), h11.EndOfMessage(), deadline=deadline)
+    answer = await read_answer(http, b"GET", MAX_ECHO_BYTES, deadline)
     if answer.status == 407:
         raise EchoError(PROXY_407, member_down=True)
     if answer.status in (403, 502, 503):
@@ -293,51 +300,54 @@ class Connector:
         except (OSError, TimeoutError) as exc:
             raise ConnectFailure(_classify_oserror(exc), f"cannot connect to {where}: {describe_error(exc)}",
                                  cause=describe_error(exc)) from None
-        stream: Stream = SocketStream(sock)
+        try:
+            raw = await SocketStream.attach(sock)
+        except OSError as exc:
+            raise ConnectFailure(_classify_oserror(exc), f"cannot connect to {where}: {describe_error(exc)}",
+                                 cause=describe_error(exc)) from None
+        stream: Stream = raw
         egress_ip: str | None = None
         stage = "tunnel"
         try:
             if member is not None and verify is not None:
-                stream, egress_ip = await self._verify(stream, member, *verify)
-            async with asyncio.timeout_at(deadline):
-                if member is not None and tunnel:
-                    assert self.upstream is not None
-                    try:
-                        stream = await open_tunnel(stream, self.upstream, member, host, port)
-                    except ConnectFailure as exc:
-                        if egress_ip is None or exc.reason == "auth_failed":
-                            raise
-                        raise VerifyFailure("connect_refused", f"pair member {member.label} would not open a "
-                                            f"tunnel after the IP echo on the same connection ({exc.detail})") from None
-                if tls:
-                    stage = "tls"
-                    stream = TlsStream.client(stream, self.ssl_context, server_name or host)
-                    await stream.handshake()
+                egress_ip = await self._verify(raw, member, *verify)
+            if member is not None and tunnel:
+                assert self.upstream is not None
+                try:
+                    await open_tunnel(raw, self.upstream, member, host, port, deadline)
+                except ConnectFailure as exc:
+                    if egress_ip is None or exc.reason == "auth_failed":
+                        raise
+                    raise VerifyFailure("connect_refused", f"pair member {member.label} would not open a "
+                                        f"tunnel after the IP echo on the same connection ({exc.detail})") from None
+            if tls:
+                stage = "tls"
+                stream = TlsStream.client(raw, self.ssl_context, server_name or host)
+                await stream.handshake(deadline)
         except (ConnectFailure, VerifyFailure):
-            sock.close()
+            raw.abort()
             raise
         except ssl.SSLCertVerificationError as exc:
-            sock.close()
+            raw.abort()
             raise ConnectFailure(
                 "tls", f"TLS verification of {server_name or host} failed ({exc.verify_message}); set "
                 "SIDECAR_UPSTREAM_CA if a corporate CA re-signs it", member_fault=False, stage="tls") from None
         except (OSError, TimeoutError, ssl.SSLError) as exc:
-            sock.close()
+            raw.abort()
             reason = "timeout" if isinstance(exc, TimeoutError) else "reset"
             raise ConnectFailure(reason, f"setting up the connection via {where} failed: {describe_error(exc)}",
                                  stage=stage, cause=describe_error(exc)) from None
         except BaseException:  # cancelled: the socket is not left open
-            sock.close()
+            raw.abort()
             raise
         return stream, egress_ip
 
-    async def _verify(self, stream: Stream, member: Member, echo: EchoTarget, echo_deadline: float) -> tuple[Stream, str]:
-        """Ask the echo on the member's connection; the stream the CONNECT then goes on, and the IP."""
+    async def _verify(self, raw: SocketStream, member: Member, echo: EchoTarget, echo_deadline: float) -> str:
+        """Ask the echo on the member's connection (the CONNECT then goes on the same one); its IP."""
         assert self.upstream is not None
-        http = HttpConnection(stream, h11.CLIENT)
+        http = HttpConnection(raw, h11.CLIENT)
         try:
-            async with asyncio.timeout_at(echo_deadline):
-                ip = await ask_echo(http, echo, self.upstream.proxy_authorization)
+            ip = await ask_echo(http, echo, self.upstream.proxy_authorization, deadline=echo_deadline)
         except EchoError as exc:
             if exc.member_down:
                 raise ConnectFailure("auth_failed", f"pair member {member.label} refused the proxy credentials (407): "
@@ -350,8 +360,8 @@ class Connector:
         if not http.next_cycle():
             raise VerifyFailure("connect_refused", f"pair member {member.label} closes its connection after a "
                                 "request: the CONNECT cannot follow the IP echo on it")
-        assert isinstance(stream, SocketStream)
-        return SocketStream(stream.sock, http.h11.trailing_data[0]), ip
+        raw.unread(http.h11.trailing_data[0])
+        return ip
 
 
 class UpstreamPool:

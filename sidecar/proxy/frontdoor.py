@@ -23,7 +23,6 @@ Who may connect and use the proxy is the client access addon's (``addons/client_
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 
@@ -41,7 +40,7 @@ from sidecar.net.http1 import (
     parse_authority,
 )
 from sidecar.net.pipe import pipe
-from sidecar.net.streams import CHUNK, SocketStream, Stream
+from sidecar.net.streams import SocketStream, Stream
 from sidecar.net.upstream import ConnectFailure, Connector, describe_error
 from sidecar.proxy.destinations import DestinationRefused, Destinations, is_ip
 from sidecar.proxy.lane import MAX_REQUESTS, Lane, refuse
@@ -56,34 +55,18 @@ HEAD_TIMEOUT = 30.0  # at most this long (and at most SIDECAR_IDLE_TIMEOUT) for 
 _ESTABLISHED = h11.Response(status_code=200, reason=b"Connection established", headers=[])
 
 
-class _Recording(SocketStream):
-    """A client stream that keeps what it read of the first head, so a CONNECT without ``Host`` can be
-    read again (see _connect_without_host)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__(sock)
-        self.seen = bytearray()
-        self.recording = True
-
-    async def recv(self, n: int = CHUNK) -> bytes:
-        data = await super().recv(n)
-        if self.recording:
-            self.seen += data
-        return data
-
-
-async def _connect_without_host(seen: bytes, sock: socket.socket) -> tuple[HttpConnection, h11.Event] | None:
+async def _connect_without_host(seen: bytes, stream: SocketStream) -> tuple[HttpConnection, h11.Event] | None:
     """A ``CONNECT`` without the ``Host`` header HTTP/1.1 asks for (h11 refuses it; Squid, mitmproxy
     and most proxies accept it, and some clients rely on that), read again as if its target were
-    its Host. None for anything else."""
+    its Host. ``seen``: every byte read from ``stream`` so far. None for anything else."""
     end = seen.find(b"\n")
     if not seen.startswith(b"CONNECT ") or end < 0:
         return None
     target = seen[len(b"CONNECT "):end].partition(b" ")[0]
-    client = HttpConnection(SocketStream(sock, seen[:end + 1] + b"Host: " + target + b"\r\n" + seen[end + 1:]),
-                            h11.SERVER)
+    stream.unread(seen[:end + 1] + b"Host: " + target + b"\r\n" + seen[end + 1:])
+    client = HttpConnection(stream, h11.SERVER)
     try:
-        return client, await client.next_event()
+        return client, await client.next_event(asyncio.get_running_loop().time() + HEAD_TIMEOUT)
     except ProtocolError:
         return None
 
@@ -140,8 +123,6 @@ class FrontDoor:
                 event(log, logging.ERROR, f"front door cannot accept: {describe_error(exc)}")
                 await asyncio.sleep(0.1)
                 continue
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             task = asyncio.create_task(self._accepted(sock))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -156,8 +137,10 @@ class FrontDoor:
             sock.close()
             return
         self.access.active += 1  # every client connection counts, from accept to close
+        stream: SocketStream | None = None
         try:
-            await self._serve(sock)
+            stream = await SocketStream.attach(sock)
+            await self._serve(stream)
         except (OSError, TimeoutError):
             pass
         except Exception as exc:  # noqa: BLE001 - one bad client must not affect the others
@@ -165,56 +148,58 @@ class FrontDoor:
             log.debug("front door: unexpected error", exc_info=True)
         finally:
             self.access.active -= 1
-            sock.close()
+            if stream is not None:
+                stream.close()
+            else:
+                sock.close()
 
-    async def _serve(self, sock: socket.socket) -> None:
+    async def _serve(self, stream: SocketStream) -> None:
         """Serve one client connection, from its first head to its end."""
-        stream = _Recording(sock)
+        stream.recording = seen = bytearray()  # the first head's bytes, for _connect_without_host
         client = HttpConnection(stream, h11.SERVER, max_head=MAX_HEAD)
         try:
-            async with asyncio.timeout(self.head_timeout):
-                request = await client.next_event()
+            request = await client.next_event(asyncio.get_running_loop().time() + self.head_timeout)
         except TimeoutError:
             await self._refuse(client, *error_events(408, "the request head did not arrive in time"))
             return
         except ProtocolError as exc:
-            lenient = await _connect_without_host(bytes(stream.seen), sock) if "Host" in exc.message else None
+            stream.recording = None
+            lenient = await _connect_without_host(bytes(seen), stream) if "Host" in exc.message else None
             if lenient is None:
                 await self._refuse(client, *error_events(exc.status, exc.message))
                 return
             client, request = lenient
-        stream.seen.clear()
-        stream.recording = False
+        stream.recording = None
         if not isinstance(request, h11.Request):
             return  # the client closed before a whole head
         pool = self.lane.forwarder.pool
         owner = pool.new_owner()  # plain requests on this connection reuse upstream connections no other client uses
         try:
-            await self._serve_heads(client, sock, request, owner)
+            await self._serve_heads(client, stream, request, owner)
         finally:
             pool.forget(owner)
 
-    async def _serve_heads(self, client: HttpConnection, sock: socket.socket, request: h11.Request, owner: int) -> None:
+    async def _serve_heads(self, client: HttpConnection, stream: SocketStream, request: h11.Request,
+                           owner: int) -> None:
         for _ in range(MAX_REQUESTS):  # bounded: plain proxy requests on one keep-alive connection
             refusal = self.access.request_head(request)
             if refusal is not None:
                 await self._refuse(client, *refusal)
                 return
             if request.method == b"CONNECT":
-                await self._connect(client, sock, request)
+                await self._connect(client, stream, request)
                 return
             if not await self._plain(client, request, owner) or not client.next_cycle():
                 return
-            try:
-                async with asyncio.timeout(self.idle_timeout):  # the next head, however slowly it trickles
-                    request = await client.next_event()
+            try:  # the next head within the idle timeout, however slowly it trickles
+                request = await client.next_event(asyncio.get_running_loop().time() + self.idle_timeout)
             except ProtocolError as exc:
                 await self._refuse(client, *error_events(exc.status, exc.message))
                 return
             if not isinstance(request, h11.Request):
                 return
 
-    async def _connect(self, client: HttpConnection, sock: socket.socket, request: h11.Request) -> None:
+    async def _connect(self, client: HttpConnection, stream: SocketStream, request: h11.Request) -> None:
         target = parse_authority(request.target)
         if target is None:
             await self._refuse(client, *error_events(400, "a CONNECT target must be HOST:PORT"))
@@ -226,12 +211,12 @@ class FrontDoor:
             return
         host, port = target
         if is_ip(host):
-            await self._ip_literal(client, sock, host, port)
+            await self._ip_literal(client, stream, host, port)
         elif self.hosts.matches(host):
             await client.send(_ESTABLISHED)
-            await self.lane.serve(sock, host, port, client.h11.trailing_data[0])
+            await self.lane.serve(stream, host, port, client.h11.trailing_data[0])
         else:
-            await self._relay(client, sock, host, port)
+            await self._relay(client, stream, host, port)
 
     async def _refuse(self, client: HttpConnection, *events: h11.Event) -> None:
         await refuse(client, events, self.connect_timeout)
@@ -265,28 +250,28 @@ class FrontDoor:
         return await self.lane.forward(client, request, host, port, member, tls=scheme == "https",
                                        addresses=addresses, owner=owner)
 
-    async def _ip_literal(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
+    async def _ip_literal(self, client: HttpConnection, stream: SocketStream, host: str, port: int) -> None:
         """A CONNECT to an IP literal: answered first (the client sends its ClientHello only then), then
         served by the lane when the SNI names a token host, else relayed as it came."""
         await client.send(_ESTABLISHED)
         try:
-            sni, first = await client_hello_sni(sock, client.h11.trailing_data[0], self.head_timeout)
+            sni, first = await client_hello_sni(stream, client.h11.trailing_data[0], self.head_timeout)
         except UnfinishedHello as exc:
             event(log, logging.INFO, f"closed a tunnel to {host}:{port}: {exc}")
             return
         if sni is not None and self.hosts.matches(sni):
-            await self.lane.serve(sock, sni.lower(), port, first, address=(host, port))
+            await self.lane.serve(stream, sni.lower(), port, first, address=(host, port))
             return
         target = await self._open(host, port, sni)
         if isinstance(target, str):
             event(log, logging.INFO, f"closed a tunnel: {target}")  # answered 200 already: only a close is left
             return
         try:
-            await pipe(SocketStream(sock), target, self.idle_timeout, first)
+            await pipe(stream, target, self.idle_timeout, first)
         finally:
             target.close()
 
-    async def _relay(self, client: HttpConnection, sock: socket.socket, host: str, port: int) -> None:
+    async def _relay(self, client: HttpConnection, stream: SocketStream, host: str, port: int) -> None:
         target = await self._open(host, port, host)
         if isinstance(target, str):
             status = 403 if target.startswith("refused: ") else 502
@@ -294,7 +279,7 @@ class FrontDoor:
             return
         try:
             await client.send(_ESTABLISHED)
-            await pipe(SocketStream(sock), target, self.idle_timeout, client.h11.trailing_data[0])
+            await pipe(stream, target, self.idle_timeout, client.h11.trailing_data[0])
         finally:
             target.close()
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 
@@ -64,20 +63,20 @@ class Lane:
         self.idle_timeout = idle_timeout
         self.handshake_timeout = handshake_timeout
 
-    async def serve(self, sock: socket.socket, host: str, port: int, prefix: bytes = b"",
+    async def serve(self, stream: SocketStream, host: str, port: int, prefix: bytes = b"",
                     address: tuple[str, int] | None = None) -> None:
         """Serve one client connection after its CONNECT was answered (``prefix``: bytes the client sent
-        right behind the CONNECT head); returns when it is done (the caller closes the socket). ``host``
+        right behind the CONNECT head); returns when it is done (the caller closes the stream). ``host``
         is the token host (the CONNECT name or the TLS SNI); ``address``, when the CONNECT named an IP
         literal, is where to connect instead of resolving ``host``."""
+        stream.unread(prefix)
         try:
-            tls = TlsStream.server(SocketStream(sock, prefix), self.contexts.get(host))
+            tls = TlsStream.server(stream, self.contexts.get(host))
         except (ValueError, OSError, ssl.SSLError) as exc:
             event(log, logging.ERROR, f"cannot issue a certificate for {host}: {describe_error(exc)}")
             return
         try:
-            async with asyncio.timeout(self.handshake_timeout):
-                await tls.handshake()
+            await tls.handshake(asyncio.get_running_loop().time() + self.handshake_timeout)
         except (ssl.SSLError, OSError, TimeoutError) as exc:
             reason = handshake_failure(exc)
             self.metrics.client_tls_failed(reason)
@@ -95,10 +94,10 @@ class Lane:
 
     async def _serve(self, client: HttpConnection, host: str, port: int, address: tuple[str, int] | None,
                      owner: int) -> None:
+        loop = asyncio.get_running_loop()
         for _ in range(MAX_REQUESTS):
-            try:
-                async with asyncio.timeout(self.idle_timeout):  # the whole head, however slowly it trickles
-                    request = await client.next_event()
+            try:  # the whole head within the idle timeout, however slowly it trickles
+                request = await client.next_event(loop.time() + self.idle_timeout)
                 if not isinstance(request, h11.Request):
                     return  # the client closed (or left mid-head)
                 if not await self._one(client, request, host, port, address, owner=owner):
@@ -168,7 +167,7 @@ class Lane:
         connection (False) after a lingering close."""
         await self._answer(client, answer, close=True)
         self.core.finish(flow, answer)
-        await linger(client.stream.sock)
+        await linger(client.stream)
         return False
 
     async def _read_body(self, client: HttpConnection) -> bytes | None:
@@ -182,8 +181,7 @@ class Lane:
             if chunk is None:
                 if deadline is None:
                     deadline = asyncio.get_running_loop().time() + self.idle_timeout
-                async with asyncio.timeout_at(deadline):
-                    chunk = await client.next_event()
+                chunk = await client.next_event(deadline)
             if isinstance(chunk, h11.EndOfMessage):
                 return bytes(body)
             if not isinstance(chunk, h11.Data):
@@ -199,9 +197,9 @@ class Lane:
         headers.append((b"Content-Length", b"%d" % len(answer.body)))
         if close:
             headers.append((b"Connection", b"close"))
-        async with asyncio.timeout(self.idle_timeout):  # a client that stops reading is cut
-            await client.send(response_event(answer.status, answer.reason or reason(answer.status), headers,
-                                             parsed=answer.parsed), h11.Data(data=answer.body), h11.EndOfMessage())
+        await client.send(response_event(answer.status, answer.reason or reason(answer.status), headers,
+                                         parsed=answer.parsed), h11.Data(data=answer.body), h11.EndOfMessage(),
+                          deadline=asyncio.get_running_loop().time() + self.idle_timeout)  # a client that stops reading is cut
 
     async def forward(self, client: HttpConnection, request: h11.Request, host: str, port: int,
                       member: Member | None, address: tuple[str, int] | None = None, *, tls: bool = True,
@@ -227,6 +225,5 @@ async def refuse(client: HttpConnection, events: tuple[h11.Event, ...], timeout:
     unread (a trickled head, an unread body), and a close would then be a reset that can destroy the
     answer before the client reads it. Every refusal of the front door and the lane ends here."""
     with contextlib.suppress(OSError, ssl.SSLError, TimeoutError, h11.LocalProtocolError):
-        async with asyncio.timeout(timeout):
-            await client.send(*events)
-    await linger(client.stream.sock)
+        await client.send(*events, deadline=asyncio.get_running_loop().time() + timeout)
+    await linger(client.stream)

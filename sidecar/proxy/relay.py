@@ -7,11 +7,10 @@ is a token host's (served by the lane) or relayed as it came (the front door, wi
 from __future__ import annotations
 
 import asyncio
-import socket
 
 from mitmproxy.proxy.layers.tls import parse_client_hello
 
-from sidecar.net.streams import CHUNK
+from sidecar.net.streams import CHUNK, SocketStream
 
 MAX_CLIENT_HELLO = 64 * 1024  # a ClientHello is a few hundred bytes to a few KiB (post-quantum key shares)
 
@@ -20,7 +19,7 @@ class UnfinishedHello(Exception):
     """The client began a TLS ClientHello and did not finish it (in time, or within MAX_CLIENT_HELLO)."""
 
 
-async def client_hello_sni(sock: socket.socket, data: bytes, deadline: float) -> tuple[str | None, bytes]:
+async def client_hello_sni(stream: SocketStream, data: bytes, deadline: float) -> tuple[str | None, bytes]:
     """The SNI of the TLS ClientHello a client sends first in a tunnel, and the bytes read to find it
     (``data``: those already read). Waits for it up to ``deadline`` seconds (the head deadline: as long as a
     client may take to send a request head, so a late ClientHello is read all the same, never relayed
@@ -29,26 +28,25 @@ async def client_hello_sni(sock: socket.socket, data: bytes, deadline: float) ->
     ``deadline`` (a protocol whose server speaks first: relayed then). Raises UnfinishedHello for a
     ClientHello begun and not finished within ``deadline``: never relayed as is, or an unfinished token
     host's hello would leave unguarded."""
-    loop = asyncio.get_running_loop()
+    until = asyncio.get_running_loop().time() + deadline  # one deadline for the whole ClientHello
     buf = bytearray(data)
     try:
-        async with asyncio.timeout(deadline):
-            for _ in range(MAX_CLIENT_HELLO + 1):  # bounded: each read adds at least one byte
-                if buf:
-                    if not _may_be_tls(buf):
-                        return None, bytes(buf)  # not TLS, however short: relayed untouched, at once
-                    try:
-                        hello = parse_client_hello(bytes(buf))
-                    except ValueError:
-                        return None, bytes(buf)  # not TLS (or not a ClientHello): relayed untouched
-                    if hello is not None:
-                        return hello.sni, bytes(buf)
-                    if len(buf) > MAX_CLIENT_HELLO:
-                        break
-                chunk = await loop.sock_recv(sock, CHUNK)
-                if not chunk:
+        for _ in range(MAX_CLIENT_HELLO + 1):  # bounded: each read adds at least one byte
+            if buf:
+                if not _may_be_tls(buf):
+                    return None, bytes(buf)  # not TLS, however short: relayed untouched, at once
+                try:
+                    hello = parse_client_hello(bytes(buf))
+                except ValueError:
+                    return None, bytes(buf)  # not TLS (or not a ClientHello): relayed untouched
+                if hello is not None:
+                    return hello.sni, bytes(buf)
+                if len(buf) > MAX_CLIENT_HELLO:
                     break
-                buf += chunk
+            chunk = await stream.recv(CHUNK, until)
+            if not chunk:
+                break
+            buf += chunk
     except TimeoutError:
         if not buf:
             return None, b""  # nothing sent first: a server-speaks-first protocol

@@ -133,9 +133,9 @@ class TokenSender:
             if member is not None:
                 self.on_connect_success(member)
             try:  # from the first write on, the request may reach Salesforce: never retried
-                async with asyncio.timeout(self.response_timeout):
-                    await conn.http.send(*events)
-                    answer = await read_answer(conn.http, b"POST")
+                deadline = asyncio.get_running_loop().time() + self.response_timeout  # one, for send and answer
+                await conn.http.send(*events, deadline=deadline)
+                answer = await read_answer(conn.http, b"POST", deadline=deadline)
             except SendFailure as exc:
                 conn.close()
                 return SendResult(None, member, attempts, sent=True, detail=str(exc), egress_ip=conn.egress_ip)

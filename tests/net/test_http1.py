@@ -28,7 +28,7 @@ async def _serve(data: bytes, *, role: type[h11.CLIENT] | type[h11.SERVER] = h11
     a, b = socket.socketpair()
     a.setblocking(False)
     with a, b:
-        conn = HttpConnection(SocketStream(a), role)
+        conn = HttpConnection(await SocketStream.attach(a), role)
         if role is h11.CLIENT:
             await conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"x")]), h11.EndOfMessage())
         b.sendall(data)
@@ -122,7 +122,7 @@ def test_a_connection_with_unread_bytes_is_not_reusable() -> None:
         a, b = socket.socketpair()
         a.setblocking(False)
         with a, b:
-            conn = HttpConnection(SocketStream(a), h11.CLIENT)
+            conn = HttpConnection(await SocketStream.attach(a), h11.CLIENT)
             results = []
             for extra in (b"", b"HTTP/1.1 200 OK\r\n"):
                 await conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"x")]), h11.EndOfMessage())
@@ -143,7 +143,7 @@ def test_a_malformed_body_found_without_reading_is_reported_with_its_details() -
         a, b = socket.socketpair()
         a.setblocking(False)
         with a, b:
-            conn = HttpConnection(SocketStream(a), h11.SERVER)
+            conn = HttpConnection(await SocketStream.attach(a), h11.SERVER)
             b.sendall(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n")
             assert isinstance(await asyncio.wait_for(conn.next_event(), 5), h11.Request)
             assert conn.buffered_event() is None
@@ -225,8 +225,8 @@ def test_a_tls_stream_says_end_at_once_after_the_peer_s_close_notify() -> None:
             a.setblocking(False)
             b.setblocking(False)
             with a, b:
-                server = TlsStream.server(SocketStream(a), server_ctx)
-                client = TlsStream.client(SocketStream(b), client_ctx, "localhost")
+                server = TlsStream.server(await SocketStream.attach(a), server_ctx)
+                client = TlsStream.client(await SocketStream.attach(b), client_ctx, "localhost")
                 await asyncio.wait_for(asyncio.gather(server.handshake(), client.handshake()), 10)
                 await client.send(b"hello")
                 assert await asyncio.wait_for(server.recv(), 5) == b"hello"

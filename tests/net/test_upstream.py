@@ -125,7 +125,7 @@ def test_malformed_answers_raise_send_failure(answer: bytes) -> None:
         a, b = socket.socketpair()
         a.setblocking(False)
         with a, b:
-            http = HttpConnection(SocketStream(a), h11.CLIENT)
+            http = HttpConnection(await SocketStream.attach(a), h11.CLIENT)
             await http.send(h11.Request(method=b"POST", target=b"/", headers=[(b"Host", b"x"), (b"Content-Length", b"0")]),
                             h11.EndOfMessage())
             b.sendall(answer)
@@ -349,7 +349,7 @@ def test_a_tls_connection_that_got_only_session_tickets_is_idle_and_data_is_neve
     async def run() -> tuple[bool, bool, bytes]:
         sock = socket.create_connection(listener.getsockname(), timeout=5)
         sock.setblocking(False)
-        stream = TlsStream.client(SocketStream(sock), ssl.create_default_context(cafile=str(test_ca.ca_path)),
+        stream = TlsStream.client(await SocketStream.attach(sock), ssl.create_default_context(cafile=str(test_ca.ca_path)),
                                   "localhost")
         try:
             await stream.handshake()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 import pytest
 
+from sidecar.net.streams import SocketStream
 from sidecar.proxy.relay import UnfinishedHello, client_hello_sni
 from tests.harness import (
     SF_HOST,
@@ -208,10 +209,13 @@ def _sni_of(first: bytes, deadline: float = 5.0) -> tuple[str | None, bytes] | s
         a.setblocking(False)
         with a, b:
             b.sendall(first)
+            stream = await SocketStream.attach(a)
             try:
-                return await client_hello_sni(a, b"", deadline)
+                return await client_hello_sni(stream, b"", deadline)
             except UnfinishedHello:
                 return "unfinished"
+            finally:
+                stream.close()
 
     return asyncio.run(look())
 

@@ -19,8 +19,22 @@ from pathlib import Path
 import pytest
 
 from sidecar.metrics import Metrics
-from sidecar.ops.audit import EXPORT_COLUMNS, SUMMARY_COLUMNS, UNREADABLE, Query, Reader, parse_when, write_rows
-from sidecar.state.audit import AUDIT_FILE, AuditStore, Entry, connect_readonly, count_calls
+from sidecar.ops.audit import (
+    EXPORT_COLUMNS,
+    SUMMARY_COLUMNS,
+    UNREADABLE,
+    Query,
+    Reader,
+    parse_when,
+    write_rows,
+)
+from sidecar.state.audit import (
+    AUDIT_FILE,
+    AuditStore,
+    Entry,
+    connect_readonly,
+    count_calls,
+)
 from tests.harness import ROOT, metric_value, require_tool
 
 KEY = bytes(range(32))
