@@ -24,8 +24,16 @@ LABELS = {
     "sidecar-bare": "sidecar, both off",
     "sidecar-noshield": "sidecar, rotation shield off",
     "sidecar-noaudit": "sidecar, audit trail off",
+    "sidecar-noverify": "sidecar, egress verification off",
 }
 NA = "n/a"
+
+# The targets (issue 22: the hot path; issue 21: the audit trail; issue 20: egress verification).
+KA_ADDED_MAX_MS = 0.6  # keep-alive p50 added over straight-to-pair
+NEWCONN_RATIO_MAX = 1.2  # new-connection p50 over straight-to-pair
+KA_CPU_MAX_MS = 1.2  # sidecar CPU per keep-alive token call
+REST_RATIO_MIN = 6.0  # REST requests per proxy CPU-second over plain mitmdump's
+NOT_MEASURABLE_MS = 0.10  # "no measurable latency": p50 with a part on minus p50 with it off, same rounds
 
 
 def _ms(x: float) -> str:
@@ -106,12 +114,17 @@ def render(res: Results) -> str:
     d("## Targets", "")
     added = sc_ka - pair_ka
     pt_share = med["sidecar"] / med["squid"] if "sidecar" in med and "squid" in med else float("nan")
+    ka_cpu = _cpu_ms(res.keepalive.get("sidecar"))
     rows = [
-        ["keep-alive p50 added over straight-to-pair ≤ 1.0 ms",
-         f"{added:+.2f} ms ({_ms(sc_ka)} vs {_ms(pair_ka)} ms)", _verdict(None if math.isnan(added) else added <= 1.0)],
-        ["new-connection p50 ≤ 1.3× straight-to-pair",
+        [f"keep-alive p50 added over straight-to-pair ≤ {KA_ADDED_MAX_MS} ms",
+         f"{added:+.2f} ms ({_ms(sc_ka)} vs {_ms(pair_ka)} ms)",
+         _verdict(None if math.isnan(added) else added <= KA_ADDED_MAX_MS)],
+        [f"sidecar CPU per keep-alive token call ≤ {KA_CPU_MAX_MS} ms",
+         f"{ka_cpu:.2f} ms (Squid {_cpu_ms(res.keepalive.get('squid')):.2f}, plain mitmdump "
+         f"{_cpu_ms(res.keepalive.get('mitmdump')):.2f})", _verdict(None if math.isnan(ka_cpu) else ka_cpu <= KA_CPU_MAX_MS)],
+        [f"new-connection p50 ≤ {NEWCONN_RATIO_MAX}× straight-to-pair",
          f"{_ratio(sc_nc, pair_nc)} ({_ms(sc_nc)} vs {_ms(pair_nc)} ms)",
-         _verdict(None if math.isnan(sc_nc / pair_nc) else sc_nc / pair_nc <= 1.3)],
+         _verdict(None if math.isnan(sc_nc / pair_nc) else sc_nc / pair_nc <= NEWCONN_RATIO_MAX)],
         ["passthrough ≥ 90 % of Squid's throughput",
          f"{pt_share:.0%} ({med.get('sidecar', float('nan')):.2f} vs {med.get('squid', float('nan')):.2f} GB/s)"
          if not math.isnan(pt_share) else "Squid not measured", _verdict(None if math.isnan(pt_share) else pt_share >= 0.9)],
@@ -122,18 +135,30 @@ def render(res: Results) -> str:
          if starts else NA, _verdict(None if not starts else max(starts) < 2.0)],
     ]
     ab = res.ablation
-    if "sidecar" in ab and "sidecar-noshield" in ab:
-        shield_cost = _p(ab["sidecar"].samples, 0.5) - _p(ab["sidecar-noshield"].samples, 0.5)
-        rows.append(["rotation shield: no measurable latency on a token call with nothing to coalesce "
-                     "(p50 shipped − shield off ≤ 0.10 ms)",
-                     f"{shield_cost:+.2f} ms p50 ({_cpu_per_call(ab['sidecar'])} vs "
-                     f"{_cpu_per_call(ab['sidecar-noshield'])} ms CPU per call)", _verdict(shield_cost <= 0.10)])
+    for part, what in (("sidecar-noshield", "rotation shield: no measurable latency on a token call with nothing "
+                                             "to coalesce"),
+                       ("sidecar-noaudit", "audit trail: recording adds no measurable latency to a token call"),
+                       ("sidecar-noverify", "egress verification: no cost on a pooled (keep-alive) connection")):
+        if "sidecar" in ab and part in ab:
+            cost = _p(ab["sidecar"].samples, 0.5) - _p(ab[part].samples, 0.5)
+            rows.append([f"{what} (p50 shipped − {LABELS[part].removeprefix('sidecar, ')} ≤ {NOT_MEASURABLE_MS:.2f} ms)",
+                         f"{cost:+.2f} ms p50 ({_cpu_per_call(ab['sidecar'])} vs {_cpu_per_call(ab[part])} ms CPU "
+                         "per call)", _verdict(cost <= NOT_MEASURABLE_MS)])
+    vn = res.verify_newconn
+    if "sidecar" in vn and "sidecar-noverify" in vn:
+        cost = _p(vn["sidecar"].samples, 0.5) - _p(vn["sidecar-noverify"].samples, 0.5)
+        cpu = _cpu_ms(vn["sidecar"]) - _cpu_ms(vn["sidecar-noverify"])
+        rows.append(["egress verification on a new connection: its added cost (no target given; measured)",
+                     f"{cost:+.2f} ms p50, {cpu:+.2f} ms sidecar CPU per call "
+                     f"({res.verify_checks.get('sidecar', 0)} vs {res.verify_checks.get('sidecar-noverify', 0)} "
+                     "connections asked the IP echo)", "measured"])
     rest_rate = {n: _per_cpu_s(m) for n, m in res.rest.items()}
     rest_ratio = rest_rate.get("sidecar", float("nan")) / rest_rate.get("mitmdump", float("nan"))
-    rows.append(["REST calls on a token host (keep-alive): requests per proxy CPU-second ≥ 3× plain mitmdump",
+    rows.append([f"REST calls on a token host (keep-alive): requests per proxy CPU-second ≥ {REST_RATIO_MIN:g}× "
+                 "plain mitmdump",
                  f"{_ratio(rest_rate.get('sidecar', float('nan')), rest_rate.get('mitmdump', float('nan')))} "
                  f"({rest_rate.get('sidecar', float('nan')):.0f} vs {rest_rate.get('mitmdump', float('nan')):.0f} "
-                 "requests per CPU-second)", _verdict(None if math.isnan(rest_ratio) else rest_ratio >= 3.0)])
+                 "requests per CPU-second)", _verdict(None if math.isnan(rest_ratio) else rest_ratio >= REST_RATIO_MIN)])
     if "sidecar" in res.concurrency:
         s, _wall = res.concurrency["sidecar"]
         what = (f"{plan.conc_clients * plan.conc_per_client} token calls from {plan.conc_clients} clients: errors "
@@ -161,6 +186,26 @@ def render(res: Results) -> str:
                          if "pair" in table else NA, str(len(m.samples.ns)), _errors(m.samples), _cpu_per_call(m)])
         d.table(["Path", "p50 ms", "p99 ms", "p50 × pair", "p50 added ms", "p99 × pair", "calls", "errors",
                  "proxy CPU ms/call"], rows)
+
+    vn = res.verify_newconn
+    if vn:
+        d("### Egress verification on a new connection", "")
+        d(f"Two fresh sidecars, one asking the IP echo on each new upstream connection before its CONNECT (as "
+          "shipped: the egress IP of the very connection a token call leaves on) and one not, with straight-to-pair "
+          f"in the same rounds; a new client connection per call ({plan.new_warmup} warm-up, "
+          f"{plan.rounds}×{plan.new_calls} measured). A client's first request takes a spare upstream connection "
+          "opened (and verified) ahead, so the echo's round trip through the member is mostly paid in the "
+          "background, in CPU, not in the client's wait. On a kept-alive connection nothing is asked (the ablation "
+          "row *egress verification off* below).", "")
+        rows = []
+        for n, m in vn.items():
+            p50 = _p(m.samples, 0.5)
+            label = "**egress-sidecar** as shipped (verified)" if n == "sidecar" else LABELS[n]
+            rows.append([label, _ms(p50), _ms(_p(m.samples, 0.99)),
+                         _ratio(p50, _p(vn["pair"].samples, 0.5)) if "pair" in vn else NA, _cpu_per_call(m),
+                         str(res.verify_checks[n]) if n in res.verify_checks else NA, _errors(m.samples)])
+        d.table(["Path", "p50 ms", "p99 ms", "p50 × pair", "proxy CPU ms/call", "connections asked the echo",
+                 "errors"], rows)
 
     # ---- REST calls on token hosts
     if res.rest:
@@ -369,7 +414,7 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
     mitm_add = _p(ka["mitmdump"].samples, 0.5) - pair_ka if "mitmdump" in ka else float("nan")
     if "mitmdump" in ab and "pair" in ab:  # same rounds as the ablation: compare like with like
         mitm_add = _p(ab["mitmdump"].samples, 0.5) - _p(ab["pair"].samples, 0.5)
-    if sc_ka - pair_ka > 1.0:
+    if sc_ka - pair_ka > KA_ADDED_MAX_MS or _cpu_ms(ka.get("sidecar")) > KA_CPU_MAX_MS:
         text = (f"**Keep-alive latency.** The sidecar burns **{_cpu_ms(ka.get('sidecar')):.2f} ms of CPU per token call** "
                 f"(Squid {_cpu_ms(ka.get('squid')):.2f}, plain mitmdump {_cpu_ms(ka.get('mitmdump')):.2f}), of the "
                 f"order of the latency it adds (+{sc_ka - pair_ka:.2f} ms). ")
@@ -392,9 +437,9 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
                      "back). ")
         bare_added = (_p(ab["sidecar-bare"].samples, 0.5) - _p(ab["pair"].samples, 0.5)
                       if "sidecar-bare" in ab and "pair" in ab else float("nan"))
-        if bare_added <= 1.0:
-            text += ("*What would fix it*: in this run, switching off both the tracking and the log line brings the "
-                     "sidecar within +1 ms; making them cheaper (batching the writes, a shorter log path) is the lever.")
+        if bare_added <= KA_ADDED_MAX_MS:
+            text += (f"*What would fix it*: in this run, switching off both the tracking and the log line brings the "
+                     f"sidecar within +{KA_ADDED_MAX_MS} ms; making them cheaper (batching the writes, a shorter log path) is the lever.")
         else:
             if res.h11_ms is not None:
                 text += (f"h11 alone, in isolation (`bench/hotspots.py`: the events of one call on both sides, no I/O, "
@@ -404,19 +449,33 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
                      "compiled parts would (httptools for parsing, the escape hatch issue 11 names, or uvloop; "
                      "neither has a wheel for this machine's Python 3.12), or fewer hops.")
         notes.append(text)
-    if pair_nc > 0 and sc_nc / pair_nc > 1.3:
+    if pair_nc > 0 and sc_nc / pair_nc > NEWCONN_RATIO_MAX:
         text = (f"**New connection per call.** {_cpu_ms(nc.get('sidecar')):.2f} ms of sidecar CPU per call (Squid "
-                f"{_cpu_ms(nc.get('squid')):.2f}, mitmdump {_cpu_ms(nc.get('mitmdump')):.2f}). The upstream side is "
-                "already pooled (no CONNECT or TLS handshake to Salesforce per call), so the cost is the client side: ")
+                f"{_cpu_ms(nc.get('squid')):.2f}, mitmdump {_cpu_ms(nc.get('mitmdump')):.2f}). The client does not wait for "
+                "an upstream handshake (its first request takes a spare connection opened ahead), but for every new "
+                "client connection the sidecar makes two TLS handshakes where Squid makes none: the client's own "
+                "(intercepted), and, in the background, the next spare's (TCP, the member's CONNECT, the IP echo, "
+                "TLS to Salesforce), since an upstream connection that carried one client's exchanges is never handed "
+                "to another (`sidecar/net/upstream.py`, who may reuse a connection). ")
         if pn is not None and pn.tool == "py-spy":
             text += (f"TLS and sockets {_share(pn, 'TLS and sockets')} of the event loop's "
                      f"busy time, HTTP framing {_share(pn, 'HTTP/1.1 framing')}, socket writes "
                      f"{_share(pn, 'socket `send()`')}. ")
-        text += "*What would fix it*: the same as for keep-alive: fewer Python steps per client connection."
+        text += ("*What would fix it*: fewer Python steps per client connection, or TLS session resumption by the "
+                 "clients (the bench's clients do a full handshake per call, as the target asks).")
         if "mitmdump" in nc and _p(nc["mitmdump"].samples, 0.5) > sc_nc:
             text += (f" (Plain mitmdump, which opens an upstream connection and TLS session per client connection, "
                      f"takes {_ms(_p(nc['mitmdump'].samples, 0.5))} ms.)")
         notes.append(text)
+    rest_rate = {n: _per_cpu_s(m) for n, m in res.rest.items()}
+    if "sidecar" in rest_rate and "mitmdump" in rest_rate and rest_rate["sidecar"] < REST_RATIO_MIN * rest_rate["mitmdump"]:
+        notes.append(f"**REST calls on a token host.** The sidecar spends {_cpu_ms(res.rest.get('sidecar')):.2f} ms of "
+                     f"CPU per request, plain mitmdump {_cpu_ms(res.rest.get('mitmdump')):.2f}: "
+                     f"{rest_rate['sidecar'] / rest_rate['mitmdump']:.1f}× its requests per CPU-second, short of "
+                     f"{REST_RATIO_MIN:g}×. Each request is decrypted, parsed and re-framed on the client side and again "
+                     "on the upstream side (two TLS sessions, four HTTP/1.1 messages through the codec) in Python on the "
+                     "event loop. *What would fix it*: a compiled parser for both sides (httptools) and fewer steps per "
+                     "message; the profile above says which share each step takes.")
     if "sidecar" in med and "squid" in med and med["sidecar"] / med["squid"] < 0.9:
         cpu_sc, cpu_sq = res.passthrough_cpu.get("sidecar"), res.passthrough_cpu.get("squid")
         text = ("**Passthrough.** ")

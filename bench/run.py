@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+import urllib.request
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,6 +123,8 @@ class Results:
     rest: dict[str, Measured] = field(default_factory=dict)  # keep-alive REST calls on a token host
     sidecar_internal_ms: list[float] = field(default_factory=list)  # the sidecar's own duration_ms, keep-alive
     ablation: dict[str, Measured] = field(default_factory=dict)
+    verify_newconn: dict[str, Measured] = field(default_factory=dict)  # new connection per call, verification on/off
+    verify_checks: dict[str, int] = field(default_factory=dict)  # connections whose egress IP was asked, per variant
     profile_ka: Profile | None = None
     profile_new: Profile | None = None
     notes: list[str] = field(default_factory=list)
@@ -438,7 +441,9 @@ ABLATIONS = {
     "sidecar-bare": ("both off", {"BENCH_DISABLE": "grants", "SIDECAR_LOG_LEVEL": "WARNING"}),
     "sidecar-noshield": ("rotation shield off", {"BENCH_DISABLE": "shield"}),
     "sidecar-noaudit": ("audit trail off", {"BENCH_DISABLE": "audit"}),
+    "sidecar-noverify": ("egress verification off", {"BENCH_DISABLE": "verify"}),
 }
+VERIFY_VARIANTS = ("sidecar", "sidecar-noverify")
 
 
 def measure_ablation(res: Results, plan: Plan, workdir: Path, world: WorldProcess, routes: dict[str, Route],
@@ -474,6 +479,52 @@ def measure_ablation(res: Results, plan: Plan, workdir: Path, world: WorldProces
     finally:
         for r in runners.values():
             r.close()
+        for sc in procs.values():
+            sc.stop()
+
+
+def verified_connections(sc: Sidecar) -> int:
+    """How many upstream connections this sidecar has asked the IP echo on (its own metric)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{sc.admin_port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                   if line.startswith("egress_sidecar_egress_checks_total{") and 'result="verified"' in line))
+
+
+def measure_verification(res: Results, plan: Plan, workdir: Path, world: WorldProcess, routes: dict[str, Route],
+                         source: TokenSource, stack: contextlib.ExitStack) -> None:
+    """New connection per call through two fresh sidecars, one asking the IP echo on each new upstream
+    connection (as shipped) and one not, with straight-to-pair in the same rounds: what verification adds to a
+    call on a new connection. (On a pooled connection nothing is asked: the keep-alive ablation row shows it.)"""
+    procs: dict[str, Sidecar] = {}
+    for name in VERIFY_VARIANTS:
+        env = ABLATIONS[name][1]
+        sc = Sidecar(workdir / f"verify-{name}", world.ca, world.members,
+                     module="bench.sidecar_variant" if env else "sidecar", extra_env=env)
+        stack.callback(sc.stop)
+        procs[name] = sc.start()
+    rts = {n: Route(n, sc.ca_file, (("127.0.0.1", sc.proxy_port),)) for n, sc in procs.items()}
+    rts["pair"] = routes["pair"]
+    clients = {n: TokenClient(r) for n, r in rts.items()}
+    chains = {n: Chain(source) for n in rts}
+    checks0: dict[str, int] = {}
+    try:
+        for n in rts:
+            new_connection_calls(clients[n], chains[n], plan.new_warmup)
+            res.verify_newconn[n] = Measured(cpu_s=0.0 if n in procs else None)
+        for n, sc in procs.items():
+            checks0[n] = verified_connections(sc)
+
+        def segment(n: str) -> None:
+            proc = procs[n].proc if n in procs else None
+            charge_cpu(res.verify_newconn[n], proc.pid if proc is not None else None,
+                       lambda: new_connection_calls(clients[n], chains[n], plan.new_calls, res.verify_newconn[n].samples))
+
+        interleaved(list(rts), plan.rounds, segment)
+        time.sleep(0.3)  # the last spare is opened after the last call
+        for n, sc in procs.items():
+            res.verify_checks[n] = verified_connections(sc) - checks0[n]
+    finally:
         for sc in procs.values():
             sc.stop()
 
@@ -685,6 +736,8 @@ def run(plan: Plan, keep_tmp: bool = False, profiler: str = "auto") -> Results:
                 res.other_rss[f"{'Squid' if name == 'squid' else name} after load"] = rss(pids[name])  # type: ignore[arg-type]
         with phase(res, "ablation: what the sidecar's per-call work costs", world):
             measure_ablation(res, plan, workdir, world, routes, pids, source, stack)
+        with phase(res, "egress verification: new connection per call, verification on and off", world):
+            measure_verification(res, plan, workdir, world, routes, source, stack)
         with phase(res, "profile of the token path", world):
             measure_profile(res, plan, workdir, world, sidecar, source, profiler)
         sidecar.stop()

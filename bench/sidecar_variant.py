@@ -5,7 +5,9 @@
   window lets the bench profile only the token calls it sends, not the start or the probes.
 - ``BENCH_DISABLE=grants,shield,record,audit``: those policy addons are left out of the token core (the
   grant tracking, the rotation shield, the log line and metrics, the audit trail), to measure what each
-  costs per call. Anything else is the unmodified ``sidecar.app.cli.main``.
+  costs per call. ``verify``: new upstream connections are not asked the IP echo before their CONNECT
+  (each member's egress goes unverified, as with an https:// echo), to measure what verification costs.
+  Anything else is the unmodified ``sidecar.app.cli.main``.
 """
 
 from __future__ import annotations
@@ -45,8 +47,13 @@ def install_profiler(prefix: str) -> None:
 
 def disable(parts: set[str]) -> None:
     """Leave the named addons out of the token core (their class names, lower case: ``grants``,
-    ``rotationshield``, ``record``, ``evidence``, ``guard``, ``audit``; ``shield`` is ``rotationshield``)."""
-    names = {"rotationshield" if p == "shield" else p for p in parts}
+    ``rotationshield``, ``record``, ``evidence``, ``guard``, ``audit``; ``shield`` is ``rotationshield``), and
+    ``verify``: no IP echo on new upstream connections."""
+    if "verify" in parts:
+        from sidecar.egress.verify import Verifier
+
+        Verifier.echo_for = lambda self, member: None  # type: ignore[method-assign]
+    names = {"rotationshield" if p == "shield" else p for p in parts if p != "verify"}
     if not names:
         return
     from sidecar.token.core import TokenCore
