@@ -266,10 +266,10 @@ def build_parser() -> argparse.ArgumentParser:
         "exec",
         help="run COMMAND with the sidecar beside it (Heroku-style wrapper)",
         description="Start the sidecar, wait until it is ready, then run COMMAND with HTTPS_PROXY, HTTP_PROXY, "
-        "NO_PROXY (loopback; each also in lower case), REQUESTS_CA_BUNDLE, SSL_CERT_FILE, CURL_CA_BUNDLE, "
+        "NO_PROXY (loopback plus the entries of its own NO_PROXY that name no Salesforce host; each also in lower case), REQUESTS_CA_BUNDLE, SSL_CERT_FILE, CURL_CA_BUNDLE, "
         "NODE_EXTRA_CA_CERTS, NODE_USE_ENV_PROXY=1 and JAVA_TOOL_OPTIONS (proxy and truststore properties, "
         "appended to the command's own) set for it, with absolute paths. Warns when the NO_PROXY it was started "
-        "with lists a Salesforce host. SIGTERM and SIGINT are forwarded to COMMAND; the exit status is COMMAND's "
+        "with lists a Salesforce host (left out for COMMAND). SIGTERM and SIGINT are forwarded to COMMAND; the exit status is COMMAND's "
         "(127 when it is not found). Procfile: web: egress-sidecar exec -- gunicorn app:app",
         epilog=ENV_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -15,24 +15,27 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 from sidecar.app.service import Sidecar
 from sidecar.logs import event
-from sidecar.ops.noproxy import bypass_warnings
-from sidecar.ops.trust import client_env
+from sidecar.ops.noproxy import bypass_warnings, other_entries
+from sidecar.ops.trust import DEFAULT_NO_PROXY, client_env
 
 log = logging.getLogger("egress_sidecar.exec")
 READY_WAIT_SECONDS = 30.0
 EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE = 127, 126
 
 
-def child_environment(trust_dir: Path, proxy_url: str, base: Mapping[str, str]) -> dict[str, str]:
+def child_environment(trust_dir: Path, proxy_url: str, base: Mapping[str, str],
+                      token_hosts: Iterable[str] = ()) -> dict[str, str]:
     """``base`` with the app environment set over it; JAVA_TOOL_OPTIONS is appended to, not replaced
-    (a JVM takes the last of repeated properties, so ours win and the app's other options stay)."""
+    (a JVM takes the last of repeated properties, so ours win and the app's other options stay). NO_PROXY is
+    loopback plus ``base``'s own entries that name no Salesforce host (those would skip the sidecar)."""
     env = dict(base)
-    extra = client_env(trust_dir, proxy_url)
+    own = [e for e in other_entries(base, token_hosts) if e not in DEFAULT_NO_PROXY.split(",")]
+    extra = client_env(trust_dir, proxy_url, ",".join([DEFAULT_NO_PROXY, *own]))
     own_java = env.get("JAVA_TOOL_OPTIONS", "").strip()
     if own_java:
         extra["JAVA_TOOL_OPTIONS"] = f"{own_java} {extra['JAVA_TOOL_OPTIONS']}"
@@ -56,8 +59,9 @@ async def _wait_ready(sidecar: Sidecar, serving: asyncio.Task[None]) -> bool:
 
 async def run_wrapped(sidecar: Sidecar, argv: Sequence[str]) -> int:
     for line in bypass_warnings(os.environ, sidecar.settings.token_hosts):
-        event(log, logging.WARNING, f"{line} egress-sidecar exec gives the command a NO_PROXY of its own "
-              "(loopback only), so this command is not affected; anything started without exec is.")
+        event(log, logging.WARNING, f"{line} egress-sidecar exec leaves the Salesforce entries out of the "
+              "command's NO_PROXY (loopback and your other entries stay), so this command is not affected; anything "
+              "started without exec is.")
     serving = asyncio.create_task(sidecar.run(), name="sidecar")
     try:
         listening = await _wait_ready(sidecar, serving)
@@ -68,7 +72,7 @@ async def run_wrapped(sidecar: Sidecar, argv: Sequence[str]) -> int:
         if not ready:
             event(log, logging.WARNING, f"running the command although the sidecar is not ready: {why}")
         try:
-            env = child_environment(sidecar.trust_dir, sidecar.proxy_url, os.environ)
+            env = child_environment(sidecar.trust_dir, sidecar.proxy_url, os.environ, sidecar.settings.token_hosts)
             proc = await asyncio.create_subprocess_exec(*argv, env=env)
         except FileNotFoundError:
             print(f"egress-sidecar exec: command not found: {argv[0]}", file=sys.stderr)

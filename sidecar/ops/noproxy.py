@@ -55,6 +55,21 @@ def salesforce_entries(no_proxy: str, token_hosts: Iterable[str] = ()) -> list[s
     return found
 
 
+def other_entries(environ: Mapping[str, str], token_hosts: Iterable[str] = ()) -> list[str]:
+    """The entries of ``environ``'s NO_PROXY and no_proxy (both, in order, once each) that name no Salesforce
+    host: the app's own exceptions (``.svc.cluster.local``, an internal API), which a wrapped command keeps."""
+    hosts = tuple(token_hosts)
+    kept: list[str] = []
+    for name in VARIABLES:
+        value = environ.get(name, "")
+        refused = set(salesforce_entries(value, hosts))
+        for raw in re.split(r"[,\s]+", value):
+            entry = raw.strip()
+            if entry and entry not in refused and entry not in kept:
+                kept.append(entry)
+    return kept
+
+
 def bypass_warnings(environ: Mapping[str, str], token_hosts: Iterable[str] = ()) -> list[str]:
     """One sentence per NO_PROXY variable of ``environ`` that lists a Salesforce host, naming the entries."""
     hosts = tuple(token_hosts)

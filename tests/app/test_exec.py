@@ -60,18 +60,22 @@ def test_exec_runs_child_through_sidecar_and_returns_its_code(world: World, tmp_
 
 
 def test_exec_warns_about_a_salesforce_domain_in_no_proxy(world: World, tmp_path: Path, test_ca: TestCA) -> None:
-    """exec gives the command a loopback NO_PROXY of its own, so the command reaches Salesforce through the
-    sidecar; the NO_PROXY it was started with listed a Salesforce domain, which sends anything started
-    without exec around the sidecar: exec says so."""
-    env = {**wrapper_env(world, tmp_path, test_ca), "NO_PROXY": "localhost,.force.com,login.salesforce.com"}
+    """exec leaves the Salesforce entries out of the command's NO_PROXY, so the command reaches Salesforce
+    through the sidecar, and keeps the app's other entries (an internal service stays direct); the NO_PROXY it
+    was started with sends anything started without exec around the sidecar: exec says so."""
+    env = {**wrapper_env(world, tmp_path, test_ca),
+           "NO_PROXY": "localhost,.force.com,.svc.cluster.local,login.salesforce.com", "no_proxy": "internal-api,*"}
     child = "import os; print('child no_proxy', os.environ['NO_PROXY'], os.environ['no_proxy'])"
     out = subprocess.run([sys.executable, "-m", "sidecar", "exec", "--", sys.executable, "-c", child],
                          env=env, capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "child no_proxy localhost,127.0.0.1,::1 localhost,127.0.0.1,::1" in out.stdout
+    kept = "localhost,127.0.0.1,::1,.svc.cluster.local,internal-api"
+    assert f"child no_proxy {kept} {kept}" in out.stdout
     (warning,) = [json.loads(line) for line in out.stderr.splitlines() if "NO_PROXY lists" in line]
     assert warning["level"] == "warning" and warning["msg"].startswith("NO_PROXY lists .force.com, login.salesforce.com")
-    assert "egress-sidecar exec gives the command" in warning["msg"]
+    assert "egress-sidecar exec leaves the Salesforce entries out" in warning["msg"]
+    (lower,) = [json.loads(line) for line in out.stderr.splitlines() if "no_proxy lists" in line]
+    assert lower["msg"].startswith("no_proxy lists *:")
 
 
 def test_exec_forwards_sigterm(world: World, tmp_path: Path, test_ca: TestCA) -> None:
