@@ -30,6 +30,8 @@ class ClientAccess:
         self.access = access
         self.metrics = metrics or Metrics()
         self._cap_log = Throttle(REFUSAL_LOG_EVERY, self._log_cap_refusals)
+        self._remote_log = Throttle(REFUSAL_LOG_EVERY, self._log_remote_refusals)
+        self._remote_last = ""  # the last refused client's address, for the next log line
 
     @property
     def active(self) -> int:
@@ -44,6 +46,8 @@ class ClientAccess:
         if self.access.admits(client_ip):
             return True
         self.metrics.connections_refused.labels("not_loopback").inc()
+        self._remote_last = client_ip
+        self._remote_log.note()
         return False
 
     def request_head(self, request: h11.Request) -> tuple[h11.Event, ...] | None:
@@ -59,6 +63,7 @@ class ClientAccess:
     def close(self) -> None:
         """At shutdown: the refusals held for the next log line are written now."""
         self._cap_log.close()
+        self._remote_log.close()
 
     def _log_cap_refusals(self, count: int) -> None:
         limit = self.access.max_connections
@@ -68,3 +73,10 @@ class ClientAccess:
               f"every {REFUSAL_LOG_EVERY:g}s, each counting the refusals since the last",
               event="connections_refused", reason="max_connections", refused=count, limit=limit,
               open=self.access.active)
+
+    def _log_remote_refusals(self, count: int) -> None:
+        event(log, logging.WARNING,
+              f"refused {count} client connection(s) from another host (the last from {self._remote_last}): the proxy "
+              "serves loopback only unless SIDECAR_PROXY_AUTH is set (then every client must present it). At most one "
+              f"such line every {REFUSAL_LOG_EVERY:g}s, each counting the refusals since the last",
+              event="connections_refused", reason="not_loopback", refused=count, client=self._remote_last)

@@ -256,11 +256,13 @@ def test_a_record_the_audit_cannot_make_is_counted_not_silent() -> None:
     assert queue.entries == [] and queue.lost_because == ["the audit addon failed (RuntimeError)"]
 
 
-def test_client_access_refuses_strangers_and_asks_for_credentials() -> None:
+def test_client_access_refuses_strangers_and_asks_for_credentials(caplog: pytest.LogCaptureFixture) -> None:
     async def run() -> None:  # (the front door calls it on its event loop: the refusal log is throttled there)
         metrics = Metrics()
         local = ClientAccess(Access(None, max_connections=1), metrics)
         assert local.client_connected("127.0.0.1") and not local.client_connected("192.0.2.7")
+        for _ in range(50):  # a flood of strangers: one line now, one for the rest at close, none lost
+            local.client_connected("192.0.2.8")
         head = h11.Request(method="CONNECT", target="login.salesforce.com:443", headers=[("Host", "x")])
         assert local.request_head(head) is None
         local.active = 2  # over SIDECAR_MAX_CONNECTIONS
@@ -268,8 +270,11 @@ def test_client_access_refuses_strangers_and_asks_for_credentials() -> None:
         assert refusal is not None and refusal[0].status_code == 503  # type: ignore[union-attr]
         local.close()
         text = metrics.render().decode()
-        assert metric_value(text, "egress_sidecar_connections_refused_total", reason="not_loopback") == 1
+        assert metric_value(text, "egress_sidecar_connections_refused_total", reason="not_loopback") == 51
         assert metric_value(text, "egress_sidecar_connections_refused_total", reason="max_connections") == 1
+        lines = [r.getMessage() for r in caplog.records if "from another host" in r.getMessage()]
+        assert [line.split(" client")[0] for line in lines] == ["refused 1", "refused 50"], lines
+        assert "the last from 192.0.2.8" in lines[1] and "SIDECAR_PROXY_AUTH" in lines[1]
         shared = ClientAccess(Access("app:pw"))
         assert shared.client_connected("192.0.2.7")
         refusal = shared.request_head(head)
