@@ -26,7 +26,7 @@ from sidecar.egress.guard import Guard
 from sidecar.egress.pair import Member, Pair
 from sidecar.egress.verify import Verifier
 from sidecar.logs import event
-from sidecar.metrics import EGRESS_UNKNOWN, PROBE_RESULTS, Metrics
+from sidecar.metrics import EGRESS_UNKNOWN, FAILURE_REASONS, PROBE_RESULTS, Metrics
 from sidecar.net.echo import PROXY_407, EchoError, EchoTarget, parse_echo_body
 from sidecar.net.http1 import HttpConnection
 from sidecar.net.upstream import (
@@ -237,6 +237,8 @@ class Prober:
             self.metrics.egress_changes.labels(m.label)
             for result in PROBE_RESULTS:
                 self.metrics.probes.labels(m.label, result)
+            for reason in FAILURE_REASONS:  # (an alert on their increase() sees the first failure too)
+                self.metrics.member_failures.labels(m.label, reason)
             if m.egress_ip:
                 for grant in ALLOWLISTED_GRANTS:
                     for outcome in ("success", "ip_restricted"):

@@ -223,6 +223,8 @@ def test_probe_health_counts_rounds_and_an_echo_outage_never_takes_a_member_down
     # Before the first round there is no member_up series at all: a restart never looks like "down".
     assert value(metrics, "egress_sidecar_pair_member_up", member=a.label, egress_ip="unknown") is None
     assert value(metrics, "egress_sidecar_probes_total", member=a.label, result="member_down") == 0
+    for reason in ("refused", "unreachable", "timeout", "proxy_error", "auth_failed", "reset"):  # at 0 from the start
+        assert value(metrics, "egress_sidecar_member_failures_total", member=b.label, reason=reason) == 0, reason
     prober.apply_round(a, [], "echo did not answer within 3s", member_down=False)
     prober.apply_round(b, [], "cannot connect to the member: connection refused", member_down=True)
     prober.update_metrics()
