@@ -4,6 +4,11 @@ Why: the fakes are driven from synchronous pytest code and from the single-proce
 server must start and stop from any thread, report bind errors to the caller, restart on the same
 port for chaos tests, and never leave threads or sockets behind. HTTP/1.1 is framed by h11, as in
 the sidecar itself (keep-alive, Content-Length and chunked bodies, CONNECT). Every read has a deadline.
+
+Why not the sidecar's codec (``sidecar.net.http1``): the fakes stand for Salesforce and QuotaGuard, the
+world the sidecar is tested against. Built on the code under test, a bug in the codec would be on both
+ends of every exchange and agree with itself; framed here on h11 directly, with their own streams
+(asyncio's), they stay an independent witness, as a real server would be.
 """
 
 from __future__ import annotations
