@@ -54,6 +54,18 @@ class HttpConnection:
         self._eof = False
         self._error: h11.RemoteProtocolError | None = None  # found by buffered_event()
 
+    @property
+    def leftover(self) -> bytes:
+        """The bytes received past the last event read: what a tunnel, a TLS handshake or a pipe that takes
+        the connection over after a head must see first."""
+        return bytes(self.h11.trailing_data[0])
+
+    @property
+    def expects_continue(self) -> bool:
+        """The peer sent ``Expect: 100-continue`` and waits for an interim ``100`` (or the final answer)
+        before it sends the body."""
+        return self.h11.they_are_waiting_for_100_continue
+
     def _reading_head(self) -> bool:
         return self.h11.their_state is (h11.IDLE if self._server else h11.SEND_RESPONSE)
 

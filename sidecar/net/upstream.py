@@ -144,7 +144,7 @@ async def open_tunnel(stream: SocketStream, upstream: Upstream, member: Member, 
         raise ConnectFailure(
             "proxy_error", f"pair member {member.label} answered the CONNECT with {event.status_code}", ejects=False,
             stage="tunnel")
-    stream.unread(http.h11.trailing_data[0])
+    stream.unread(http.leftover)
 
 
 async def read_answer(http: HttpConnection, method: bytes, cap: int = MAX_RESPONSE_BYTES,
@@ -360,7 +360,7 @@ class Connector:
         if not http.next_cycle():
             raise VerifyFailure("connect_refused", f"pair member {member.label} closes its connection after a "
                                 "request: the CONNECT cannot follow the IP echo on it")
-        raw.unread(http.h11.trailing_data[0])
+        raw.unread(http.leftover)
         return ip
 
 
