@@ -54,6 +54,36 @@ def test_the_policies_are_addons() -> None:
         assert [n for n in tree.body if isinstance(n, ast.ClassDef)], f"addons/{name}.py has no addon class"
 
 
+def all_imports(path: Path) -> set[str]:
+    """Every module a module names in an import, at any depth (inside functions too)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+# net is bytes on the wire: it knows neither the token core, policy, state nor the service around it.
+# sidecar.proxy.destinations (the destination check a connection makes before it opens) is the one module
+# of another room it still uses.
+NET_MAY_NOT_IMPORT = ("sidecar.token", "sidecar.proxy", "sidecar.state", "sidecar.ops", "sidecar.app",
+                      "sidecar.sim", "addons")
+NET_ALLOWED = {"sidecar.proxy.destinations"}
+
+
+def test_net_imports_nothing_from_the_rooms_above_it() -> None:
+    bad = {}
+    for name, path in sources().items():
+        if name == "sidecar.net" or name.startswith("sidecar.net."):
+            found = {m for m in all_imports(path) if m.startswith(NET_MAY_NOT_IMPORT)
+                     and not any(m == a or m.startswith(a + ".") for a in NET_ALLOWED)}
+            if found:
+                bad[name] = sorted(found)
+    assert not bad, f"sidecar/net imports from the rooms above it: {bad}"
+
+
 def test_no_import_cycles() -> None:
     src = sources()
     known = set(src)

@@ -25,6 +25,7 @@ import h11
 
 from sidecar.config import Upstream
 from sidecar.egress.pair import Member
+from sidecar.net.answer import Answer
 from sidecar.net.echo import (
     MAX_ECHO_BYTES,
     PROXY_407,
@@ -36,7 +37,6 @@ from sidecar.net.http1 import HttpConnection, ProtocolError, h11_message, raw_he
 from sidecar.net.resolver import TOKEN_LOOKUPS, Resolver
 from sidecar.net.streams import SocketStream, Stream, TlsStream, connect_any, open_tcp
 from sidecar.proxy.destinations import DestinationRefused, Destinations
-from sidecar.token.messages import Answer
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is ~2 KB; 1 MiB is generous and bounded
 POOL_IDLE_SECONDS = 20.0  # below common server keep-alive timeouts, so we rarely write into a closed socket
