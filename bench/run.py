@@ -438,7 +438,6 @@ ABLATIONS = {
     "sidecar-bare": ("both off", {"BENCH_DISABLE": "grants", "SIDECAR_LOG_LEVEL": "WARNING"}),
     "sidecar-noshield": ("rotation shield off", {"BENCH_DISABLE": "shield"}),
     "sidecar-noaudit": ("audit trail off", {"BENCH_DISABLE": "audit"}),
-    "sidecar-h11only": ("llhttp fast path off (h11 reads every message)", {"BENCH_DISABLE": "llhttp"}),
 }
 
 

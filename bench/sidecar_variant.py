@@ -5,9 +5,7 @@
   window lets the bench profile only the token calls it sends, not the start or the probes.
 - ``BENCH_DISABLE=grants,shield,record,audit``: those policy addons are left out of the token core (the
   grant tracking, the rotation shield, the log line and metrics, the audit trail), to measure what each
-  costs per call; ``llhttp`` in the list: h11 reads every message (no httptools fast path in
-  sidecar/net/http1.py), to measure what the fast path saves. Anything else is the unmodified
-  ``sidecar.app.cli.main``.
+  costs per call. Anything else is the unmodified ``sidecar.app.cli.main``.
 """
 
 from __future__ import annotations
@@ -49,16 +47,6 @@ def disable(parts: set[str]) -> None:
     """Leave the named addons out of the token core (their class names, lower case: ``grants``,
     ``rotationshield``, ``record``, ``evidence``, ``guard``, ``audit``; ``shield`` is ``rotationshield``)."""
     names = {"rotationshield" if p == "shield" else p for p in parts}
-    if "llhttp" in names:
-        names.discard("llhttp")
-        from sidecar.net import http1
-
-        init = http1.HttpConnection.__init__
-
-        def h11_only(self: http1.HttpConnection, *args: object, **kw: object) -> None:
-            init(self, *args, **{**kw, "fast": False})  # type: ignore[arg-type]
-
-        http1.HttpConnection.__init__ = h11_only  # type: ignore[method-assign]
     if not names:
         return
     from sidecar.token.core import TokenCore

@@ -7,27 +7,17 @@ carry another exchange only when both sides are back in ``IDLE``. This module ad
 obsolete line folding and ``Transfer-Encoding`` together with ``Content-Length`` in a request or a
 response (the classic request smuggling and response splitting shapes) are refused instead of being
 repaired.
-
-``fast=True`` (the lane's client side, the pool's upstream side): a message that arrives whole within
-``max_head`` bytes, as the only message in them, CRLF-delimited and without obs-fold, HTTP/1.0 or 1.1, framed
-by Content-Length (or a request without a body), is read by llhttp (httptools) and handed out as the
-same h11 events, checked by h11's event validation and passed through h11's state machine. Everything else
-(CONNECT, Upgrade, 1xx, chunked, an answer to HEAD, a body still on its way, anything llhttp or h11's
-validation refuses) is read by h11 from the message's first byte, exactly as with ``fast=False``;
-tests/net/test_http1.py checks both give the same events or the same refusal.
 """
 
 from __future__ import annotations
 
 import re
-from collections import deque
 from collections.abc import Iterable
 from http import HTTPStatus
 from typing import NoReturn
 from urllib.parse import urlsplit
 
 import h11
-import httptools
 
 from sidecar.net.streams import CHUNK, PeerClosed, Stream
 
@@ -40,9 +30,6 @@ HOP_BY_HOP = frozenset(
      b"upgrade", b"trailer", b"proxy-authenticate"}
 )
 _OBS_FOLD = re.compile(rb"\n[ \t]")
-_BARE_LF = re.compile(rb"(?<!\r)\n")
-_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*")  # h11's reason-phrase: HTAB, SP, VCHAR, obs-text
-_FAST_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 CONTINUE = h11.InformationalResponse(status_code=100, reason=b"Continue", headers=[])
 
 
@@ -58,8 +45,7 @@ class ProtocolError(Exception):
 class HttpConnection:
     """One HTTP/1.1 connection over a stream, as ``h11.CLIENT`` or ``h11.SERVER``."""
 
-    def __init__(self, stream: Stream, role: type[h11.CLIENT] | type[h11.SERVER], *, max_head: int = MAX_HEAD,
-                 fast: bool = False) -> None:
+    def __init__(self, stream: Stream, role: type[h11.CLIENT] | type[h11.SERVER], *, max_head: int = MAX_HEAD) -> None:
         self.stream = stream
         self.h11 = h11.Connection(role, max_incomplete_event_size=max_head)
         self.max_head = max_head
@@ -67,9 +53,6 @@ class HttpConnection:
         self._head: bytearray | None = None  # bytes of the head being read, for the obs-fold check
         self._eof = False
         self._error: h11.RemoteProtocolError | None = None  # found by buffered_event()
-        self._fast = fast  # whole small messages read by llhttp (see the module docstring)
-        self._ready: deque[h11.Event] = deque()  # a whole message llhttp read, not yet handed out
-        self._asked: bytes | None = None  # the method of the last request sent (a client's)
 
     @property
     def leftover(self) -> bytes:
@@ -90,12 +73,8 @@ class HttpConnection:
         """The peer's next event (``ConnectionClosed`` at a clean end); reads as needed, by ``deadline`` (the
         event loop's clock: TimeoutError past it). Raises ProtocolError for anything malformed, PeerClosed
         when the peer left in the middle of a message, OSError from the stream."""
-        if self._ready:
-            return self._hand_out()
         if self._error is not None:
             self._fail(self._error)
-        if self._fast and self._reading_head() and await self._read_whole(deadline):
-            return self._hand_out()
         for _ in range(MAX_EVENTS):
             head = self._reading_head()
             if head and self._head is None:
@@ -126,8 +105,6 @@ class HttpConnection:
 
     def buffered_event(self) -> h11.Event | None:
         """The next event if the bytes already received hold it (no I/O; never a head), else None."""
-        if self._ready:
-            return self._hand_out()
         if self._reading_head():
             return None
         try:
@@ -136,86 +113,6 @@ class HttpConnection:
             self._error = exc  # next_event() raises it, with h11's details (h11 repeats only a vaguer one)
             return None
         return None if event is h11.NEED_DATA else event
-
-    # -- whole small messages through llhttp ---------------------------------------------------------
-    async def _read_whole(self, deadline: float | None) -> bool:
-        """Read the next message with llhttp if it is one the fast path takes (module docstring): True with
-        its events in ``_ready``; False with every byte read handed to h11, which reads the message from its
-        first byte, exactly as when the fast path is off."""
-        head, trailing_closed = self.h11.trailing_data
-        if head or trailing_closed or (not self._server and self._asked in (b"HEAD", b"CONNECT")):
-            return False  # bytes h11 holds already, an end already seen, or an answer framed by the request
-        whole = _Whole()
-        parser = (httptools.HttpRequestParser if self._server else httptools.HttpResponseParser)(whole)
-        raw = bytearray()
-        try:
-            while len(raw) <= self.max_head:  # bounded: each read brings at least one byte
-                data = await self.stream.recv(CHUNK, deadline)
-                if not data:
-                    break  # h11's own read sees the end again (a stream says b"" from then on)
-                raw += data
-                try:
-                    parser.feed_data(data)
-                except (httptools.HttpParserError, httptools.HttpParserUpgrade):  # malformed, CONNECT, Upgrade: h11's
-                    break
-                if whole.messages > 1:  # bytes of another message: h11 keeps them for it
-                    break
-                if whole.head_done:
-                    if whole.complete:
-                        if len(raw) <= self.max_head and self._take(whole, parser, raw):
-                            return True
-                        break
-                    if not self.stream.readable_now():
-                        break  # the body is still on its way: h11 reads it as it comes (never waited for here)
-        except BaseException:
-            self.h11.receive_data(bytes(raw))  # nothing read is lost for whoever goes on (or closes)
-            raise
-        self.h11.receive_data(bytes(raw))
-        return False
-
-    def _take(self, whole: _Whole, parser: httptools.HttpRequestParser | httptools.HttpResponseParser,
-              raw: bytearray) -> bool:
-        """Queue llhttp's message as h11 events if it is an ordinary one that h11 would read the same way,
-        its headers and request line checked by h11's own event validation; False leaves it to h11."""
-        version = _FAST_VERSIONS.get(parser.get_http_version())
-        if version is None or _BARE_LF.search(raw) or _OBS_FOLD.search(raw):
-            return False
-        try:
-            if self._server:
-                method, target = parser.get_method(), bytes(whole.url)
-                if not raw.startswith(b"%s %s HTTP/%s\r\n" % (method, target, version)):
-                    return False  # llhttp takes more spaces (and more) on the request line than h11 does
-                head: h11.Request | h11.Response = h11.Request(
-                    method=method, target=target, headers=whole.headers, http_version=version)
-            else:
-                status, reason = parser.get_status_code(), bytes(whole.reason)
-                if status < 200 or not _REASON.fullmatch(reason) \
-                        or not raw.startswith(b"HTTP/%s %d %s\r\n" % (version, status, reason)):
-                    return False
-                head = h11.Response(status_code=status, reason=reason, headers=whole.headers, http_version=version)
-        except h11.LocalProtocolError:
-            return False
-        length = values(head.headers, b"content-length")
-        if has(head.headers, b"transfer-encoding") or (not self._server and not length) \
-                or int(length[0] if length else b"0") != len(whole.body):
-            return False  # chunked or read-until-close bodies: h11's readers
-        self._ready.append(head)
-        if whole.body:
-            self._ready.append(h11.Data(data=bytes(whole.body)))
-        self._ready.append(h11.EndOfMessage())
-        return True
-
-    def _hand_out(self) -> h11.Event:
-        """The next queued event, passed through h11's state machine as h11's own reader passes the events
-        it reads (``_process_event``, h11's private method: h11 pinned in pyproject.toml,
-        tests/net/test_http1.py fails on an h11 without it)."""
-        event = self._ready.popleft()
-        try:
-            self.h11._process_event(self.h11.their_role, event)
-        except h11.LocalProtocolError as exc:
-            self._ready.clear()
-            raise ProtocolError(400, h11_message(exc)) from None
-        return event
 
     def _check_head(self, event: h11.Request | h11.Response | h11.InformationalResponse) -> None:
         assert self._head is not None
@@ -234,9 +131,6 @@ class HttpConnection:
     async def send(self, *events: h11.Event, deadline: float | None = None) -> None:
         """Frame the events and write them in one go (waiting, by ``deadline``, only for a peer that does not
         read)."""
-        for e in events:
-            if type(e) is h11.Request:
-                self._asked = e.method
         data = b"".join(self.h11.send(e) or b"" for e in events)
         if data:
             await self.stream.send(data, deadline)
@@ -253,45 +147,8 @@ class HttpConnection:
 
     def reusable(self) -> bool:
         """Idle on both sides with nothing unread: nothing of another exchange can leak into the next."""
-        return (self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE and not self._ready
+        return (self.h11.our_state is h11.IDLE and self.h11.their_state is h11.IDLE
                 and not self.h11.trailing_data[0] and not self.stream.readable_now())
-
-
-class _Whole:
-    """httptools callbacks: one message's parts (a second message's start is counted, not read)."""
-
-    __slots__ = ("url", "reason", "headers", "body", "head_done", "complete", "messages")
-
-    def __init__(self) -> None:
-        self.url = bytearray()
-        self.reason = bytearray()
-        self.headers: Headers = []
-        self.body = bytearray()
-        self.head_done = False
-        self.complete = False
-        self.messages = 0
-
-    def on_message_begin(self) -> None:
-        self.messages += 1
-
-    def on_url(self, url: bytes) -> None:
-        self.url += url
-
-    def on_status(self, status: bytes) -> None:
-        self.reason += status
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head_done:  # not trailers (a chunked message is h11's anyway)
-            self.headers.append((name, value))
-
-    def on_headers_complete(self) -> None:
-        self.head_done = True
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        self.complete = True
 
 
 def _describe(exc: h11.RemoteProtocolError) -> str:

@@ -561,11 +561,11 @@ class UpstreamPool:
                 unverified = exc
             else:
                 self.verifier.verified(member, ip)
-                return UpstreamConn(key, HttpConnection(stream, h11.CLIENT, fast=True), egress_ip=ip)
+                return UpstreamConn(key, HttpConnection(stream, h11.CLIENT), egress_ip=ip)
         resolver = self.token_resolver if key[0] == "token" else None
         stream = await self.connector.open(host, port, member, deadline=deadline, tls=server_name is not None,
                                            server_name=server_name, addresses=addresses, resolver=resolver)
         if unverified is not None:  # the member works without the question: verification is what failed
             assert member is not None and self.verifier is not None
             self.verifier.failed(member, unverified.reason, unverified.detail)
-        return UpstreamConn(key, HttpConnection(stream, h11.CLIENT, fast=True))
+        return UpstreamConn(key, HttpConnection(stream, h11.CLIENT))

@@ -85,7 +85,7 @@ class Lane:
                   "trust the sidecar's CA (ca.pem, or ca-bundle.pem in its CA bundle variable)?", reason=reason)
             return
         self.metrics.intercepted.inc()
-        client = HttpConnection(tls, h11.SERVER, fast=True)
+        client = HttpConnection(tls, h11.SERVER)
         owner = self.forwarder.pool.new_owner()  # its upstream connections serve no other client
         try:
             await self._serve(client, host, port, address, owner)

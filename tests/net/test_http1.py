@@ -23,20 +23,14 @@ from sidecar.net.http1 import (
 from sidecar.net.streams import SocketStream
 
 
-async def _serve(data: bytes, *, role: type[h11.CLIENT] | type[h11.SERVER] = h11.SERVER, fast: bool = False,
-                 method: bytes = b"GET", h11_reads: bool = True) -> list[h11.Event]:
-    """The events an HttpConnection reads from ``data`` (then EOF); ``fast``: with the llhttp path on;
-    ``h11_reads`` False: h11's own reader must not be used."""
+async def _serve(data: bytes, *, role: type[h11.CLIENT] | type[h11.SERVER] = h11.SERVER) -> list[h11.Event]:
+    """The events an HttpConnection reads from ``data`` (then EOF)."""
     a, b = socket.socketpair()
     a.setblocking(False)
     with a, b:
-        conn = HttpConnection(await SocketStream.attach(a), role, fast=fast)
-        if not h11_reads:
-            def refuse() -> None:
-                raise AssertionError("h11's reader was used")
-            conn.h11.next_event = refuse  # type: ignore[method-assign]
+        conn = HttpConnection(await SocketStream.attach(a), role)
         if role is h11.CLIENT:
-            await conn.send(h11.Request(method=method, target=b"/", headers=[(b"Host", b"x")]), h11.EndOfMessage())
+            await conn.send(h11.Request(method=b"GET", target=b"/", headers=[(b"Host", b"x")]), h11.EndOfMessage())
         b.sendall(data)
         b.shutdown(socket.SHUT_WR)
         events: list[h11.Event] = []
@@ -52,22 +46,16 @@ def serve(data: bytes, **kw: object) -> list[h11.Event]:
     return asyncio.run(_serve(data, **kw))  # type: ignore[arg-type]
 
 
-FAST = pytest.mark.parametrize("fast", [False, True], ids=["h11", "llhttp"])
-
-
-@FAST
-def test_a_request_and_its_body_in_pieces_chunked_or_not(fast: bool) -> None:
-    events = serve(b"POST /t?x=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
-                   fast=fast)
+def test_a_request_and_its_body_in_pieces_chunked_or_not() -> None:
+    events = serve(b"POST /t?x=1 HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
     assert isinstance(events[0], h11.Request) and events[0].target == b"/t?x=1"
     assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"abc"
-    events = serve(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\nhello", fast=fast)
+    events = serve(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 5\r\n\r\nhello")
     assert b"".join(e.data for e in events if isinstance(e, h11.Data)) == b"hello"
 
 
-@FAST
-def test_bare_lf_heads_are_accepted(fast: bool) -> None:
-    (request, end) = serve(b"GET / HTTP/1.1\nHost: h\n\n", fast=fast)
+def test_bare_lf_heads_are_accepted() -> None:
+    (request, end) = serve(b"GET / HTTP/1.1\nHost: h\n\n")
     assert isinstance(request, h11.Request) and isinstance(end, h11.EndOfMessage)
 
 
@@ -84,119 +72,27 @@ def test_bare_lf_heads_are_accepted(fast: bool) -> None:
     (b"GET / HTTP/1.1\r\n\r\n", 400),  # HTTP/1.1 needs a Host
     (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03", 400),  # TLS where HTTP was expected
 ])
-@FAST
-def test_what_a_careful_server_refuses(data: bytes, status: int, fast: bool) -> None:
+def test_what_a_careful_server_refuses(data: bytes, status: int) -> None:
     with pytest.raises(ProtocolError) as info:
-        serve(data, fast=fast)
+        serve(data)
     assert info.value.status == status and info.value.message
 
 
-@FAST
-def test_a_response_with_folded_headers_from_a_server_is_refused_too(fast: bool) -> None:
+def test_a_response_with_folded_headers_from_a_server_is_refused_too() -> None:
     with pytest.raises(ProtocolError):
-        serve(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n", role=h11.CLIENT, fast=fast)
-    with pytest.raises(ProtocolError):  # and both framings in one answer (response splitting)
-        serve(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
-              role=h11.CLIENT, fast=fast)
+        serve(b"HTTP/1.1 200 OK\r\nX: a\r\n b\r\nContent-Length: 0\r\n\r\n", role=h11.CLIENT)
 
 
-@FAST
-def test_a_peer_leaving_mid_message_is_not_a_protocol_error(fast: bool) -> None:
+def test_a_peer_leaving_mid_message_is_not_a_protocol_error() -> None:
     with pytest.raises(ConnectionError):
-        serve(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc", fast=fast)
-
-
-def test_ordinary_whole_messages_are_read_by_llhttp_not_h11() -> None:
-    """The hot paths' messages (a token call, its answer, a REST GET) never reach h11's reader; what comes
-    out is what h11 reads from the same bytes."""
-    request = (b"POST /services/oauth2/token HTTP/1.1\r\nHost: login.salesforce.com\r\nContent-Type: "
-               b"application/x-www-form-urlencoded\r\nContent-Length: 12\r\n\r\ngrant_type=x")
-    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
-    for data, role in ((request, h11.SERVER), (b"GET /services/data/ HTTP/1.1\r\nHost: h\r\n\r\n", h11.SERVER),
-                       (answer, h11.CLIENT)):
-        fast = serve(data, role=role, fast=True, h11_reads=False)
-        assert _shape(fast) == _shape(serve(data, role=role))
-        assert isinstance(fast[-1], h11.EndOfMessage)
-
-
-@pytest.mark.parametrize("data,role,method", [
-    (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", h11.CLIENT, b"HEAD"),  # no body after a HEAD
-    (b"HTTP/1.1 204 No Content\r\n\r\n", h11.CLIENT, b"GET"),
-    (b"HTTP/1.1 200 OK\r\n\r\nuntil the end", h11.CLIENT, b"GET"),  # read until the connection closes
-    (b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", h11.CLIENT, b"GET"),
-    (b"GET / HTTP/1.1\r\nHost: h\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n", h11.SERVER, b""),  # pipelined
-    (b"GET / HTTP/1.0\r\n\r\n", h11.SERVER, b""),
-    (b"GET / HTTP/1.1\r\nHost: h  \r\n\r\n", h11.SERVER, b""),  # h11 strips what llhttp keeps
-    (b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\na\nb", h11.SERVER, b""),
-])
-def test_what_llhttp_leaves_to_h11_comes_out_as_h11_reads_it(data: bytes, role: type[h11.CLIENT] | type[h11.SERVER],
-                                                              method: bytes) -> None:
-    kw = {"role": role, "method": method or b"GET"}
-    assert _shape(serve(data, fast=True, **kw)) == _shape(serve(data, **kw))  # type: ignore[arg-type]
-
-
-def _shape(events: list[h11.Event]) -> list[tuple[object, ...]]:
-    out: list[tuple[object, ...]] = []
-    for e in events:
-        if isinstance(e, h11.Request):
-            out.append(("request", e.method, e.target, e.http_version, list(e.headers.raw_items())))
-        elif isinstance(e, (h11.Response, h11.InformationalResponse)):
-            out.append(("response", e.status_code, e.reason, e.http_version, list(e.headers.raw_items())))
-        elif isinstance(e, h11.Data):
-            out.append(("data", bytes(e.data)))
-        else:
-            out.append((type(e).__name__,))
-    return out
-
-
-def _outcome(data: bytes, **kw: object) -> object:
-    try:
-        return _shape(serve(data, **kw))  # type: ignore[arg-type]
-    except ProtocolError as exc:
-        return ("refused", exc.status)
-    except ConnectionError:
-        return ("peer left",)
-
-
-_PARTS = st.sampled_from([
-    b"Host: h\r\n", b"Content-Length: 3\r\n", b"Content-Length: 3, 3\r\n", b"Content-Length: 4\r\n",
-    b"Transfer-Encoding: chunked\r\n", b"Transfer-Encoding: gzip\r\n", b"X: a\r\n b\r\n", b"X:\ta \r\n",
-    b"Bad Name: x\r\n", b"X: \x01\r\n", b"Expect: 100-continue\r\n", b"Connection: close\r\n",
-    b"Upgrade: websocket\r\nConnection: Upgrade\r\n", b"X: y\n", b"X-\xff: y\r\n", b"X: \xff\r\n",
-    b": x\r\n", b"X\r\n", b" X: y\r\n", b"X : y\r\n", b"X:y\r\n", b"\r\n", b"Content-Length: +3\r\n",
-    b"Content-Length: 03\r\n", b"Host: i\r\n",
-])
+        serve(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\nabc")
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.sampled_from([b"GET / HTTP/1.1", b"POST /a?b HTTP/1.1", b"GET / HTTP/1.0", b"GET http://h/ HTTP/1.1",
-                        b"CONNECT h:443 HTTP/1.1", b"GET /\x7f HTTP/1.1", b"GET  / HTTP/1.1", b"GET / HTTP/2.0",
-                        b"GET / HTTP/1.1 ", b"GET / http/1.1", b" GET / HTTP/1.1", b"\r\nGET / HTTP/1.1",
-                        b"GET /?a b HTTP/1.1", b"get / HTTP/1.1", b"GET \xff HTTP/1.1", b"GET / HTTP/1.10"]),
-       st.lists(_PARTS, max_size=5), st.sampled_from([b"", b"abc", b"3\r\nabc\r\n0\r\n\r\n", b"abcGET / HTTP/1.1\r\n"]))
-def test_llhttp_and_h11_agree_on_every_request(line: bytes, headers: list[bytes], body: bytes) -> None:
-    """Differential: whatever the bytes, the fast path gives the same events or the same refusal as h11 alone
-    (so it is exactly as strict: anything llhttp would accept that h11 refuses is left to h11)."""
-    data = line + b"\r\n" + b"".join(headers) + b"\r\n" + body
-    assert _outcome(data, fast=True) == _outcome(data)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.1 200 ", b"HTTP/1.0 404 Not Found", b"HTTP/1.1 302 \x01",
-                        b"HTTP/1.1 999 X", b"HTTP/1.1 101 Switching", b"HTTP/1.1 200", b"HTTP/1.1  200 OK",
-                        b"HTTP/1.1 0200 OK", b"HTTP/1.1 200 OK ", b"http/1.1 200 OK", b"HTTP/1.1 20 OK",
-                        b"HTTP/1.1 200 \xffK", b"HTTP/2 200 OK"]),
-       st.lists(_PARTS, max_size=5), st.sampled_from([b"", b"abc", b"3\r\nabc\r\n0\r\n\r\n", b"abcHTTP/1.1 200 OK\r\n"]))
-def test_llhttp_and_h11_agree_on_every_answer(line: bytes, headers: list[bytes], body: bytes) -> None:
-    data = line + b"\r\n" + b"".join(headers) + b"\r\n" + body
-    assert _outcome(data, role=h11.CLIENT, fast=True) == _outcome(data, role=h11.CLIENT)
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.binary(max_size=300), st.booleans())
-def test_arbitrary_bytes_give_events_or_a_clear_error(data: bytes, fast: bool) -> None:
+@given(st.binary(max_size=300))
+def test_arbitrary_bytes_give_events_or_a_clear_error(data: bytes) -> None:
     try:
-        serve(data, fast=fast)
+        serve(data)
     except ProtocolError as exc:
         assert exc.status in (400, 431, 501) and exc.message
     except ConnectionError:
