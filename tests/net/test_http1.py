@@ -193,12 +193,21 @@ def test_a_token_call_without_a_host_header_gets_one_that_is_checked() -> None:
         request_events(bad)
 
 
-def test_the_bench_measures_h11_with_the_sidecar_s_own_event_builders() -> None:
-    """bench/hotspots.py times h11's share of a token call with sidecar.net.http1's builders: it must keep
-    running the lane's and the sender's sequence as the code changes (no timing is asserted here)."""
-    from bench.hotspots import h11_per_call_ms
+def test_the_bench_times_a_real_exchange_with_the_sidecar_s_own_event_builders() -> None:
+    """bench/hotspots.py times h11 on the exchange the lane and the sender or forwarder run, built with
+    sidecar.net.http1's builders: each exchange must pass the app's request and the server's answer on byte
+    for byte (header names as written, in order), several times over the same connections (keep-alive), and
+    the clock must split what it measured into parsing and serialising. No timing is asserted here."""
+    import h11
 
-    assert h11_per_call_ms(3) > 0
+    from bench.hotspots import CODEC_CASES, exchange
+
+    for request, answer in CODEC_CASES.values():
+        server, client = h11.Connection(h11.SERVER), h11.Connection(h11.CLIENT)
+        clock = [0.0, 0.0]
+        for _ in range(3):
+            assert exchange(server, client, request, answer, clock) == (request, answer)
+        assert clock[0] > 0 and clock[1] > 0  # both halves were timed (a swapped or dropped step shows here)
 
 
 def test_a_tls_stream_says_end_at_once_after_the_peer_s_close_notify() -> None:
