@@ -144,3 +144,15 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if len(component) > 1:
                     found.append(sorted(component))
     return found
+
+
+def test_only_the_codec_touches_an_h11_connection() -> None:
+    """Callers use HttpConnection's own properties (``leftover``, ``expects_continue``, ...), never ``.h11``: the
+    codec is the one place that knows h11's connection state (the simulators in sidecar/sim keep their own)."""
+    found = []
+    for name, path in sources().items():
+        if name in ("sidecar.net.http1",) or name.startswith("sidecar.sim"):
+            continue
+        found += [f"{name}:{n.lineno}" for n in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(n, ast.Attribute) and n.attr == "h11"]
+    assert not found, f"reaching into h11 through .h11: {found}"
