@@ -246,3 +246,29 @@ def test_a_tls_stream_says_end_at_once_after_the_peer_s_close_notify() -> None:
                 assert await asyncio.wait_for(server.recv(), 1) == b""  # again, at once
 
         asyncio.run(run())
+
+
+def test_leftover_and_expects_continue_tell_callers_what_h11_holds() -> None:
+    """The bytes past a CONNECT head are the tunnel's (the front door hands them to TLS or a pipe), and a
+    request with ``Expect: 100-continue`` waits for an interim answer until its body is read."""
+    async def run(first: bytes, then: bytes) -> list[tuple[type, bytes, bool]]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with a, b:
+            conn = HttpConnection(await SocketStream.attach(a), h11.SERVER)
+            try:
+                seen = []
+                for data in (first, then):
+                    b.sendall(data)
+                    event = await asyncio.wait_for(conn.next_event(), 5)
+                    seen.append((type(event), conn.leftover, conn.expects_continue))
+                    if isinstance(event, h11.Request) and event.method == b"CONNECT":
+                        break
+                return seen
+            finally:
+                conn.stream.close()
+
+    assert asyncio.run(run(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n\x16\x03\x01hello", b"")) == [
+        (h11.Request, b"\x16\x03\x01hello", False)]
+    assert asyncio.run(run(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+                           b"ok")) == [(h11.Request, b"", True), (h11.Data, b"", False)]
