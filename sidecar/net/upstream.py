@@ -34,9 +34,8 @@ from sidecar.net.echo import (
     parse_echo_body,
 )
 from sidecar.net.http1 import HttpConnection, ProtocolError, h11_message, raw_headers
-from sidecar.net.resolver import TOKEN_LOOKUPS, Resolver
+from sidecar.net.resolver import TOKEN_LOOKUPS, AddrInfo, DestinationRefused, Resolver
 from sidecar.net.streams import SocketStream, Stream, TlsStream, connect_any, open_tcp
-from sidecar.proxy.destinations import DestinationRefused, Destinations
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is ~2 KB; 1 MiB is generous and bounded
 POOL_IDLE_SECONDS = 20.0  # below common server keep-alive timeouts, so we rarely write into a closed socket
@@ -58,7 +57,7 @@ class ConnectFailure(Exception):
         self.detail = detail
         self.member_fault = member_fault  # another member might do better: fail over
         self.ejects = ejects  # evidence the member itself is broken (not the target behind it)
-        self.refused = refused  # the destination rules refused it (sidecar.proxy.destinations): a 403, not a 502
+        self.refused = refused  # the destination rules refused it (DestinationRules): a 403, not a 502
 
 
 class NoAcceptableEgress(ConnectFailure):
@@ -199,6 +198,14 @@ class UpstreamConn:
         self.http.stream.close()
 
 
+class DestinationRules(Protocol):
+    """Where the sidecar may connect on a client's behalf (sidecar.proxy.destinations.Destinations); both raise
+    DestinationRefused."""
+
+    def check_literal(self, host: str, port: int) -> None: ...
+    async def resolve(self, host: str, port: int, resolver: Resolver | None = None) -> list[AddrInfo]: ...
+
+
 class EgressVerifier(Protocol):
     """Which members' new connections have their egress IP verified, and what verification showed
     (sidecar.egress.verify.Verifier)."""
@@ -252,7 +259,7 @@ class Connector:
     failed), also when ``deadline`` (the event loop's clock) passes."""
 
     def __init__(self, upstream: Upstream | None, ssl_context: ssl.SSLContext,
-                 destinations: Destinations | None = None) -> None:
+                 destinations: DestinationRules | None = None) -> None:
         self.upstream = upstream
         self.ssl_context = ssl_context
         self.destinations = destinations  # None: no rules (the sidecar's own probes)
