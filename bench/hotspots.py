@@ -244,38 +244,88 @@ _ANSWER = (b"HTTP/1.1 200 OK\r\nDate: Tue, 01 Dec 2026 00:00:00 GMT\r\nContent-T
            b"Cache-Control: no-cache,must-revalidate,max-age=0,no-store,private\r\nVary: Accept-Encoding\r\n"
            b"Strict-Transport-Security: max-age=63072000\r\nX-Content-Type-Options: nosniff\r\n"
            b"Content-Length: 700\r\n\r\n" + b"j" * 700)
+# An app's REST call on a token host (bench/run.py measure_rest) and an answer of its size.
+_REST_REQUEST = (b"GET /services/data/ HTTP/1.1\r\nHost: login.salesforce.com\r\nAccept-Encoding: identity\r\n"
+                 b"Accept: application/json\r\n\r\n")
+_REST_ANSWER = (b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 300\r\n\r\n" + b"v" * 300)
+CODEC_CASES = {"token call": (_REQUEST, _ANSWER), "REST request": (_REST_REQUEST, _REST_ANSWER)}
 
 
-def h11_per_call_ms(calls: int = 2000) -> float:
-    """What h11 costs one keep-alive token call on this machine, in isolation (no I/O, warm caches): the
-    events the lane and the sender go through, built as they build them (sidecar.net.http1): the app's
-    request read, the request written to Salesforce, its answer read, the answer written back, both
-    connections made ready for the next call. Under load the same steps cost more (colder caches)."""
+@dataclass
+class CodecCost:
+    """What h11 costs one exchange through the sidecar, in isolation (no I/O, warm caches), ms."""
+
+    read_ms: float  # parsing: the app's request and the server's answer (receive_data, next_event)
+    write_ms: float  # serialising: the request on and the answer back (the sidecar's builders, send)
+
+    @property
+    def total_ms(self) -> float:
+        return self.read_ms + self.write_ms
+
+
+def exchange(server: object, client: object, request: bytes, answer: bytes,
+             clock: list[float] | None = None) -> tuple[bytes, bytes]:
+    """One exchange as the lane and the sender or forwarder run it, on h11 connections ``server`` (the app's
+    side) and ``client`` (the upstream side), with the events built as sidecar.net.http1 builds them: the
+    app's request read, written on, the answer read, written back, both connections made ready for the next.
+    Returns the bytes written upstream and back to the app; ``clock`` (read, write) accumulates seconds."""
     import time
 
     import h11
 
     from sidecar.net.http1 import raw_headers, request_event, response_event
 
-    server, client = h11.Connection(h11.SERVER), h11.Connection(h11.CLIENT)
+    assert isinstance(server, h11.Connection) and isinstance(client, h11.Connection)
     t0 = time.perf_counter()
-    for _ in range(calls):
-        server.receive_data(_REQUEST)
-        request = server.next_event()
-        body = server.next_event()
-        server.next_event()  # EndOfMessage
-        assert isinstance(request, h11.Request) and isinstance(body, h11.Data)
-        client.send(request_event(request.method, request.target, raw_headers(request), parsed=True))
-        client.send(h11.Data(data=body.data))
-        client.send(h11.EndOfMessage())
-        client.receive_data(_ANSWER)
-        answer = client.next_event()
-        data = client.next_event()
-        client.next_event()  # EndOfMessage
-        assert isinstance(answer, h11.Response) and isinstance(data, h11.Data)
-        server.send(response_event(answer.status_code, bytes(answer.reason), raw_headers(answer), parsed=True))
-        server.send(h11.Data(data=data.data))
-        server.send(h11.EndOfMessage())
-        server.start_next_cycle()
-        client.start_next_cycle()
-    return (time.perf_counter() - t0) / calls * 1e3
+    server.receive_data(request)
+    head = server.next_event()
+    events = [server.next_event()]
+    while not isinstance(events[-1], h11.EndOfMessage):
+        events.append(server.next_event())
+    t1 = time.perf_counter()
+    assert isinstance(head, h11.Request)
+    sent = client.send(request_event(head.method, head.target, raw_headers(head), parsed=True)) or b""
+    for e in events:
+        sent += client.send(h11.Data(data=e.data) if isinstance(e, h11.Data) else e) or b""
+    t2 = time.perf_counter()
+    client.receive_data(answer)
+    reply = client.next_event()
+    events = [client.next_event()]
+    while not isinstance(events[-1], h11.EndOfMessage):
+        events.append(client.next_event())
+    t3 = time.perf_counter()
+    assert isinstance(reply, h11.Response)
+    back = server.send(response_event(reply.status_code, bytes(reply.reason), raw_headers(reply), parsed=True)) or b""
+    for e in events:
+        back += server.send(h11.Data(data=e.data) if isinstance(e, h11.Data) else e) or b""
+    server.start_next_cycle()
+    client.start_next_cycle()
+    t4 = time.perf_counter()
+    if clock is not None:
+        clock[0] += (t1 - t0) + (t3 - t2)
+        clock[1] += (t2 - t1) + (t4 - t3)
+    return sent, back
+
+
+def codec_costs(calls: int = 2000) -> dict[str, CodecCost]:
+    """h11's read and write cost per exchange, for a keep-alive token call and a REST request (each the best
+    of 3 runs of ``calls``). Under load the same steps cost more (colder caches). Issue 22 asked whether
+    parsing is worth a second parser (httptools): set it next to the CPU per call the bench measured."""
+    import h11
+
+    out: dict[str, CodecCost] = {}
+    for name, (request, answer) in CODEC_CASES.items():
+        runs = []
+        for _ in range(3):
+            server, client = h11.Connection(h11.SERVER), h11.Connection(h11.CLIENT)
+            clock = [0.0, 0.0]
+            for _ in range(calls):
+                exchange(server, client, request, answer, clock)
+            runs.append(CodecCost(clock[0] / calls * 1e3, clock[1] / calls * 1e3))
+        out[name] = min(runs, key=lambda c: c.total_ms)
+    return out
+
+
+def h11_per_call_ms(calls: int = 2000) -> float:
+    """What h11 costs one keep-alive token call on this machine, in isolation (read and write)."""
+    return codec_costs(calls)["token call"].total_ms

@@ -223,6 +223,9 @@ def render(res: Results) -> str:
                   NA if math.isnan(_per_cpu_s(m)) else f"{_per_cpu_s(m):.0f}", _cpu_per_call(m), str(len(m.samples.ns)),
                   _errors(m.samples)] for n, m in res.rest.items()])
 
+        if res.codec:
+            render_codec(d, res)
+
     # ---- passthrough
     d("## Passthrough throughput (non-token TLS, relayed without interception)", "")
     d(f"One TLS connection through a CONNECT tunnel (direct: straight to the server), `GET` of "
@@ -406,6 +409,23 @@ def _cpu_ms(m: Measured | None) -> float:
     return m.cpu_s / len(m.samples.ns) * 1e3
 
 
+def render_codec(d: Doc, res: Results) -> None:
+    """h11's parse and serialise cost per exchange (bench/hotspots.py, in isolation) next to the sidecar's CPU per
+    call measured in this run: the figure issue 22 asked for before a second parser is added."""
+    cpu = {"REST request": _cpu_ms(res.rest.get("sidecar")), "token call": _cpu_ms(res.keepalive.get("sidecar"))}
+    parts = []
+    for name, cost in res.codec.items():
+        share = f", {cost.total_ms / cpu[name]:.0%} of the sidecar's {cpu[name]:.2f} ms CPU per {name} in this run" \
+            if cpu.get(name, float("nan")) > 0 else ""
+        parts.append(f"per {name} parse {cost.read_ms:.3f} ms + serialise {cost.write_ms:.3f} ms = "
+                     f"**{cost.total_ms:.3f} ms**{share}")
+    d("**The HTTP/1.1 codec (h11).** In isolation (`bench/hotspots.py`: one exchange as the sidecar runs it, the "
+      "app's side and the server's, no I/O, warm caches; under load the same steps cost more): " + "; ".join(parts)
+      + ". Parsing is the only part a second parser (httptools) could take over, and of it only the request, "
+      "status and header lines: h11's state machine and events stay while h11 writes the replies. "
+      "docs/development.md has the measurement that kept h11 the one parser.", "")
+
+
 def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: float, sc_nc: float,
                   med: dict[str, float], held: list[int]) -> None:
     """One short "why, and what would fix it" note per missed target, from this run's numbers."""
@@ -446,8 +466,10 @@ def render_misses(d: Doc, res: Results, pair_ka: float, sc_ka: float, pair_nc: f
                          f"warm caches), costs **{res.h11_ms:.2f} ms** per call on this machine. ")
             text += ("*What would fix it*: every step left is Python on the event loop (h11's events, TLS through "
                      "`ssl` memory BIOs, the loop's wake-ups, the core's routing), and no one step dominates: "
-                     "compiled parts would (httptools for parsing, the escape hatch issue 11 names, or uvloop; "
-                     "neither has a wheel for this machine's Python 3.12), or fewer hops.")
+                     "compiled parts would (uvloop: a wheel exists for CPython 3.12 and 3.13, but it measured no "
+                     "gain and does not start with mitmproxy's eager task factory on Python 3.13; httptools for "
+                     "parsing measured no gain either while h11 frames the replies, see docs/development.md), or "
+                     "fewer hops.")
         notes.append(text)
     if pair_nc > 0 and sc_nc / pair_nc > NEWCONN_RATIO_MAX:
         text = (f"**New connection per call.** {_cpu_ms(nc.get('sidecar')):.2f} ms of sidecar CPU per call (Squid "

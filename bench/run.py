@@ -54,7 +54,7 @@ from bench.contenders import (
     proc_rss_kib,
     proxy_auth_header,
 )
-from bench.hotspots import Profile, from_cprofile, from_pyspy, h11_per_call_ms
+from bench.hotspots import CodecCost, Profile, codec_costs, from_cprofile, from_pyspy
 from tests.harness import ROOT, SF_HOST
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
@@ -129,6 +129,7 @@ class Results:
     profile_new: Profile | None = None
     notes: list[str] = field(default_factory=list)
     h11_ms: float | None = None  # h11's own work per keep-alive token call, in isolation (bench.hotspots)
+    codec: dict[str, CodecCost] = field(default_factory=dict)  # h11 parse and serialise per exchange (bench.hotspots)
     profiled: dict[str, Samples] = field(default_factory=dict)
     elapsed_s: float = 0.0
 
@@ -663,7 +664,8 @@ def run(plan: Plan, keep_tmp: bool = False, profiler: str = "auto") -> Results:
     res = Results(plan, machine_facts())
     workdir = Path(tempfile.mkdtemp(prefix="egress-bench-"))
     say(f"{plan.name} run in {workdir}")
-    res.h11_ms = min(h11_per_call_ms(200 if plan.name == "quick" else 2000) for _ in range(3))  # before anything runs
+    res.codec = codec_costs(200 if plan.name == "quick" else 2000)  # before anything runs
+    res.h11_ms = res.codec["token call"].total_ms
     stack = contextlib.ExitStack()
     try:
         world = WorldProcess(workdir).start()

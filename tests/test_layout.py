@@ -54,6 +54,33 @@ def test_the_policies_are_addons() -> None:
         assert [n for n in tree.body if isinstance(n, ast.ClassDef)], f"addons/{name}.py has no addon class"
 
 
+def all_imports(path: Path) -> set[str]:
+    """Every module a module names in an import, at any depth (inside functions too)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            out |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
+    return out
+
+
+# net is bytes on the wire: it knows neither the token core, the proxy's rules, state nor the service around
+# it (the destination rules reach it as a Protocol, sidecar.net.upstream.DestinationRules).
+NET_MAY_NOT_IMPORT = ("sidecar.token", "sidecar.proxy", "sidecar.state", "sidecar.ops", "sidecar.app",
+                      "sidecar.sim", "addons")
+
+
+def test_net_imports_nothing_from_the_rooms_above_it() -> None:
+    bad = {}
+    for name, path in sources().items():
+        if name == "sidecar.net" or name.startswith("sidecar.net."):
+            found = {m for m in all_imports(path) if m.startswith(NET_MAY_NOT_IMPORT)}
+            if found:
+                bad[name] = sorted(found)
+    assert not bad, f"sidecar/net imports from the rooms above it: {bad}"
+
+
 def test_no_import_cycles() -> None:
     src = sources()
     known = set(src)
@@ -114,3 +141,15 @@ def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
                 if len(component) > 1:
                     found.append(sorted(component))
     return found
+
+
+def test_only_the_codec_touches_an_h11_connection() -> None:
+    """Callers use HttpConnection's own properties (``leftover``, ``expects_continue``, ...), never ``.h11``: the
+    codec is the one place that knows h11's connection state (the simulators in sidecar/sim keep their own)."""
+    found = []
+    for name, path in sources().items():
+        if name in ("sidecar.net.http1",) or name.startswith("sidecar.sim"):
+            continue
+        found += [f"{name}:{n.lineno}" for n in ast.walk(ast.parse(path.read_text()))
+                  if isinstance(n, ast.Attribute) and n.attr == "h11"]
+    assert not found, f"reaching into h11 through .h11: {found}"

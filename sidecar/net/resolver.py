@@ -43,6 +43,12 @@ class LookupFailed(OSError):
     """A name could not be looked up in time (the message says why; no secret is in it)."""
 
 
+class DestinationRefused(Exception):
+    """A destination the rules refuse (sidecar.proxy.destinations, which a :data:`Lookup` may be); the message
+    says why and is meant for the client. Here so that ``net`` can tell a refusal from a failure without
+    importing the rules."""
+
+
 def parse_ip(host: str) -> IPAddress | None:
     """The address an IP literal stands for, in every form a resolver reads as one: the standard forms,
     and the IPv4 shorthands ``inet_aton`` (and so ``getaddrinfo``) accepts: ``127.1``, ``2130706433``,

@@ -25,6 +25,7 @@ import h11
 
 from sidecar.config import Upstream
 from sidecar.egress.pair import Member
+from sidecar.net.answer import Answer
 from sidecar.net.echo import (
     MAX_ECHO_BYTES,
     PROXY_407,
@@ -33,10 +34,8 @@ from sidecar.net.echo import (
     parse_echo_body,
 )
 from sidecar.net.http1 import HttpConnection, ProtocolError, h11_message, raw_headers
-from sidecar.net.resolver import TOKEN_LOOKUPS, Resolver
+from sidecar.net.resolver import TOKEN_LOOKUPS, AddrInfo, DestinationRefused, Resolver
 from sidecar.net.streams import SocketStream, Stream, TlsStream, connect_any, open_tcp
-from sidecar.proxy.destinations import DestinationRefused, Destinations
-from sidecar.token.messages import Answer
 
 MAX_RESPONSE_BYTES = 1024 * 1024  # a token response is ~2 KB; 1 MiB is generous and bounded
 POOL_IDLE_SECONDS = 20.0  # below common server keep-alive timeouts, so we rarely write into a closed socket
@@ -58,7 +57,7 @@ class ConnectFailure(Exception):
         self.detail = detail
         self.member_fault = member_fault  # another member might do better: fail over
         self.ejects = ejects  # evidence the member itself is broken (not the target behind it)
-        self.refused = refused  # the destination rules refused it (sidecar.proxy.destinations): a 403, not a 502
+        self.refused = refused  # the destination rules refused it (DestinationRules): a 403, not a 502
 
 
 class NoAcceptableEgress(ConnectFailure):
@@ -144,7 +143,7 @@ async def open_tunnel(stream: SocketStream, upstream: Upstream, member: Member, 
         raise ConnectFailure(
             "proxy_error", f"pair member {member.label} answered the CONNECT with {event.status_code}", ejects=False,
             stage="tunnel")
-    stream.unread(http.h11.trailing_data[0])
+    stream.unread(http.leftover)
 
 
 async def read_answer(http: HttpConnection, method: bytes, cap: int = MAX_RESPONSE_BYTES,
@@ -197,6 +196,14 @@ class UpstreamConn:
 
     def close(self) -> None:
         self.http.stream.close()
+
+
+class DestinationRules(Protocol):
+    """Where the sidecar may connect on a client's behalf (sidecar.proxy.destinations.Destinations); both raise
+    DestinationRefused."""
+
+    def check_literal(self, host: str, port: int) -> None: ...
+    async def resolve(self, host: str, port: int, resolver: Resolver | None = None) -> list[AddrInfo]: ...
 
 
 class EgressVerifier(Protocol):
@@ -252,7 +259,7 @@ class Connector:
     failed), also when ``deadline`` (the event loop's clock) passes."""
 
     def __init__(self, upstream: Upstream | None, ssl_context: ssl.SSLContext,
-                 destinations: Destinations | None = None) -> None:
+                 destinations: DestinationRules | None = None) -> None:
         self.upstream = upstream
         self.ssl_context = ssl_context
         self.destinations = destinations  # None: no rules (the sidecar's own probes)
@@ -360,7 +367,7 @@ class Connector:
         if not http.next_cycle():
             raise VerifyFailure("connect_refused", f"pair member {member.label} closes its connection after a "
                                 "request: the CONNECT cannot follow the IP echo on it")
-        raw.unread(http.h11.trailing_data[0])
+        raw.unread(http.leftover)
         return ip
 
 

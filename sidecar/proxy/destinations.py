@@ -15,7 +15,14 @@ from __future__ import annotations
 import ipaddress
 import socket
 
-from sidecar.net.resolver import CLIENT_LOOKUPS, AddrInfo, IPAddress, Resolver, parse_ip
+from sidecar.net.resolver import (
+    CLIENT_LOOKUPS,
+    AddrInfo,
+    DestinationRefused,
+    IPAddress,
+    Resolver,
+    parse_ip,
+)
 
 __all__ = ["DestinationRefused", "Destinations", "embedded_ipv4", "is_ip", "parse_ip"]
 _CGNAT = ipaddress.ip_network("100.64.0.0/10")
@@ -25,10 +32,6 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")  # RFC 6052: the well-known prefix
 _NAT64_LOCAL = ipaddress.ip_network("64:ff9b:1::/48")
 _SIIT = ipaddress.ip_network("::ffff:0:0:0/96")  # RFC 7915 IPv4-translated (::ffff:0:a.b.c.d)
 _COMPATIBLE = ipaddress.ip_network("::/96")  # RFC 4291 2.5.5.1 IPv4-compatible (deprecated; ::a.b.c.d)
-
-
-class DestinationRefused(Exception):
-    """A destination the rules refuse; the message says why and is meant for the client."""
 
 
 def is_ip(host: str) -> bool:

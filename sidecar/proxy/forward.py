@@ -78,7 +78,7 @@ class Forwarder:
         upgrade = b"upgrade" in tokens(req.headers, b"connection") and has(req.headers, b"upgrade")
         head = self._upstream_head(req, host, port, upgrade, 443 if tls else 80)
         bodyless = not has(req.headers, b"transfer-encoding") and values(req.headers, b"content-length") in ([], [b"0"])
-        if client.h11.they_are_waiting_for_100_continue:
+        if client.expects_continue:
             await client.send(CONTINUE)
         if bodyless:
             try:
@@ -169,8 +169,8 @@ class Forwarder:
                             *[(b"Upgrade", v) for v in values(event.headers, b"upgrade")]]))
                     # Bytes both ways until the server's side ends (a client that half-closes still gets the
                     # rest), or nothing has moved either way for SIDECAR_IDLE_TIMEOUT.
-                    await pipe(client.stream, conn.stream, self.idle_timeout, client.h11.trailing_data[0],
-                               conn.http.h11.trailing_data[0], until_b_ends=True)
+                    await pipe(client.stream, conn.stream, self.idle_timeout, client.leftover,
+                               conn.http.leftover, until_b_ends=True)
                     conn.close()
                     return False
                 if event.status_code != 100:  # 100 was answered to the client already

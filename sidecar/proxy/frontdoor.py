@@ -214,7 +214,7 @@ class FrontDoor:
             await self._ip_literal(client, stream, host, port)
         elif self.hosts.matches(host):
             await client.send(_ESTABLISHED)
-            await self.lane.serve(stream, host, port, client.h11.trailing_data[0])
+            await self.lane.serve(stream, host, port, client.leftover)
         else:
             await self._relay(client, stream, host, port)
 
@@ -255,7 +255,7 @@ class FrontDoor:
         served by the lane when the SNI names a token host, else relayed as it came."""
         await client.send(_ESTABLISHED)
         try:
-            sni, first = await client_hello_sni(stream, client.h11.trailing_data[0], self.head_timeout)
+            sni, first = await client_hello_sni(stream, client.leftover, self.head_timeout)
         except UnfinishedHello as exc:
             event(log, logging.INFO, f"closed a tunnel to {host}:{port}: {exc}")
             return
@@ -279,7 +279,7 @@ class FrontDoor:
             return
         try:
             await client.send(_ESTABLISHED)
-            await pipe(stream, target, self.idle_timeout, client.h11.trailing_data[0])
+            await pipe(stream, target, self.idle_timeout, client.leftover)
         finally:
             target.close()
 

@@ -172,7 +172,7 @@ class Lane:
 
     async def _read_body(self, client: HttpConnection) -> bytes | None:
         """The token request's body, read whole (chunked or not); None when it exceeds the cap."""
-        if client.h11.they_are_waiting_for_100_continue:  # as mitmproxy does: answered here, not passed on
+        if client.expects_continue:  # as mitmproxy does: answered here, not passed on
             await client.send(CONTINUE)
         body = bytearray()
         deadline: float | None = None  # one for the whole body, set at the first wait (a small body came with its head)

@@ -193,12 +193,21 @@ def test_a_token_call_without_a_host_header_gets_one_that_is_checked() -> None:
         request_events(bad)
 
 
-def test_the_bench_measures_h11_with_the_sidecar_s_own_event_builders() -> None:
-    """bench/hotspots.py times h11's share of a token call with sidecar.net.http1's builders: it must keep
-    running the lane's and the sender's sequence as the code changes (no timing is asserted here)."""
-    from bench.hotspots import h11_per_call_ms
+def test_the_bench_times_a_real_exchange_with_the_sidecar_s_own_event_builders() -> None:
+    """bench/hotspots.py times h11 on the exchange the lane and the sender or forwarder run, built with
+    sidecar.net.http1's builders: each exchange must pass the app's request and the server's answer on byte
+    for byte (header names as written, in order), several times over the same connections (keep-alive), and
+    the clock must split what it measured into parsing and serialising. No timing is asserted here."""
+    import h11
 
-    assert h11_per_call_ms(3) > 0
+    from bench.hotspots import CODEC_CASES, exchange
+
+    for request, answer in CODEC_CASES.values():
+        server, client = h11.Connection(h11.SERVER), h11.Connection(h11.CLIENT)
+        clock = [0.0, 0.0]
+        for _ in range(3):
+            assert exchange(server, client, request, answer, clock) == (request, answer)
+        assert clock[0] > 0 and clock[1] > 0  # both halves were timed (a swapped or dropped step shows here)
 
 
 def test_a_tls_stream_says_end_at_once_after_the_peer_s_close_notify() -> None:
@@ -237,3 +246,29 @@ def test_a_tls_stream_says_end_at_once_after_the_peer_s_close_notify() -> None:
                 assert await asyncio.wait_for(server.recv(), 1) == b""  # again, at once
 
         asyncio.run(run())
+
+
+def test_leftover_and_expects_continue_tell_callers_what_h11_holds() -> None:
+    """The bytes past a CONNECT head are the tunnel's (the front door hands them to TLS or a pipe), and a
+    request with ``Expect: 100-continue`` waits for an interim answer until its body is read."""
+    async def run(first: bytes, then: bytes) -> list[tuple[type, bytes, bool]]:
+        a, b = socket.socketpair()
+        a.setblocking(False)
+        with a, b:
+            conn = HttpConnection(await SocketStream.attach(a), h11.SERVER)
+            try:
+                seen = []
+                for data in (first, then):
+                    b.sendall(data)
+                    event = await asyncio.wait_for(conn.next_event(), 5)
+                    seen.append((type(event), conn.leftover, conn.expects_continue))
+                    if isinstance(event, h11.Request) and event.method == b"CONNECT":
+                        break
+                return seen
+            finally:
+                conn.stream.close()
+
+    assert asyncio.run(run(b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\n\r\n\x16\x03\x01hello", b"")) == [
+        (h11.Request, b"\x16\x03\x01hello", False)]
+    assert asyncio.run(run(b"POST / HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n",
+                           b"ok")) == [(h11.Request, b"", True), (h11.Data, b"", False)]
