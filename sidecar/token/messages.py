@@ -17,7 +17,7 @@ except ImportError:
     from backports import zstd
 
 from sidecar.net.http1 import Headers, first
-from sidecar.token.call import request_fields
+from sidecar.token.call import Identity, answer_grant, request_fields
 
 MAX_DECODED_BYTES = 1024 * 1024  # a token answer is ~2 KB; never inflate more than this to read it
 
@@ -80,6 +80,7 @@ class Answer:
     finished: float = field(default_factory=time.time)
     parsed: bool = False  # headers and reason as h11 read them from Salesforce (checked once, not again)
     _content: bytes | None = field(default=None, repr=False, compare=False)
+    _grant: tuple[str | None, Identity | None] | None = field(default=None, repr=False, compare=False)
 
     def content(self) -> bytes:
         """The body with its Content-Encoding undone (Salesforce gzips when the app accepts it), at most
@@ -90,6 +91,13 @@ class Answer:
             self._content = decode_bounded(self.body, coding.decode("latin-1").strip().lower(), MAX_DECODED_BYTES) \
                 if coding and self.body else self.body
         return self._content
+
+    def grant(self) -> tuple[str | None, Identity | None]:
+        """What the answer says about its grant (:func:`sidecar.token.call.answer_grant`), parsed once: the
+        evidence, the audit trail and the grant tracking all read it."""
+        if self._grant is None:
+            self._grant = answer_grant(self.content())
+        return self._grant
 
 
 def decode_bounded(body: bytes, coding: str, limit: int) -> bytes:
