@@ -5,7 +5,10 @@
   window lets the bench profile only the token calls it sends, not the start or the probes.
 - ``BENCH_DISABLE=grants,shield,record,audit``: those policy addons are left out of the token core (the
   grant tracking, the rotation shield, the log line and metrics, the audit trail), to measure what each
-  costs per call. Anything else is the unmodified ``sidecar.app.cli.main``.
+  costs per call.
+- ``BENCH_BATCH_DELAY=0.005``: finished calls' records are applied that many seconds after the first of a
+  batch (``sidecar.token.bookkeeping.BATCH_DELAY``; 0: once per loop iteration), to choose it by measuring.
+  Anything else is the unmodified ``sidecar.app.cli.main``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,11 @@ def main() -> int:
     prefix = os.environ.pop("BENCH_PROFILE_PREFIX", "")
     if prefix:
         install_profiler(prefix)
+    delay = os.environ.pop("BENCH_BATCH_DELAY", "")
+    if delay:
+        import sidecar.token.bookkeeping
+
+        sidecar.token.bookkeeping.BATCH_DELAY = float(delay)
     disable({p.strip() for p in os.environ.pop("BENCH_DISABLE", "").split(",") if p.strip()})
     from sidecar.app.cli import main as sidecar_main
 
