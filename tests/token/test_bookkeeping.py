@@ -165,8 +165,9 @@ def test_a_failing_hook_costs_only_its_own_record(caplog: pytest.LogCaptureFixtu
 
 
 # -- the real sidecar, in this process --------------------------------------------------------------------------
-def inproc(world: World, test_ca: TestCA, tmp_path: Path) -> Sidecar:
-    env = sidecar_env(tmp_path, test_ca.ca_path, {**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2,127.0.0.3"})
+def inproc(world: World, test_ca: TestCA, tmp_path: Path, allowlist: str | None = "127.0.0.2,127.0.0.3") -> Sidecar:
+    env = sidecar_env(tmp_path, test_ca.ca_path, {**world.pair_env(), **({"SIDECAR_ALLOWLIST": allowlist} if allowlist
+                                                                          else {})})
     return Sidecar(load_settings({k: v for k, v in env.items()
                                   if k.startswith("SIDECAR_") or k == "QUOTAGUARDSTATIC_URL"}))
 
@@ -231,3 +232,25 @@ def test_a_stop_records_the_calls_still_waiting_for_their_batch(
     assert len(grants) == 1 and grants[0].rotations == 4, grants
     assert sidecar.audit.store is not None
     assert count_calls(sidecar.audit.store.path) == 4
+
+
+def test_the_guard_keeps_the_next_call_off_a_refused_ip_while_the_records_still_wait(
+        world: World, test_ca: TestCA, tmp_path: Path) -> None:
+    """What the guard needs for the next call is learnt before the answer (``upstream_answer``), not in the
+    batched records: with every record held, Salesforce's one "ip restricted" refusal through 127.0.0.3 is
+    retried through 127.0.0.2 and no later call goes to 127.0.0.3."""
+    sidecar = inproc(world, test_ca, tmp_path, allowlist=None)  # (Salesforce allowlists 127.0.0.2 only)
+    sidecar.core.books.delay = 3600.0
+    with BackgroundSidecar(sidecar), session(sidecar) as s:
+        assert wait_until(lambda: all(m.egress_ip for m in sidecar.pair.members), timeout=10)
+        world.salesforce.reset_seen()
+        token, statuses = world.salesforce.issue_refresh_token(), []
+        for _ in range(6):
+            resp = redeem(s, token)
+            statuses.append(resp.status_code)
+            token = resp.json()["refresh_token"] if resp.status_code == 200 else token
+        assert wait_until(lambda: len(sidecar.core.books) == 6, timeout=5)  # none of them recorded yet
+        refused = [r.source_ip for r in world.salesforce.seen if r.status == 400]
+        assert statuses == [200] * 6
+        assert refused == ["127.0.0.3"]
+        assert len(world.salesforce.seen) == 7
