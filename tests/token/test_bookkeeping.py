@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import requests
 
+import sidecar.logs
 from addons.record import Record
 from sidecar.app.demo import BackgroundSidecar
 from sidecar.app.service import Sidecar
@@ -56,17 +57,24 @@ class CountingStream(io.StringIO):
         return super().write(s)
 
 
+SWITCHES = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing", "logAsyncioTasks")
+
+
 @pytest.fixture
 def log_stream() -> Iterator[CountingStream]:
     """The sidecar's own log handler (as ``run`` sets it up) writing to a stream the test reads; the
     root logger's handlers are put back after."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    switches = {name: getattr(logging, name) for name in SWITCHES}
     stream = CountingStream()
     setup_logging("json", logging.INFO, stream=stream)
     try:
         yield stream
     finally:
+        for name, value in switches.items():
+            setattr(logging, name, value)
+        sidecar.logs._HANDLER = None  # (batched_lines holds nothing any more)
         for h in list(root.handlers):
             root.removeHandler(h)
         for h in handlers:
