@@ -22,8 +22,9 @@ from sidecar.ops.orgs import OrgsSeen
 from sidecar.state.audit import AuditStore, Entry
 from sidecar.state.grants import GrantTracker
 from sidecar.state.sqlite import GRANT_ID_HEX
-from sidecar.token.call import answer_grant, client_id, single_field
+from sidecar.token.call import client_id, single_field
 from sidecar.token.flow import TokenFlow
+from sidecar.token.messages import grant_of
 
 RECENT_TOKENS = 10_000  # refresh tokens just issued (as keyed hashes), with the grant each continues
 MAX_CLIENT_ID = 255  # a consumer key is about 85 characters; a made-up longer one is kept cut
@@ -73,7 +74,7 @@ class Audit:
                 return None
             key = self._issued.get(presented) or self._filed(presented)
         if call.outcome == "success" and flow.answer is not None:
-            issued = answer_grant(flow.answer.content())[0]
+            issued = grant_of(flow.answer)[0]
             h = self.grants.token_key(issued) if issued else None
             if h is not None and h != presented:
                 key = key or self._filed(h)  # (a new grant: web server flow, device flow, ...)

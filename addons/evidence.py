@@ -23,8 +23,9 @@ from sidecar.egress.evidence import Org
 from sidecar.egress.pair import Member
 from sidecar.logs import event
 from sidecar.state.grants import GrantTracker
-from sidecar.token.call import ALLOWLISTED_GRANTS, answer_grant, client_id, single_field
+from sidecar.token.call import ALLOWLISTED_GRANTS, client_id, single_field
 from sidecar.token.flow import TokenFlow
+from sidecar.token.messages import grant_of
 
 log = logging.getLogger("egress_sidecar.evidence")
 RECENT_TOKENS = 10_000  # refresh tokens just issued, with their org (the grant tracker learns them after the answer)
@@ -79,7 +80,7 @@ class Evidence:
             if self.facts.record(flow.app, flow.org, flow.egress_ip, "refused") and flow.egress_ip:
                 flow.metadata.setdefault("evidence_news", []).append(flow.egress_ip)
         elif outcome == "success":
-            issued, identity = answer_grant(flow.answer.content()) if flow.answer is not None else (None, None)
+            issued, identity = grant_of(flow.answer) if flow.answer is not None else (None, None)
             if identity is not None:  # the org and user Salesforce named: the grant's from now on
                 org = self.facts.org(identity)
                 self.facts.learnt(flow.app, flow.org, org)

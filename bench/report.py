@@ -25,6 +25,7 @@ LABELS = {
     "sidecar-noshield": "sidecar, rotation shield off",
     "sidecar-noaudit": "sidecar, audit trail off",
     "sidecar-noverify": "sidecar, egress verification off",
+    "sidecar-norecord": "sidecar, recording off (log line and metrics, audit trail, grant tracking)",
 }
 NA = "n/a"
 

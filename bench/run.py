@@ -443,6 +443,7 @@ ABLATIONS = {
     "sidecar-noshield": ("rotation shield off", {"BENCH_DISABLE": "shield"}),
     "sidecar-noaudit": ("audit trail off", {"BENCH_DISABLE": "audit"}),
     "sidecar-noverify": ("egress verification off", {"BENCH_DISABLE": "verify"}),
+    "sidecar-norecord": ("recording off", {"BENCH_DISABLE": "record,audit,grants"}),
 }
 VERIFY_VARIANTS = ("sidecar", "sidecar-noverify")
 

@@ -7,6 +7,8 @@
   grant tracking, the rotation shield, the log line and metrics, the audit trail), to measure what each
   costs per call. ``verify``: new upstream connections are not asked the IP echo before their CONNECT
   (each member's egress goes unverified, as with an https:// echo), to measure what verification costs.
+- ``BENCH_BATCH_DELAY=0.005``: finished calls' records are applied that many seconds after the first of a
+  batch (``sidecar.token.bookkeeping.BATCH_DELAY``; 0: once per loop iteration), to choose it by measuring.
   Anything else is the unmodified ``sidecar.app.cli.main``.
 """
 
@@ -70,6 +72,11 @@ def main() -> int:
     prefix = os.environ.pop("BENCH_PROFILE_PREFIX", "")
     if prefix:
         install_profiler(prefix)
+    delay = os.environ.pop("BENCH_BATCH_DELAY", "")
+    if delay:
+        import sidecar.token.bookkeeping
+
+        sidecar.token.bookkeeping.BATCH_DELAY = float(delay)
     disable({p.strip() for p in os.environ.pop("BENCH_DISABLE", "").split(",") if p.strip()})
     from sidecar.app.cli import main as sidecar_main
 

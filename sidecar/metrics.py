@@ -220,6 +220,13 @@ class Metrics:
         )
         for reason in AUDIT_DROPS:  # at 0 from the start: increase() cannot see a series' first step
             self.audit_writes_dropped.labels(reason)
+        self.records_applied_early = Counter(
+            f"{NS}_records_applied_early_total",
+            "Token call records (log line, metrics, audit row, grant tracking) applied at once because the queue of "
+            "finished calls waiting for their batch was full (sidecar.token.bookkeeping). None is dropped; a steady "
+            "rise means calls finish faster than the batches are applied.",
+            registry=r,
+        )
         self.guard_enforcing = Gauge(
             f"{NS}_guard_enforcing", "1 when the allowlist guard enforces, 0 when it observes.", registry=r
         )

@@ -151,6 +151,7 @@ class Sidecar:
             Grants(self.grants),
         )
         self.core = TokenCore(self.hosts, sender, self.addons)
+        self.core.books.on_early = self.metrics.records_applied_early.inc
 
     def _member_failed(self, member: Member, failure: ConnectFailure) -> None:
         self.metrics.member_failures.labels(member.label, failure.reason).inc()
@@ -287,6 +288,7 @@ class Sidecar:
                 await self.frontdoor.stop()
             self.pool.close_all()
             self.admin.stop()
+            self.core.books.flush()  # the last calls' records, before the stores below close
             await self.grants.stop_sharing()
             self.evidence.flush()  # the latest time of each answer, before the store closes
             await asyncio.to_thread(self.grants.close)  # writes what is queued (bounded)
@@ -328,7 +330,7 @@ class Sidecar:
               + f"; closing {clients} client connection(s)",
               drained=waiting - left, abandoned=left, clients=clients,
               waited_seconds=round(loop.time() - started, 2))
-        await asyncio.sleep(0.05)  # their records are written just after their answers
+        await asyncio.sleep(0.05)  # their answers go out (their records are applied as run() ends)
         self._stopped.set()
 
     async def open_front_door(self) -> tuple[str, int]:

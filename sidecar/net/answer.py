@@ -34,6 +34,7 @@ class Answer:
     finished: float = field(default_factory=time.time)
     parsed: bool = False  # headers and reason as h11 read them from Salesforce (checked once, not again)
     _content: bytes | None = field(default=None, repr=False, compare=False)
+    memo: object = field(default=None, repr=False, compare=False)  # what the layer above read from it, kept once
 
     def content(self) -> bytes:
         """The body with its Content-Encoding undone (Salesforce gzips when the app accepts it), at most

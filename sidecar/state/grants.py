@@ -48,8 +48,8 @@ from sidecar.state.sqlite import (
     reader_key,
     token_hash,
 )
-from sidecar.token.call import Identity, TokenCall, answer_grant, single_field
-from sidecar.token.messages import Answer, TokenRequest
+from sidecar.token.call import Identity, TokenCall, single_field
+from sidecar.token.messages import Answer, TokenRequest, grant_of
 from sidecar.token.shield import Unavailable
 
 log = logging.getLogger("egress_sidecar.grants")
@@ -194,7 +194,7 @@ class GrantTracker:
                 presented = single_field(fields, "refresh_token")
             issued = identity = None
             if call.outcome == "success" and answer is not None:
-                issued, identity = answer_grant(answer.content()[:MAX_BODY])
+                issued, identity = grant_of(answer)
             seen = (call.grant_type, call.outcome, presented, issued, call.status, call.error_code, identity)
             if self.shared is not None:
                 try:

@@ -27,6 +27,7 @@ from sidecar.metrics import (
     MEMBER_NONE,
 )
 from sidecar.token import answers
+from sidecar.token.bookkeeping import Bookkeeping
 from sidecar.token.call import (
     TokenCall,
     classify_response,
@@ -57,6 +58,7 @@ class TokenCore:
         self.hosts = hosts
         self.sender = sender
         self.hooks = Hooks(addons)
+        self.books = Bookkeeping(self.hooks)  # the done hooks, batched after the answers (flush() at shutdown)
         self.in_flight = 0  # token calls being routed and sent right now (shutdown waits for them)
 
     # -- detect and refuse (the head) ---------------------------------------------------------
@@ -209,9 +211,10 @@ class TokenCore:
         self._done_soon(flow)
 
     def _done_soon(self, flow: TokenFlow) -> None:
-        """The ``done`` hooks run right after the answer has been passed on: the app does not wait for the
-        log line, the metrics and refresh token tracking."""
-        asyncio.get_running_loop().call_soon(self.hooks.done, flow)
+        """The ``done`` hooks run after the answer has been passed on, in a batch with the calls finishing
+        about now (:mod:`sidecar.token.bookkeeping`): the app does not wait for the log line, the metrics,
+        the audit trail and refresh token tracking."""
+        self.books.add(flow)
 
 
 def _describe_route(call: TokenCall, member: Member | None, egress_ip: str | None) -> None:

@@ -10,9 +10,10 @@ from urllib.parse import urlsplit
 
 from sidecar.net.answer import MAX_DECODED_BYTES, Answer, decode_bounded, zstd
 from sidecar.net.http1 import Headers, first
-from sidecar.token.call import request_fields
+from sidecar.token.call import Identity, answer_grant, request_fields
 
-__all__ = ["MAX_DECODED_BYTES", "Answer", "TokenRequest", "decode_bounded", "origin_path", "origin_target", "zstd"]
+__all__ = ["MAX_DECODED_BYTES", "Answer", "TokenRequest", "decode_bounded", "grant_of", "origin_path", "origin_target",
+           "zstd"]
 
 
 @dataclass(slots=True)
@@ -59,6 +60,14 @@ class TokenRequest:
     @property
     def destination(self) -> tuple[str, int]:
         return self.address or (self.host, self.port)
+
+
+def grant_of(answer: Answer) -> tuple[str | None, Identity | None]:
+    """What a token answer says about its grant (:func:`sidecar.token.call.answer_grant`), parsed once per
+    answer: the evidence, the audit trail and the grant tracking all read it."""
+    if answer.memo is None:
+        answer.memo = answer_grant(answer.content())
+    return answer.memo  # type: ignore[return-value]
 
 
 def origin_path(target: bytes) -> str:

@@ -6,14 +6,17 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+from sidecar.state.audit import AUDIT_FILE, count_calls
 from tests.harness import (
     SidecarProcess,
     World,
     free_port,
+    redeem,
     redeem_in_background,
     wait_until,
 )
@@ -89,3 +92,32 @@ def test_during_the_sigterm_drain_readyz_and_serving_answer_503_with_a_reason(
     assert sc.proc.wait(timeout=20) == 0
     assert result.get("status") == 200, result
 
+
+
+def test_a_sigterm_stop_leaves_every_answered_call_in_the_log_and_the_audit_trail(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess]
+) -> None:
+    """Records are applied in batches after the answers (sidecar/token/bookkeeping.py): the real process,
+    stopped by SIGTERM right after its last answers (three of them answered during the drain), has written
+    one log line and one audit row for every call. (tests/token/test_bookkeeping.py pins the flush itself
+    with a batch held an hour.)"""
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sc = make_sidecar_proc(world.pair_env())
+    with sc.session() as s:
+        for _ in range(5):
+            assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+    world.salesforce.slow_seconds = 1.5
+    world.salesforce.fail_mode = "slow"
+    calls = [redeem_in_background(sc, world) for _ in range(3)]
+    try:
+        assert wait_until(lambda: world.salesforce.open_connections >= 3, timeout=10)
+        time.sleep(0.3)  # (the last request on its way: Salesforce holds each for 1.5 s)
+        assert sc.proc is not None
+        sc.proc.send_signal(signal.SIGTERM)
+    finally:
+        for t, _ in calls:
+            t.join(timeout=20)
+    assert sc.proc.wait(timeout=20) == 0
+    assert [result.get("status") for _, result in calls] == [200] * 3
+    assert [line["outcome"] for line in sc.log_events()] == ["success"] * 8
+    assert count_calls(sc.confdir / AUDIT_FILE) == 8
