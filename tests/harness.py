@@ -6,6 +6,7 @@ connects out from it, so the fake Salesforce sees a different source IP per memb
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -241,6 +242,9 @@ class SidecarProcess:
         return self.proc.returncode
 
     def log_text(self) -> str:
+        if self.proc is not None and self.proc.poll() is None:  # a running sidecar writes its waiting records now
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(self.admin_url + "/metrics", timeout=5).close()
         return settled(lambda: self.log_path.read_text(errors="replace") if self.log_path.exists() else "")
 
     def log_events(self, kind: str = "token_call") -> list[dict[str, Any]]:

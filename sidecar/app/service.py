@@ -6,6 +6,7 @@ calls into this module.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import threading
@@ -172,7 +173,33 @@ class Sidecar:
 
     # -- what the admin server reads ----------------------------------------------------------
     def metrics_text(self) -> bytes:
+        self.settle_books()
         return self.metrics.render()
+
+    def settle_books(self, timeout: float = 1.0) -> None:
+        """Apply the records still waiting for their batch (a few ms at most) before the admin server reads the
+        metrics or the status, so a scrape or a look right after a call sees it. Called from the admin server's
+        threads: the batch is applied on the event loop, waited for at most ``timeout``."""
+        loop = self._loop
+        if loop is None or loop.is_closed() or not self.core.books:
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                self.core.books.flush()
+                return
+        except RuntimeError:
+            pass  # (no loop in this thread: the admin server's)
+        done = threading.Event()
+
+        def flush() -> None:
+            try:
+                self.core.books.flush()
+            finally:
+                done.set()
+
+        with contextlib.suppress(RuntimeError):  # (the loop is closing)
+            loop.call_soon_threadsafe(flush)
+            done.wait(timeout)
 
     def is_serving(self) -> tuple[bool, str]:
         """Whether the proxy takes new clients: it listens and is not draining. Depends on nothing outside
@@ -192,6 +219,7 @@ class Sidecar:
         return True, "ok"
 
     def status(self, orgs_page: int = 1) -> dict[str, Any]:
+        self.settle_books()
         return build_status(self, orgs_page)
 
     def org_rows(self, page: int, findings: list[Any]) -> dict[str, Any]:

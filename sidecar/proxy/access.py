@@ -15,7 +15,6 @@ import ipaddress
 import json
 import logging
 
-from sidecar.logs import event
 from sidecar.net.http1 import Headers, values
 
 log = logging.getLogger("egress_sidecar.access")
@@ -42,12 +41,7 @@ class Access:
 
     def admits(self, client_ip: str) -> bool:
         """Whether a client from ``client_ip`` may connect at all (it may still have to authenticate)."""
-        if self.require_auth or is_loopback(client_ip):
-            return True
-        event(log, logging.WARNING,
-              "refused a proxy client that is not on loopback; set SIDECAR_PROXY_AUTH=user:pass to serve "
-              "other hosts (they must then authenticate)", client_ip=client_ip)
-        return False
+        return self.require_auth or is_loopback(client_ip)  # (a refusal is counted and logged, throttled, by the addon)
 
     def authorized(self, headers: Headers) -> bool:
         """Whether a request head carries ``Proxy-Authorization: Basic base64(SIDECAR_PROXY_AUTH)``."""

@@ -13,7 +13,8 @@ Bounds, and nothing dropped: the queue holds at most ``BATCH_LIMIT`` flows; the 
 has the queued batch applied at once, inline (its own answer is already written; only that call's
 coroutine waits), counted in ``egress_sidecar_records_applied_early_total``. ``flush()`` applies whatever
 waits: the sidecar calls it when it stops, before the audit trail and the grant store are closed, so the
-last calls are recorded.
+last calls are recorded, and before the admin server renders ``/metrics`` or ``/status``
+(``Sidecar.settle_books``), so a scrape right after a call sees it.
 
 What the guard needs for the very next call is not here: Salesforce's refusals are learnt in the
 ``upstream_answer`` hook, before the answer is returned (:mod:`addons.evidence`); ``done`` only says

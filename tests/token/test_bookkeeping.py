@@ -12,6 +12,7 @@ import io
 import json
 import logging
 import threading
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -240,6 +241,30 @@ def test_a_stop_records_the_calls_still_waiting_for_their_batch(
     assert len(grants) == 1 and grants[0].rotations == 4, grants
     assert sidecar.audit.store is not None
     assert count_calls(sidecar.audit.store.path) == 4
+
+
+def test_a_scrape_or_a_look_at_the_status_right_after_a_call_sees_it(
+        world: World, test_ca: TestCA, tmp_path: Path) -> None:
+    """The batch's timer is set an hour away: /metrics and /status (read from the admin server's threads)
+    apply the waiting records on the event loop first, so what they show includes every answered call."""
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sidecar = inproc(world, test_ca, tmp_path)
+    sidecar.core.books.delay = 3600.0
+    with BackgroundSidecar(sidecar), session(sidecar) as s:
+        admin = "http://{}:{}".format(*sidecar.admin.address) if sidecar.admin else None
+        assert admin is not None
+        resp = redeem(s, world.salesforce.issue_refresh_token())
+        assert resp.status_code == 200, resp.text
+        assert wait_until(lambda: len(sidecar.core.books) == 1, timeout=5)  # (held)
+        with urllib.request.urlopen(admin + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+        assert metric_value(text, "egress_sidecar_token_requests_total", outcome="success") == 1
+        assert len(sidecar.core.books) == 0
+        resp = redeem(s, world.salesforce.issue_refresh_token())
+        assert wait_until(lambda: len(sidecar.core.books) == 1, timeout=5)
+        with urllib.request.urlopen(admin + "/status", timeout=5) as r:
+            status = json.loads(r.read())
+        assert len(status["recent"]) == 2, status["recent"]
 
 
 def test_the_guard_keeps_the_next_call_off_a_refused_ip_while_the_records_still_wait(
