@@ -148,9 +148,9 @@ def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one_before_redis_c
         shared = SharedState(redis.url, KEY, metrics, health_seconds=3600)
         await shared.start()
         try:
-            before = await shared.replay(b"k")
+            before = await shared.identity(b"k")
             redis.restart()
-            after = await shared.replay(b"k")  # on the pooled connection Redis closed: retried, not down
+            after = await shared.identity(b"k")  # on the pooled connection Redis closed: retried, not down
             return before is None and after is None, shared.up, shared.usable()
         finally:
             await shared.close()
@@ -177,7 +177,7 @@ def test_the_health_check_follows_redis_without_any_call_and_puts_back_what_it_h
         seen: list[object] = []
         try:
             for _ in range(60):  # bounded: until the state is older than the grace
-                if await holder.lock(b"in-flight", 30) == "taken":
+                if (await holder.claim(b"in-flight", 30))[0] == "taken":
                     break
                 await asyncio.sleep(0.05)
             await holder.publish(b"done-before", Answer(200, [], b'{"refresh_token":"RT2"}'), 60, 5)
@@ -186,11 +186,11 @@ def test_the_health_check_follows_redis_without_any_call_and_puts_back_what_it_h
             seen.append(metric_value(metrics.render().decode(), "egress_sidecar_redis_up"))
             redis.restart()
             seen.append(await _until(lambda: holder.up is True))
-            seen.append(await other.lock(b"in-flight", 30))  # young, or already held again: never taken
+            seen.append((await other.claim(b"in-flight", 30))[0])  # young, or already held again: never taken
             seen.append(await _until(lambda: False, 0.6))  # a few checks: the holder puts back what it holds
-            seen.append(await other.lock(b"in-flight", 30))
-            replayed = await other.replay(b"done-before")
-            seen.append(replayed.body if replayed else None)
+            seen.append((await other.claim(b"in-flight", 30))[0])
+            how, replayed = await other.claim(b"done-before", 30)
+            seen.append((how, replayed.body if replayed else None))
         finally:
             await holder.close()
             await other.close()
@@ -198,7 +198,7 @@ def test_the_health_check_follows_redis_without_any_call_and_puts_back_what_it_h
 
     down, metric, up, early, _, late, body = asyncio.run(run())
     assert (down, metric, up) == (True, 0, True)
-    assert early in ("young", "held") and late == "held" and body == b'{"refresh_token":"RT2"}'
+    assert early in ("young", "held") and late == "held" and body == ("replayed", b'{"refresh_token":"RT2"}')
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -213,25 +213,25 @@ def test_no_lock_is_granted_on_a_redemption_whose_answer_is_replayable(redis_ser
     """Was: a replica that looked for a replayable answer, found none, and then took the lock after the other
     replica had published its answer and let go of its lock sent the same refresh token a second time
     (Salesforce: expired access/refresh token). Seen with two replicas under load, while Redis was young.
-    The lock and the look are now one step: a published replayable answer refuses the lock."""
+    The lock and the look are now one step: a published replayable answer refuses the lock, and comes back
+    instead."""
     from sidecar.token.messages import Answer
 
     redis = redis_server()
 
-    async def run() -> tuple[str, str, bytes | None]:
+    async def run() -> tuple[str, str, bytes | None, bytes | None]:
         a, b = (SharedState(redis.url, KEY, Metrics(), health_seconds=3600, restart_grace=0.0) for _ in range(2))
         await a.start()
         await b.start()
         try:
-            assert await a.lock(b"k", 5.0) == "taken"
-            await a.publish(b"k", Answer(200, [], b'{"refresh_token":"5Aep861new"}'), 60.0, 5.0)
-            await a.unlock(b"k")
-            claim = await b.lock(b"k", 5.0)
-            replayed = await b.replay(b"k")
-            fresh = await b.lock(b"other", 5.0)
-            return claim, fresh, replayed.body if replayed else None
+            assert await a.claim(b"k", 5.0) == ("taken", None)
+            await a.publish(b"k", Answer(200, [], b'{"refresh_token":"5Aep861new"}'), 60.0, 5.0)  # and let go
+            claim, replayed = await b.claim(b"k", 5.0)
+            fresh, _ = await b.claim(b"other", 5.0)
+            lock = await b._client.get(b._name("lock", b"k")) if b._client else None
+            return claim, fresh, replayed.body if replayed else None, lock
         finally:
             await a.close()
             await b.close()
 
-    assert asyncio.run(run()) == ("answered", "taken", b'{"refresh_token":"5Aep861new"}')
+    assert asyncio.run(run()) == ("replayed", "taken", b'{"refresh_token":"5Aep861new"}', None)
