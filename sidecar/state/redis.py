@@ -384,26 +384,25 @@ class SharedState:
             del self._held[key]
 
     # -- refresh token tracking (keyed hashes only) ---------------------------------------------
-    async def grant_state(self, token: bytes) -> tuple[GrantRow | None, list[Retired]]:
+    async def grant_state(self, token: bytes) -> tuple[GrantRow | None, list[Retired], bytes | None]:
         """What the replicas know of a token hash: the grant whose current token it is (or whose
-        rotated-away token it is), with that grant's rotated-away hashes."""
-        async def read(r: aioredis.Redis) -> tuple[Any, Any]:
-            return await r.get(self._name("current", token)), await r.get(self._name("retired", token))
-
-        current, retired = await self._call(read)
+        rotated-away token it is), with that grant's rotated-away hashes and its sealed org and user
+        (:meth:`identity`). One round trip for a token nobody knows, two for one they do (a token call
+        waits for them: it is routed by the grant's org)."""
+        current, retired = await self._call(lambda r: r.mget(self._name("current", token), self._name("retired", token)))
         gkey = bytes.fromhex(current.decode()) if current else None
         if gkey is None and retired:
             gkey = bytes.fromhex(json.loads(retired)["grant"])
         if gkey is None:
-            return None, []
-        raw = await self._call(lambda r: r.get(self._name("grant", gkey)))
+            return None, [], None
+        raw, sealed = await self._call(lambda r: r.mget(self._name("grant", gkey), self._name("identity", gkey)))
         if not raw:
-            return None, []
+            return None, [], None
         data = json.loads(raw)
         row = GrantRow(gkey, bytes.fromhex(data["current"]), data["first_seen"], data["last_used"], data["rotations"],
                        data["reuses"], data["last_reuse"])
         olds = [Retired(bytes.fromhex(t), gkey, at) for t, at in data.get("retired", [])]
-        return row, olds
+        return row, olds, bytes(sealed) if sealed else None
 
     def write(self, change: Change, retired_of: Callable[[bytes], list[Retired]]) -> None:
         """Mirror a change of the grant tracker to Redis, off the request path (dropped when Redis is

@@ -21,6 +21,7 @@ from sidecar.state.grants import DAY, GrantTracker, Limits
 from sidecar.state.redis import SharedState
 from sidecar.token.messages import Answer
 from tests.harness import metric_value, refresh_form, wait_until
+from tests.redis_proxy import RedisProxy
 from tests.redis_server import RedisServer
 from tests.scripted_origin import ScriptedOrigin, ok
 
@@ -235,3 +236,47 @@ def test_no_lock_is_granted_on_a_redemption_whose_answer_is_replayable(redis_ser
             await b.close()
 
     assert asyncio.run(run()) == ("replayed", "taken", b'{"refresh_token":"5Aep861new"}', None)
+
+
+def test_a_replica_asks_redis_about_a_token_in_one_round_trip_and_about_another_replicas_grant_in_two(
+    redis_server: Callable[[], RedisServer],
+) -> None:
+    """Issue 22 item 4: before a redemption is routed, a replica that does not know its refresh token asks
+    the others (through Redis) which grant and org it belongs to. Was: one round trip per key read (the
+    token as current, as rotated away, the grant, its org): two for a token nobody knows, four for one
+    another replica rotated, all on the token call's critical path. Now one, and two. Counted by a proxy
+    in front of a real redis-server."""
+    from sidecar.token.call import Identity
+
+    redis = redis_server()
+
+    async def run(proxy: RedisProxy) -> tuple[int, object, int, object]:
+        a_state = SharedState(redis.url, KEY, Metrics(), health_seconds=3600)
+        b_state = SharedState(proxy.url, KEY, Metrics(), health_seconds=3600)
+        await a_state.start()
+        await b_state.start()
+        a, b = GrantTracker(Metrics()), GrantTracker(Metrics())
+        for tracker, shared in ((a, a_state), (b, b_state)):
+            tracker.open(shared.hash_key, background=False)
+            tracker.share(shared)
+        try:
+            a.observe("refresh_token", "success", "RT-old", "RT-new", identity=Identity("00D000000000001EAA", "005x"))
+            assert await _until(lambda: not a_state._writes and a.grant_of(a.token_key("RT-new") or b"") is not None)
+            await asyncio.sleep(0.2)  # (the identity's write, spawned after the grant's)
+            mark = proxy.mark()
+            unknown = await b.grant_shared(b.token_key("RT-nobody") or b"")
+            n_unknown = len(proxy.since(mark))
+            mark = proxy.mark()
+            known = await b.grant_shared(b.token_key("RT-new") or b"")
+            return n_unknown, unknown, len(proxy.since(mark)), known
+        finally:
+            for tracker in (a, b):
+                await tracker.stop_sharing()
+                tracker.close()
+            await a_state.close()
+            await b_state.close()
+
+    with RedisProxy(redis.port) as proxy:
+        n_unknown, unknown, n_known, known = asyncio.run(run(proxy))
+    assert (n_unknown, unknown) == (1, None)
+    assert n_known == 2 and known is not None and known[1] == Identity("00D000000000001EAA", "005x"), known
