@@ -96,10 +96,14 @@ class RedisProxy:
         with self._lock:
             return [t for t in self.turns[mark:] if not needles or any(x in t.data for x in needles)]
 
-    def close(self) -> None:
+    def refuse_new(self) -> None:
+        """Stop accepting connections (a new one is refused); those open go on."""
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept
         self._listener.close()
+
+    def close(self) -> None:
+        self.refuse_new()
         with self._lock:
             for s in self._socks:
                 with contextlib.suppress(OSError):

@@ -132,6 +132,7 @@ class SharedState:
         self._up_event: asyncio.Event | None = None
         self._health: asyncio.Task[None] | None = None
         self.up: bool | None = None  # None: not tried yet
+        self._failed_at = float("-inf")  # time.monotonic() of the last failed call
         self.down_since: float | None = None
         self.born: str | None = None  # the state's birth the last check saw
         self._held: dict[bytes, tuple[str, float]] = {}  # locks this replica holds: key -> (value, monotonic expiry)
@@ -210,13 +211,15 @@ class SharedState:
 
     async def _attempt(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         assert self._client is not None
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.op_timeout * 3):  # two attempts (one retry), each with op_timeout
                 result = await op(self._client)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             raise Unavailable() from None
-        self._reachable()
+        if started >= self._failed_at:  # an answer to a call sent before the last failure says nothing newer
+            self._reachable()
         return result
 
     def _reachable(self) -> None:
@@ -229,6 +232,7 @@ class SharedState:
                 self._up_event.set()
 
     def _failed(self, exc: BaseException) -> None:
+        self._failed_at = time.monotonic()
         if self.up is not False:
             self.down_since = time.time()
             event(log, logging.WARNING, f"Redis is unreachable ({cause(exc)}): refresh token redemptions wait for it "

@@ -20,6 +20,7 @@ from sidecar.sim.certs import TestCA
 from sidecar.state.grants import DAY, GrantTracker, Limits
 from sidecar.state.redis import SharedState
 from sidecar.token.messages import Answer
+from sidecar.token.shield import Unavailable
 from tests.harness import metric_value, refresh_form, wait_until
 from tests.redis_proxy import RedisProxy
 from tests.redis_server import RedisServer
@@ -280,3 +281,35 @@ def test_a_replica_asks_redis_about_a_token_in_one_round_trip_and_about_another_
         n_unknown, unknown, n_known, known = asyncio.run(run(proxy))
     assert (n_unknown, unknown) == (1, None)
     assert n_known == 2 and known is not None and known[1] == Identity("00D000000000001EAA", "005x"), known
+
+
+def test_an_answer_sent_before_redis_failed_does_not_make_it_up_again(
+    redis_server: Callable[[], RedisServer], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Was: when Redis went away while two calls were under way, one failed (Redis counted down) and the
+    other's answer, sent before, arrived just after: Redis counted up again ("reachable again") until the
+    next call failed ("unreachable" once more), so a redemption went ahead on a Redis that was gone and the
+    log said it went away twice. A call's success now counts only when it began after the last failure.
+    Made with a proxy that holds each command 0.15 s and then refuses new connections."""
+    redis = redis_server()
+
+    async def run(proxy: RedisProxy) -> tuple[bool | None, bool | None, object]:
+        shared = SharedState(proxy.url, KEY, Metrics(), health_seconds=3600)
+        await shared.start()
+        try:
+            under_way = asyncio.create_task(shared.identity(b"a"))  # on the pooled connection, held 0.15 s
+            await asyncio.sleep(0.05)
+            proxy.refuse_new()
+            failed = await asyncio.gather(shared.identity(b"b"), return_exceptions=True)  # needs a new connection
+            down = shared.up
+            await under_way
+            return down, shared.up, failed[0]
+        finally:
+            await shared.close()
+
+    caplog.set_level(logging.INFO)
+    with RedisProxy(redis.port, delay=0.15) as proxy:  # (a new connection's handshake is 4 round trips)
+        down, after, failed = asyncio.run(run(proxy))
+    assert isinstance(failed, Unavailable) and down is False
+    assert after is False
+    assert not [r for r in caplog.records if "reachable again" in r.getMessage()]
