@@ -672,10 +672,11 @@ def test_a_replica_waiting_while_the_answer_is_being_published_gets_it_and_never
                 return Answer(400, [], b'{"error":"invalid_grant"}')
 
             leader = asyncio.create_task(a.redeem(key, rotated))
-            for _ in range(100):  # bounded: until A holds the lock
+            for _ in range(500):  # bounded: until A holds the lock (its Redis is slow: a loaded machine, slower)
                 if a_state._held:
                     break
                 await asyncio.sleep(0.02)
+            assert a_state._held, "replica A never took the lock"
             waiter = asyncio.create_task(b.redeem(key, never))
             await asyncio.sleep(0.2)  # B found the lock held and waits
             gate.set()
