@@ -39,11 +39,13 @@ class RotationShield:
         call.local = call.outcome is not None
         flow.answer = answer
 
-    async def response(self, flow: TokenFlow) -> None:
+    def response(self, flow: TokenFlow) -> None:
+        """The answer is about to go to the app: the waiters here get it now; the other replicas get it
+        through Redis just after the app (Shield.end)."""
         lead = flow.metadata.pop("shield", None)
         if lead is not None:
             assert flow.answer is not None
-            await self.shield.end(lead, flow.answer)
+            self.shield.end(lead, flow.answer)
 
     def error(self, flow: TokenFlow) -> None:
         lead = flow.metadata.pop("shield", None)

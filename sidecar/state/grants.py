@@ -245,8 +245,7 @@ class GrantTracker:
         if known or self.shared is None or not self.shared.usable():
             return
         try:
-            row, olds = await self.shared.grant_state(h)
-            sealed = await self.shared.identity(row.key) if row is not None else None
+            row, olds, sealed = await self.shared.grant_state(h)
         except Unavailable:
             return
         if row is not None:

@@ -13,6 +13,10 @@ fails on a pooled connection (Redis restarted behind it) is retried once on a fr
 Redis counts as down. While Redis is down nothing waits on it: calls fail at once until the check sees
 it again.
 
+**One round trip before a redemption, one after its answer.** The rotation shield's look for an answer and
+its lock are one script (``_CLAIM``); the publication of the answer and the release of the lock are another
+(``_FINISH``), run after the client has its answer (:meth:`SharedState.publish_soon`).
+
 **While Redis is down, never worse than without the sidecar.** Without Redis a replica cannot know
 whether another replica is redeeming the same refresh token right now. A redemption that cannot be
 coordinated waits for Redis (at most REDIS_WAIT seconds, which rides out a restart or a quick failover:
@@ -46,7 +50,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -60,7 +64,7 @@ from sidecar.logs import cause, event
 from sidecar.metrics import Metrics
 from sidecar.state.sqlite import Change, GrantRow, Retired
 from sidecar.token.messages import Answer
-from sidecar.token.shield import Unavailable
+from sidecar.token.shield import Claim, Unavailable
 
 log = logging.getLogger("egress_sidecar.redis")
 
@@ -75,20 +79,31 @@ MAX_KEPT_BYTES = 8 * 1024 * 1024
 GRANT_TTL = 90 * 86400  # as grants.Limits.grant_retention
 RETIRED_TTL = 30 * 86400  # as grants.Limits.retired_ttl
 BORN = PREFIX + "born"  # when this Redis's state began (server time, ms): gone or new after a restart
-Claim = Literal["taken", "held", "young", "answered"]
-_UNLOCK = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _NOW_MS = ("local t = redis.call('time') local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) "
            "local born = redis.call('get', KEYS[1]) "
            "if not born then redis.call('set', KEYS[1], now) born = redis.call('get', KEYS[1]) end ")
 # The health check: when the state began (set when missing), in server time.
 _HEALTH = _NOW_MS + "return born"
-# Take the lock and, in the same step, drop the answer an earlier redemption left for its waiters: whoever
-# waits on this lock must get this redemption's answer, not the one before. 1: taken (or already ours: a
-# retried call), 0: held by another, -1: the state is too young (holders from before may not be back yet).
-_LOCK = ("local cur = redis.call('get', KEYS[1]) if cur == ARGV[1] then return 1 end if cur then return 0 end "
-         "if redis.call('exists', KEYS[4]) == 1 then return 2 end "
-         + _NOW_MS.replace("KEYS[1]", "KEYS[3]") + "if now - tonumber(born) < tonumber(ARGV[3]) then return -1 end "
-         "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) redis.call('del', KEYS[2]) return 1")
+# A redemption's one step before it is sent (KEYS: lock, done, born, replay; ARGV: this redemption's lock
+# value, its ttl in ms, the restart grace in ms, 1 when the caller already waits on another's lock):
+# {3, answer}: the answer of the redemption the caller waited on (only then: ``done`` may be the answer of an
+# earlier redemption); {2, answer}: a replayable answer (the lock is never taken while one exists: a
+# replica that found none a moment ago must not redeem the token again); {1}: the lock is taken (or was
+# already this redemption's: a retried call), and the answer an earlier redemption left for its waiters is
+# dropped in the same step (whoever waits on this lock must get this redemption's answer); {0}: held by
+# another; {-1}: the state is too young (holders from before a restart may not have put theirs back yet).
+_CLAIM = ("if ARGV[4] == '1' then local d = redis.call('get', KEYS[2]) if d then return {3, d} end end "
+          "local r = redis.call('get', KEYS[4]) if r then return {2, r} end "
+          "local cur = redis.call('get', KEYS[1]) if cur == ARGV[1] then return {1} end if cur then return {0} end "
+          + _NOW_MS.replace("KEYS[1]", "KEYS[3]") + "if now - tonumber(born) < tonumber(ARGV[3]) then return {-1} end "
+          "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) redis.call('del', KEYS[2]) return {1}")
+# A redemption's one step after its answer (KEYS: done, replay, lock; ARGV: the sealed answer for ``done`` and
+# its ttl in ms, the sealed answer for ``replay`` ('' when not replayable) and its ttl, this replica's lock
+# value ('' when it holds none): the answer for the waiters and for replay, and the lock released, at once
+# (a waiter never finds the lock free without the answer).
+_FINISH = ("redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[2]) "
+           "if ARGV[3] ~= '' then redis.call('set', KEYS[2], ARGV[3], 'PX', ARGV[4]) end "
+           "if ARGV[5] ~= '' and redis.call('get', KEYS[3]) == ARGV[5] then redis.call('del', KEYS[3]) end return 1")
 T = TypeVar("T")
 
 
@@ -117,6 +132,7 @@ class SharedState:
         self._up_event: asyncio.Event | None = None
         self._health: asyncio.Task[None] | None = None
         self.up: bool | None = None  # None: not tried yet
+        self._failed_at = float("-inf")  # time.monotonic() of the last failed call
         self.down_since: float | None = None
         self.born: str | None = None  # the state's birth the last check saw
         self._held: dict[bytes, tuple[str, float]] = {}  # locks this replica holds: key -> (value, monotonic expiry)
@@ -195,13 +211,15 @@ class SharedState:
 
     async def _attempt(self, op: Callable[[aioredis.Redis], Awaitable[T]]) -> T:
         assert self._client is not None
+        started = time.monotonic()
         try:
             async with asyncio.timeout(self.op_timeout * 3):  # two attempts (one retry), each with op_timeout
                 result = await op(self._client)
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             raise Unavailable() from None
-        self._reachable()
+        if started >= self._failed_at:  # an answer to a call sent before the last failure says nothing newer
+            self._reachable()
         return result
 
     def _reachable(self) -> None:
@@ -214,6 +232,7 @@ class SharedState:
                 self._up_event.set()
 
     def _failed(self, exc: BaseException) -> None:
+        self._failed_at = time.monotonic()
         if self.up is not False:
             self.down_since = time.time()
             event(log, logging.WARNING, f"Redis is unreachable ({cause(exc)}): refresh token redemptions wait for it "
@@ -234,9 +253,8 @@ class SharedState:
                 self._unpublished.pop(key, None)
                 continue
             try:
-                await self._write_answer(key, answer, replay_until - now, keep_until - now)
+                await self._finish(key, answer, replay_until - now, keep_until - now)
                 self._unpublished.pop(key, None)
-                await self.unlock(key)
             except Unavailable:
                 return
         if not relock:
@@ -292,52 +310,60 @@ class SharedState:
     def _name(kind: str, key: bytes) -> str:
         return f"{PREFIX}{kind}:{key.hex()}"
 
-    async def replay(self, key: bytes) -> Answer | None:
-        name = self._name("replay", key)
-        return self._open(name, await self._call(lambda r: r.get(name)))
-
-    async def done(self, key: bytes) -> Answer | None:
-        name = self._name("done", key)
-        return self._open(name, await self._call(lambda r: r.get(name)))
-
-    async def lock(self, key: bytes, ttl: float) -> Claim:
-        """Take the lock on a redemption for ``ttl`` seconds: ``taken``, ``held`` by another replica, or
-        ``young``: Redis lost its state less than RESTART_GRACE ago, so a holder from before may not have
-        put its lock back yet (ask again)."""
+    async def claim(self, key: bytes, ttl: float, waiting: bool = False) -> tuple[Claim, Answer | None]:
+        """A redemption's one Redis round trip before it is sent: a replayable answer (``replayed``), or,
+        for a caller that already waits on another replica's lock, that redemption's answer
+        (``coalesced``); else the lock on it for ``ttl`` seconds: ``taken``, ``held`` by another replica,
+        or ``young``: Redis lost its state less than RESTART_GRACE ago, so a holder from before may not have
+        put its lock back yet (ask again). ``answered``: a replayable answer that cannot be opened (ask
+        again; the lock is not taken while it lasts)."""
         name, done, replay = self._name("lock", key), self._name("done", key), self._name("replay", key)
         value = f"{self._owner}:{next(self._locks)}"  # this redemption's: a retried call finds it its own
-        got = int(await self._call(lambda r: r.eval(_LOCK, 4, name, done, BORN, replay, value,
-                                                    max(1, int(ttl * 1000)), int(self.restart_grace * 1000))))
-        if got == 1:
+        got = await self._call(lambda r: r.eval(_CLAIM, 4, name, done, BORN, replay, value, max(1, int(ttl * 1000)),
+                                                int(self.restart_grace * 1000), 1 if waiting else 0))
+        code = int(got[0])
+        if code in (2, 3):
+            answer = self._open(replay if code == 2 else done, got[1])
+            if answer is None:
+                return "answered", None
+            return ("replayed" if code == 2 else "coalesced"), answer
+        if code == 1:
             self._held[key] = (value, time.monotonic() + ttl)
-            return "taken"
-        return {0: "held", 2: "answered"}.get(got, "young")  # type: ignore[return-value]
-
-    async def unlock(self, key: bytes) -> None:
-        held = self._held.pop(key, None)
-        if held is None:
-            return
-        name = self._name("lock", key)
-        try:
-            await self._call(lambda r: r.eval(_UNLOCK, 1, name, held[0]))
-        except Unavailable:
-            self._held[key] = (held[0], 0.0)  # no longer in flight: released after its answer, never taken back
-            raise
+            return "taken", None
+        return ("held" if code == 0 else "young"), None
 
     async def publish(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None:
-        """The answer for whoever waited on the lock (``done``, briefly) and, when it may be replayed, for
-        later identical redemptions (``replay``, for the window). Raises Unavailable when Redis cannot take
-        it now: it is then kept, with the lock, and published as soon as Redis is back (within ``keep_for``)."""
+        """A redemption's one Redis round trip after its answer: the answer for whoever waited on the lock
+        (``done``, briefly) and, when it may be replayed, for later identical redemptions (``replay``, for
+        the window), and this replica's lock on it released, in one step. Raises Unavailable when Redis
+        cannot take it now: it is then kept, with the lock, and published as soon as Redis is back (within
+        ``keep_for``)."""
         now = time.monotonic()
         if replay_for > 0:
             self._keep(key, answer, now + replay_for, now)
         try:
-            await self._write_answer(key, answer, replay_for, keep_for)
+            await self._finish(key, answer, replay_for, keep_for)
         except Unavailable:
             self._unpublished[key] = (answer, now + replay_for, now + keep_for)
             while len(self._unpublished) > MAX_KEPT:
                 self._unpublished.pop(next(iter(self._unpublished)))
             raise
+
+    def publish_soon(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> asyncio.Task[None]:
+        """:meth:`publish`, after the caller's current step: the shield calls this as the answer goes to the
+        client, which gets it first and never waits for Redis. What Redis cannot take is kept (as
+        :meth:`publish`); :meth:`close` waits for it."""
+        async def run() -> None:
+            await asyncio.sleep(0)  # the caller's step (the answer written to the client) goes first
+            try:
+                await self.publish(key, answer, replay_for, keep_for)
+            except Unavailable:
+                pass  # kept, with the lock, and published when Redis is back (_restore)
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+        return task
 
     def _keep(self, key: bytes, answer: Answer, until: float, now: float) -> None:
         """Remember a replayable answer to publish again if Redis loses it (bounded as the shield's own)."""
@@ -350,39 +376,37 @@ class SharedState:
                                    or next(iter(self._published.values()))[1] <= now):
             self._published_bytes -= len(self._published.popitem(last=False)[1][0].body)
 
-    async def _write_answer(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None:
-        done, replay = self._name("done", key), self._name("replay", key)
-
-        async def write(r: aioredis.Redis) -> None:
-            async with r.pipeline(transaction=False) as p:
-                p.set(done, self._seal(done, answer), px=max(1, int(keep_for * 1000)))
-                if replay_for > 0:
-                    p.set(replay, self._seal(replay, answer), px=max(1, int(replay_for * 1000)))
-                await p.execute()
-
-        await self._call(write)
+    async def _finish(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None:
+        """Write the answer and release this replica's lock on it (if it holds one), in one step."""
+        done, replay, lock = self._name("done", key), self._name("replay", key), self._name("lock", key)
+        held = self._held.get(key)
+        await self._call(lambda r: r.eval(
+            _FINISH, 3, done, replay, lock, self._seal(done, answer), max(1, int(keep_for * 1000)),
+            self._seal(replay, answer) if replay_for > 0 else b"", max(1, int(replay_for * 1000)),
+            held[0] if held is not None else ""))
+        if held is not None and self._held.get(key) is held:
+            del self._held[key]
 
     # -- refresh token tracking (keyed hashes only) ---------------------------------------------
-    async def grant_state(self, token: bytes) -> tuple[GrantRow | None, list[Retired]]:
+    async def grant_state(self, token: bytes) -> tuple[GrantRow | None, list[Retired], bytes | None]:
         """What the replicas know of a token hash: the grant whose current token it is (or whose
-        rotated-away token it is), with that grant's rotated-away hashes."""
-        async def read(r: aioredis.Redis) -> tuple[Any, Any]:
-            return await r.get(self._name("current", token)), await r.get(self._name("retired", token))
-
-        current, retired = await self._call(read)
+        rotated-away token it is), with that grant's rotated-away hashes and its sealed org and user
+        (:meth:`identity`). One round trip for a token nobody knows, two for one they do (a token call
+        waits for them: it is routed by the grant's org)."""
+        current, retired = await self._call(lambda r: r.mget(self._name("current", token), self._name("retired", token)))
         gkey = bytes.fromhex(current.decode()) if current else None
         if gkey is None and retired:
             gkey = bytes.fromhex(json.loads(retired)["grant"])
         if gkey is None:
-            return None, []
-        raw = await self._call(lambda r: r.get(self._name("grant", gkey)))
+            return None, [], None
+        raw, sealed = await self._call(lambda r: r.mget(self._name("grant", gkey), self._name("identity", gkey)))
         if not raw:
-            return None, []
+            return None, [], None
         data = json.loads(raw)
         row = GrantRow(gkey, bytes.fromhex(data["current"]), data["first_seen"], data["last_used"], data["rotations"],
                        data["reuses"], data["last_reuse"])
         olds = [Retired(bytes.fromhex(t), gkey, at) for t, at in data.get("retired", [])]
-        return row, olds
+        return row, olds, bytes(sealed) if sealed else None
 
     def write(self, change: Change, retired_of: Callable[[bytes], list[Retired]]) -> None:
         """Mirror a change of the grant tracker to Redis, off the request path (dropped when Redis is

@@ -20,6 +20,17 @@ this replica holds the Redis lock on it. While Redis cannot be reached a redempt
 ``redis_wait``: a restart is ridden out); when it stays away, redemptions go from each replica alone, as
 they would without the sidecar, and the log and ``egress_sidecar_shield_uncoordinated_total``
 say so.
+
+**Redis round trips.** A redemption with nothing to coalesce costs one before it is sent: one script
+looks for a replayable answer and, finding none, takes the lock (:meth:`SharedState.claim
+<sidecar.state.redis.SharedState.claim>`). After Salesforce's answer the client gets it first, then one more
+publishes it and releases the lock in one step (:meth:`Shield.end`). The one before the send cannot be
+skipped, not even with replay off and no other replica seen holding the key: whether another replica is
+redeeming the same refresh token at this very moment is known only to Redis. Two replicas deciding from
+what each knew locally (a lease handed out earlier, or a copy of the other replicas' locks kept fresh by
+Redis's invalidation messages or pub/sub, which arrive after the lock they report) could both find the
+key free in the same instant and both redeem the token: one app would end with a dead refresh token.
+Mutual exclusion needs one atomic step at the arbiter the replicas share, per redemption.
 """
 
 from __future__ import annotations
@@ -39,9 +50,11 @@ from sidecar.metrics import Metrics
 from sidecar.token.messages import Answer
 
 How = Literal["sent", "coalesced", "replayed"]
+Claim = Literal["taken", "held", "young", "answered", "replayed", "coalesced"]  # (sidecar.state.redis.claim)
 MAX_ANSWERS = 1000  # replayable answers kept in memory
 MAX_ANSWER_BYTES = 8 * 1024 * 1024  # and their bodies together
 POLL_SECONDS = 0.025  # how often a waiter looks for another replica's answer
+MAX_ROUNDS = 100  # a redemption waits for this replica's earlier ones of the same key at most this often
 _CONTEXT = b"egress-sidecar shield"
 log = logging.getLogger("egress_sidecar.shield")
 
@@ -53,11 +66,8 @@ class SharedAnswers(Protocol):
     redis_wait: float  # how long a redemption waits for unreachable shared state before it goes alone
 
     async def wait_up(self, timeout: float) -> bool: ...
-    async def replay(self, key: bytes) -> Answer | None: ...
-    async def lock(self, key: bytes, ttl: float) -> Literal["taken", "held", "young", "answered"]: ...
-    async def done(self, key: bytes) -> Answer | None: ...
-    async def publish(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> None: ...
-    async def unlock(self, key: bytes) -> None: ...
+    async def claim(self, key: bytes, ttl: float, waiting: bool = False) -> tuple[Claim, Answer | None]: ...
+    def publish_soon(self, key: bytes, answer: Answer, replay_for: float, keep_for: float) -> asyncio.Future[None]: ...
 
 
 class Unavailable(Exception):
@@ -107,6 +117,7 @@ class Shield:
         self._answers: OrderedDict[bytes, tuple[float, Answer]] = OrderedDict()  # key -> (expires, answer)
         self._bytes = 0
         self._in_flight: dict[bytes, asyncio.Future[Answer]] = {}
+        self._publishing: dict[bytes, asyncio.Future[None]] = {}  # answers on their way to Redis, by key
         self._alone_said = -1e9
 
     @property
@@ -124,7 +135,7 @@ class Shield:
         except BaseException as exc:
             self.abort(got, exc)
             raise
-        await self.end(got, answer)
+        self.end(got, answer)
         return answer, "sent"
 
     async def begin(self, key: bytes) -> tuple[Answer, How] | Lead:
@@ -132,14 +143,22 @@ class Shield:
         here or on another replica), or the :class:`Lead`: this call sends it, and every identical one
         waits for its :meth:`end` (or :meth:`abort`). Raises Contended when another replica holds the
         redemption past the longest one can take."""
-        cached = self._replayable(key)
-        if cached is not None:
-            return self._shielded(cached, "replayed")
-        leader = self._in_flight.get(key)
-        if leader is not None:  # as long as the leader may take: waiting for Redis, for another replica, its send
-            longest = (self.shared.redis_wait + self.wait_limit if self.shared is not None else 0.0) + self.wait_limit
-            answer = await asyncio.wait_for(asyncio.shield(leader), longest)
-            return self._shielded(answer, "coalesced")
+        for _ in range(MAX_ROUNDS):  # bounded: each round, an earlier redemption of this key was published
+            cached = self._replayable(key)
+            if cached is not None:
+                return self._shielded(cached, "replayed")
+            leader = self._in_flight.get(key)
+            if leader is not None:  # as long as the leader may take: waiting for Redis, for another replica, its send
+                longest = (self.shared.redis_wait + self.wait_limit if self.shared is not None else 0.0) + self.wait_limit
+                answer = await asyncio.wait_for(asyncio.shield(leader), longest)
+                return self._shielded(answer, "coalesced")
+            publishing = self._publishing.get(key)
+            if publishing is None or publishing.done():
+                break
+            # This replica's previous redemption of it was answered and is being published (its lock still
+            # held): this one is a new redemption, so it asks Redis once that one is out (bounded by Redis's
+            # deadline), and is not handed the previous answer as if it had waited for it.
+            await asyncio.wait([publishing])
         lead = Lead(key, asyncio.get_running_loop().create_future())
         self._in_flight[key] = lead.future
         try:
@@ -152,21 +171,26 @@ class Shield:
         self._settle(lead, remote[0])
         return self._shielded(*remote)
 
-    async def end(self, lead: Lead, answer: Answer) -> None:
-        """The redemption this call led was answered: every waiter (here and, through Redis, on the other
-        replicas) gets the answer, and a success is kept for replay."""
+    def end(self, lead: Lead, answer: Answer) -> None:
+        """The redemption this call led was answered: every waiter here gets the answer now, a success is
+        kept for replay, and, with Redis, the answer is published for the other replicas (and this
+        replica's lock released) in one round trip that starts after the current step: the client gets its
+        answer first and never waits for Redis. Until it is published the lock stays held, so a replica
+        waiting on it keeps waiting and then gets this answer; when Redis cannot take it, it is kept, with
+        the lock, and published when Redis is back (sidecar.state.redis)."""
+        ok = 200 <= answer.status < 300
         shared = lead.shared
-        if shared is not None:
-            try:
-                ok = 200 <= answer.status < 300
-                await shared.publish(lead.key, answer, self.window if ok else 0.0, self.wait_limit)
-                if lead.locked:
-                    await shared.unlock(lead.key)
-            except Unavailable:
-                pass  # kept, with the lock, and published when Redis is back (sidecar.state.redis)
+        if shared is not None and lead.locked:
+            task = shared.publish_soon(lead.key, answer, self.window if ok else 0.0, self.wait_limit)
+            self._publishing[lead.key] = task
+            task.add_done_callback(lambda t, key=lead.key: self._published(key, t))
         self._settle(lead, answer)
-        if 200 <= answer.status < 300:
+        if ok:
             self._keep(lead.key, answer)
+
+    def _published(self, key: bytes, task: asyncio.Future[None]) -> None:
+        if self._publishing.get(key) is task:
+            del self._publishing[key]
 
     def abort(self, lead: Lead, exc: BaseException) -> None:
         """The redemption this call led ended without an answer: its waiters get the failure."""
@@ -195,35 +219,29 @@ class Shield:
         give_up = self.clock() + shared.redis_wait
         waiting_since: float | None = None  # another replica's lock on this redemption was seen then
         for _ in range(int((shared.redis_wait + self.wait_limit) / POLL_SECONDS) + 2):  # bounded in count and time
-            try:
-                if waiting_since is not None:
-                    answer = await shared.done(key)
-                    if answer is not None:
-                        return answer, "coalesced"
-                answer = await shared.replay(key)
+            try:  # one round trip: the answer, or the lock (sidecar.state.redis._CLAIM)
+                claim, answer = await shared.claim(key, self.wait_limit, waiting_since is not None)
                 if answer is not None:
-                    self._keep(key, answer)
-                    return answer, "replayed"
-                claim = await shared.lock(key, self.wait_limit)
-                if claim == "answered":  # a replayable answer appeared since the look above: never a second redemption
-                    answer = await shared.replay(key)
-                    if answer is not None:
+                    if claim == "replayed":
                         self._keep(key, answer)
-                        return answer, "replayed"
-                    continue
+                    return answer, "replayed" if claim == "replayed" else "coalesced"
                 if claim == "taken":  # (also after the holder vanished without an answer: it crashed)
                     lead.shared, lead.locked = shared, True
                     return None
                 if claim == "held" and waiting_since is None:
                     waiting_since = self.clock()
+                # "young", "answered" (a replayable answer this replica cannot open): ask again
             except Unavailable:
                 pass  # Redis is being reconnected: wait for it (a replica waiting on a lock keeps waiting)
             now = self.clock()
             if waiting_since is not None and now >= waiting_since + self.wait_limit:
                 with contextlib.suppress(Unavailable):
-                    answer = await shared.done(key)  # (published just before the lock went)
+                    claim, answer = await shared.claim(key, self.wait_limit, True)  # (published just before the lock went)
                     if answer is not None:
-                        return answer, "coalesced"
+                        return answer, "replayed" if claim == "replayed" else "coalesced"
+                    if claim == "taken":  # the holder vanished without an answer: as above
+                        lead.shared, lead.locked = shared, True
+                        return None
                 raise Contended()
             if waiting_since is None and now >= give_up:
                 self._alone()

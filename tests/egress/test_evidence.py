@@ -491,3 +491,52 @@ def test_the_verdict_says_what_must_be_fixed_before_what_is_worth_knowing() -> N
     v = verdict(pair, guard)  # and IP is not on SIDECAR_ALLOWLIST: critical
     assert v.level == "critical" and len(v.lines) == 2
     assert v.lines[0].startswith(f"Egress IP {IP} is not on the allowlist") and "only" in v.lines[1]
+
+
+def test_before_routing_the_org_and_the_apps_evidence_are_asked_of_redis_at_once(redis_server) -> None:  # noqa: ANN001
+    """Issue 22 item 4: before a redemption is routed, the evidence addon asks Redis which org the refresh
+    token's grant belongs to (the grant tracker) and what the replicas learnt of the app. Was: one after
+    the other, two round trips' wait on the token call's critical path; now both are on their way before
+    either is answered: with Redis 0.2 s away (a proxy holding each command), the second question reaches
+    the proxy before the first was passed on to Redis."""
+    import asyncio
+
+    from addons.evidence import Evidence as EvidenceAddon
+    from sidecar.state.grants import GrantTracker
+    from sidecar.state.redis import SharedState
+    from sidecar.token.call import TokenCall
+    from sidecar.token.flow import TokenFlow
+    from sidecar.token.messages import TokenRequest
+    from tests.redis_proxy import RedisProxy
+
+    redis = redis_server()
+
+    async def run(proxy: RedisProxy) -> list[object]:
+        shared = SharedState(proxy.url, KEY, Metrics(), health_seconds=3600)
+        await shared.start()
+        facts = Evidence(Metrics(), 900.0, parse_allowlist(None))
+        facts.open(shared.hash_key)
+        facts.share(shared)
+        grants = GrantTracker(Metrics())
+        grants.open(shared.hash_key, background=False)
+        grants.share(shared)
+        req = TokenRequest("login.salesforce.com", 443, "POST", b"/services/oauth2/token",
+                           [(b"Content-Type", b"application/x-www-form-urlencoded")],
+                           body=b"grant_type=refresh_token&refresh_token=5Aep861rt&client_id=3MVG9app")
+        flow = TokenFlow(TokenCall(started=0.0, host_class="login", grant_type="refresh_token"), request=req)
+        flow.fields = req.fields()
+        try:
+            await asyncio.gather(shared.identity(b"a"), shared.identity(b"b"))  # two pooled connections, as in use
+            mark = proxy.mark()
+            await EvidenceAddon(facts, grants).request(flow)
+            return proxy.since(mark, b"egress-sidecar:current:", b"egress-sidecar:evidence:")  # type: ignore[return-value]
+        finally:
+            await grants.stop_sharing()
+            grants.close()
+            await shared.close()
+
+    with RedisProxy(redis.port, delay=0.2) as proxy:
+        turns = asyncio.run(run(proxy))
+    assert len(turns) == 2, turns
+    first, second = sorted(turns, key=lambda t: t.arrived)  # type: ignore[attr-defined]
+    assert second.arrived < first.forwarded  # type: ignore[attr-defined]

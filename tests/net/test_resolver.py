@@ -20,11 +20,13 @@ import pytest
 
 from sidecar.config import ConfigError, load_settings
 from sidecar.egress.pair import build_pair
-from sidecar.net.resolver import LookupFailed, Resolver, numeric_infos
+from sidecar.net.resolver import LookupFailed, Resolver, numeric_infos, parse_ip
 from sidecar.net.streams import open_tcp
 from sidecar.sim.certs import TestCA
 from tests.harness import (
+    ECHO_HOST,
     ROOT,
+    SF_HOST,
     SidecarProcess,
     World,
     metric_value,
@@ -32,6 +34,7 @@ from tests.harness import (
     redeem,
     wait_until,
 )
+from tests.redis_server import REDIS_KEY, RedisServer
 from tests.scripted_origin import ScriptedOrigin, ok
 
 SLOW = ".slow.test"
@@ -210,3 +213,34 @@ def test_a_member_named_by_a_name_is_looked_up_once_at_start() -> None:
     assert pair.members[0].address.host in ("127.0.0.1", "::1") and pair.members[0].pinned_ip == "52.1.2.3"
     with pytest.raises(ConfigError, match="SIDECAR_PAIR: cannot resolve member 'nowhere.invalid'"):
         build_pair(load_settings({**upstream, "SIDECAR_PAIR": "nowhere.invalid:9293"}))
+
+
+def test_nothing_the_sidecar_opens_to_an_ip_literal_is_looked_up(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], slow_dns: tuple[dict[str, str], Path],
+    redis_server: Callable[[], RedisServer],
+) -> None:
+    """Issue 22 item 5, on every way the real sidecar opens a connection, in its own process (every
+    ``getaddrinfo`` it makes is logged): the prober and the IP echo through each member, a token call
+    through the pair with its connection's egress verified and the rotation shield on Redis
+    (``redis://127.0.0.1``), the pool's direct connections for a tunnel and a plain request to IP literals
+    (one in a shorthand form): none is looked up. The names the members resolve (Salesforce, the echo)
+    are never looked up here either."""
+    env, log = slow_dns
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    redis = redis_server()
+    sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": "127.0.0.2,127.0.0.3", "SIDECAR_REDIS_URL": redis.url,
+                            "SIDECAR_REDIS_KEY": REDIS_KEY, **env})
+    assert wait_until(sc.egress_discovered, timeout=15)
+    with sc.session() as s:
+        assert redeem(s, world.salesforce.issue_refresh_token()).status_code == 200
+        echo_host, echo_port = world.echo.address
+        plain = s.get(f"http://{echo_host}:{echo_port}/", timeout=10)  # absolute form, forwarded direct
+        assert plain.status_code == 200, plain.text
+    for target in (f"{echo_host}:{echo_port}", f"127.1:{echo_port}"):  # a tunnel, direct
+        with socket.create_connection(("127.0.0.1", sc.proxy_port), timeout=10) as c:
+            c.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+            assert c.recv(64).startswith(b"HTTP/1.1 200"), target
+    assert metric_value(sc.metrics(), "egress_sidecar_redis_up") == 1
+    looked_up = lookups(log)
+    assert [h for h in looked_up if parse_ip(h) is not None] == [], looked_up
+    assert not {SF_HOST, ECHO_HOST, *(m.split(":")[0] for m in world.members)} & set(looked_up), looked_up

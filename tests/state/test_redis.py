@@ -20,7 +20,9 @@ from sidecar.sim.certs import TestCA
 from sidecar.state.grants import DAY, GrantTracker, Limits
 from sidecar.state.redis import SharedState
 from sidecar.token.messages import Answer
+from sidecar.token.shield import Unavailable
 from tests.harness import metric_value, refresh_form, wait_until
+from tests.redis_proxy import RedisProxy
 from tests.redis_server import RedisServer
 from tests.scripted_origin import ScriptedOrigin, ok
 
@@ -148,9 +150,9 @@ def test_a_stale_pooled_connection_is_retried_once_on_a_fresh_one_before_redis_c
         shared = SharedState(redis.url, KEY, metrics, health_seconds=3600)
         await shared.start()
         try:
-            before = await shared.replay(b"k")
+            before = await shared.identity(b"k")
             redis.restart()
-            after = await shared.replay(b"k")  # on the pooled connection Redis closed: retried, not down
+            after = await shared.identity(b"k")  # on the pooled connection Redis closed: retried, not down
             return before is None and after is None, shared.up, shared.usable()
         finally:
             await shared.close()
@@ -177,7 +179,7 @@ def test_the_health_check_follows_redis_without_any_call_and_puts_back_what_it_h
         seen: list[object] = []
         try:
             for _ in range(60):  # bounded: until the state is older than the grace
-                if await holder.lock(b"in-flight", 30) == "taken":
+                if (await holder.claim(b"in-flight", 30))[0] == "taken":
                     break
                 await asyncio.sleep(0.05)
             await holder.publish(b"done-before", Answer(200, [], b'{"refresh_token":"RT2"}'), 60, 5)
@@ -186,11 +188,11 @@ def test_the_health_check_follows_redis_without_any_call_and_puts_back_what_it_h
             seen.append(metric_value(metrics.render().decode(), "egress_sidecar_redis_up"))
             redis.restart()
             seen.append(await _until(lambda: holder.up is True))
-            seen.append(await other.lock(b"in-flight", 30))  # young, or already held again: never taken
+            seen.append((await other.claim(b"in-flight", 30))[0])  # young, or already held again: never taken
             seen.append(await _until(lambda: False, 0.6))  # a few checks: the holder puts back what it holds
-            seen.append(await other.lock(b"in-flight", 30))
-            replayed = await other.replay(b"done-before")
-            seen.append(replayed.body if replayed else None)
+            seen.append((await other.claim(b"in-flight", 30))[0])
+            how, replayed = await other.claim(b"done-before", 30)
+            seen.append((how, replayed.body if replayed else None))
         finally:
             await holder.close()
             await other.close()
@@ -198,7 +200,7 @@ def test_the_health_check_follows_redis_without_any_call_and_puts_back_what_it_h
 
     down, metric, up, early, _, late, body = asyncio.run(run())
     assert (down, metric, up) == (True, 0, True)
-    assert early in ("young", "held") and late == "held" and body == b'{"refresh_token":"RT2"}'
+    assert early in ("young", "held") and late == "held" and body == ("replayed", b'{"refresh_token":"RT2"}')
 
 
 async def _until(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
@@ -213,25 +215,101 @@ def test_no_lock_is_granted_on_a_redemption_whose_answer_is_replayable(redis_ser
     """Was: a replica that looked for a replayable answer, found none, and then took the lock after the other
     replica had published its answer and let go of its lock sent the same refresh token a second time
     (Salesforce: expired access/refresh token). Seen with two replicas under load, while Redis was young.
-    The lock and the look are now one step: a published replayable answer refuses the lock."""
+    The lock and the look are now one step: a published replayable answer refuses the lock, and comes back
+    instead."""
     from sidecar.token.messages import Answer
 
     redis = redis_server()
 
-    async def run() -> tuple[str, str, bytes | None]:
+    async def run() -> tuple[str, str, bytes | None, bytes | None]:
         a, b = (SharedState(redis.url, KEY, Metrics(), health_seconds=3600, restart_grace=0.0) for _ in range(2))
         await a.start()
         await b.start()
         try:
-            assert await a.lock(b"k", 5.0) == "taken"
-            await a.publish(b"k", Answer(200, [], b'{"refresh_token":"5Aep861new"}'), 60.0, 5.0)
-            await a.unlock(b"k")
-            claim = await b.lock(b"k", 5.0)
-            replayed = await b.replay(b"k")
-            fresh = await b.lock(b"other", 5.0)
-            return claim, fresh, replayed.body if replayed else None
+            assert await a.claim(b"k", 5.0) == ("taken", None)
+            await a.publish(b"k", Answer(200, [], b'{"refresh_token":"5Aep861new"}'), 60.0, 5.0)  # and let go
+            claim, replayed = await b.claim(b"k", 5.0)
+            fresh, _ = await b.claim(b"other", 5.0)
+            lock = await b._client.get(b._name("lock", b"k")) if b._client else None
+            return claim, fresh, replayed.body if replayed else None, lock
         finally:
             await a.close()
             await b.close()
 
-    assert asyncio.run(run()) == ("answered", "taken", b'{"refresh_token":"5Aep861new"}')
+    assert asyncio.run(run()) == ("replayed", "taken", b'{"refresh_token":"5Aep861new"}', None)
+
+
+def test_a_replica_asks_redis_about_a_token_in_one_round_trip_and_about_another_replicas_grant_in_two(
+    redis_server: Callable[[], RedisServer],
+) -> None:
+    """Issue 22 item 4: before a redemption is routed, a replica that does not know its refresh token asks
+    the others (through Redis) which grant and org it belongs to. Was: one round trip per key read (the
+    token as current, as rotated away, the grant, its org): two for a token nobody knows, four for one
+    another replica rotated, all on the token call's critical path. Now one, and two. Counted by a proxy
+    in front of a real redis-server."""
+    from sidecar.token.call import Identity
+
+    redis = redis_server()
+
+    async def run(proxy: RedisProxy) -> tuple[int, object, int, object]:
+        a_state = SharedState(redis.url, KEY, Metrics(), health_seconds=3600)
+        b_state = SharedState(proxy.url, KEY, Metrics(), health_seconds=3600)
+        await a_state.start()
+        await b_state.start()
+        a, b = GrantTracker(Metrics()), GrantTracker(Metrics())
+        for tracker, shared in ((a, a_state), (b, b_state)):
+            tracker.open(shared.hash_key, background=False)
+            tracker.share(shared)
+        try:
+            a.observe("refresh_token", "success", "RT-old", "RT-new", identity=Identity("00D000000000001EAA", "005x"))
+            assert await _until(lambda: not a_state._writes and a.grant_of(a.token_key("RT-new") or b"") is not None)
+            await asyncio.sleep(0.2)  # (the identity's write, spawned after the grant's)
+            mark = proxy.mark()
+            unknown = await b.grant_shared(b.token_key("RT-nobody") or b"")
+            n_unknown = len(proxy.since(mark))
+            mark = proxy.mark()
+            known = await b.grant_shared(b.token_key("RT-new") or b"")
+            return n_unknown, unknown, len(proxy.since(mark)), known
+        finally:
+            for tracker in (a, b):
+                await tracker.stop_sharing()
+                tracker.close()
+            await a_state.close()
+            await b_state.close()
+
+    with RedisProxy(redis.port) as proxy:
+        n_unknown, unknown, n_known, known = asyncio.run(run(proxy))
+    assert (n_unknown, unknown) == (1, None)
+    assert n_known == 2 and known is not None and known[1] == Identity("00D000000000001EAA", "005x"), known
+
+
+def test_an_answer_sent_before_redis_failed_does_not_make_it_up_again(
+    redis_server: Callable[[], RedisServer], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Was: when Redis went away while two calls were under way, one failed (Redis counted down) and the
+    other's answer, sent before, arrived just after: Redis counted up again ("reachable again") until the
+    next call failed ("unreachable" once more), so a redemption went ahead on a Redis that was gone and the
+    log said it went away twice. A call's success now counts only when it began after the last failure.
+    Made with a proxy that holds each command 0.15 s and then refuses new connections."""
+    redis = redis_server()
+
+    async def run(proxy: RedisProxy) -> tuple[bool | None, bool | None, object]:
+        shared = SharedState(proxy.url, KEY, Metrics(), health_seconds=3600)
+        await shared.start()
+        try:
+            under_way = asyncio.create_task(shared.identity(b"a"))  # on the pooled connection, held 0.15 s
+            await asyncio.sleep(0.05)
+            proxy.refuse_new()
+            failed = await asyncio.gather(shared.identity(b"b"), return_exceptions=True)  # needs a new connection
+            down = shared.up
+            await under_way
+            return down, shared.up, failed[0]
+        finally:
+            await shared.close()
+
+    caplog.set_level(logging.INFO)
+    with RedisProxy(redis.port, delay=0.15) as proxy:  # (a new connection's handshake is 4 round trips)
+        down, after, failed = asyncio.run(run(proxy))
+    assert isinstance(failed, Unavailable) and down is False
+    assert after is False
+    assert not [r for r in caplog.records if "reachable again" in r.getMessage()]

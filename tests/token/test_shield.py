@@ -13,6 +13,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+import pytest
 import requests
 
 from sidecar.metrics import Metrics
@@ -30,6 +31,7 @@ from tests.harness import (
     redeem,
     wait_until,
 )
+from tests.redis_proxy import RedisProxy
 from tests.redis_server import REDIS_KEY, RedisServer, redis_dump, settled
 
 BOTH = ["127.0.0.2", "127.0.0.3"]
@@ -263,6 +265,8 @@ def test_with_redis_down_refreshes_wait_then_go_alone_and_other_grants_keep_work
         resp = redeem(s, token)
         assert resp.status_code == 200
         token = resp.json()["refresh_token"]
+    # Its publication follows the answer: in Redis before Redis goes (a kill racing it is another test's).
+    assert wait_until(lambda: not [k for k in redis_dump(redis.url) if k.startswith(b"egress-sidecar:lock:")], timeout=5)
     redis.kill()
     assert wait_until(lambda: metric_value(sc.metrics(), "egress_sidecar_redis_up") == 0, timeout=5)
     status = sc.status()
@@ -416,20 +420,11 @@ class _AlwaysLocked:
     async def wait_up(self, timeout: float) -> bool:
         return True
 
-    async def replay(self, key: bytes) -> None:
-        return None
+    async def claim(self, key: bytes, ttl: float, waiting: bool = False) -> tuple[str, None]:
+        return "held", None
 
-    async def lock(self, key: bytes, ttl: float) -> str:
-        return "held"
-
-    async def done(self, key: bytes) -> None:
-        return None
-
-    async def publish(self, *args: object) -> None:
+    def publish_soon(self, *args: object) -> None:
         raise AssertionError("nothing was sent, nothing to publish")
-
-    async def unlock(self, key: bytes) -> None:
-        raise AssertionError("never locked")
 
 
 def test_a_waiter_that_never_gets_the_lock_does_not_send() -> None:
@@ -544,10 +539,11 @@ class _Down:
         await asyncio.sleep(timeout)
         return False
 
-    async def _unavailable(self, *args: object) -> None:
+    async def claim(self, *args: object) -> None:
         raise Unavailable()
 
-    replay = lock = done = publish = unlock = _unavailable
+    def publish_soon(self, *args: object) -> None:
+        raise AssertionError("went alone: nothing to publish")
 
 
 def test_without_redis_a_redemption_waits_for_it_then_goes_alone_once() -> None:
@@ -568,3 +564,133 @@ def test_without_redis_a_redemption_waits_for_it_then_goes_alone_once() -> None:
     assert [how for _, how in results] == ["sent", "coalesced", "coalesced"]  # type: ignore[misc]
     assert sent == [1]
     assert metric_value(metrics.render().decode(), "egress_sidecar_shield_uncoordinated_total") == 1
+
+
+# -- Redis off the critical path (issue 22 item 4) ---------------------------------------------------------
+@pytest.mark.parametrize("window", [60.0, 0.0])
+def test_a_redemption_with_nothing_to_coalesce_makes_one_redis_round_trip_before_its_answer(
+    redis_server: Callable[[], RedisServer], window: float,
+) -> None:
+    """Was: four round trips on the critical path (look for a replayable answer, take the lock, then
+    after Salesforce's answer publish it and let go of the lock): 0.82 s per redemption with Redis 0.2 s
+    away. Now one before the send (the answer, or the lock: one script) and one after the answer has been
+    handed over (publish and let go, at once). Counted by a proxy in front of a real redis-server; the
+    replica's health check is held off (an hour), so every round trip seen is the redemption's."""
+    redis = redis_server()
+    key = request_key(bytes.fromhex(REDIS_KEY), {"grant_type": ["refresh_token"], "refresh_token": ["RT1"]}, None)
+
+    async def run(proxy: RedisProxy) -> tuple[int, int, int, object, int]:
+        shared = SharedState(proxy.url, bytes.fromhex(REDIS_KEY), Metrics(), health_seconds=3600, restart_grace=0.0)
+        other = SharedState(redis.url, bytes.fromhex(REDIS_KEY), Metrics(), health_seconds=3600, restart_grace=0.0)
+        await shared.start()
+        await other.start()
+        try:
+            shield = Shield(Metrics(), window, 5.0, shared)
+            mark = proxy.mark()
+            at_send: list[int] = []
+
+            async def send() -> Answer:
+                at_send.append(len(proxy.since(mark)))
+                return Answer(200, [], b'{"refresh_token":"RT2"}')
+
+            assert (await shield.redeem(key, send))[1] == "sent"
+            answered = len(proxy.since(mark))  # the answer goes to the client now
+            if shared._writes:  # the publication, after the answer
+                await asyncio.wait(list(shared._writes), timeout=5)
+            after = len(proxy.since(mark))
+            assert other._client is not None
+            lock = await other._client.get(other._name("lock", key))
+            replayable = await other._client.exists(other._name("replay", key))
+            return at_send[0], answered, after, lock, replayable
+        finally:
+            await shared.close()
+            await other.close()
+
+    with RedisProxy(redis.port) as proxy:
+        at_send, answered, after, lock, replayable = asyncio.run(run(proxy))
+    assert (at_send, answered) == (1, 1)  # the lock was held before the send; nothing more before the answer
+    assert after == 2 and lock is None  # published and let go, in one round trip
+    assert replayable == (1 if window else 0)
+
+
+def test_the_client_gets_its_answer_before_the_shield_publishes_it(
+    world: World, make_sidecar_proc: Callable[..., SidecarProcess], redis_server: Callable[[], RedisServer],
+) -> None:
+    """The answer first: a real sidecar whose Redis is 0.15 s away (a proxy that holds every command that
+    long) hands the rotated token to the app, and only then does its publication (and the release of
+    the lock) reach Redis. Before the answer, exactly one of the shield's round trips reached Redis (the
+    lock and the look for an answer, in one). Was: four, the last two between Salesforce's answer and the
+    app (two of them name the lock, as counted here)."""
+    world.salesforce.set_allowlist(BOTH)
+    redis = redis_server()
+    # (not slower: a new connection's handshake is 4 round trips, within the 1.5 s a Redis call may take)
+    with RedisProxy(redis.port, delay=0.15) as proxy:
+        sc = make_sidecar_proc({**world.pair_env(), "SIDECAR_ALLOWLIST": ",".join(BOTH), "SIDECAR_REDIS_URL": proxy.url,
+                                "SIDECAR_REDIS_KEY": REDIS_KEY})
+        assert settled(redis.url)
+        token = world.salesforce.issue_refresh_token()
+        mark = proxy.mark()
+        with sc.session() as s:
+            resp = redeem(s, token)
+        answered = time.monotonic()
+        assert resp.status_code == 200, resp.text
+        shield_turns = lambda: proxy.since(mark, b"egress-sidecar:lock:")  # noqa: E731 - the shield's own
+        before = [t for t in shield_turns() if 0 < t.forwarded < answered]  # reached Redis before the answer
+        assert wait_until(lambda: len(shield_turns()) == 2 and shield_turns()[1].forwarded > 0, timeout=10), \
+            shield_turns()
+        publish = shield_turns()[1]
+    assert len(before) == 1, [bytes(t.data[:80]) for t in before]
+    assert publish.forwarded > answered  # it reached Redis after the app had its answer
+    assert redemptions_of(world, token) == 1
+
+
+def test_a_replica_waiting_while_the_answer_is_being_published_gets_it_and_never_sends(
+    redis_server: Callable[[], RedisServer],
+) -> None:
+    """The rotation moment with the publication after the answer: replica A has its answer (the rotated
+    token) and its client has it, but A's Redis is slow, so its lock is still held and nothing published
+    yet. Replica B, waiting on that lock, keeps waiting, then gets A's answer (coalesced) and never
+    redeems the refresh token itself."""
+    redis = redis_server()
+    key = request_key(bytes.fromhex(REDIS_KEY), {"grant_type": ["refresh_token"], "refresh_token": ["RT1"]}, None)
+
+    async def run(proxy: RedisProxy) -> tuple[list[str], tuple[Answer, str]]:
+        a_state = SharedState(proxy.url, bytes.fromhex(REDIS_KEY), Metrics(), health_seconds=3600, restart_grace=0.0)
+        b_state = SharedState(redis.url, bytes.fromhex(REDIS_KEY), Metrics(), health_seconds=3600, restart_grace=0.0)
+        await a_state.start()
+        await b_state.start()
+        events: list[str] = []
+        gate = asyncio.Event()
+        try:
+            a, b = Shield(Metrics(), 60, 5.0, a_state), Shield(Metrics(), 60, 5.0, b_state)
+
+            async def rotated() -> Answer:
+                await gate.wait()
+                return Answer(200, [], b'{"refresh_token":"RT2"}')
+
+            async def never() -> Answer:
+                events.append("b sent")
+                return Answer(400, [], b'{"error":"invalid_grant"}')
+
+            leader = asyncio.create_task(a.redeem(key, rotated))
+            for _ in range(500):  # bounded: until A holds the lock (its Redis is slow: a loaded machine, slower)
+                if a_state._held:
+                    break
+                await asyncio.sleep(0.02)
+            assert a_state._held, "replica A never took the lock"
+            waiter = asyncio.create_task(b.redeem(key, never))
+            await asyncio.sleep(0.2)  # B found the lock held and waits
+            gate.set()
+            await leader
+            events.append("a answered")
+            got = await asyncio.wait_for(waiter, 10)
+            events.append("b answered")
+            return events, got
+        finally:
+            await a_state.close()
+            await b_state.close()
+
+    with RedisProxy(redis.port, delay=0.15) as proxy:
+        events, (answer, how) = asyncio.run(run(proxy))
+    assert events == ["a answered", "b answered"]  # B never sent
+    assert (answer.body, how) == (b'{"refresh_token":"RT2"}', "coalesced")
