@@ -17,5 +17,5 @@ class Grants:
     def __init__(self, tracker: GrantTracker) -> None:
         self.tracker = tracker
 
-    def done(self, flow: TokenFlow) -> None:
+    def answered(self, flow: TokenFlow) -> None:  # (not batched: another replica may need the rotation at once)
         self.tracker.on_call(flow.call, flow.request, flow.answer)

@@ -18,7 +18,10 @@ last calls are recorded, and before the admin server renders ``/metrics`` or ``/
 
 What the guard needs for the very next call is not here: Salesforce's refusals are learnt in the
 ``upstream_answer`` hook, before the answer is returned (:mod:`addons.evidence`); ``done`` only says
-what was learnt (the log line naming a refused IP) and keeps the books.
+what was learnt (the log line naming a refused IP) and keeps the books. Nor is the rotation of a refresh
+token: the grant tracking learns it in the ``answered`` hook, run here as each call is handed over, not
+batched, since the app may redeem the new token on another replica at once and that replica must find it
+(on Redis) under the same grant.
 """
 
 from __future__ import annotations
@@ -64,7 +67,9 @@ class Bookkeeping:
         return len(self._queue)
 
     def add(self, flow: TokenFlow) -> None:
-        """Queue a finished call (its answer was written, or its app left); the batch is applied soon."""
+        """A finished call (its answer was written, or its app left): its ``answered`` hooks now, its ``done``
+        hooks with the next batch."""
+        self.hooks.answered(flow)
         self._queue.append(flow)
         if len(self._queue) >= self.limit:
             n = len(self._queue)

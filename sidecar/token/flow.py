@@ -26,9 +26,13 @@ given (``sidecar.app.service`` lists them). Every hook is optional:
     The final answer is known and about to go to the app.
 ``error(flow)``
     The call ended without an answer (cancelled while the sidecar stops).
+``answered(flow)``
+    The app has its answer, or left: state a next call may need at once (refresh token tracking learns the
+    rotation, which another replica looks up when the app redeems the new token, maybe milliseconds
+    later). Runs right after the answer was written, each call on its own.
 ``done(flow)``
-    The app has its answer, or left: bookkeeping (the record, refresh token tracking, the audit trail).
-    Runs after the answer was written, never before it.
+    The app has its answer, or left: bookkeeping (the record, the audit trail). Runs after the answer was
+    written, never before it, in batches (:mod:`sidecar.token.bookkeeping`).
 
 Hooks are plain method calls looked up once, when the core is built: nothing dynamic on the hot path.
 """
@@ -100,6 +104,7 @@ class Hooks:
         self._retry = tuple(h for h, _ in _hooks(addons, "retry"))
         self._response = _hooks(addons, "response")
         self._error = tuple(h for h, _ in _hooks(addons, "error"))
+        self._answered = tuple(h for h, _ in _hooks(addons, "answered"))
         self._done = tuple(h for h, _ in _hooks(addons, "done"))
 
     async def request(self, flow: TokenFlow) -> None:
@@ -135,6 +140,10 @@ class Hooks:
 
     def error(self, flow: TokenFlow) -> None:
         for hook in self._error:
+            _quiet_call(hook, flow)
+
+    def answered(self, flow: TokenFlow) -> None:
+        for hook in self._answered:
             _quiet_call(hook, flow)
 
     def done(self, flow: TokenFlow) -> None:

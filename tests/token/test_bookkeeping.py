@@ -243,6 +243,31 @@ def test_a_stop_records_the_calls_still_waiting_for_their_batch(
     assert count_calls(sidecar.audit.store.path) == 4
 
 
+def test_a_rotation_is_tracked_at_once_while_the_records_wait_for_their_batch(
+        world: World, test_ca: TestCA, tmp_path: Path) -> None:
+    """The batch's timer is set an hour away: the grant tracking still knows each rotated token as soon as
+    its answer went out (another replica may be asked for it at once), while the log line and the audit row
+    wait for the batch."""
+    world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
+    sidecar = inproc(world, test_ca, tmp_path)
+    sidecar.core.books.delay = 3600.0
+    with BackgroundSidecar(sidecar), session(sidecar) as s:
+        token = world.salesforce.issue_refresh_token()
+        first = None
+        for n in range(1, 4):
+            resp = redeem(s, token)
+            assert resp.status_code == 200, resp.text
+            token = resp.json()["refresh_token"]
+            assert wait_until(lambda n=n: len(sidecar.core.books) == n, timeout=5)  # (the records wait)
+            h = sidecar.grants.token_key(token)
+            assert h is not None
+            found = sidecar.grants.grant_of(h)
+            assert found is not None, f"rotation {n} is not tracked while its record waits"
+            first = first or found[0]
+            assert found[0] == first  # one grant, followed across its rotations
+        assert sidecar.recorder.snapshot()["recent"] == []
+
+
 def test_a_scrape_or_a_look_at_the_status_right_after_a_call_sees_it(
         world: World, test_ca: TestCA, tmp_path: Path) -> None:
     """The batch's timer is set an hour away: /metrics and /status (read from the admin server's threads)
