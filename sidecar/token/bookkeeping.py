@@ -18,9 +18,9 @@ last calls are recorded, and before the admin server renders ``/metrics`` or ``/
 
 What the guard needs for the very next call is not here: Salesforce's refusals are learnt in the
 ``upstream_answer`` hook, before the answer is returned (:mod:`addons.evidence`); ``done`` only says
-what was learnt (the log line naming a refused IP) and keeps the books. Nor is the rotation of a refresh
-token: the grant tracking learns it in the ``answered`` hook, run here as each call is handed over, not
-batched, since the app may redeem the new token on another replica at once and that replica must find it
+what was learnt (the log line naming a refused IP) and keeps the books. Nor, with replicas on Redis, is
+the rotation of a refresh token: the grant tracking learns it in the ``answered`` hook, run here as each call
+is handed over, not batched, since the app may redeem the new token on another replica at once and that replica must find it
 (on Redis) under the same grant.
 """
 

@@ -27,9 +27,9 @@ given (``sidecar.app.service`` lists them). Every hook is optional:
 ``error(flow)``
     The call ended without an answer (cancelled while the sidecar stops).
 ``answered(flow)``
-    The app has its answer, or left: state a next call may need at once (refresh token tracking learns the
-    rotation, which another replica looks up when the app redeems the new token, maybe milliseconds
-    later). Runs right after the answer was written, each call on its own.
+    The app has its answer, or left: state a next call may need at once (with replicas on Redis, refresh
+    token tracking learns the rotation, which another replica looks up when the app redeems the new token,
+    maybe milliseconds later). Runs right after the answer was written, each call on its own.
 ``done(flow)``
     The app has its answer, or left: bookkeeping (the record, the audit trail). Runs after the answer was
     written, never before it, in batches (:mod:`sidecar.token.bookkeeping`).

@@ -83,7 +83,7 @@ def test_evidence_names_the_app_and_the_org_and_learns_what_salesforce_said_thro
     assert ev.said(f.app, f.org, "52.0.0.1").kind == "refused"  # type: ignore[union-attr]
     # The next redemption of the grant (its rotated token) is known as the org's before it is sent.
     f.call.outcome = "success"
-    Grants(grants).answered(f)
+    Grants(grants).done(f)
     again = flow(FORM.replace(b"5Aep861rt", b"5Aep861new"))
     asyncio.run(addon.request(again))
     assert again.org == f.org
@@ -180,7 +180,7 @@ def test_grants_hands_every_finished_call_to_the_tracker() -> None:
 
     f = flow()
     f.answer = Answer(200, [], b"{}")
-    Grants(Tracker(Metrics())).answered(f)
+    Grants(Tracker(Metrics())).done(f)
     assert seen == [(f.call, f.request, f.answer)]
 
 
@@ -225,8 +225,8 @@ def test_the_audit_names_the_org_and_the_grant_as_the_tracker_files_it_even_when
     refused.org = second.org
     audit.done(refused)
     assert first.call.grant == second.call.grant == refused.call.grant == grants.token_key("rt0").hex()[:12]
-    Grants(grants).answered(first)
-    Grants(grants).answered(second)
+    Grants(grants).done(first)
+    Grants(grants).done(second)
     (g,) = grants.snapshot()[0]
     assert g.grant_id == first.call.grant and g.org == ORG  # the id egress-sidecar grants shows
     code = flow(b"grant_type=authorization_code&code=aPrx1&client_id=3MVG9app&client_secret=s3cret",

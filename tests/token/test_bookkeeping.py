@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,6 +33,7 @@ from sidecar.token.bookkeeping import BATCH_DELAY, Bookkeeping
 from sidecar.token.call import TokenCall
 from sidecar.token.flow import Hooks, TokenFlow
 from tests.harness import World, metric_value, redeem, sidecar_env, wait_until
+from tests.redis_server import REDIS_KEY, RedisServer
 
 GRANTS = ("refresh_token", "authorization_code", "jwt_bearer", "client_credentials", "password")
 
@@ -174,9 +175,10 @@ def test_a_failing_hook_costs_only_its_own_record(caplog: pytest.LogCaptureFixtu
 
 
 # -- the real sidecar, in this process --------------------------------------------------------------------------
-def inproc(world: World, test_ca: TestCA, tmp_path: Path, allowlist: str | None = "127.0.0.2,127.0.0.3") -> Sidecar:
+def inproc(world: World, test_ca: TestCA, tmp_path: Path, allowlist: str | None = "127.0.0.2,127.0.0.3",
+           extra: dict[str, str] | None = None) -> Sidecar:
     env = sidecar_env(tmp_path, test_ca.ca_path, {**world.pair_env(), **({"SIDECAR_ALLOWLIST": allowlist} if allowlist
-                                                                          else {})})
+                                                                          else {}), **(extra or {})})
     return Sidecar(load_settings({k: v for k, v in env.items()
                                   if k.startswith("SIDECAR_") or k == "QUOTAGUARDSTATIC_URL"}))
 
@@ -243,13 +245,16 @@ def test_a_stop_records_the_calls_still_waiting_for_their_batch(
     assert count_calls(sidecar.audit.store.path) == 4
 
 
-def test_a_rotation_is_tracked_at_once_while_the_records_wait_for_their_batch(
-        world: World, test_ca: TestCA, tmp_path: Path) -> None:
-    """The batch's timer is set an hour away: the grant tracking still knows each rotated token as soon as
-    its answer went out (another replica may be asked for it at once), while the log line and the audit row
-    wait for the batch."""
+@pytest.mark.parametrize("on_redis", [True, False], ids=["replicas-on-redis", "alone"])
+def test_with_replicas_a_rotation_is_tracked_at_once_while_the_records_wait_for_their_batch(
+        world: World, test_ca: TestCA, tmp_path: Path, redis_server: Callable[[], RedisServer], on_redis: bool) -> None:
+    """The batch's timer is set an hour away. With replicas on Redis the grant tracking knows each rotated
+    token as soon as its answer went out (the app may redeem it on another replica at once), while the log
+    line and the audit row wait for the batch; alone, the tracking waits for the batch with them (cheaper per
+    call, and nobody else asks)."""
     world.salesforce.set_allowlist(["127.0.0.2", "127.0.0.3"])
-    sidecar = inproc(world, test_ca, tmp_path)
+    extra = {"SIDECAR_REDIS_URL": redis_server().url, "SIDECAR_REDIS_KEY": REDIS_KEY} if on_redis else {}
+    sidecar = inproc(world, test_ca, tmp_path, extra=extra)
     sidecar.core.books.delay = 3600.0
     with BackgroundSidecar(sidecar), session(sidecar) as s:
         token = world.salesforce.issue_refresh_token()
@@ -261,11 +266,20 @@ def test_a_rotation_is_tracked_at_once_while_the_records_wait_for_their_batch(
             assert wait_until(lambda n=n: len(sidecar.core.books) == n, timeout=5)  # (the records wait)
             h = sidecar.grants.token_key(token)
             assert h is not None
+            if not on_redis:
+                assert sidecar.grants.grant_of(h) is None  # (tracked with the batch)
+                continue
+            # (in order, through the tracker's own queue and Redis: a moment, not the batch's hour)
+            assert wait_until(lambda h=h: sidecar.grants.grant_of(h) is not None, timeout=5), \
+                f"rotation {n} is not tracked while its record waits"
+            assert len(sidecar.core.books) == n
             found = sidecar.grants.grant_of(h)
-            assert found is not None, f"rotation {n} is not tracked while its record waits"
+            assert found is not None
             first = first or found[0]
             assert found[0] == first  # one grant, followed across its rotations
         assert sidecar.recorder.snapshot()["recent"] == []
+    grants = sidecar.grants.snapshot()[0]
+    assert len(grants) == 1 and grants[0].rotations == 3, grants  # (alone: applied at the stop)
 
 
 def test_a_scrape_or_a_look_at_the_status_right_after_a_call_sees_it(
