@@ -1,5 +1,5 @@
 """The one bidirectional pipe: bytes copied both ways between two streams (a relayed tunnel, a connection
-upgraded with ``101``), never buffered beyond one chunk per direction, with one idle clock for both.
+upgraded with ``101``), never buffered beyond about two chunks per direction, with one idle clock for both.
 
 Half-closes and resets are passed on; a pipe on which nothing moved for ``idle_timeout`` seconds is cut
 with a reset on both sides; progress of a send to a slow reader (bytes leaving the kernel's send queue)
