@@ -30,7 +30,6 @@ import contextlib
 import hashlib
 import hmac
 import logging
-import os
 import queue
 import sqlite3
 import threading
@@ -43,6 +42,7 @@ from sidecar.config import storage_error
 from sidecar.logs import cause, event
 from sidecar.state.seal import Sealer
 from sidecar.state.sqlite import key_fingerprint
+from sidecar.state.writer import STOP, QueuedWriter, connect_wal
 
 log = logging.getLogger("egress_sidecar.audit")
 
@@ -143,10 +143,9 @@ class Names:
         return plain.decode("utf-8", "replace") if plain is not None else None
 
 
-_STOP = object()
 
 
-class AuditStore:
+class AuditStore(QueuedWriter):
     """``audit.sqlite3`` (WAL). :meth:`open` at start (a full disk is a StorageError naming the file), then
     :meth:`start` the writer and :meth:`submit` records."""
 
@@ -164,8 +163,7 @@ class AuditStore:
         self.dropped = 0
         self.written = 0
         self.prunes = 0
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
-        self._thread: threading.Thread | None = None
+        super().__init__("audit-writer", queue_size)
         self._keys: dict[tuple[str, str], bytes] = {}
         self._named: dict[bytes, float] = {}  # names written, and when their last_seen was
         self._since_prune = 0
@@ -193,11 +191,7 @@ class AuditStore:
             raise storage_error(self.path, exc) from None
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=5.0, isolation_level=None, check_same_thread=False)
-        os.chmod(self.path, 0o600)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commits, never corrupt
-        return db
+        return connect_wal(self.path, check_same_thread=False)
 
     # -- the request path: never blocks --------------------------------------------------------
     def submit(self, entry: Entry) -> bool:
@@ -214,40 +208,13 @@ class AuditStore:
         self._dropped("write_failed", 1, why)
 
     # -- the writer ------------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
-        self._thread.start()
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything submitted so far is written (tests, shutdown). Not for the request path."""
-        if self._thread is None or not self._thread.is_alive():
-            return False
-        done = threading.Event()
-        try:
-            self._queue.put(done, timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
-
     def prune_now(self, timeout: float = 30.0) -> bool:
         """Apply retention and the size bound now, in the writer (tests, diagnostics)."""
-        if self._thread is None or not self._thread.is_alive():
-            return False
-        done = _Prune()
-        try:
-            self._queue.put(done, timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
+        return self._mark(_Prune(), timeout)
 
     def close(self, timeout: float = 5.0) -> None:
         """Write what is queued, then stop the writer (bounded by ``timeout``)."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=timeout)
-        thread.join(timeout)
+        super().close(timeout)
         if self._held:
             self._log_drops(0, "")
 
@@ -295,7 +262,7 @@ class AuditStore:
                         next_prune = time.monotonic() + self.prune_seconds
                     if isinstance(item, threading.Event):
                         item.set()
-                    stop = stop or item is _STOP
+                    stop = stop or item is STOP
                 if db is not None and self._since_prune >= max(1000, self.max_rows // 10):
                     next_prune = time.monotonic()  # a burst: keep the bound close
         finally:

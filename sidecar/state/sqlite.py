@@ -30,6 +30,7 @@ from pathlib import Path
 
 from sidecar.config import ConfigError, storage_error
 from sidecar.logs import event
+from sidecar.state.writer import STOP, QueuedWriter, connect_wal
 
 log = logging.getLogger("egress_sidecar.grants")
 
@@ -208,10 +209,9 @@ class Change:
                     or self.evidence or self.drop_evidence or self.identities)
 
 
-_STOP = object()
 
 
-class GrantStore:
+class GrantStore(QueuedWriter):
     """``grants.sqlite3`` (WAL). ``load()`` at start, then ``start()`` the writer and ``submit()`` changes."""
 
     def __init__(self, path: Path, *, queue_size: int = QUEUE_SIZE, on_drop: Callable[[int], None] | None = None,
@@ -220,8 +220,7 @@ class GrantStore:
         self.busy_timeout = busy_timeout
         self.on_drop = on_drop
         self.dropped = 0
-        self._queue: queue.Queue[object] = queue.Queue(maxsize=queue_size)
-        self._thread: threading.Thread | None = None
+        super().__init__("grant-store-writer", queue_size)
         self._drop_lock = threading.Lock()
         self._last_drop_log = 0.0
 
@@ -301,17 +300,9 @@ class GrantStore:
         return [EvidenceRow(*r) for r in reversed(rows)]
 
     def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=self.busy_timeout, isolation_level=None)
-        os.chmod(self.path, 0o600)
-        db.execute("PRAGMA journal_mode=WAL")
-        db.execute("PRAGMA synchronous=NORMAL")  # WAL: a power cut may lose the last commits, never corrupt
-        return db
+        return connect_wal(self.path, self.busy_timeout)
 
     # -- the writer ---------------------------------------------------------------------------
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="grant-store-writer", daemon=True)
-        self._thread.start()
-
     def submit(self, change: Change) -> bool:
         """Queue a change without ever blocking; False (and counted) when the queue is full."""
         try:
@@ -320,26 +311,6 @@ class GrantStore:
         except queue.Full:
             self._dropped(1, "its queue is full (the disk is slower than the token calls)")
             return False
-
-    def flush(self, timeout: float = 5.0) -> bool:
-        """Wait until everything submitted so far is written (tests, shutdown). Not for the request path."""
-        if self._thread is None or not self._thread.is_alive():
-            return False
-        done = threading.Event()
-        try:
-            self._queue.put(done, timeout=timeout)
-        except queue.Full:
-            return False
-        return done.wait(timeout)
-
-    def close(self, timeout: float = 5.0) -> None:
-        """Write what is queued, then stop the writer (bounded by ``timeout``)."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        with contextlib.suppress(queue.Full):
-            self._queue.put(_STOP, timeout=timeout)
-        thread.join(timeout)
 
     def _run(self) -> None:
         db = self._connect()
@@ -353,7 +324,7 @@ class GrantStore:
                 # taking the GIL from the proxy's event loop.
                 if isinstance(batch[0], Change):
                     time.sleep(COMMIT_WINDOW_SECONDS)
-                while len(batch) < BATCH and batch[-1] is not _STOP and not isinstance(batch[-1], threading.Event):
+                while len(batch) < BATCH and batch[-1] is not STOP and not isinstance(batch[-1], threading.Event):
                     try:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
@@ -364,7 +335,7 @@ class GrantStore:
                 for item in batch:
                     if isinstance(item, threading.Event):
                         item.set()
-                    stop = stop or item is _STOP
+                    stop = stop or item is STOP
         finally:
             db.close()
 
