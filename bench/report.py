@@ -195,9 +195,9 @@ def render(res: Results) -> str:
           "shipped: the egress IP of the very connection a token call leaves on) and one not, with straight-to-pair "
           f"in the same rounds; a new client connection per call ({plan.new_warmup} warm-up, "
           f"{plan.rounds}×{plan.new_calls} measured). A client's first request takes a spare upstream connection "
-          "opened (and verified) ahead, so the echo's round trip through the member is mostly paid in the "
-          "background, in CPU, not in the client's wait. On a kept-alive connection nothing is asked (the ablation "
-          "row *egress verification off* below).", "")
+          "opened (and verified) ahead, so the echo's round trip through the member is paid in the background; "
+          "it still competes for the CPUs with the next client's handshake. On a kept-alive connection nothing is "
+          "asked (the ablation row *egress verification off* below).", "")
         rows = []
         for n, m in vn.items():
             p50 = _p(m.samples, 0.5)

@@ -448,6 +448,20 @@ ABLATIONS = {
 VERIFY_VARIANTS = ("sidecar", "sidecar-noverify")
 
 
+def start_variants(names: list[str], workdir: Path, world: WorldProcess, stack: contextlib.ExitStack,
+                   prefix: str = "") -> dict[str, Sidecar]:
+    """Fresh sidecars, one per ABLATIONS entry named (the shipped one through ``python -m sidecar``, the others
+    through bench/sidecar_variant.py), each stopped with ``stack``."""
+    procs: dict[str, Sidecar] = {}
+    for name in names:
+        env = ABLATIONS[name][1]
+        sc = Sidecar(workdir / f"{prefix}{name}", world.ca, world.members,
+                     module="bench.sidecar_variant" if env else "sidecar", extra_env=env)
+        stack.callback(sc.stop)
+        procs[name] = sc.start()
+    return procs
+
+
 def measure_ablation(res: Results, plan: Plan, workdir: Path, world: WorldProcess, routes: dict[str, Route],
                      pids: dict[str, int | None], source: TokenSource, stack: contextlib.ExitStack) -> None:
     """Keep-alive latency and CPU of the sidecar with parts of its per-call work switched off.
@@ -455,12 +469,7 @@ def measure_ablation(res: Results, plan: Plan, workdir: Path, world: WorldProces
     Every variant, the shipped one included, is a fresh process, so none carries the history of the
     phases before (held connections, concurrency) and they differ only in what is switched off.
     """
-    procs: dict[str, Sidecar] = {}
-    for name, (_label, env) in ABLATIONS.items():
-        sc = Sidecar(workdir / name, world.ca, world.members, module="bench.sidecar_variant" if env else "sidecar",
-                     extra_env=env)
-        stack.callback(sc.stop)
-        procs[name] = sc.start()
+    procs = start_variants(list(ABLATIONS), workdir, world, stack)
     rts = {n: Route(n, sc.ca_file, (("127.0.0.1", sc.proxy_port),)) for n, sc in procs.items()}
     for ref in ("mitmdump", "pair"):  # references measured in the same rounds
         if ref in routes:
@@ -498,13 +507,7 @@ def measure_verification(res: Results, plan: Plan, workdir: Path, world: WorldPr
     """New connection per call through two fresh sidecars, one asking the IP echo on each new upstream
     connection (as shipped) and one not, with straight-to-pair in the same rounds: what verification adds to a
     call on a new connection. (On a pooled connection nothing is asked: the keep-alive ablation row shows it.)"""
-    procs: dict[str, Sidecar] = {}
-    for name in VERIFY_VARIANTS:
-        env = ABLATIONS[name][1]
-        sc = Sidecar(workdir / f"verify-{name}", world.ca, world.members,
-                     module="bench.sidecar_variant" if env else "sidecar", extra_env=env)
-        stack.callback(sc.stop)
-        procs[name] = sc.start()
+    procs = start_variants(list(VERIFY_VARIANTS), workdir, world, stack, prefix="verify-")
     rts = {n: Route(n, sc.ca_file, (("127.0.0.1", sc.proxy_port),)) for n, sc in procs.items()}
     rts["pair"] = routes["pair"]
     clients = {n: TokenClient(r) for n, r in rts.items()}
